@@ -1,0 +1,221 @@
+//! Wires the tasks together and owns the order of startup and shutdown:
+//!
+//! 1. open the spool and load the catalog;
+//! 2. start the drain, then the watcher and the ingest worker;
+//! 3. on shutdown: stop intake (watcher, ingest between chunks), let the drain finish or
+//!    abandon in-flight batches within 10 s, flush the spool, return.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AfterIngest, Config, WriteKey};
+use crate::drain::{Drain, DrainHandle, DrainSettings};
+use crate::ingest::{Ingestor, Outcome};
+use crate::leanplum::catalog::Catalog;
+use crate::mapping::MappingOptions;
+use crate::segment::client::Client;
+use crate::spool::{FileStatus, Spool};
+use crate::stats::Stats;
+use crate::watch::{self, WatchHandles, WatchSettings};
+
+/// sled's page cache. The spool is streamed, so a small cache costs little speed.
+pub const SPOOL_CACHE_BYTES: u64 = 32 << 20;
+
+/// What signals ask of a running agent.
+#[derive(Debug, Clone, Default)]
+pub struct Controls {
+    /// SIGTERM / SIGINT.
+    pub shutdown: CancellationToken,
+    /// SIGUSR1: skip the backoff wait and rescan.
+    pub drain_now: Arc<tokio::sync::Notify>,
+}
+
+pub fn mapping_options(c: &Config) -> MappingOptions {
+    MappingOptions {
+        unknown_message_channel: c.mapping.unknown_message_channel,
+        send_experiment_viewed: c.mapping.send_experiment_viewed,
+    }
+}
+
+/// Runs the agent until `controls.shutdown` is cancelled.
+pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    let spool_dir = config.spool.dir.clone();
+    let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, SPOOL_CACHE_BYTES))
+        .await?
+        .context("cannot open the spool")?;
+    let spool = Arc::new(spool);
+    let depth = spool.depth()?;
+    tracing::info!(
+        path = %spool.path().display(),
+        events = depth.events,
+        bytes = depth.bytes,
+        "spool open"
+    );
+
+    let catalog = Catalog::load_dir(&config.mapping.catalog_dir).with_context(|| {
+        format!(
+            "cannot load the catalog from {}",
+            config.mapping.catalog_dir.display()
+        )
+    })?;
+    tracing::info!(
+        dir = %config.mapping.catalog_dir.display(),
+        messages = catalog.len_messages(),
+        abtests = catalog.len_abtests(),
+        "catalog loaded"
+    );
+
+    let client = Client::new(
+        &config.segment.endpoint,
+        &key,
+        Duration::from_secs(config.segment.request_timeout_secs),
+        config.segment.gzip,
+    )
+    .context("cannot build the HTTP client")?;
+    tracing::info!(endpoint = %config.segment.endpoint, "delivering to Segment");
+
+    let handle = DrainHandle::default();
+    let (delivered_tx, delivered_rx) = mpsc::unbounded_channel();
+    let drain = Drain::new(
+        spool.clone(),
+        client,
+        DrainSettings::from_config(&config),
+        stats.clone(),
+        handle.clone(),
+        Some(delivered_tx),
+    );
+    let drain_stop = CancellationToken::new();
+    let drain_task = tokio::spawn(drain.run(drain_stop.clone()));
+
+    let intake_stop = controls.shutdown.child_token();
+    let watch_settings = WatchSettings::from_config(&config.watch)?;
+    let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+    let rescan_now = Arc::new(tokio::sync::Notify::new());
+    let watch_task = tokio::spawn(watch::run(
+        watch_settings,
+        WatchHandles {
+            ready: ready_tx,
+            rescan_now: rescan_now.clone(),
+            first_scan: None,
+        },
+        intake_stop.clone(),
+    ));
+
+    let ingestor = Ingestor {
+        spool: spool.clone(),
+        catalog: Arc::new(catalog),
+        opts: mapping_options(&config),
+        stats: stats.clone(),
+        watch_dir: config.watch.dir.clone().unwrap_or_default(),
+        max_spool_bytes: config.spool.max_bytes,
+        drain_wake: handle.wake.clone(),
+    };
+    let ingest_stop = intake_stop.clone();
+    let ingest_task =
+        tokio::task::spawn_blocking(move || ingest_worker(ingestor, ready_rx, ingest_stop));
+
+    let after_task = tokio::spawn(after_ingest_worker(
+        spool.clone(),
+        config.watch.dir.clone().unwrap_or_default(),
+        config.watch.after_ingest,
+        config.watch.move_to.clone(),
+        delivered_rx,
+    ));
+
+    // Signals that are not shutdown.
+    let kick = handle.kick.clone();
+    let drain_now = controls.drain_now.clone();
+    let usr1_task = tokio::spawn(async move {
+        loop {
+            drain_now.notified().await;
+            kick.notify_one();
+            rescan_now.notify_one();
+        }
+    });
+
+    controls.shutdown.cancelled().await;
+    tracing::info!("shutting down: intake stopped, draining in-flight batches");
+    let _ = watch_task.await;
+    let _ = ingest_task.await;
+    drain_stop.cancel();
+    let _ = drain_task.await;
+    usr1_task.abort();
+    after_task.abort();
+    let spool_flush = spool.clone();
+    tokio::task::spawn_blocking(move || spool_flush.flush())
+        .await?
+        .context("cannot flush the spool")?;
+    let depth = spool.depth()?;
+    tracing::info!(
+        queued = depth.events,
+        delivered = Stats::get(&stats.events_delivered),
+        "stopped"
+    );
+    Ok(())
+}
+
+/// Reads ready files one at a time, in a blocking thread (sled and file reads block).
+fn ingest_worker(
+    ingestor: Ingestor,
+    mut ready: mpsc::UnboundedReceiver<PathBuf>,
+    stop: CancellationToken,
+) {
+    while let Some(rel) = ready.blocking_recv() {
+        if stop.is_cancelled() {
+            return;
+        }
+        match ingestor.ingest(&rel, &stop) {
+            Ok(Outcome::Cancelled) => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(path = %rel.display(), error = %e, "spool error while reading a file; it will be read again");
+            }
+        }
+    }
+}
+
+/// Deletes or moves a file once every one of its events was delivered (SPEC section 7).
+async fn after_ingest_worker(
+    spool: Arc<Spool>,
+    watch_dir: PathBuf,
+    action: AfterIngest,
+    move_to: PathBuf,
+    mut delivered: mpsc::UnboundedReceiver<u64>,
+) {
+    while let Some(id) = delivered.recv().await {
+        let Ok(Some(rec)) = spool.file(id) else {
+            continue;
+        };
+        if rec.status != FileStatus::Read {
+            continue;
+        }
+        let src = watch_dir.join(&rec.path);
+        let result = match action {
+            AfterIngest::Keep => Ok(()),
+            AfterIngest::Delete => std::fs::remove_file(&src),
+            AfterIngest::Move => {
+                let dst = move_to.join(&rec.path);
+                dst.parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|_| std::fs::rename(&src, &dst))
+            }
+        };
+        match result {
+            Ok(()) => {
+                if action != AfterIngest::Keep {
+                    tracing::info!(path = %rec.path, action = ?action, "file delivered and removed from the watch directory");
+                }
+                let _ = spool.update_file(id, |r| r.status = FileStatus::Done);
+            }
+            Err(e) => {
+                tracing::warn!(path = %rec.path, error = %e, "after_ingest failed; the file stays")
+            }
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! The TOML configuration (SPEC section 3): serde types with every default documented,
+//! `load` (deserialize only), `validate` (every problem with its key path), and the write key,
+//! which is a secret and never printed.
+//!
+//! `check-config`, `run` and SIGHUP all go through [`Config::load_and_validate`], so what the
+//! check accepts is exactly what the daemon runs with.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::mapping::UnknownChannel;
+
+/// Where the config lives unless `--config` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/leanplum-segment-agent/config.toml";
+
+/// A config that cannot be used. `check-config` and `run` exit 78 (EX_CONFIG) on it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read (missing, permissions).
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys or wrong types.
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// The file parsed but some values are unusable; one entry per problem.
+    #[error("invalid config {path}:\n{}", problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One bad value, named by its key path (`segment.max_batch_events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub segment: SegmentConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub watch: WatchConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    #[serde(default)]
+    pub mapping: MappingConfig,
+    #[serde(default)]
+    pub leanplum: Option<LeanplumConfig>,
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentConfig {
+    /// File holding the write key (trailing whitespace ignored). Not with `write_key`.
+    pub write_key_file: Option<PathBuf>,
+    /// The write key inline. Prefer `write_key_file` or systemd credentials.
+    pub write_key: Option<WriteKey>,
+    /// `https://api.segment.io`; EU workspaces use `https://events.eu1.segmentapis.com`.
+    pub endpoint: String,
+    /// Serialized request body, envelope included, before gzip. Segment's limit is 500 KB.
+    pub max_batch_bytes: usize,
+    /// Segment silently drops the excess of a larger batch.
+    pub max_batch_events: usize,
+    /// A partial batch is sent after this long.
+    pub flush_interval_ms: u64,
+    pub request_timeout_secs: u64,
+    pub gzip: bool,
+    /// Batches in flight at once; retries stay inside this.
+    pub concurrency: usize,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        SegmentConfig {
+            write_key_file: None,
+            write_key: None,
+            endpoint: "https://api.segment.io".into(),
+            max_batch_bytes: 475_000,
+            max_batch_events: 2500,
+            flush_interval_ms: 1000,
+            request_timeout_secs: 30,
+            gzip: true,
+            concurrency: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub initial_backoff_ms: u64,
+    /// Exponential with full jitter up to this; `Retry-After` is honoured up to this too.
+    pub max_backoff_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff_ms: 500,
+            max_backoff_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterIngest {
+    #[default]
+    Keep,
+    Delete,
+    Move,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// Required: the directory the exports land in, watched recursively.
+    pub dir: Option<PathBuf>,
+    /// Globs on the path relative to `dir`, any depth.
+    pub include: Vec<String>,
+    /// Temp names of sync tools.
+    pub exclude: Vec<String>,
+    /// A file with no change for this long is complete.
+    pub settle_secs: u64,
+    /// Full scan beside inotify, which can overflow or miss events.
+    pub rescan_interval_secs: u64,
+    /// Leanplum shards wait for their job's `-output-manifest`.
+    pub require_manifest: bool,
+    pub after_ingest: AfterIngest,
+    pub move_to: PathBuf,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            dir: None,
+            include: vec!["**/*".into()],
+            exclude: vec!["**/*.tmp".into(), "**/.*".into(), "**/*.partial".into()],
+            settle_secs: 5,
+            rescan_interval_secs: 30,
+            require_manifest: false,
+            after_ingest: AfterIngest::Keep,
+            move_to: PathBuf::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    /// Live spooled bytes beyond which reading stops (draining goes on; nothing is dropped).
+    pub max_bytes: u64,
+    /// An event id seen within this many days is skipped (Leanplum re-exports sessions).
+    pub dedupe_window_days: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: PathBuf::from("/var/lib/leanplum-segment-agent"),
+            max_bytes: 10_737_418_240,
+            dedupe_window_days: 14,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MappingConfig {
+    /// `messages.json` and `abtests.json`, flat form or Leanplum API responses.
+    pub catalog_dir: PathBuf,
+    pub unknown_message_channel: UnknownChannel,
+    pub send_experiment_viewed: bool,
+}
+
+impl Default for MappingConfig {
+    fn default() -> Self {
+        MappingConfig {
+            catalog_dir: PathBuf::from("/etc/leanplum-segment-agent/catalog"),
+            unknown_message_channel: UnknownChannel::Skip,
+            send_experiment_viewed: true,
+        }
+    }
+}
+
+/// Fetching the catalog from Leanplum's API (a later capability); accepted and validated now so
+/// configs written for it are not rejected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeanplumConfig {
+    pub app_id: String,
+    pub content_key_file: PathBuf,
+    pub api_base: String,
+    pub refresh_interval_secs: u64,
+}
+
+impl Default for LeanplumConfig {
+    fn default() -> Self {
+        LeanplumConfig {
+            app_id: String::new(),
+            content_key_file: PathBuf::new(),
+            api_base: "https://api.leanplum.com".into(),
+            refresh_interval_secs: 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from("/run/leanplum-segment-agent/control.sock"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `debug`, `leanplum_segment_agent=debug`); `RUST_LOG` overrides.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// The Segment write key. Debug and Display print a placeholder, so a key can never reach a log
+/// line or an error message by accident; only [`WriteKey::expose`] gives the text.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct WriteKey(String);
+
+impl WriteKey {
+    pub fn new(key: impl Into<String>) -> WriteKey {
+        WriteKey(key.into())
+    }
+    /// The key itself, for the Authorization header and nothing else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for WriteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WriteKey(<redacted>)")
+    }
+}
+
+impl fmt::Display for WriteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where the write key came from, for a log line that says so without saying the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    File(PathBuf),
+    Inline,
+    Env,
+    Credential(PathBuf),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::File(p) => write!(f, "file {}", p.display()),
+            KeySource::Inline => f.write_str("segment.write_key"),
+            KeySource::Env => f.write_str("$SEGMENT_WRITE_KEY"),
+            KeySource::Credential(p) => write!(f, "systemd credential {}", p.display()),
+        }
+    }
+}
+
+/// What the daemon will do with a config: `run` needs everything, `dry-run` only the mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Run,
+    DryRun,
+}
+
+impl Config {
+    /// Deserializes only; see [`Config::validate`].
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|message| Error::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text. The error is toml's message, which names the key and the line; values
+    /// are never echoed for the write key because toml reports positions, not contents, for it.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str::<Config>(text).map_err(|e| redact_toml_error(&e))
+    }
+
+    /// Loads, validates for `purpose`, and resolves the write key (for `Run`).
+    pub fn load_and_validate(path: &Path, purpose: Purpose) -> Result<Loaded, Error> {
+        let config = Config::load(path)?;
+        let mut problems = config.validate(purpose);
+        let key = if purpose == Purpose::Run {
+            match config.resolve_write_key() {
+                Ok(k) => Some(k),
+                Err(p) => {
+                    problems.push(p);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if !problems.is_empty() {
+            return Err(Error::Invalid {
+                path: path.to_owned(),
+                problems,
+            });
+        }
+        Ok(Loaded { config, key })
+    }
+
+    /// Every problem, each with its key path. Does not touch the write key (see
+    /// [`Config::resolve_write_key`]) beyond checking that at most one inline source is set.
+    pub fn validate(&self, purpose: Purpose) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            p.push(Problem {
+                key: key.into(),
+                message,
+            })
+        };
+        let s = &self.segment;
+        if s.write_key.is_some() && s.write_key_file.is_some() {
+            bad(
+                "segment.write_key",
+                "set write_key or write_key_file, not both".into(),
+            );
+        }
+        if let Err(e) = validate_endpoint(&s.endpoint) {
+            bad("segment.endpoint", e);
+        }
+        if s.max_batch_bytes < 1024 || s.max_batch_bytes > 500_000 {
+            bad(
+                "segment.max_batch_bytes",
+                format!(
+                    "{} is outside 1024..=500000 (Segment rejects bodies over 500 KB)",
+                    s.max_batch_bytes
+                ),
+            );
+        }
+        if s.max_batch_events == 0 || s.max_batch_events > 2500 {
+            bad(
+                "segment.max_batch_events",
+                format!(
+                    "{} is outside 1..=2500 (Segment drops the excess of a larger batch)",
+                    s.max_batch_events
+                ),
+            );
+        }
+        if s.flush_interval_ms == 0 {
+            bad("segment.flush_interval_ms", "must be at least 1".into());
+        }
+        if s.request_timeout_secs == 0 {
+            bad("segment.request_timeout_secs", "must be at least 1".into());
+        }
+        if s.concurrency == 0 || s.concurrency > 64 {
+            bad(
+                "segment.concurrency",
+                format!("{} is outside 1..=64", s.concurrency),
+            );
+        }
+        let r = &self.retry;
+        if r.initial_backoff_ms == 0 {
+            bad("retry.initial_backoff_ms", "must be at least 1".into());
+        }
+        if r.max_backoff_secs == 0 {
+            bad("retry.max_backoff_secs", "must be at least 1".into());
+        } else if r.initial_backoff_ms > r.max_backoff_secs.saturating_mul(1000) {
+            bad(
+                "retry.initial_backoff_ms",
+                "is larger than retry.max_backoff_secs".into(),
+            );
+        }
+        let w = &self.watch;
+        if purpose == Purpose::Run {
+            match &w.dir {
+                None => bad("watch.dir", "is required".into()),
+                Some(d) if !d.is_absolute() => bad(
+                    "watch.dir",
+                    format!("{} must be an absolute path", d.display()),
+                ),
+                _ => {}
+            }
+            if !self.spool.dir.is_absolute() {
+                bad(
+                    "spool.dir",
+                    format!("{} must be an absolute path", self.spool.dir.display()),
+                );
+            }
+        }
+        for (key, globs) in [("watch.include", &w.include), ("watch.exclude", &w.exclude)] {
+            for g in globs {
+                if let Err(e) = globset::Glob::new(g) {
+                    bad(key, format!("{g:?}: {e}"));
+                }
+            }
+        }
+        if w.rescan_interval_secs == 0 {
+            bad("watch.rescan_interval_secs", "must be at least 1".into());
+        }
+        if w.after_ingest == AfterIngest::Move {
+            if w.move_to.as_os_str().is_empty() {
+                bad(
+                    "watch.move_to",
+                    "is required when after_ingest = \"move\"".into(),
+                );
+            } else if let Some(dir) = &w.dir
+                && w.move_to.starts_with(dir)
+            {
+                bad(
+                    "watch.move_to",
+                    "must be outside watch.dir (moved files would be read again)".into(),
+                );
+            }
+        }
+        if self.spool.max_bytes < 1 << 20 {
+            bad("spool.max_bytes", "must be at least 1 MiB".into());
+        }
+        if self.spool.dedupe_window_days == 0 {
+            bad("spool.dedupe_window_days", "must be at least 1".into());
+        }
+        if let Some(lp) = &self.leanplum {
+            if lp.app_id.is_empty() {
+                bad(
+                    "leanplum.app_id",
+                    "is required in a [leanplum] section".into(),
+                );
+            }
+            if let Err(e) = validate_endpoint(&lp.api_base) {
+                bad("leanplum.api_base", e);
+            }
+            if lp.refresh_interval_secs < 60 {
+                bad(
+                    "leanplum.refresh_interval_secs",
+                    "must be at least 60".into(),
+                );
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            bad("log.level", format!("{:?}: {e}", self.log.level));
+        }
+        p
+    }
+
+    /// Finds the write key: `write_key_file`, `write_key`, `$SEGMENT_WRITE_KEY`, then
+    /// `$CREDENTIALS_DIRECTORY/write_key` (systemd `LoadCredential=`), in that order.
+    pub fn resolve_write_key(&self) -> Result<(WriteKey, KeySource), Problem> {
+        let problem = |message: String| Problem {
+            key: "segment.write_key_file".into(),
+            message,
+        };
+        if let Some(path) = &self.segment.write_key_file {
+            let key = read_key_file(path).map_err(problem)?;
+            return Ok((key, KeySource::File(path.clone())));
+        }
+        if let Some(key) = &self.segment.write_key {
+            if key.expose().trim().is_empty() {
+                return Err(Problem {
+                    key: "segment.write_key".into(),
+                    message: "is empty".into(),
+                });
+            }
+            return Ok((key.clone(), KeySource::Inline));
+        }
+        if let Ok(key) = std::env::var("SEGMENT_WRITE_KEY")
+            && !key.trim().is_empty()
+        {
+            return Ok((WriteKey(key.trim().to_owned()), KeySource::Env));
+        }
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let path = Path::new(&dir).join("write_key");
+            if path.exists() {
+                let key = read_key_file(&path).map_err(problem)?;
+                return Ok((key, KeySource::Credential(path)));
+            }
+        }
+        Err(Problem {
+            key: "segment.write_key_file".into(),
+            message: "no write key: set segment.write_key_file, segment.write_key, \
+                      $SEGMENT_WRITE_KEY, or a systemd credential named write_key"
+                .into(),
+        })
+    }
+}
+
+/// A validated config and, for `run`, its write key.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub key: Option<(WriteKey, KeySource)>,
+}
+
+fn read_key_file(path: &Path) -> Result<WriteKey, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    warn_if_readable_by_others(path);
+    Ok(WriteKey(key.to_owned()))
+}
+
+/// The key file should be private to the service user (mode 0600 or 0640 with a trusted group is
+/// common; others reading it is never right).
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o044 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "write key file is readable by group or others; chmod 600 it"
+            );
+        }
+    }
+}
+
+fn validate_endpoint(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("{url:?} must start with https:// or http://"))?;
+    if rest.trim_end_matches('/').is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(())
+}
+
+/// toml's error text quotes the offending source line, which could be the write key line; keep
+/// its position and message but drop any quoted line that mentions the key.
+fn redact_toml_error(e: &toml::de::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .filter(|l| !l.contains("write_key") || !l.contains('='))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> &'static str {
+        "[segment]\nwrite_key = \"wk_secret\"\n[watch]\ndir = \"/tmp/in\"\n"
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::parse(minimal()).unwrap();
+        assert_eq!(c.segment.endpoint, "https://api.segment.io");
+        assert_eq!(c.segment.max_batch_bytes, 475_000);
+        assert_eq!(c.segment.max_batch_events, 2500);
+        assert_eq!(c.segment.flush_interval_ms, 1000);
+        assert_eq!(c.segment.request_timeout_secs, 30);
+        assert!(c.segment.gzip);
+        assert_eq!(c.segment.concurrency, 4);
+        assert_eq!(c.retry.initial_backoff_ms, 500);
+        assert_eq!(c.retry.max_backoff_secs, 300);
+        assert_eq!(c.watch.include, vec!["**/*"]);
+        assert_eq!(c.watch.exclude, vec!["**/*.tmp", "**/.*", "**/*.partial"]);
+        assert_eq!(c.watch.settle_secs, 5);
+        assert_eq!(c.watch.rescan_interval_secs, 30);
+        assert!(!c.watch.require_manifest);
+        assert_eq!(c.watch.after_ingest, AfterIngest::Keep);
+        assert_eq!(
+            c.spool.dir,
+            PathBuf::from("/var/lib/leanplum-segment-agent")
+        );
+        assert_eq!(c.spool.max_bytes, 10_737_418_240);
+        assert_eq!(c.spool.dedupe_window_days, 14);
+        assert_eq!(
+            c.mapping.catalog_dir,
+            PathBuf::from("/etc/leanplum-segment-agent/catalog")
+        );
+        assert_eq!(c.mapping.unknown_message_channel, UnknownChannel::Skip);
+        assert!(c.mapping.send_experiment_viewed);
+        assert!(c.leanplum.is_none());
+        assert_eq!(
+            c.control.socket,
+            PathBuf::from("/run/leanplum-segment-agent/control.sock")
+        );
+        assert_eq!(c.log.level, "info");
+        assert!(c.validate(Purpose::Run).is_empty());
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/config.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.validate(Purpose::Run), vec![]);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::parse("[segment]\nbogus = 1\n").unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+        let err = Config::parse("[nope]\n").unwrap_err();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn validate_names_every_bad_key() {
+        let c = Config::parse(
+            "[segment]\nwrite_key = \"k\"\nwrite_key_file = \"/k\"\nmax_batch_events = 0\n\
+             max_batch_bytes = 900000\nconcurrency = 0\nendpoint = \"ftp://x\"\n\
+             [watch]\nafter_ingest = \"move\"\ninclude = [\"[\"]\n[log]\nlevel = \"=[\"\n",
+        )
+        .unwrap();
+        let keys: Vec<String> = c
+            .validate(Purpose::Run)
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        for k in [
+            "segment.write_key",
+            "segment.max_batch_events",
+            "segment.max_batch_bytes",
+            "segment.concurrency",
+            "segment.endpoint",
+            "watch.dir",
+            "watch.move_to",
+            "watch.include",
+            "log.level",
+        ] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn dry_run_needs_no_watch_dir() {
+        let c = Config::parse("").unwrap();
+        assert!(c.validate(Purpose::DryRun).is_empty());
+        assert!(!c.validate(Purpose::Run).is_empty());
+    }
+
+    #[test]
+    fn the_write_key_never_prints() {
+        let c = Config::parse(minimal()).unwrap();
+        let (key, source) = c.resolve_write_key().unwrap();
+        assert_eq!(key.expose(), "wk_secret");
+        assert_eq!(source, KeySource::Inline);
+        assert!(!format!("{key} {key:?} {c:?}").contains("wk_secret"));
+        // A TOML error on the key's own line must not quote it.
+        let err = Config::parse("[segment]\nwrite_key = \"wk_secret\" junk\n").unwrap_err();
+        assert!(!err.contains("wk_secret"), "{err}");
+    }
+
+    #[test]
+    fn the_write_key_comes_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("write_key");
+        std::fs::write(&path, "wk_from_file\n").unwrap();
+        let c = Config::parse(&format!(
+            "[segment]\nwrite_key_file = {:?}\n",
+            path.to_str().unwrap()
+        ))
+        .unwrap();
+        let (key, source) = c.resolve_write_key().unwrap();
+        assert_eq!(key.expose(), "wk_from_file");
+        assert_eq!(source, KeySource::File(path));
+        let missing = Config::parse("[segment]\nwrite_key_file = \"/nonexistent/k\"\n").unwrap();
+        let p = missing.resolve_write_key().unwrap_err();
+        assert_eq!(p.key, "segment.write_key_file");
+    }
+}

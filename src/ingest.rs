@@ -1,0 +1,488 @@
+//! One file through input and mapping into the spool, chunk by chunk, and `dry-run`, which is
+//! the same path with stdout in place of the spool.
+//!
+//! A file is identified by its path plus the hash of its first bytes (see [`FileRecord`]): the
+//! same path with the same head is the same file, read on from its committed offset; a
+//! different head, or a plain file now shorter than its offset, is a new file read from the
+//! start. Each chunk (its events, its bad lines, and the offset after them) is one spool commit,
+//! so a crash re-reads at most the chunk that was being built.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::input::{BadRecord, InputError, Item, Reader, Record};
+use crate::leanplum::catalog::Catalog;
+use crate::mapping::{MapError, MappingOptions, Output, map_engagement, map_session};
+use crate::spool::{
+    self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, now_ms,
+};
+use crate::stats::Stats;
+
+/// Bytes of a file's start that identify it.
+pub const HEAD_BYTES: usize = 1024;
+/// Events per spool commit: large enough to amortize the flush, small enough that a crash
+/// re-reads little and memory stays flat.
+const CHUNK_EVENTS: usize = 2000;
+/// Records per commit when records yield few events (app-event-only sessions).
+const CHUNK_RECORDS: usize = 20_000;
+/// At most this much of a bad line is kept in the quarantine.
+const QUARANTINE_RAW_BYTES: usize = 4096;
+
+/// Maps one parsed record into `out`.
+pub fn map_record(
+    record: &Record,
+    catalog: &Catalog,
+    opts: &MappingOptions,
+    out: &mut Output,
+) -> Result<(), MapError> {
+    match record {
+        Record::Session(s) => map_session(s, catalog, opts, out),
+        Record::Engagement(e) => map_engagement(e, catalog, opts, out),
+    }
+}
+
+/// What happened to a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Read to its end (or to where it stands now); counts are for this pass.
+    Read {
+        events: u64,
+        duplicates: u64,
+        quarantined: u64,
+    },
+    /// Nothing new since the last pass.
+    Unchanged,
+    /// Not a regular file any more, or gone.
+    Gone,
+    /// Could not be read; the reason was logged once and the file marked failed.
+    Failed(String),
+    /// Shutdown came first; the uncommitted rest is read at the next start.
+    Cancelled,
+}
+
+pub struct Ingestor {
+    pub spool: Arc<Spool>,
+    pub catalog: Arc<Catalog>,
+    pub opts: MappingOptions,
+    pub stats: Arc<Stats>,
+    pub watch_dir: PathBuf,
+    /// `spool.max_bytes`: reading pauses above it.
+    pub max_spool_bytes: u64,
+    /// Told after every commit so the drain need not poll.
+    pub drain_wake: Arc<tokio::sync::Notify>,
+}
+
+impl Ingestor {
+    /// Reads `rel` (relative to the watch dir) from where it was left, into the spool.
+    pub fn ingest(&self, rel: &Path, cancel: &CancellationToken) -> Result<Outcome, spool::Error> {
+        let abs = self.watch_dir.join(rel);
+        let shown = rel.display().to_string();
+        let meta = match std::fs::symlink_metadata(&abs) {
+            Ok(m) if m.is_file() => m,
+            _ => return Ok(Outcome::Gone),
+        };
+        let head = match read_head(&abs) {
+            Ok(h) => h,
+            Err(e) => return Ok(self.unreadable(rel, None, &format!("cannot read: {e}"))),
+        };
+        let len = meta.len();
+        let gzip = head.starts_with(&[0x1f, 0x8b]);
+
+        let (file_id, offset, line) = match self.spool.file_by_path(rel)? {
+            Some((id, rec)) if same_content(&abs, &rec) => {
+                let unchanged = if rec.gzip {
+                    // A gzip file is complete once read; it only resumes after a crash.
+                    rec.status != FileStatus::Reading
+                } else {
+                    len == rec.offset && rec.status != FileStatus::Reading
+                };
+                if unchanged || rec.status == FileStatus::Failed && rec.updated_ms > mtime_ms(&meta)
+                {
+                    return Ok(Outcome::Unchanged);
+                }
+                if !rec.gzip && len < rec.offset {
+                    tracing::warn!(path = %shown, offset = rec.offset, size = len, "file truncated; reading it anew");
+                    (self.begin(rel, &head, gzip)?, 0, 0)
+                } else {
+                    if rec.status != FileStatus::Reading {
+                        self.spool
+                            .update_file(id, |r| r.status = FileStatus::Reading)?;
+                    }
+                    (id, rec.offset, rec.line)
+                }
+            }
+            Some(_) => {
+                tracing::warn!(path = %shown, "file content replaced; reading it anew");
+                (self.begin(rel, &head, gzip)?, 0, 0)
+            }
+            None => {
+                Stats::add(&self.stats.files_seen, 1);
+                (self.begin(rel, &head, gzip)?, 0, 0)
+            }
+        };
+
+        let mut reader = match Reader::open(&abs, offset) {
+            Ok(r) => r,
+            Err(InputError::Empty) => {
+                let chunk = Chunk {
+                    file_id,
+                    file_done: true,
+                    ..Chunk::default()
+                };
+                self.commit(&chunk, cancel)?;
+                tracing::info!(path = %shown, "empty file skipped");
+                return Ok(Outcome::Read {
+                    events: 0,
+                    duplicates: 0,
+                    quarantined: 0,
+                });
+            }
+            Err(e) => return Ok(self.unreadable(rel, Some(file_id), &e.to_string())),
+        };
+        if offset == 0 {
+            tracing::info!(path = %shown, format = %reader.format(), gzip = reader.is_gzip(), "reading file");
+        } else {
+            tracing::info!(path = %shown, offset, "reading on from the committed offset");
+        }
+
+        let mut totals = (0u64, 0u64, 0u64);
+        let mut chunk = Chunk {
+            file_id,
+            offset,
+            line,
+            ..Chunk::default()
+        };
+        let mut records = 0usize;
+        let mut output = Output::default();
+        let mut stream_error = None;
+        loop {
+            let item = match reader.next_item() {
+                None => break,
+                Some(Ok(item)) => item,
+                Some(Err(e)) => {
+                    stream_error = Some(e);
+                    break;
+                }
+            };
+            records += 1;
+            self.add_item(&shown, item, &mut chunk, &mut output);
+            if chunk.events.len() >= CHUNK_EVENTS || records >= CHUNK_RECORDS {
+                if cancel.is_cancelled() {
+                    return Ok(Outcome::Cancelled);
+                }
+                let Some(t) = self.commit_counted(&mut chunk, &mut output, cancel)? else {
+                    return Ok(Outcome::Cancelled);
+                };
+                totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);
+                records = 0;
+            }
+        }
+
+        if let Some(e) = &stream_error {
+            // Keep what was read before the damage, and a pointer to where it is.
+            chunk.quarantine.push(QuarantineEntry {
+                reason: e.to_string(),
+                file: shown.clone(),
+                line: chunk.line + 1,
+                time_ms: now_ms(),
+                raw: String::new(),
+            });
+        } else {
+            chunk.offset = reader.offset();
+            chunk.file_done = true;
+        }
+        let Some(t) = self.commit_counted(&mut chunk, &mut output, cancel)? else {
+            return Ok(Outcome::Cancelled);
+        };
+        totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);
+
+        if let Some(e) = stream_error {
+            let reason = e.to_string();
+            tracing::warn!(path = %shown, line = chunk.line + 1, error = %reason, "file damaged; records before the damage were kept");
+            self.spool.update_file(file_id, |r| {
+                r.status = FileStatus::Failed;
+                r.error = Some(reason.clone());
+            })?;
+            Stats::add(&self.stats.files_failed, 1);
+            return Ok(Outcome::Failed(reason));
+        }
+        Stats::add(&self.stats.files_done, 1);
+        tracing::info!(
+            path = %shown,
+            events = totals.0,
+            duplicates = totals.1,
+            quarantined = totals.2,
+            "file ingested"
+        );
+        Ok(Outcome::Read {
+            events: totals.0,
+            duplicates: totals.1,
+            quarantined: totals.2,
+        })
+    }
+
+    fn begin(&self, rel: &Path, head: &[u8], gzip: bool) -> Result<u64, spool::Error> {
+        let now = now_ms();
+        self.spool.begin_file(
+            rel,
+            &FileRecord {
+                path: rel.to_string_lossy().into_owned(),
+                head_len: head.len() as u64,
+                head_hash: head_hash(head),
+                gzip,
+                offset: 0,
+                line: 0,
+                events_spooled: 0,
+                pending: 0,
+                status: FileStatus::Reading,
+                error: None,
+                first_seen_ms: now,
+                updated_ms: now,
+            },
+        )
+    }
+
+    /// Logs a file that cannot be read at all, once, and records why.
+    fn unreadable(&self, rel: &Path, file_id: Option<u64>, reason: &str) -> Outcome {
+        let shown = rel.display().to_string();
+        tracing::warn!(path = %shown, error = %reason, "file cannot be read");
+        Stats::add(&self.stats.files_failed, 1);
+        if let Some(id) = file_id {
+            let entry = QuarantineEntry {
+                reason: reason.to_owned(),
+                file: shown,
+                line: 0,
+                time_ms: now_ms(),
+                raw: String::new(),
+            };
+            let chunk = Chunk {
+                file_id: id,
+                quarantine: vec![entry],
+                ..Chunk::default()
+            };
+            let result = self.spool.commit_file_chunk(&chunk).and_then(|_| {
+                self.spool.update_file(id, |r| {
+                    r.status = FileStatus::Failed;
+                    r.error = Some(reason.to_owned());
+                })
+            });
+            match result {
+                Ok(()) => Stats::add(&self.stats.quarantined, 1),
+                Err(e) => tracing::error!(error = %e, "cannot record the failure in the spool"),
+            }
+        }
+        Outcome::Failed(reason.to_owned())
+    }
+
+    /// Adds one record (or its failure) to the chunk being built.
+    fn add_item(&self, shown: &str, item: Item, chunk: &mut Chunk, output: &mut Output) {
+        Stats::add(&self.stats.records_read, 1);
+        chunk.offset = item.end_offset;
+        chunk.line = item.line;
+        let bad = |reason: String, raw: &[u8]| QuarantineEntry {
+            reason,
+            file: shown.to_owned(),
+            line: item.line,
+            time_ms: now_ms(),
+            raw: String::from_utf8_lossy(&raw[..raw.len().min(QUARANTINE_RAW_BYTES)]).into_owned(),
+        };
+        match item.result {
+            Ok(record) => {
+                let before = output.events.len();
+                match map_record(&record, &self.catalog, &self.opts, output) {
+                    Ok(()) => {
+                        for ev in output.events.drain(before..) {
+                            chunk.events.push(SpoolEvent {
+                                json: serde_json::to_vec(&ev).unwrap_or_default(),
+                                message_id: ev.message_id,
+                            });
+                        }
+                    }
+                    Err(e) => chunk.quarantine.push(bad(e.to_string(), b"")),
+                }
+            }
+            Err(BadRecord { reason, raw }) => chunk.quarantine.push(bad(reason, &raw)),
+        }
+    }
+
+    /// Commits the chunk, updates the counters, and starts the next chunk where this one ended.
+    /// `None` when shutdown came while waiting for spool space.
+    fn commit_counted(
+        &self,
+        chunk: &mut Chunk,
+        output: &mut Output,
+        cancel: &CancellationToken,
+    ) -> Result<Option<(u64, u64, u64)>, spool::Error> {
+        let Some(out) = self.commit(chunk, cancel)? else {
+            return Ok(None);
+        };
+        for q in &chunk.quarantine {
+            tracing::warn!(path = %q.file, line = q.line, reason = %q.reason, "bad record quarantined");
+        }
+        Stats::add(&self.stats.events_spooled, out.spooled);
+        Stats::add(&self.stats.duplicates_skipped, out.duplicates);
+        Stats::add(&self.stats.quarantined, out.quarantined);
+        Stats::add(&self.stats.dead_lettered, out.dead_lettered);
+        self.stats.add_skipped(&output.skipped);
+        output.skipped.clear();
+        *chunk = Chunk {
+            file_id: chunk.file_id,
+            offset: chunk.offset,
+            line: chunk.line,
+            ..Chunk::default()
+        };
+        Ok(Some((out.spooled, out.duplicates, out.quarantined)))
+    }
+
+    /// One spool commit, after waiting for room below `spool.max_bytes` and retrying while the
+    /// disk is full. Reading (and so the offset) waits with it; nothing is dropped.
+    fn commit(
+        &self,
+        chunk: &Chunk,
+        cancel: &CancellationToken,
+    ) -> Result<Option<spool::ChunkOutcome>, spool::Error> {
+        let mut logged = false;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let full = self.spool.depth()?.bytes >= self.max_spool_bytes;
+            if !full {
+                match self.spool.commit_file_chunk(chunk) {
+                    Ok(out) => {
+                        if logged {
+                            tracing::info!("spool has room again; reading resumed");
+                        }
+                        self.drain_wake.notify_one();
+                        return Ok(Some(out));
+                    }
+                    Err(e) if e.is_disk_full() => {
+                        if !logged {
+                            tracing::warn!(error = %e, "disk full; reading paused until the drain frees space");
+                            logged = true;
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else if !logged {
+                tracing::warn!(
+                    max_bytes = self.max_spool_bytes,
+                    "spool full; reading paused until the drain catches up"
+                );
+                logged = true;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(HEAD_BYTES);
+    File::open(path)?
+        .take(HEAD_BYTES as u64)
+        .read_to_end(&mut head)?;
+    Ok(head)
+}
+
+/// First 16 bytes of SHA-256, hex: enough to tell files apart, short enough to store per file.
+fn head_hash(head: &[u8]) -> String {
+    hex::encode(&Sha256::digest(head)[..16])
+}
+
+/// Whether the file at `path` still starts with the bytes the record was identified by.
+fn same_content(path: &Path, rec: &FileRecord) -> bool {
+    let mut head = Vec::with_capacity(rec.head_len as usize);
+    let ok = File::open(path)
+        .and_then(|f| f.take(rec.head_len).read_to_end(&mut head))
+        .is_ok();
+    ok && head.len() as u64 == rec.head_len && head_hash(&head) == rec.head_hash
+}
+
+fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What `dry-run` saw.
+#[derive(Debug, Default)]
+pub struct DryRunSummary {
+    pub events: u64,
+    pub duplicates: u64,
+    pub bad_records: u64,
+    pub unreadable_files: u64,
+}
+
+/// Parses `paths` and writes the events they would produce as JSON lines to `out`; bad records
+/// and unreadable files are reported on `err` as `file:line: reason`. Events are deduplicated by
+/// `messageId` across all the files, as the spool would.
+pub fn dry_run(
+    paths: &[PathBuf],
+    catalog: &Catalog,
+    opts: &MappingOptions,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<DryRunSummary> {
+    let mut seen = HashSet::new();
+    let mut summary = DryRunSummary::default();
+    for path in paths {
+        let shown = path.display();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if crate::watch::manifest::is_manifest(&name) {
+            writeln!(err, "{shown}: a job manifest, not data; skipped")?;
+            continue;
+        }
+        let mut reader = match Reader::open(path, 0) {
+            Ok(r) => r,
+            Err(InputError::Empty) => continue,
+            Err(e) => {
+                writeln!(err, "{shown}: {e}")?;
+                summary.unreadable_files += 1;
+                continue;
+            }
+        };
+        while let Some(item) = reader.next_item() {
+            let item = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    writeln!(err, "{shown}: {e}")?;
+                    summary.unreadable_files += 1;
+                    break;
+                }
+            };
+            let record = match item.result {
+                Ok(r) => r,
+                Err(bad) => {
+                    writeln!(err, "{shown}:{}: {}", item.line, bad.reason)?;
+                    summary.bad_records += 1;
+                    continue;
+                }
+            };
+            let mut mapped = Output::default();
+            if let Err(e) = map_record(&record, catalog, opts, &mut mapped) {
+                writeln!(err, "{shown}:{}: {e}", item.line)?;
+                summary.bad_records += 1;
+                continue;
+            }
+            for ev in mapped.events {
+                if !seen.insert(ev.message_id.clone()) {
+                    summary.duplicates += 1;
+                    continue;
+                }
+                serde_json::to_writer(&mut *out, &ev)?;
+                out.write_all(b"\n")?;
+                summary.events += 1;
+            }
+        }
+    }
+    out.flush()?;
+    Ok(summary)
+}

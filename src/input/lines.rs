@@ -1,0 +1,274 @@
+//! Bounded record framing over a decompressed byte stream: splits it into newline-terminated
+//! records (or CSV records, whose quoted fields may hold newlines) while counting byte offsets
+//! and line numbers, and never holding more than `MAX_LINE_BYTES` of one record in memory.
+
+use std::io::{self, BufRead};
+
+use super::MAX_LINE_BYTES;
+
+/// Where a record ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// At the next `\n`.
+    Lines,
+    /// At the next `\n` outside a quoted field (RFC 4180 quoting, `""` escapes a quote).
+    Csv,
+}
+
+/// One framed record; its bytes (without the terminating `\n`, at most `MAX_LINE_BYTES` of them)
+/// are in [`LineReader::record`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RawRecord {
+    /// Offset of the record's first byte in the stream.
+    pub start: u64,
+    /// 1-based line number of the record's first line.
+    pub line: u64,
+    /// False when the stream ended before the record's `\n`.
+    pub terminated: bool,
+    /// The record was longer than `MAX_LINE_BYTES`; only its first `MAX_LINE_BYTES` were kept
+    /// and the rest was read past without being stored.
+    pub overflow: bool,
+}
+
+/// Frames records from a `BufRead`, tracking the stream offset and the newlines consumed.
+pub(crate) struct LineReader<R> {
+    inner: R,
+    /// Reused for every record so the steady state allocates nothing.
+    buf: Vec<u8>,
+    /// Bytes consumed from the stream so far.
+    offset: u64,
+    /// `\n` bytes consumed so far, so the next record starts on line `newlines + 1`.
+    newlines: u64,
+    /// The last byte consumed, to tell whether a resume offset sits at the start of a line.
+    last_byte: Option<u8>,
+}
+
+impl<R: BufRead> LineReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        LineReader {
+            inner,
+            buf: Vec::new(),
+            offset: 0,
+            newlines: 0,
+            last_byte: None,
+        }
+    }
+
+    /// Bytes consumed so far: the end offset of the last record returned.
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    pub(crate) fn last_byte(&self) -> Option<u8> {
+        self.last_byte
+    }
+
+    /// The bytes of the record last returned by [`Self::read_record`].
+    pub(crate) fn record(&self) -> &[u8] {
+        &self.buf
+    }
+
+    #[cfg(test)]
+    pub(crate) fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// True when the stream has no more bytes.
+    pub(crate) fn at_eof(&mut self) -> io::Result<bool> {
+        loop {
+            match self.inner.fill_buf() {
+                Ok(chunk) => return Ok(chunk.is_empty()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads the next record, or `None` at the end of the stream. An error leaves the reader
+    /// mid-record; the caller stops reading.
+    pub(crate) fn read_record(&mut self, framing: Framing) -> io::Result<Option<RawRecord>> {
+        self.buf.clear();
+        let start = self.offset;
+        let line = self.newlines + 1;
+        let mut scan = CsvScan::StartOfField;
+        let mut overflow = false;
+        let mut any = false;
+        loop {
+            let chunk = match self.inner.fill_buf() {
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if chunk.is_empty() {
+                return Ok(any.then_some(RawRecord {
+                    start,
+                    line,
+                    terminated: false,
+                    overflow,
+                }));
+            }
+            any = true;
+            let end = match framing {
+                Framing::Lines => chunk.iter().position(|&b| b == b'\n'),
+                Framing::Csv => scan.find_end(chunk),
+            };
+            let content_len = end.unwrap_or(chunk.len());
+            let content = &chunk[..content_len];
+            if !overflow {
+                // Past the cap the rest is only scanned, never stored: a 2 GB line costs 1 MiB.
+                let room = MAX_LINE_BYTES - self.buf.len();
+                if content.len() > room {
+                    self.buf.extend_from_slice(&content[..room]);
+                    overflow = true;
+                } else {
+                    self.buf.extend_from_slice(content);
+                }
+            }
+            let consumed = end.map_or(chunk.len(), |i| i + 1);
+            self.newlines += match framing {
+                Framing::Lines => u64::from(end.is_some()),
+                // Quoted newlines are lines too: line numbers must match what an editor shows.
+                Framing::Csv => count_newlines(&chunk[..consumed]),
+            };
+            self.last_byte = chunk[..consumed].last().copied().or(self.last_byte);
+            self.inner.consume(consumed);
+            self.offset += consumed as u64;
+            if end.is_some() {
+                return Ok(Some(RawRecord {
+                    start,
+                    line,
+                    terminated: true,
+                    overflow,
+                }));
+            }
+        }
+    }
+
+    /// Reads past bytes until the stream offset is `target`, counting newlines on the way.
+    /// Returns false if the stream ended first.
+    pub(crate) fn skip_to(&mut self, target: u64) -> io::Result<bool> {
+        while self.offset < target {
+            let chunk = match self.inner.fill_buf() {
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if chunk.is_empty() {
+                return Ok(false);
+            }
+            let want = usize::try_from(target - self.offset).unwrap_or(usize::MAX);
+            let n = want.min(chunk.len());
+            self.newlines += count_newlines(&chunk[..n]);
+            self.last_byte = chunk[..n].last().copied().or(self.last_byte);
+            self.inner.consume(n);
+            self.offset += n as u64;
+        }
+        Ok(true)
+    }
+}
+
+fn count_newlines(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+/// Where a CSV scanner stands inside the current field. The same machine splits cells in
+/// `input::csv`, so framing and splitting always agree on what is quoted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CsvScan {
+    StartOfField,
+    Unquoted,
+    Quoted,
+    /// A `"` inside a quoted field: either the closing quote or the first half of `""`.
+    QuoteInQuoted,
+}
+
+impl CsvScan {
+    /// The state after `b`.
+    pub(crate) fn step(self, b: u8) -> CsvScan {
+        match (self, b) {
+            (CsvScan::Quoted, b'"') => CsvScan::QuoteInQuoted,
+            (CsvScan::Quoted, _) => CsvScan::Quoted,
+            (CsvScan::QuoteInQuoted, b'"') => CsvScan::Quoted,
+            (_, b',') => CsvScan::StartOfField,
+            (CsvScan::StartOfField, b'"') => CsvScan::Quoted,
+            // A quote in the middle of an unquoted field, or text after a closing quote, is kept
+            // literally (as the `csv` crate does) rather than opening a quoted section.
+            _ => CsvScan::Unquoted,
+        }
+    }
+
+    /// The index of the `\n` that ends the record in `chunk`, if any; the state carries over to
+    /// the next chunk otherwise.
+    fn find_end(&mut self, chunk: &[u8]) -> Option<usize> {
+        for (i, &b) in chunk.iter().enumerate() {
+            if b == b'\n' && *self != CsvScan::Quoted {
+                *self = CsvScan::StartOfField;
+                return Some(i);
+            }
+            *self = self.step(b);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufReader;
+
+    /// A reader that hands out one byte per read, to exercise records split across chunks.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl io::Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            match (self.0.split_first(), out.first_mut()) {
+                (Some((&b, rest)), Some(slot)) => {
+                    *slot = b;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    fn frame(data: &[u8], framing: Framing) -> Vec<(Vec<u8>, RawRecord, u64)> {
+        let mut r = LineReader::new(BufReader::with_capacity(1, Trickle(data)));
+        let mut out = Vec::new();
+        while let Some(rec) = r.read_record(framing).unwrap() {
+            out.push((r.record().to_vec(), rec, r.offset()));
+        }
+        out
+    }
+
+    #[test]
+    fn lines_carry_offsets_and_line_numbers_across_tiny_chunks() {
+        let got = frame(b"ab\n\nc\r\nd", Framing::Lines);
+        let texts: Vec<&[u8]> = got.iter().map(|(t, _, _)| t.as_slice()).collect();
+        assert_eq!(texts, [&b"ab"[..], b"", b"c\r", b"d"]);
+        let ends: Vec<u64> = got.iter().map(|g| g.2).collect();
+        assert_eq!(ends, [3, 4, 7, 8]);
+        let lines: Vec<u64> = got.iter().map(|g| g.1.line).collect();
+        assert_eq!(lines, [1, 2, 3, 4]);
+        assert!(got[2].1.terminated && !got[3].1.terminated);
+    }
+
+    #[test]
+    fn csv_framing_keeps_quoted_newlines_inside_the_record() {
+        let got = frame(b"a,\"x\ny\"\"\n\",b\nc,d\"e\nf\n", Framing::Csv);
+        let texts: Vec<&[u8]> = got.iter().map(|(t, _, _)| t.as_slice()).collect();
+        assert_eq!(texts, [&b"a,\"x\ny\"\"\n\",b"[..], b"c,d\"e", b"f"]);
+        let lines: Vec<u64> = got.iter().map(|g| g.1.line).collect();
+        assert_eq!(lines, [1, 4, 5]);
+    }
+
+    #[test]
+    fn skip_to_counts_newlines_and_reports_a_short_stream() {
+        let mut r = LineReader::new(BufReader::new(&b"a\nb\nc\n"[..]));
+        assert!(r.skip_to(4).unwrap());
+        assert_eq!((r.offset(), r.last_byte()), (4, Some(b'\n')));
+        let rec = r.read_record(Framing::Lines).unwrap().unwrap();
+        assert_eq!((rec.line, r.record()), (3, &b"c"[..]));
+        assert!(!r.skip_to(100).unwrap());
+    }
+}

@@ -1,0 +1,601 @@
+//! The message and A/B-test catalog: what a `.m<id>` message is (email, push or in-app), its
+//! name, subject and campaign, and the names of A/B tests and their variants (SPEC section 5).
+//!
+//! Each catalog file comes in either of two forms, told apart by its first byte:
+//! - flat, written by hand or by a script: a JSON array,
+//!   `[{"id", "channel", "name", "subject", "campaign_id", "campaign_name"}]` and
+//!   `[{"id", "name", "variants": [{"id", "name"}]}]`;
+//! - Leanplum's `getMessages` / `getAbTests` API response saved verbatim: a JSON object,
+//!   `{"response": [{"success": true, "messages": [{"id", "name", "messageType", "campaignID",
+//!   "campaignName", "subject"}]}]}` and `{"response": [{"success": true, "abTests": [...]}]}`.
+//!
+//! Ids are read with [`Id`], never through an f64: they exceed 2^53.
+
+use super::{Id, lenient_string};
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// What the agent knows about messages and A/B tests, by id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Catalog {
+    messages: HashMap<Id, Message>,
+    abtests: HashMap<Id, AbTest>,
+}
+
+/// One Leanplum message (an email, a push notification, or an in-app message).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub id: Id,
+    pub channel: MessageKind,
+    pub name: Option<String>,
+    /// Email subject; an empty subject in the file counts as absent.
+    pub subject: Option<String>,
+    pub campaign_id: Option<Id>,
+    pub campaign_name: Option<String>,
+}
+
+/// The kind of a message, which decides the Segment spec its engagements follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    Email,
+    Push,
+    /// Any Leanplum `messageType` other than "Email" and "Push Notification" (in-app messages,
+    /// webhooks, newsfeed, ...): Segment has no spec for them, so their events are skipped.
+    InApp,
+}
+
+/// One A/B test and the names of its variants.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbTest {
+    pub id: Id,
+    pub name: Option<String>,
+    pub variants: HashMap<Id, Option<String>>,
+}
+
+/// A catalog file that exists but cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The file is there but cannot be read: permissions, a directory in its place, or the
+    /// catalog directory itself is a file.
+    #[error("cannot read catalog file {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// The file is not a catalog in either form; `reason` carries serde_json's line and column.
+    #[error("bad catalog file {}: {reason}", path.display())]
+    Parse { path: PathBuf, reason: String },
+}
+
+impl Catalog {
+    /// A catalog that knows nothing: every message is unknown, every name absent.
+    pub fn empty() -> Catalog {
+        Catalog::default()
+    }
+
+    /// Loads `dir/messages.json` and `dir/abtests.json`. A missing file, or a missing directory,
+    /// is an empty part: a deployment may only care about messages, or only about A/B tests.
+    pub fn load_dir(dir: &Path) -> Result<Catalog, CatalogError> {
+        let messages = load_file(&dir.join("messages.json"), Catalog::parse_messages)?;
+        let abtests = load_file(&dir.join("abtests.json"), Catalog::parse_abtests)?;
+        Ok(Catalog::from_parts(messages, abtests))
+    }
+
+    /// Parses a `messages.json` in either form.
+    pub fn parse_messages(json: &[u8]) -> Result<Vec<Message>, String> {
+        let json = strip_bom(json);
+        let entries = match form(json)? {
+            Form::Flat => from_json::<Vec<MessageEntry>>(json)?,
+            Form::Api => {
+                let api = from_json::<ApiResponse<MessagesResult>>(json)?;
+                api_lists(api.response, "messages")?
+            }
+        };
+        entries
+            .into_iter()
+            .map(MessageEntry::into_message)
+            .collect()
+    }
+
+    /// Parses an `abtests.json` in either form.
+    pub fn parse_abtests(json: &[u8]) -> Result<Vec<AbTest>, String> {
+        let json = strip_bom(json);
+        let entries = match form(json)? {
+            Form::Flat => from_json::<Vec<AbTestEntry>>(json)?,
+            Form::Api => {
+                let api = from_json::<ApiResponse<AbTestsResult>>(json)?;
+                api_lists(api.response, "abTests")?
+            }
+        };
+        Ok(entries.into_iter().map(AbTestEntry::into_abtest).collect())
+    }
+
+    /// Builds a catalog; a later entry with the same id replaces an earlier one.
+    pub fn from_parts(messages: Vec<Message>, abtests: Vec<AbTest>) -> Catalog {
+        Catalog {
+            messages: messages.into_iter().map(|m| (m.id, m)).collect(),
+            abtests: abtests.into_iter().map(|t| (t.id, t)).collect(),
+        }
+    }
+
+    pub fn message(&self, id: Id) -> Option<&Message> {
+        self.messages.get(&id)
+    }
+
+    pub fn abtest(&self, id: Id) -> Option<&AbTest> {
+        self.abtests.get(&id)
+    }
+
+    pub fn len_messages(&self) -> usize {
+        self.messages.len()
+    }
+
+    pub fn len_abtests(&self) -> usize {
+        self.abtests.len()
+    }
+}
+
+/// Reads and parses one catalog file; a file that does not exist is an empty list.
+fn load_file<T>(
+    path: &Path,
+    parse: fn(&[u8]) -> Result<Vec<T>, String>,
+) -> Result<Vec<T>, CatalogError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(CatalogError::Read {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    parse(&bytes).map_err(|reason| CatalogError::Parse {
+        path: path.to_owned(),
+        reason,
+    })
+}
+
+/// Which of the two file forms a catalog file is in.
+enum Form {
+    Flat,
+    Api,
+}
+
+fn form(json: &[u8]) -> Result<Form, String> {
+    match json.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => Ok(Form::Flat),
+        Some(b'{') => Ok(Form::Api),
+        _ => Err(
+            "expected a JSON array (flat form) or an object with \"response\" (Leanplum API form)"
+                .to_owned(),
+        ),
+    }
+}
+
+/// Editors on some platforms save UTF-8 with a byte-order mark, which serde_json refuses.
+fn strip_bom(json: &[u8]) -> &[u8] {
+    json.strip_prefix(b"\xEF\xBB\xBF".as_slice())
+        .unwrap_or(json)
+}
+
+fn from_json<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, String> {
+    serde_json::from_slice(json).map_err(|e| e.to_string())
+}
+
+/// Leanplum's API envelope: `{"response": [ {...}, ... ]}`, one result per API action.
+#[derive(Deserialize)]
+struct ApiResponse<R> {
+    response: Vec<R>,
+}
+
+#[derive(Deserialize)]
+struct MessagesResult {
+    success: Option<bool>,
+    error: Option<Value>,
+    messages: Option<Vec<MessageEntry>>,
+}
+
+#[derive(Deserialize)]
+struct AbTestsResult {
+    success: Option<bool>,
+    error: Option<Value>,
+    // Leanplum's own spelling is `abTests`; the others are what people write by hand.
+    #[serde(rename = "abTests", alias = "abtests", alias = "experiments")]
+    ab_tests: Option<Vec<AbTestEntry>>,
+}
+
+/// One result of an API response, reduced to what is checked: its status and its list.
+struct ApiOutcome<T> {
+    success: Option<bool>,
+    error: Option<Value>,
+    list: Option<Vec<T>>,
+}
+
+impl From<MessagesResult> for ApiOutcome<MessageEntry> {
+    fn from(r: MessagesResult) -> Self {
+        ApiOutcome {
+            success: r.success,
+            error: r.error,
+            list: r.messages,
+        }
+    }
+}
+
+impl From<AbTestsResult> for ApiOutcome<AbTestEntry> {
+    fn from(r: AbTestsResult) -> Self {
+        ApiOutcome {
+            success: r.success,
+            error: r.error,
+            list: r.ab_tests,
+        }
+    }
+}
+
+/// Collects the lists of every result in an API response. A failed call saved to disk is an
+/// error quoting Leanplum's message, and so is a response without the expected list (for
+/// instance a `getAbTests` response saved as `messages.json`).
+fn api_lists<R: Into<ApiOutcome<T>>, T>(results: Vec<R>, list_key: &str) -> Result<Vec<T>, String> {
+    if results.is_empty() {
+        return Err("Leanplum API response has an empty \"response\" list".to_owned());
+    }
+    let mut all = Vec::new();
+    for result in results {
+        let outcome = result.into();
+        if outcome.success == Some(false) {
+            return Err(format!(
+                "Leanplum API response reports failure: {}",
+                api_error_message(outcome.error.as_ref())
+            ));
+        }
+        match outcome.list {
+            Some(list) => all.extend(list),
+            None => {
+                return Err(format!(
+                    "Leanplum API response has no {list_key:?} list (wrong file?)"
+                ));
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Leanplum writes `"error": {"message": "..."}`; tolerate a bare string too.
+fn api_error_message(error: Option<&Value>) -> String {
+    let message = match error {
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(e) => e.get("message").and_then(Value::as_str),
+        None => None,
+    };
+    message.unwrap_or("no error message given").to_owned()
+}
+
+/// One message as either form writes it: the flat form's snake_case names and the API's
+/// camelCase ones are aliases of the same fields.
+#[derive(Deserialize)]
+struct MessageEntry {
+    id: Id,
+    #[serde(default, deserialize_with = "lenient_string")]
+    channel: Option<String>,
+    #[serde(default, rename = "messageType", deserialize_with = "lenient_string")]
+    message_type: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    subject: Option<String>,
+    #[serde(
+        default,
+        alias = "campaignID",
+        alias = "campaignId",
+        deserialize_with = "optional_id"
+    )]
+    campaign_id: Option<Id>,
+    #[serde(default, alias = "campaignName", deserialize_with = "lenient_string")]
+    campaign_name: Option<String>,
+}
+
+impl MessageEntry {
+    fn into_message(self) -> Result<Message, String> {
+        let channel = message_kind(
+            self.id,
+            self.channel.as_deref(),
+            self.message_type.as_deref(),
+        )?;
+        Ok(Message {
+            id: self.id,
+            channel,
+            name: self.name,
+            subject: self.subject,
+            campaign_id: self.campaign_id,
+            campaign_name: self.campaign_name,
+        })
+    }
+}
+
+/// The flat form's `channel` is checked strictly, because a typo there would silently turn an
+/// email into a skipped message; the API's `messageType` has many values we do not map, all
+/// in-app for our purpose.
+fn message_kind(
+    id: Id,
+    channel: Option<&str>,
+    message_type: Option<&str>,
+) -> Result<MessageKind, String> {
+    if let Some(channel) = channel {
+        return match channel.trim().to_ascii_lowercase().as_str() {
+            "email" => Ok(MessageKind::Email),
+            "push" => Ok(MessageKind::Push),
+            "in-app" | "inapp" | "in_app" | "in app" => Ok(MessageKind::InApp),
+            other => Err(format!(
+                "message {id}: unknown channel {other:?} (expected \"email\", \"push\" or \"in-app\")"
+            )),
+        };
+    }
+    match message_type.map(str::trim) {
+        Some(t) if t.eq_ignore_ascii_case("Email") => Ok(MessageKind::Email),
+        Some(t) if t.eq_ignore_ascii_case("Push Notification") => Ok(MessageKind::Push),
+        Some(_) => Ok(MessageKind::InApp),
+        None => Err(format!(
+            "message {id} has neither \"channel\" nor \"messageType\""
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct AbTestEntry {
+    id: Id,
+    #[serde(default, deserialize_with = "lenient_string")]
+    name: Option<String>,
+    #[serde(default)]
+    variants: Vec<VariantEntry>,
+}
+
+#[derive(Deserialize)]
+struct VariantEntry {
+    id: Id,
+    #[serde(default, deserialize_with = "lenient_string")]
+    name: Option<String>,
+}
+
+impl AbTestEntry {
+    fn into_abtest(self) -> AbTest {
+        AbTest {
+            id: self.id,
+            name: self.name,
+            variants: self.variants.into_iter().map(|v| (v.id, v.name)).collect(),
+        }
+    }
+}
+
+/// An optional id where `null` and `""` both mean "none" (a message outside any campaign).
+/// serde_json's `Value` keeps integers as u64, so no digit is lost on the way.
+fn optional_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Id>, D::Error> {
+    use serde::de::Error;
+    match Option::<Value>::deserialize(d)? {
+        None => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => s
+            .parse::<Id>()
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("id {s:?} is not an integer"))),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(|v| Some(Id(v)))
+            .ok_or_else(|| D::Error::custom(format!("id {n} is not a non-negative integer"))),
+        Some(other) => Err(D::Error::custom(format!("id {other} is not an integer"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(json: &str) -> Vec<(u64, MessageKind)> {
+        Catalog::parse_messages(json.as_bytes())
+            .unwrap()
+            .iter()
+            .map(|m| (m.id.0, m.channel))
+            .collect()
+    }
+
+    #[test]
+    fn flat_messages_parse_every_field() {
+        let json = r#"[
+            {"id": 9178288208762825810, "channel": "email", "name": "Spring", "subject": "Hi",
+             "campaign_id": "9178288208762825811", "campaign_name": "Launch"},
+            {"id": "12", "channel": "push", "name": "Ping"}
+        ]"#;
+        let messages = Catalog::parse_messages(json.as_bytes()).unwrap();
+        assert_eq!(
+            messages[0],
+            Message {
+                id: Id(9178288208762825810),
+                channel: MessageKind::Email,
+                name: Some("Spring".into()),
+                subject: Some("Hi".into()),
+                campaign_id: Some(Id(9178288208762825811)),
+                campaign_name: Some("Launch".into()),
+            }
+        );
+        assert_eq!(
+            messages[1],
+            Message {
+                id: Id(12),
+                channel: MessageKind::Push,
+                name: Some("Ping".into()),
+                subject: None,
+                campaign_id: None,
+                campaign_name: None,
+            }
+        );
+    }
+
+    #[test]
+    fn empty_subject_and_empty_campaign_id_count_as_absent() {
+        let json = r#"[{"id": 1, "channel": "email", "name": "N", "subject": "",
+                        "campaign_id": "", "campaign_name": null}]"#;
+        let m = &Catalog::parse_messages(json.as_bytes()).unwrap()[0];
+        assert_eq!(m.subject, None);
+        assert_eq!(m.campaign_id, None);
+        assert_eq!(m.campaign_name, None);
+    }
+
+    #[test]
+    fn flat_channel_is_checked() {
+        let table = [
+            (r#"[{"id": 1, "channel": "EMAIL"}]"#, MessageKind::Email),
+            (r#"[{"id": 1, "channel": " push "}]"#, MessageKind::Push),
+            (r#"[{"id": 1, "channel": "in-app"}]"#, MessageKind::InApp),
+        ];
+        for (json, kind) in table {
+            assert_eq!(kinds(json), vec![(1, kind)], "{json}");
+        }
+        let err = Catalog::parse_messages(br#"[{"id": 7, "channel": "emial"}]"#).unwrap_err();
+        assert!(err.contains("message 7") && err.contains("emial"), "{err}");
+        let err = Catalog::parse_messages(br#"[{"id": 7, "name": "x"}]"#).unwrap_err();
+        assert!(err.contains("neither"), "{err}");
+    }
+
+    #[test]
+    fn api_messages_map_message_type() {
+        let json = r#"{"response": [{"success": true, "messages": [
+            {"id": 9178288208762825810, "name": "Mail", "messageType": "Email",
+             "campaignID": 9178288208762825811, "campaignName": "C", "subject": "S",
+             "created": 1700000000, "active": true},
+            {"id": "2", "name": "Buzz", "messageType": "Push Notification"},
+            {"id": 3, "name": "Popup", "messageType": "Center Popup"},
+            {"id": 4, "name": "Hook", "messageType": "Webhook", "campaignID": null}
+        ]}]}"#;
+        let messages = Catalog::parse_messages(json.as_bytes()).unwrap();
+        let summary: Vec<_> = messages.iter().map(|m| (m.id.0, m.channel)).collect();
+        assert_eq!(
+            summary,
+            vec![
+                (9178288208762825810, MessageKind::Email),
+                (2, MessageKind::Push),
+                (3, MessageKind::InApp),
+                (4, MessageKind::InApp),
+            ]
+        );
+        assert_eq!(messages[0].campaign_id, Some(Id(9178288208762825811)));
+        assert_eq!(messages[0].campaign_name.as_deref(), Some("C"));
+        assert_eq!(messages[0].subject.as_deref(), Some("S"));
+        assert_eq!(messages[3].campaign_id, None);
+    }
+
+    #[test]
+    fn api_failure_quotes_leanplum_error() {
+        let json = r#"{"response": [{"success": false, "error": {"message": "Invalid key"}}]}"#;
+        let err = Catalog::parse_messages(json.as_bytes()).unwrap_err();
+        assert!(err.contains("Invalid key"), "{err}");
+        let err = Catalog::parse_abtests(json.as_bytes()).unwrap_err();
+        assert!(err.contains("Invalid key"), "{err}");
+    }
+
+    #[test]
+    fn api_response_without_its_list_is_an_error() {
+        let abtests = r#"{"response": [{"success": true, "abTests": []}]}"#;
+        let err = Catalog::parse_messages(abtests.as_bytes()).unwrap_err();
+        assert!(err.contains("\"messages\""), "{err}");
+        let err = Catalog::parse_messages(br#"{"response": []}"#).unwrap_err();
+        assert!(err.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn abtests_parse_in_every_form() {
+        let flat = r#"[{"id": 9178288208762825810, "name": "T",
+                        "variants": [{"id": "9178288208762825811", "name": "A"}, {"id": 5}]}]"#;
+        let api = |key: &str| {
+            format!(
+                r#"{{"response": [{{"success": true, "{key}": [{{"id": 9178288208762825810,
+                    "name": "T", "variants": [{{"id": 9178288208762825811, "name": "A"}},
+                    {{"id": "5", "name": ""}}]}}]}}]}}"#
+            )
+        };
+        let forms = [
+            flat.to_owned(),
+            api("abTests"),
+            api("abtests"),
+            api("experiments"),
+        ];
+        for json in forms {
+            let tests = Catalog::parse_abtests(json.as_bytes()).unwrap();
+            assert_eq!(tests.len(), 1, "{json}");
+            let t = &tests[0];
+            assert_eq!(t.id, Id(9178288208762825810));
+            assert_eq!(t.name.as_deref(), Some("T"));
+            assert_eq!(t.variants.len(), 2);
+            assert_eq!(t.variants[&Id(9178288208762825811)].as_deref(), Some("A"));
+            assert_eq!(t.variants[&Id(5)], None);
+        }
+    }
+
+    #[test]
+    fn parse_errors_carry_line_and_column() {
+        let err =
+            Catalog::parse_messages(b"[\n{\"id\": 1.5, \"channel\": \"email\"}]").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        let err = Catalog::parse_abtests(b"\"nope\"").unwrap_err();
+        assert!(err.contains("flat form"), "{err}");
+    }
+
+    #[test]
+    fn byte_order_mark_is_ignored() {
+        let json = b"\xEF\xBB\xBF[{\"id\": 1, \"channel\": \"push\"}]";
+        assert_eq!(Catalog::parse_messages(json).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn load_dir_treats_missing_files_as_empty() {
+        let missing = Path::new(env!("CARGO_MANIFEST_DIR")).join("no-such-catalog-dir");
+        let catalog = Catalog::load_dir(&missing).unwrap();
+        assert_eq!((catalog.len_messages(), catalog.len_abtests()), (0, 0));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("abtests.json"),
+            r#"[{"id": 1, "name": "T", "variants": []}]"#,
+        )
+        .unwrap();
+        let catalog = Catalog::load_dir(dir.path()).unwrap();
+        assert_eq!((catalog.len_messages(), catalog.len_abtests()), (0, 1));
+        assert_eq!(catalog.abtest(Id(1)).unwrap().name.as_deref(), Some("T"));
+    }
+
+    #[test]
+    fn load_dir_names_the_bad_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("messages.json"), "[{\"id\": }]").unwrap();
+        let err = Catalog::load_dir(dir.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, CatalogError::Parse { .. }));
+        assert!(
+            text.contains("messages.json") && text.contains("line 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn shipped_example_catalog_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/catalog");
+        let catalog = Catalog::load_dir(&dir).unwrap();
+        assert_eq!(catalog.len_messages(), 40);
+        assert_eq!(catalog.len_abtests(), 6);
+        let m = catalog.message(Id(5217074304371284)).unwrap();
+        assert_eq!(m.channel, MessageKind::Email);
+        assert_eq!(m.subject, None);
+        assert_eq!(m.campaign_id, Some(Id(4929197427157317)));
+    }
+
+    #[test]
+    fn later_entries_replace_earlier_ones() {
+        let messages = Catalog::parse_messages(
+            br#"[{"id": 1, "channel": "email", "name": "old"},
+                 {"id": 1, "channel": "push", "name": "new"}]"#,
+        )
+        .unwrap();
+        let catalog = Catalog::from_parts(messages, Vec::new());
+        assert_eq!(catalog.len_messages(), 1);
+        assert_eq!(catalog.message(Id(1)).unwrap().channel, MessageKind::Push);
+        assert!(Catalog::empty().message(Id(1)).is_none());
+    }
+}

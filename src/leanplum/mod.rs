@@ -1,0 +1,253 @@
+//! Leanplum's data as it arrives: session exports, flat engagement records, and the ids and times
+//! they carry. Types here only describe and parse; turning them into Segment events is
+//! `crate::mapping`'s job.
+
+pub mod catalog;
+pub mod engagement;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+use std::fmt;
+
+pub use engagement::Engagement;
+
+/// A Leanplum id (event, message, campaign, experiment, variant). These are 64-bit integers that
+/// exceed 2^53, written as JSON numbers or as strings: never let one pass through an f64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id(pub u64);
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for Id {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.trim().parse::<u64>().map(Id)
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Id;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a non-negative integer id, as a JSON number or a string of digits")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Id, E> {
+                Ok(Id(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Id, E> {
+                u64::try_from(v)
+                    .map(Id)
+                    .map_err(|_| E::custom(format!("negative id {v}")))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Id, E> {
+                // A float id has already lost digits above 2^53; refuse rather than guess.
+                Err(E::custom(format!("id {v} is not an integer")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Id, E> {
+                v.parse::<Id>()
+                    .map_err(|_| E::custom(format!("id {v:?} is not an integer")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A Leanplum time: seconds since the epoch as a double, sometimes written as a string
+/// (`"1.793534899612E+09"`). Kept as f64 seconds; [`LpTime::millis`] rounds to the nearest ms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LpTime(pub f64);
+
+impl LpTime {
+    /// Milliseconds since the epoch, rounded to the nearest millisecond (the Leanplum Segment
+    /// source rounds, it does not truncate: 1793533949.8537455 is ...949.854).
+    pub fn millis(self) -> i64 {
+        (self.0 * 1000.0).round() as i64
+    }
+}
+
+impl<'de> Deserialize<'de> for LpTime {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = LpTime;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("seconds since the epoch, as a number or a string")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<LpTime, E> {
+                Ok(LpTime(v as f64))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<LpTime, E> {
+                Ok(LpTime(v as f64))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<LpTime, E> {
+                if v.is_finite() {
+                    Ok(LpTime(v))
+                } else {
+                    Err(E::custom("time is not finite"))
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<LpTime, E> {
+                match v.trim().parse::<f64>() {
+                    Ok(t) if t.is_finite() => Ok(LpTime(t)),
+                    _ => Err(E::custom(format!("time {v:?} is not a number"))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Accepts a JSON string or number where Leanplum is inconsistent (user ids, versions) and keeps
+/// it as text; `null` and `""` become `None`.
+pub(crate) fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string or a number")
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(V)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok((!v.is_empty()).then(|| v.to_owned()))
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok((!v.is_empty()).then_some(v))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+    }
+    d.deserialize_option(V)
+}
+
+/// One line of a Leanplum session export (`exportData`, `exportFormat=json`). Only the fields
+/// the mapping uses are named; everything else is skipped by serde without being kept.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub user_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub device_id: Option<String>,
+    /// Session start.
+    pub time: Option<LpTime>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub locale: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub timezone: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub country: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub region: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub city: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub app_version: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub system_name: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub system_version: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    pub device_model: Option<String>,
+    #[serde(default)]
+    pub experiments: Vec<Experiment>,
+    #[serde(default)]
+    pub states: Vec<State>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Experiment {
+    pub id: Id,
+    pub variant_id: Id,
+    /// Absent means impressed (SPEC section 5).
+    pub impressed: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct State {
+    #[serde(default)]
+    pub events: Vec<Event>,
+}
+
+/// An event inside a session: an app event (`"Add To Cart"`) or a message event
+/// (`".m<messageId>"`, `".m<messageId> <Action>"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub event_id: Id,
+    pub name: String,
+    pub time: LpTime,
+    #[serde(default)]
+    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A message channel: which Segment spec (Email or Push) an engagement belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    Email,
+    Push,
+}
+
+impl std::str::FromStr for Channel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "email" => Ok(Channel::Email),
+            "push" => Ok(Channel::Push),
+            other => Err(format!(
+                "unknown channel {other:?} (expected \"email\" or \"push\")"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_beyond_2_pow_53_survive_as_numbers_and_strings() {
+        let n: Id = serde_json::from_str("9178288208762825810").unwrap();
+        assert_eq!(n.0, 9178288208762825810);
+        let s: Id = serde_json::from_str("\"9178288208762825811\"").unwrap();
+        assert_eq!(s.to_string(), "9178288208762825811");
+        assert!(serde_json::from_str::<Id>("1.5").is_err());
+        assert!(serde_json::from_str::<Id>("-3").is_err());
+    }
+
+    #[test]
+    fn times_parse_from_numbers_and_strings_and_round_to_the_millisecond() {
+        let t: LpTime = serde_json::from_str("\"1.793534899612E+09\"").unwrap();
+        assert_eq!(t.millis(), 1793534899612);
+        let t: LpTime = serde_json::from_str("1793533949.8537455").unwrap();
+        assert_eq!(t.millis(), 1793533949854);
+        let t: LpTime = serde_json::from_str("1793533949").unwrap();
+        assert_eq!(t.millis(), 1793533949000);
+        assert!(serde_json::from_str::<LpTime>("\"soon\"").is_err());
+    }
+}

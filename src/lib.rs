@@ -1,0 +1,40 @@
+//! `leanplum-segment-agent`: watches a directory of Leanplum exports, turns each message
+//! engagement and A/B-test impression into a Segment `track` event, spools the events durably in
+//! sled, and drains the spool to Segment's HTTP Tracking API in batches, with backoff.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! watch (inotify + rescan, settle, manifests) --ready file--> ingest
+//! ingest: input (detect, decompress, lines/CSV) -> leanplum types -> mapping -> spool chunk
+//!         (events + the file's new offset in one sled transaction, flushed)
+//! drain:  spool (FIFO) -> segment batches -> HTTP -> 2xx removes, else retry policy
+//! ```
+//!
+//! # Layout
+//! - [`cli`]: the command line (clap).
+//! - [`config`]: the TOML config, its defaults, `validate()`, and the write key (a secret).
+//! - [`app`]: wires the tasks together; owns startup and shutdown order.
+//! - [`watch`]: which files are ready to read.
+//! - [`input`]: format detection and streaming readers that yield records with offsets.
+//! - [`leanplum`]: Leanplum's record types, ids, times and the message / A/B-test catalog.
+//! - [`mapping`]: Leanplum record -> Segment events; pure, no I/O.
+//! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk.
+//! - [`spool`]: the sled store; its module doc is the on-disk format.
+//! - [`segment`]: event type, batch budget, HTTP client, retry policy.
+//! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
+//! - [`stats`]: counters shared by the tasks, read by status.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod drain;
+pub mod ingest;
+pub mod input;
+pub mod leanplum;
+pub mod mapping;
+pub mod segment;
+pub mod spool;
+pub mod stats;
+pub mod watch;

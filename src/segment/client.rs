@@ -1,0 +1,135 @@
+//! The HTTP client for `POST {endpoint}/v1/batch`: Basic auth with the write key and a trailing
+//! colon, JSON body, optional gzip, a timeout per request.
+
+use base64::Engine;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use std::time::{Duration, SystemTime};
+
+use super::retry::parse_retry_after;
+use crate::config::WriteKey;
+
+/// What Segment said (or that it could not be reached).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// `None` for a connect error, reset, or timeout.
+    pub status: Option<u16>,
+    pub retry_after: Option<Duration>,
+    /// A short description for status and logs (never includes headers).
+    pub detail: String,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    url: String,
+    gzip: bool,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("url", &self.url).finish()
+    }
+}
+
+impl Client {
+    pub fn new(
+        endpoint: &str,
+        key: &WriteKey,
+        timeout: Duration,
+        gzip: bool,
+    ) -> Result<Client, reqwest::Error> {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{}:", key.expose()));
+        let mut auth = HeaderValue::from_str(&format!("Basic {token}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+        // Keeps the value out of reqwest's Debug output.
+        auth.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, auth);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(concat!(
+                "leanplum-segment-agent/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(64)
+            .build()?;
+        Ok(Client {
+            http,
+            url: format!("{}/v1/batch", endpoint.trim_end_matches('/')),
+            gzip,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Sends one request body (already encoded, not yet compressed).
+    pub async fn send(&self, body: Vec<u8>) -> Answer {
+        let mut req = self.http.post(&self.url);
+        let body = if self.gzip {
+            match super::batch::gzip(&body) {
+                Ok(z) => {
+                    req = req.header(header::CONTENT_ENCODING, "gzip");
+                    z
+                }
+                Err(_) => body,
+            }
+        } else {
+            body
+        };
+        match req.body(body).send().await {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                let text = resp.text().await.unwrap_or_default();
+                let mut detail = format!("HTTP {status}");
+                let text = text.trim();
+                if !(200..300).contains(&status) && !text.is_empty() {
+                    detail.push_str(": ");
+                    detail.extend(text.chars().take(200));
+                }
+                Answer {
+                    status: Some(status),
+                    retry_after,
+                    detail,
+                }
+            }
+            Err(e) => Answer {
+                status: None,
+                retry_after: None,
+                detail: describe(&e),
+            },
+        }
+    }
+}
+
+/// A one-line reason for a transport failure. reqwest's Display includes the URL (no secrets
+/// there: the key travels in a header), and the source chain says what actually happened.
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else {
+        "request error"
+    };
+    let mut text = kind.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

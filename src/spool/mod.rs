@@ -1,0 +1,711 @@
+//! The durable spool: a sled 0.34.7 database holding the events not yet accepted by Segment, the
+//! read position of every input file, the dedupe index, and the quarantine and dead letters.
+//!
+//! # On-disk format (version 1)
+//!
+//! The database lives in `<spool.dir>/spool/` (sled's own files: `db`, `conf`, `blobs/`,
+//! `snap.*`). Trees:
+//!
+//! | tree | key | value |
+//! | --- | --- | --- |
+//! | `meta` | ASCII name | `format_version` u32 BE (= 1); `live_bytes`, `depth` u64 BE |
+//! | `queue` | seq, u64 BE (FIFO: sled iterates keys in byte order) | `[1u8][enqueued_ms u64 BE][file_id u64 BE][event JSON]` |
+//! | `files` | file id, u64 BE | [`FileRecord`] as JSON |
+//! | `paths` | path bytes (relative to `watch.dir`) | file id u64 BE |
+//! | `dedupe` | Segment `messageId` bytes | first spooled at, ms u64 BE |
+//! | `quarantine` | id u64 BE | [`QuarantineEntry`] as JSON (bad input) |
+//! | `dead` | id u64 BE | [`DeadLetter`] as JSON (events Segment will never take) |
+//!
+//! `live_bytes` and `depth` are kept by us, not taken from `size_on_disk`: sled does not shrink
+//! its files when keys are removed, so the file size says nothing about the backlog.
+//!
+//! # Transactions
+//!
+//! 1. [`Spool::commit_file_chunk`]: the events of one chunk of a file (new ones into `queue` and
+//!    `dedupe`, duplicates skipped, oversize ones into `dead`), its bad lines into `quarantine`,
+//!    the file's new offset into `files`, and `live_bytes`/`depth` into `meta`: one sled
+//!    transaction over all those trees, then `Db::flush` and an fsync of sled's data file. The
+//!    offset counts as durable only once that returns; until then the caller does not report
+//!    the chunk as read.
+//! 2. [`Spool::ack`]: after a 2xx, the batch's keys leave `queue`, `meta` and the files'
+//!    `pending` counts go down; one transaction, not flushed (sled flushes on its own every
+//!    second). A crash that loses it re-sends that batch: Segment dedupes by `messageId`.
+//! 3. [`Spool::dead_letter`]: events Segment rejected for good move from `queue` to `dead`.
+//!
+//! # What a crash leaves
+//!
+//! - Before transaction 1 is flushed: neither the events nor the offset; the chunk is read again.
+//! - After it: both. There is no state with the offset advanced but the events missing, or the
+//!   reverse, because they are one transaction and sled recovers to a transaction boundary.
+//! - Between a 2xx and the flush of transaction 2: the batch is still queued and is sent again
+//!   (same `messageId`s).
+//!
+//! Queue keys come from a counter initialised past the last key at open and are allocated under
+//! the writer lock, so keys are committed in increasing order; the drain reads only below
+//! [`Spool::watermark`], the first key not yet committed, so it never skips a key that a
+//! transaction was still writing.
+
+mod records;
+
+pub use records::{DeadLetter, FileRecord, FileStatus, QuarantineEntry};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::{IVec, Tree};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::segment::MAX_EVENT_BYTES;
+
+/// Bumped when the layout above changes; an older binary refuses a newer spool.
+pub const FORMAT_VERSION: u32 = 1;
+
+const HEADER_LEN: usize = 17;
+const HEADER_VERSION: u8 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// sled failed (I/O, or a corrupt database).
+    #[error("spool {path}: {source}")]
+    Sled {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    /// A filesystem call around sled failed (fsync, creating the directory).
+    #[error("spool {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The spool was written by a newer version of the agent.
+    #[error("spool {path} has format version {found}, this agent reads version {FORMAT_VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    /// A stored value does not decode: the database is damaged.
+    #[error("spool {path}: corrupt {what}")]
+    Corrupt { path: PathBuf, what: String },
+}
+
+impl Error {
+    /// True when the disk is full: the caller pauses reading instead of failing.
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            Error::Io { source, .. } => Some(source),
+            Error::Sled {
+                source: sled::Error::Io(e),
+                ..
+            } => Some(e),
+            _ => None,
+        };
+        io.is_some_and(|e| e.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
+/// One event ready for the spool: its Segment `messageId` (the dedupe key) and its JSON.
+#[derive(Debug, Clone)]
+pub struct SpoolEvent {
+    pub message_id: String,
+    pub json: Vec<u8>,
+}
+
+/// One chunk of a file: its events and bad lines, and where reading got to.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    pub file_id: u64,
+    /// Offset (decompressed bytes) just past the last record of the chunk.
+    pub offset: u64,
+    /// Lines read so far (the line number of the last record of the chunk).
+    pub line: u64,
+    pub events: Vec<SpoolEvent>,
+    pub quarantine: Vec<QuarantineEntry>,
+    /// Marks the file as fully read (all its records are in the spool).
+    pub file_done: bool,
+}
+
+/// What a commit did with the chunk's events.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkOutcome {
+    pub spooled: u64,
+    pub duplicates: u64,
+    pub dead_lettered: u64,
+    pub quarantined: u64,
+}
+
+/// A queued event as the drain sees it.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub key: u64,
+    pub file_id: u64,
+    pub enqueued_ms: u64,
+    /// The event JSON (no header).
+    pub json: IVec,
+}
+
+/// The result of [`Spool::peek`].
+#[derive(Debug, Default)]
+pub struct Peeked {
+    pub items: Vec<Queued>,
+    /// Stopped at `max_events` or the byte budget: more events are waiting.
+    pub full: bool,
+}
+
+/// Depth of the queue, kept by us (see the module doc).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Depth {
+    pub events: u64,
+    pub bytes: u64,
+}
+
+pub struct Spool {
+    path: PathBuf,
+    db: sled::Db,
+    /// sled's data file, fsynced at commit points: `Db::flush` on Linux ends in
+    /// `sync_file_range`, which does not flush the file's metadata or the disk cache.
+    data_file: File,
+    meta: Tree,
+    queue: Tree,
+    files: Tree,
+    paths: Tree,
+    dedupe: Tree,
+    quarantine: Tree,
+    dead: Tree,
+    /// Next queue key; held for the whole of a commit so keys commit in order.
+    writer: Mutex<u64>,
+    /// First queue key not yet committed.
+    watermark: AtomicU64,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool").field("path", &self.path).finish()
+    }
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<String>>;
+
+impl Spool {
+    /// Opens (or creates) the spool under `dir`, with sled's page cache capped at `cache_bytes`.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Spool, Error> {
+        let path = dir.join("spool");
+        std::fs::create_dir_all(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let sled_err = |source| Error::Sled {
+            path: path.clone(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(sled_err)?;
+        let tree = |name: &str| db.open_tree(name).map_err(sled_err);
+        let (meta, queue, files, paths, dedupe, quarantine, dead) = (
+            tree("meta")?,
+            tree("queue")?,
+            tree("files")?,
+            tree("paths")?,
+            tree("dedupe")?,
+            tree("quarantine")?,
+            tree("dead")?,
+        );
+        match meta.get("format_version").map_err(sled_err)? {
+            None => {
+                meta.insert("format_version", &FORMAT_VERSION.to_be_bytes())
+                    .map_err(sled_err)?;
+                db.flush().map_err(sled_err)?;
+            }
+            Some(v) => {
+                let found =
+                    u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Corrupt {
+                        path: path.clone(),
+                        what: "format_version".into(),
+                    })?);
+                if found != FORMAT_VERSION {
+                    return Err(Error::Version { path, found });
+                }
+            }
+        }
+        let next = match queue.last().map_err(sled_err)? {
+            Some((k, _)) => decode_u64(&k).map_or(0, |k| k + 1),
+            None => 0,
+        };
+        let data_path = path.join("db");
+        let data_file = File::open(&data_path).map_err(|source| Error::Io {
+            path: data_path,
+            source,
+        })?;
+        Ok(Spool {
+            path,
+            db,
+            data_file,
+            meta,
+            queue,
+            files,
+            paths,
+            dedupe,
+            quarantine,
+            dead,
+            writer: Mutex::new(next),
+            watermark: AtomicU64::new(next),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn sled_err(&self, source: sled::Error) -> Error {
+        Error::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn tx_err(&self, e: TransactionError<String>) -> Error {
+        match e {
+            TransactionError::Storage(source) => self.sled_err(source),
+            TransactionError::Abort(what) => Error::Corrupt {
+                path: self.path.clone(),
+                what,
+            },
+        }
+    }
+
+    /// Makes everything written so far durable: sled's flush, then an fsync of its data file.
+    pub fn flush(&self) -> Result<(), Error> {
+        self.db.flush().map_err(|e| self.sled_err(e))?;
+        self.data_file.sync_all().map_err(|source| Error::Io {
+            path: self.path.join("db"),
+            source,
+        })
+    }
+
+    /// The first queue key not yet committed; keys below it are safe to read.
+    pub fn watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Acquire)
+    }
+
+    /// Commits one chunk of a file in one transaction and flushes it (see the module doc).
+    pub fn commit_file_chunk(&self, chunk: &Chunk) -> Result<ChunkOutcome, Error> {
+        let mut next = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let first_key = *next;
+        let now = now_ms();
+        let q_ids = (0..chunk.quarantine.len())
+            .map(|_| self.db.generate_id())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sled_err(e))?;
+        let quarantine_json: Vec<Vec<u8>> = chunk
+            .quarantine
+            .iter()
+            .map(|q| serde_json::to_vec(q).unwrap_or_default())
+            .collect();
+        let oversize: Vec<usize> = chunk
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.json.len() > MAX_EVENT_BYTES)
+            .map(|(i, _)| i)
+            .collect();
+        let dead_ids = oversize
+            .iter()
+            .map(|_| self.db.generate_id())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.sled_err(e))?;
+
+        let result = (
+            &self.queue,
+            &self.files,
+            &self.dedupe,
+            &self.meta,
+            &self.quarantine,
+            &self.dead,
+        )
+            .transaction(|(queue, files, dedupe, meta, quarantine, dead)| {
+                let mut out = ChunkOutcome::default();
+                let mut key = first_key;
+                let mut bytes = 0u64;
+                let mut dead_i = 0;
+                for (i, ev) in chunk.events.iter().enumerate() {
+                    if dedupe.get(ev.message_id.as_bytes())?.is_some() {
+                        out.duplicates += 1;
+                        continue;
+                    }
+                    dedupe.insert(ev.message_id.as_bytes(), &now.to_be_bytes())?;
+                    if oversize.binary_search(&i).is_ok() {
+                        let letter = DeadLetter {
+                            reason: format!(
+                                "event is {} bytes, over Segment's {} byte limit",
+                                ev.json.len(),
+                                MAX_EVENT_BYTES
+                            ),
+                            status: None,
+                            file_id: Some(chunk.file_id),
+                            time_ms: now,
+                            message_id: ev.message_id.clone(),
+                            event: String::from_utf8_lossy(&ev.json).into_owned(),
+                        };
+                        let v = serde_json::to_vec(&letter).unwrap_or_default();
+                        dead.insert(&dead_ids[dead_i].to_be_bytes(), v)?;
+                        dead_i += 1;
+                        out.dead_lettered += 1;
+                        continue;
+                    }
+                    queue.insert(
+                        &key.to_be_bytes(),
+                        encode_queued(now, chunk.file_id, &ev.json),
+                    )?;
+                    key += 1;
+                    bytes += ev.json.len() as u64;
+                    out.spooled += 1;
+                }
+                for (id, q) in q_ids.iter().zip(&quarantine_json) {
+                    quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
+                    out.quarantined += 1;
+                }
+                let fkey = chunk.file_id.to_be_bytes();
+                let mut rec = match files.get(fkey)? {
+                    Some(v) => decode_file(&v)?,
+                    None => return abort(format!("file record {}", chunk.file_id)),
+                };
+                rec.offset = chunk.offset;
+                rec.line = chunk.line;
+                rec.events_spooled += out.spooled;
+                rec.pending += out.spooled;
+                rec.updated_ms = now;
+                if chunk.file_done {
+                    rec.status = FileStatus::Read;
+                }
+                files.insert(&fkey, encode_file(&rec))?;
+                add_meta(meta, "live_bytes", bytes as i64)?;
+                add_meta(meta, "depth", out.spooled as i64)?;
+                Ok((out, key))
+            });
+        let (out, key) = result.map_err(|e| self.tx_err(e))?;
+        self.flush()?;
+        *next = key;
+        self.watermark.store(key, Ordering::Release);
+        Ok(out)
+    }
+
+    /// Up to `max_events` queued events with keys in `(after, watermark)`, oldest first, whose
+    /// sizes add up to at most `budget`, each counted as its JSON plus one separator byte (see
+    /// `segment::batch::event_budget`). The first event is always returned, whatever its size,
+    /// so no event can block the queue. `full` says the batch stopped at a limit rather than at
+    /// the end of the queue.
+    pub fn peek(
+        &self,
+        after: Option<u64>,
+        max_events: usize,
+        budget: usize,
+    ) -> Result<Peeked, Error> {
+        let start = after.map_or(0, |k| k.saturating_add(1));
+        let end = self.watermark();
+        let mut out = Peeked::default();
+        if start >= end {
+            return Ok(out);
+        }
+        let mut bytes = 0usize;
+        for item in self.queue.range(start.to_be_bytes()..end.to_be_bytes()) {
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
+            let q = self.decode_queued(&k, &v)?;
+            let size = q.json.len() + 1;
+            if !out.items.is_empty() && (out.items.len() >= max_events || bytes + size > budget) {
+                out.full = true;
+                break;
+            }
+            bytes += size;
+            out.items.push(q);
+        }
+        if out.items.len() >= max_events {
+            out.full = true;
+        }
+        Ok(out)
+    }
+
+    fn decode_queued(&self, k: &[u8], v: &IVec) -> Result<Queued, Error> {
+        let corrupt = || Error::Corrupt {
+            path: self.path.clone(),
+            what: format!("queue entry {k:?}"),
+        };
+        let key = decode_u64(k).ok_or_else(corrupt)?;
+        if v.len() < HEADER_LEN || v[0] != HEADER_VERSION {
+            return Err(corrupt());
+        }
+        Ok(Queued {
+            key,
+            enqueued_ms: decode_u64(&v[1..9]).ok_or_else(corrupt)?,
+            file_id: decode_u64(&v[9..17]).ok_or_else(corrupt)?,
+            json: v.subslice(HEADER_LEN, v.len() - HEADER_LEN),
+        })
+    }
+
+    /// Removes delivered events. Returns the ids of files whose events are now all delivered
+    /// and which are fully read (candidates for `after_ingest`).
+    pub fn ack(&self, items: &[Queued]) -> Result<Vec<u64>, Error> {
+        self.remove_from_queue(items, None)
+    }
+
+    /// Moves events Segment rejected for good from the queue to the dead letters.
+    pub fn dead_letter(
+        &self,
+        items: &[Queued],
+        reason: &str,
+        status: Option<u16>,
+    ) -> Result<Vec<u64>, Error> {
+        self.remove_from_queue(items, Some((reason, status)))
+    }
+
+    fn remove_from_queue(
+        &self,
+        items: &[Queued],
+        dead_reason: Option<(&str, Option<u16>)>,
+    ) -> Result<Vec<u64>, Error> {
+        let now = now_ms();
+        let mut per_file: Vec<(u64, u64)> = Vec::new();
+        for q in items {
+            match per_file.iter_mut().find(|(f, _)| *f == q.file_id) {
+                Some((_, n)) => *n += 1,
+                None => per_file.push((q.file_id, 1)),
+            }
+        }
+        let letters: Vec<(u64, Vec<u8>)> = match dead_reason {
+            None => Vec::new(),
+            Some((reason, status)) => items
+                .iter()
+                .map(|q| {
+                    let letter = DeadLetter {
+                        reason: reason.to_owned(),
+                        status,
+                        file_id: Some(q.file_id),
+                        time_ms: now,
+                        message_id: message_id_of(&q.json),
+                        event: String::from_utf8_lossy(&q.json).into_owned(),
+                    };
+                    let id = self.db.generate_id().map_err(|e| self.sled_err(e))?;
+                    Ok((id, serde_json::to_vec(&letter).unwrap_or_default()))
+                })
+                .collect::<Result<_, Error>>()?,
+        };
+        let done = (&self.queue, &self.files, &self.meta, &self.dead)
+            .transaction(|(queue, files, meta, dead)| {
+                let mut removed = 0i64;
+                let mut bytes = 0i64;
+                let mut removed_per_file = per_file.clone();
+                for q in items {
+                    if queue.remove(&q.key.to_be_bytes())?.is_some() {
+                        removed += 1;
+                        bytes += q.json.len() as i64;
+                    } else if let Some((_, n)) =
+                        removed_per_file.iter_mut().find(|(f, _)| *f == q.file_id)
+                    {
+                        // Already gone (acked twice): do not count it again.
+                        *n -= 1;
+                    }
+                }
+                for (id, v) in &letters {
+                    dead.insert(&id.to_be_bytes(), v.as_slice())?;
+                }
+                let mut done = Vec::new();
+                for (file_id, n) in &removed_per_file {
+                    let fkey = file_id.to_be_bytes();
+                    if let Some(v) = files.get(fkey)? {
+                        let mut rec = decode_file(&v)?;
+                        rec.pending = rec.pending.saturating_sub(*n);
+                        if rec.pending == 0 && rec.status == FileStatus::Read {
+                            done.push(*file_id);
+                        }
+                        files.insert(&fkey, encode_file(&rec))?;
+                    }
+                }
+                add_meta(meta, "live_bytes", -bytes)?;
+                add_meta(meta, "depth", -removed)?;
+                Ok(done)
+            })
+            .map_err(|e| self.tx_err(e))?;
+        Ok(done)
+    }
+
+    /// Events and bytes queued (our own count; see the module doc).
+    pub fn depth(&self) -> Result<Depth, Error> {
+        let get = |name: &str| -> Result<u64, Error> {
+            Ok(self
+                .meta
+                .get(name)
+                .map_err(|e| self.sled_err(e))?
+                .and_then(|v| decode_u64(&v))
+                .unwrap_or(0))
+        };
+        Ok(Depth {
+            events: get("depth")?,
+            bytes: get("live_bytes")?,
+        })
+    }
+
+    /// When the oldest queued event was spooled (ms since the epoch).
+    pub fn oldest_enqueued_ms(&self) -> Result<Option<u64>, Error> {
+        match self.queue.first().map_err(|e| self.sled_err(e))? {
+            Some((k, v)) => Ok(Some(self.decode_queued(&k, &v)?.enqueued_ms)),
+            None => Ok(None),
+        }
+    }
+
+    /// The file last seen at `path` (relative to the watch dir).
+    pub fn file_by_path(&self, path: &Path) -> Result<Option<(u64, FileRecord)>, Error> {
+        let Some(id) = self
+            .paths
+            .get(path_key(path))
+            .map_err(|e| self.sled_err(e))?
+            .and_then(|v| decode_u64(&v))
+        else {
+            return Ok(None);
+        };
+        Ok(self.file(id)?.map(|r| (id, r)))
+    }
+
+    pub fn file(&self, id: u64) -> Result<Option<FileRecord>, Error> {
+        match self
+            .files
+            .get(id.to_be_bytes())
+            .map_err(|e| self.sled_err(e))?
+        {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|_| Error::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("file record {id}"),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// Registers a file about to be read for the first time (or read anew because its content
+    /// changed) and points its path at it. Durable before it returns.
+    pub fn begin_file(&self, path: &Path, record: &FileRecord) -> Result<u64, Error> {
+        let id = self.db.generate_id().map_err(|e| self.sled_err(e))?;
+        (&self.files, &self.paths)
+            .transaction(|(files, paths)| {
+                files.insert(&id.to_be_bytes(), encode_file(record))?;
+                paths.insert(path_key(path), &id.to_be_bytes())?;
+                Ok(())
+            })
+            .map_err(|e: TransactionError<String>| self.tx_err(e))?;
+        self.flush()?;
+        Ok(id)
+    }
+
+    /// Rewrites a file record (status changes outside a chunk commit).
+    pub fn update_file(&self, id: u64, f: impl Fn(&mut FileRecord)) -> Result<(), Error> {
+        self.files
+            .transaction(|files| {
+                let key = id.to_be_bytes();
+                if let Some(v) = files.get(key)? {
+                    let mut rec = decode_file(&v)?;
+                    f(&mut rec);
+                    rec.updated_ms = now_ms();
+                    files.insert(&key, encode_file(&rec))?;
+                }
+                Ok(())
+            })
+            .map_err(|e: TransactionError<String>| self.tx_err(e))
+    }
+
+    /// Quarantine entries, oldest first.
+    pub fn quarantine_entries(&self) -> Result<Vec<(u64, QuarantineEntry)>, Error> {
+        self.quarantine
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.sled_err(e))?;
+                let id = decode_u64(&k).unwrap_or(0);
+                let entry = serde_json::from_slice(&v).map_err(|_| Error::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("quarantine entry {id}"),
+                })?;
+                Ok((id, entry))
+            })
+            .collect()
+    }
+
+    /// Dead letters, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, Error> {
+        self.dead
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.sled_err(e))?;
+                let id = decode_u64(&k).unwrap_or(0);
+                let entry = serde_json::from_slice(&v).map_err(|_| Error::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("dead letter {id}"),
+                })?;
+                Ok((id, entry))
+            })
+            .collect()
+    }
+}
+
+fn abort<T>(what: String) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(what))
+}
+
+fn add_meta(meta: &sled::transaction::TransactionalTree, name: &str, delta: i64) -> TxResult<()> {
+    let cur = meta.get(name)?.and_then(|v| decode_u64(&v)).unwrap_or(0);
+    let new = if delta >= 0 {
+        cur.saturating_add(delta as u64)
+    } else {
+        cur.saturating_sub(delta.unsigned_abs())
+    };
+    meta.insert(name, &new.to_be_bytes())?;
+    Ok(())
+}
+
+fn encode_queued(enqueued_ms: u64, file_id: u64, json: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HEADER_LEN + json.len());
+    v.push(HEADER_VERSION);
+    v.extend_from_slice(&enqueued_ms.to_be_bytes());
+    v.extend_from_slice(&file_id.to_be_bytes());
+    v.extend_from_slice(json);
+    v
+}
+
+fn encode_file(rec: &FileRecord) -> Vec<u8> {
+    serde_json::to_vec(rec).unwrap_or_default()
+}
+
+fn decode_file(v: &[u8]) -> TxResult<FileRecord> {
+    serde_json::from_slice(v)
+        .map_err(|e| ConflictableTransactionError::Abort(format!("file record: {e}")))
+}
+
+fn decode_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.try_into().ok()?))
+}
+
+fn path_key(path: &Path) -> &[u8] {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes()
+}
+
+/// The `messageId` of a serialized event, for dead-letter listings.
+fn message_id_of(json: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        #[serde(rename = "messageId")]
+        message_id: String,
+    }
+    serde_json::from_slice::<Id>(json)
+        .map(|i| i.message_id)
+        .unwrap_or_default()
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests;

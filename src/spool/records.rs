@@ -1,0 +1,68 @@
+//! The JSON records stored in the spool's `files`, `quarantine` and `dead` trees. Field names
+//! are part of the on-disk format: add fields with `#[serde(default)]`, never rename.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a file stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileStatus {
+    /// Being read, or waiting to be read on (it may grow).
+    Reading,
+    /// Every record is in the spool; events may still be waiting for delivery.
+    Read,
+    /// All events delivered and `after_ingest` done.
+    Done,
+    /// Could not be read (its error is in `error`); retried when it changes.
+    Failed,
+}
+
+/// One input file as the spool knows it: identity, read position and progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Path relative to `watch.dir` when last seen (lossy UTF-8, for humans).
+    pub path: String,
+    /// How many leading bytes `head_hash` covers.
+    pub head_len: u64,
+    /// SHA-256 (first 16 bytes, hex) of the file's first `head_len` raw bytes: its identity.
+    pub head_hash: String,
+    pub gzip: bool,
+    /// Decompressed bytes committed (read and spooled).
+    pub offset: u64,
+    /// Lines committed.
+    pub line: u64,
+    pub events_spooled: u64,
+    /// Spooled events not yet delivered.
+    pub pending: u64,
+    pub status: FileStatus,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub first_seen_ms: u64,
+    pub updated_ms: u64,
+}
+
+/// A bad record or a pointer to it (SPEC section 8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    pub reason: String,
+    /// Path relative to `watch.dir`.
+    pub file: String,
+    /// 1-based line, 0 when the problem is the whole file.
+    pub line: u64,
+    pub time_ms: u64,
+    /// The start of the offending line (lossy UTF-8, at most 4 KiB).
+    pub raw: String,
+}
+
+/// An event Segment will never take (400 after bisection, or over 32 KB).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub reason: String,
+    /// HTTP status, when Segment answered.
+    pub status: Option<u16>,
+    pub file_id: Option<u64>,
+    pub time_ms: u64,
+    pub message_id: String,
+    /// The event JSON as it would have been sent.
+    pub event: String,
+}

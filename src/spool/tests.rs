@@ -1,0 +1,200 @@
+//! Spool unit tests against a real sled in a temp dir.
+
+use super::*;
+
+fn open(dir: &Path) -> Spool {
+    Spool::open(dir, 8 << 20).expect("open spool")
+}
+
+fn file_record(path: &str) -> FileRecord {
+    FileRecord {
+        path: path.into(),
+        head_len: 0,
+        head_hash: String::new(),
+        gzip: false,
+        offset: 0,
+        line: 0,
+        events_spooled: 0,
+        pending: 0,
+        status: FileStatus::Reading,
+        error: None,
+        first_seen_ms: 0,
+        updated_ms: 0,
+    }
+}
+
+fn event(id: &str) -> SpoolEvent {
+    SpoolEvent {
+        message_id: id.into(),
+        json: format!("{{\"messageId\":\"{id}\"}}").into_bytes(),
+    }
+}
+
+fn ids(items: &[Queued]) -> Vec<String> {
+    items.iter().map(|q| message_id_of(&q.json)).collect()
+}
+
+#[test]
+fn chunks_commit_events_and_offset_together_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let fid;
+    {
+        let spool = open(dir.path());
+        fid = spool
+            .begin_file(Path::new("a/b"), &file_record("a/b"))
+            .unwrap();
+        let out = spool
+            .commit_file_chunk(&Chunk {
+                file_id: fid,
+                offset: 120,
+                line: 3,
+                events: vec![event("e1"), event("e2"), event("e1")],
+                ..Chunk::default()
+            })
+            .unwrap();
+        assert_eq!(out.spooled, 2);
+        assert_eq!(out.duplicates, 1);
+    }
+    let spool = open(dir.path());
+    let (id, rec) = spool.file_by_path(Path::new("a/b")).unwrap().unwrap();
+    assert_eq!(id, fid);
+    assert_eq!((rec.offset, rec.line, rec.pending), (120, 3, 2));
+    assert_eq!(spool.depth().unwrap().events, 2);
+    let q = spool.peek(None, 10, 1 << 20).unwrap().items;
+    assert_eq!(ids(&q), ["e1", "e2"]);
+}
+
+#[test]
+fn fifo_order_across_chunks_and_ack_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    for n in 0..5 {
+        let events = (0..300).map(|i| event(&format!("e{n}-{i:03}"))).collect();
+        spool
+            .commit_file_chunk(&Chunk {
+                file_id: fid,
+                offset: n,
+                events,
+                file_done: n == 4,
+                ..Chunk::default()
+            })
+            .unwrap();
+    }
+    // Keys above 255 must still sort after smaller ones (big-endian keys).
+    let all = spool.peek(None, 10_000, usize::MAX).unwrap().items;
+    assert_eq!(all.len(), 1500);
+    assert!(all.windows(2).all(|w| w[0].key < w[1].key));
+    assert_eq!(message_id_of(&all[299].json), "e0-299");
+    assert_eq!(message_id_of(&all[300].json), "e1-000");
+    // Reading after a cursor continues where the last batch ended.
+    let first = spool.peek(None, 100, usize::MAX).unwrap().items;
+    let second = spool
+        .peek(Some(first[99].key), 100, usize::MAX)
+        .unwrap()
+        .items;
+    assert_eq!(message_id_of(&second[0].json), "e0-100");
+    let done = spool.ack(&all[..1499]).unwrap();
+    assert!(done.is_empty(), "one event of the file is still pending");
+    let done = spool.ack(&all[1499..]).unwrap();
+    assert_eq!(done, vec![fid]);
+    assert_eq!(spool.depth().unwrap(), Depth::default());
+    assert!(spool.peek(None, 10, 1000).unwrap().items.is_empty());
+}
+
+#[test]
+fn peek_respects_the_byte_budget_but_always_returns_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let events = (0..10).map(|i| event(&format!("e{i}"))).collect();
+    spool
+        .commit_file_chunk(&Chunk {
+            file_id: fid,
+            events,
+            ..Chunk::default()
+        })
+        .unwrap();
+    let one = spool.peek(None, 10, 1).unwrap().items;
+    assert_eq!(one.len(), 1);
+    let len = one[0].json.len() + 1;
+    assert_eq!(spool.peek(None, 10, len * 3).unwrap().items.len(), 3);
+    assert_eq!(spool.peek(None, 4, usize::MAX).unwrap().items.len(), 4);
+}
+
+#[test]
+fn oversize_events_are_dead_lettered_not_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let big = SpoolEvent {
+        message_id: "big".into(),
+        json: vec![b'x'; MAX_EVENT_BYTES + 1],
+    };
+    let out = spool
+        .commit_file_chunk(&Chunk {
+            file_id: fid,
+            events: vec![event("a"), big, event("b")],
+            ..Chunk::default()
+        })
+        .unwrap();
+    assert_eq!((out.spooled, out.dead_lettered), (2, 1));
+    let dead = spool.dead_letters().unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].1.message_id, "big");
+    assert_eq!(
+        ids(&spool.peek(None, 10, usize::MAX).unwrap().items),
+        ["a", "b"]
+    );
+}
+
+#[test]
+fn dead_lettering_from_the_queue_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    spool
+        .commit_file_chunk(&Chunk {
+            file_id: fid,
+            events: vec![event("a"), event("b"), event("c")],
+            ..Chunk::default()
+        })
+        .unwrap();
+    let q = spool.peek(None, 10, usize::MAX).unwrap().items;
+    spool
+        .dead_letter(&q[1..2], "400 from Segment", Some(400))
+        .unwrap();
+    assert_eq!(
+        ids(&spool.peek(None, 10, usize::MAX).unwrap().items),
+        ["a", "c"]
+    );
+    let dead = spool.dead_letters().unwrap();
+    assert_eq!(dead[0].1.message_id, "b");
+    assert_eq!(dead[0].1.status, Some(400));
+    assert_eq!(spool.depth().unwrap().events, 2);
+}
+
+#[test]
+fn quarantine_entries_commit_with_the_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    spool
+        .commit_file_chunk(&Chunk {
+            file_id: fid,
+            offset: 10,
+            line: 2,
+            quarantine: vec![QuarantineEntry {
+                reason: "malformed JSON".into(),
+                file: "f".into(),
+                line: 2,
+                time_ms: 1,
+                raw: "{oops".into(),
+            }],
+            ..Chunk::default()
+        })
+        .unwrap();
+    let q = spool.quarantine_entries().unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].1.line, 2);
+}

@@ -1,0 +1,157 @@
+//! The short-lived commands (SPEC section 2): `check-config` exit codes and messages naming the
+//! key at fault, without ever printing the write key; `dry-run` prints the events and touches
+//! neither the spool nor Segment.
+
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
+
+use crate::events::{
+    assert_same_events, assert_track_envelopes, expected_shard_0, parse_json_lines,
+};
+use crate::util::{
+    CmdOutput, EX_CONFIG, PATIENCE, SHARD_0, TestEnv, WRITE_KEY, dir_is_absent_or_empty, repo_path,
+    run_cli,
+};
+
+/// Runs `check-config --config <path>`.
+fn check_config(path: &std::path::Path) -> CmdOutput {
+    run_cli(
+        &[
+            "check-config".as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+        ],
+        PATIENCE,
+    )
+}
+
+/// Writes `env`'s config and checks it.
+fn check(env: &TestEnv) -> CmdOutput {
+    check_config(&env.write_config())
+}
+
+/// The write key, in clear or base64 (alone or as the Basic credential), appears nowhere.
+fn assert_no_secret(out: &CmdOutput, what: &str) {
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let all = out.all_output();
+    for secret in [
+        WRITE_KEY.to_string(),
+        b64(&format!("{WRITE_KEY}:")),
+        b64(WRITE_KEY),
+    ] {
+        assert!(
+            !all.contains(&secret),
+            "{what}: the output contains the write key ({secret:?}):\n{all}"
+        );
+    }
+}
+
+#[test]
+fn check_config_accepts_a_valid_config() {
+    let env = TestEnv::new();
+    let out = check(&env);
+    assert_eq!(out.code(), 0, "a valid config: {out:?}");
+    assert_no_secret(&out, "valid config");
+}
+
+#[test]
+fn check_config_accepts_a_write_key_file() {
+    let mut env = TestEnv::new();
+    let key_file = env.root().join("write_key");
+    std::fs::write(&key_file, format!("{WRITE_KEY}\n")).expect("write the key file");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600 the key file");
+    env.config.write_key = None;
+    env.config.write_key_file = Some(key_file);
+    let out = check(&env);
+    assert_eq!(out.code(), 0, "a config with write_key_file: {out:?}");
+    assert_no_secret(&out, "write_key_file");
+}
+
+#[test]
+fn check_config_rejects_a_missing_file() {
+    let env = TestEnv::new();
+    let out = check_config(&env.root().join("no-such-config.toml"));
+    assert_eq!(out.code(), EX_CONFIG, "a missing config file: {out:?}");
+}
+
+#[test]
+fn check_config_names_an_unknown_key() {
+    let mut env = TestEnv::new();
+    env.config
+        .extra
+        .push(("segment".into(), "bogus = 1".into()));
+    let out = check(&env);
+    assert_eq!(out.code(), EX_CONFIG, "an unknown key: {out:?}");
+    assert!(
+        out.all_output().contains("segment.bogus"),
+        "the message names segment.bogus: {out:?}"
+    );
+    assert_no_secret(&out, "unknown key");
+}
+
+#[test]
+fn check_config_names_an_invalid_value() {
+    let mut env = TestEnv::new();
+    env.config.max_batch_events = Some(0);
+    let out = check(&env);
+    assert_eq!(out.code(), EX_CONFIG, "max_batch_events = 0: {out:?}");
+    assert!(
+        out.all_output().contains("segment.max_batch_events"),
+        "the message names segment.max_batch_events: {out:?}"
+    );
+    assert_no_secret(&out, "max_batch_events = 0");
+}
+
+#[test]
+fn check_config_rejects_two_write_keys() {
+    let mut env = TestEnv::new();
+    let key_file = env.root().join("write_key");
+    std::fs::write(&key_file, format!("{WRITE_KEY}\n")).expect("write the key file");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600 the key file");
+    env.config.write_key_file = Some(key_file);
+    let out = check(&env);
+    assert_eq!(
+        out.code(),
+        EX_CONFIG,
+        "write_key and write_key_file together: {out:?}"
+    );
+    assert!(
+        out.all_output().contains("write_key"),
+        "the message names the write key setting: {out:?}"
+    );
+    assert_no_secret(&out, "two write keys");
+}
+
+#[test]
+fn dry_run_prints_events_and_touches_nothing() {
+    let env = TestEnv::new();
+    let config = env.write_config();
+    let shard = repo_path(SHARD_0);
+    let args: [&OsStr; 4] = [
+        "dry-run".as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        shard.as_os_str(),
+    ];
+    let out = run_cli(&args, PATIENCE);
+    assert_eq!(out.code(), 0, "dry-run: {out:?}");
+    assert_no_secret(&out, "dry-run");
+
+    let events = parse_json_lines(&out.stdout, "dry-run stdout");
+    assert_track_envelopes(&events);
+    assert_same_events(&events, &expected_shard_0(), "dry-run output");
+
+    assert!(
+        dir_is_absent_or_empty(&env.config.spool_dir),
+        "dry-run touches no spool, yet {} has entries",
+        env.config.spool_dir.display()
+    );
+    assert!(
+        env.server.requests().is_empty(),
+        "dry-run sends nothing, yet Segment got {:?}",
+        env.server.requests()
+    );
+}
