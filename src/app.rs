@@ -97,12 +97,13 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
     let watch_settings = WatchSettings::from_config(&config.watch)?;
     let (ready_tx, ready_rx) = mpsc::unbounded_channel();
     let rescan_now = Arc::new(tokio::sync::Notify::new());
+    let (first_scan_tx, first_scan_rx) = tokio::sync::oneshot::channel();
     let watch_task = tokio::spawn(watch::run(
         watch_settings,
         WatchHandles {
             ready: ready_tx,
             rescan_now: rescan_now.clone(),
-            first_scan: None,
+            first_scan: Some(first_scan_tx),
         },
         intake_stop.clone(),
     ));
@@ -139,7 +140,15 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
         }
     });
 
+    tokio::select! {
+        _ = first_scan_rx => {
+            notify_systemd(&[sd_notify::NotifyState::Ready]);
+            tracing::info!("ready");
+        }
+        _ = controls.shutdown.cancelled() => {}
+    }
     controls.shutdown.cancelled().await;
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: intake stopped, draining in-flight batches");
     let _ = watch_task.await;
     let _ = ingest_task.await;
@@ -217,5 +226,14 @@ async fn after_ingest_worker(
                 tracing::warn!(path = %rec.path, error = %e, "after_ingest failed; the file stays")
             }
         }
+    }
+}
+
+/// Tells systemd (`Type=notify`) where we are; a no-op without `$NOTIFY_SOCKET`.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some()
+        && let Err(e) = sd_notify::notify(false, state)
+    {
+        tracing::warn!(error = %e, "cannot notify systemd");
     }
 }

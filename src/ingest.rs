@@ -128,7 +128,19 @@ impl Ingestor {
             }
         };
 
-        let mut reader = match Reader::open(&abs, offset) {
+        let (mut file_id, mut offset, mut line) = (file_id, offset, line);
+        let opened = match Reader::open(&abs, offset) {
+            Err(InputError::BadOffset { .. }) if offset > 0 => {
+                // The head still matches but the committed offset no longer falls on a line
+                // boundary: the rest of the file was rewritten. Read it as a new file.
+                tracing::warn!(path = %shown, offset, "file rewritten after its first bytes; reading it anew");
+                file_id = self.begin(rel, &head, gzip)?;
+                (offset, line) = (0, 0);
+                Reader::open(&abs, 0)
+            }
+            other => other,
+        };
+        let mut reader = match opened {
             Ok(r) => r,
             Err(InputError::Empty) => {
                 let chunk = Chunk {

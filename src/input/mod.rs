@@ -782,6 +782,14 @@ mod tests {
         assert_eq!(j, c);
     }
 
+    #[test]
+    fn a_reader_can_move_to_a_blocking_thread() {
+        fn is_send<T: Send>() {}
+        is_send::<Reader>();
+        is_send::<Item>();
+        is_send::<InputError>();
+    }
+
     fn example(rel: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("examples")

@@ -94,6 +94,12 @@ struct Watcher {
 
 /// Runs until `shutdown`.
 pub async fn run(s: WatchSettings, mut h: WatchHandles, shutdown: CancellationToken) {
+    if !s.dir.is_dir() {
+        // Ready all the same: the spool drains while we wait, and systemd should not time out.
+        if let Some(tx) = h.first_scan.take() {
+            let _ = tx.send(());
+        }
+    }
     if !wait_for_dir(&s.dir, &shutdown).await {
         return;
     }

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::end_to_end::log_tail;
 use crate::events::{assert_same_events, derive_shard_1, expected_shard_0};
 use crate::util::{
     PATIENCE, SHARD_0, SHARD_1, TestEnv, copy_into, file_name, read_repo_file, write_atomically,
@@ -42,7 +41,7 @@ fn uncompressed_batches_stay_within_max_batch_bytes() {
         "only {} of {} events accepted\nagent log tail:\n{}",
         env.server.accepted_count(),
         expected.len(),
-        log_tail(&agent, 40)
+        agent.log_tail(40)
     );
     let exit = exit.expect("the agent exits within 15 s of SIGTERM");
     assert!(exit.success(), "SIGTERM exits 0, got {exit}");

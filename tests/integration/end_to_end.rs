@@ -11,8 +11,8 @@ use crate::events::{
     parse_json_lines, timestamp_millis,
 };
 use crate::util::{
-    Agent, PATIENCE, SHARD_0, SHARD_1, TestEnv, WRITE_KEY, copy_into, file_name, read_repo_file,
-    run_cli, write_atomically, write_slowly,
+    PATIENCE, SHARD_0, SHARD_1, TestEnv, WRITE_KEY, copy_into, file_name, read_repo_file, run_cli,
+    write_atomically, write_slowly,
 };
 
 /// Small, so the 75 events need at least 11 batches.
@@ -225,13 +225,6 @@ fn chunks_cut_mid_line(lines: &[String]) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// The last lines of the agent's log, to explain a failure.
-pub fn log_tail(agent: &Agent, lines: usize) -> String {
-    let logs = agent.logs();
-    let all: Vec<&str> = logs.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 #[test]
 fn every_input_reaches_segment_exactly_once() {
     let mut env = TestEnv::new();
@@ -290,13 +283,13 @@ fn every_input_reaches_segment_exactly_once() {
         accepted.len(),
         expected.len(),
         env.server.accepted_message_ids(),
-        log_tail(&agent, 40)
+        agent.log_tail(40)
     );
     let exit = exit.expect("the agent exits within 15 s of SIGTERM");
     assert!(
         exit.success(),
         "SIGTERM exits 0, got {exit}\nagent log tail:\n{}",
-        log_tail(&agent, 40)
+        agent.log_tail(40)
     );
 
     // Exactly the expected events; the hash-based messageId is checked for form, then

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use crate::end_to_end::log_tail;
 use crate::events::{assert_same_events, expected_shard_0, timestamp_millis};
 use crate::util::{PATIENCE, Reply, SHARD_0, TestEnv, file_name, read_repo_file, write_atomically};
 
@@ -36,7 +35,7 @@ fn refused_batches_are_resent_with_the_same_events() {
         env.server.accepted_count(),
         expected.len(),
         requests.iter().map(|r| r.status).collect::<Vec<_>>(),
-        log_tail(&agent, 40)
+        agent.log_tail(40)
     );
     let exit = exit.expect("the agent exits within 15 s of SIGTERM");
     assert!(exit.success(), "SIGTERM exits 0, got {exit}");

@@ -858,6 +858,16 @@ impl TestEnv {
     }
 }
 
+/// Set `LSA_IT_KEEP=1` to keep every test's temp dir (config, logs, spool) for a post-mortem.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if std::env::var_os("LSA_IT_KEEP").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept {}", self.dir.path().display());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The agent as a child process
 // ---------------------------------------------------------------------------------------------
@@ -985,6 +995,13 @@ impl Agent {
     /// Everything the agent wrote to stdout so far.
     pub fn stdout(&self) -> String {
         read_lossy(&self.stdout_path)
+    }
+
+    /// The last `lines` lines of the log, to explain a failure.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let logs = self.logs();
+        let all: Vec<&str> = logs.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Waits until the log contains `needle`; false on timeout.
