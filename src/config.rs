@@ -326,7 +326,7 @@ impl Config {
     /// Parses TOML text. The error is toml's message, which names the key and the line; values
     /// are never echoed for the write key because toml reports positions, not contents, for it.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str::<Config>(text).map_err(|e| redact_toml_error(&e))
+        toml::from_str::<Config>(text).map_err(|e| describe_toml_error(text, &e))
     }
 
     /// Loads, validates for `purpose`, and resolves the write key (for `Run`).
@@ -572,14 +572,46 @@ fn validate_endpoint(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// toml's error text quotes the offending source line, which could be the write key line; keep
-/// its position and message but drop any quoted line that mentions the key.
-fn redact_toml_error(e: &toml::de::Error) -> String {
-    let text = e.to_string();
-    text.lines()
-        .filter(|l| !l.contains("write_key") || !l.contains('='))
-        .collect::<Vec<_>>()
-        .join("\n")
+/// Turns toml's error into `key.path: message (line N)`. toml's own text quotes the source line,
+/// which could be the write key's: we keep its message, never the quoted source, and for the
+/// write key not even the message (it may echo the value).
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let table_of = |l: &str| {
+        l.strip_prefix('[')
+            .and_then(|l| l.split(']').next())
+            .map(|t| t.trim_matches(|c| c == '[' || c == ' ').to_owned())
+    };
+    let key = match table_of(line) {
+        Some(table) => table,
+        None => {
+            let table = before.lines().rev().find_map(|l| table_of(l.trim()));
+            let lhs = line.split('=').next().unwrap_or("").trim();
+            match table {
+                Some(t) if !lhs.is_empty() => format!("{t}.{lhs}"),
+                Some(t) => t,
+                None => lhs.to_owned(),
+            }
+        }
+    };
+    let mut message = e.message().trim().to_owned();
+    if let Some(field) = message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split('`').next())
+        && !key.ends_with(field)
+    {
+        // The span points at the table, the field is the unknown key inside it.
+        message = format!("unknown key `{field}`: {message}");
+    }
+    if key.ends_with("write_key") {
+        message = "invalid value (expected a string)".into();
+    }
+    format!("{key}: {message} (line {line_no})")
 }
 
 #[cfg(test)]
@@ -638,10 +670,13 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
-        let err = Config::parse("[segment]\nbogus = 1\n").unwrap_err();
-        assert!(err.contains("bogus"), "{err}");
+        let err = Config::parse("[segment]\nendpoint = \"http://x\"\nbogus = 1\n").unwrap_err();
+        assert!(err.starts_with("segment.bogus: unknown field"), "{err}");
+        assert!(err.ends_with("(line 3)"), "{err}");
         let err = Config::parse("[nope]\n").unwrap_err();
-        assert!(err.contains("nope"), "{err}");
+        assert!(err.starts_with("nope: unknown field"), "{err}");
+        let err = Config::parse("[watch]\nsettle_secs = \"x\"\n").unwrap_err();
+        assert!(err.starts_with("watch.settle_secs: invalid type"), "{err}");
     }
 
     #[test]
@@ -689,6 +724,8 @@ mod tests {
         // A TOML error on the key's own line must not quote it.
         let err = Config::parse("[segment]\nwrite_key = \"wk_secret\" junk\n").unwrap_err();
         assert!(!err.contains("wk_secret"), "{err}");
+        let err = Config::parse("[segment]\nwrite_key = 12345678\n").unwrap_err();
+        assert!(!err.contains("12345678"), "{err}");
     }
 
     #[test]

@@ -616,30 +616,26 @@ impl Spool {
 
     /// Quarantine entries, oldest first.
     pub fn quarantine_entries(&self) -> Result<Vec<(u64, QuarantineEntry)>, Error> {
-        self.quarantine
-            .iter()
-            .map(|item| {
-                let (k, v) = item.map_err(|e| self.sled_err(e))?;
-                let id = decode_u64(&k).unwrap_or(0);
-                let entry = serde_json::from_slice(&v).map_err(|_| Error::Corrupt {
-                    path: self.path.clone(),
-                    what: format!("quarantine entry {id}"),
-                })?;
-                Ok((id, entry))
-            })
-            .collect()
+        self.json_entries(&self.quarantine, "quarantine entry")
     }
 
     /// Dead letters, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, Error> {
-        self.dead
-            .iter()
+        self.json_entries(&self.dead, "dead letter")
+    }
+
+    fn json_entries<T: serde::de::DeserializeOwned>(
+        &self,
+        tree: &Tree,
+        what: &str,
+    ) -> Result<Vec<(u64, T)>, Error> {
+        tree.iter()
             .map(|item| {
                 let (k, v) = item.map_err(|e| self.sled_err(e))?;
                 let id = decode_u64(&k).unwrap_or(0);
                 let entry = serde_json::from_slice(&v).map_err(|_| Error::Corrupt {
                     path: self.path.clone(),
-                    what: format!("dead letter {id}"),
+                    what: format!("{what} {id}"),
                 })?;
                 Ok((id, entry))
             })

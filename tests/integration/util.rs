@@ -761,6 +761,7 @@ impl AgentConfig {
     }
 }
 
+/// Adds `key = value` when there is a value.
 fn opt_line(lines: &mut Vec<String>, key: &str, value: Option<String>) {
     if let Some(value) = value {
         lines.push(format!("{key} = {value}"));
@@ -788,10 +789,12 @@ pub fn toml_str(s: &str) -> String {
     out
 }
 
+/// A path as a TOML string.
 fn toml_path(p: &Path) -> String {
     toml_str(p.to_str().expect("test paths are UTF-8"))
 }
 
+/// A TOML array of strings.
 fn toml_str_array(items: &[String]) -> String {
     format!(
         "[{}]",
@@ -838,10 +841,12 @@ impl TestEnv {
         }
     }
 
+    /// The test's temp dir.
     pub fn root(&self) -> &Path {
         self.dir.path()
     }
 
+    /// The watched directory (`<root>/in`, created empty).
     pub fn watch_dir(&self) -> &Path {
         &self.config.watch_dir
     }
@@ -936,6 +941,7 @@ impl Agent {
         }
     }
 
+    /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -983,6 +989,7 @@ impl Agent {
         self.exit
     }
 
+    /// Not exited yet.
     pub fn is_running(&mut self) -> bool {
         self.try_exit().is_none()
     }
@@ -1034,6 +1041,7 @@ fn send_signal(pid: u32, signal: i32) {
     );
 }
 
+/// A file's text (lossy UTF-8), empty when it does not exist yet.
 fn read_lossy(path: &Path) -> String {
     match fs::read(path) {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
