@@ -50,6 +50,9 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
         .await?
         .context("cannot open the spool")?;
     let spool = Arc::new(spool);
+    if let Some(note) = spool.recovered() {
+        tracing::warn!("{note}");
+    }
     let depth = spool.depth()?;
     tracing::info!(
         path = %spool.path().display(),
@@ -129,6 +132,11 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
         delivered_rx,
     ));
 
+    let maintenance_task = tokio::spawn(maintenance(
+        spool.clone(),
+        Duration::from_secs(config.spool.dedupe_window_days * 86_400),
+    ));
+
     // Signals that are not shutdown.
     let kick = handle.kick.clone();
     let drain_now = controls.drain_now.clone();
@@ -155,6 +163,7 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
     drain_stop.cancel();
     let _ = drain_task.await;
     usr1_task.abort();
+    maintenance_task.abort();
     after_task.abort();
     let spool_flush = spool.clone();
     tokio::task::spawn_blocking(move || spool_flush.flush())
@@ -235,5 +244,42 @@ fn notify_systemd(state: &[sd_notify::NotifyState]) {
         && let Err(e) = sd_notify::notify(false, state)
     {
         tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// How often the spool is tidied: dedupe entries past the window pruned, and the files
+/// compacted when sled has grown far past the live data.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(300);
+/// Compaction pauses commits and the drain for the copy, so only when it gives back a lot.
+const COMPACT_MIN_DISK_BYTES: u64 = 256 << 20;
+const COMPACT_RATIO: u64 = 4;
+
+async fn maintenance(spool: Arc<Spool>, dedupe_window: Duration) {
+    let mut every = tokio::time::interval(MAINTENANCE_INTERVAL);
+    loop {
+        every.tick().await;
+        let spool = spool.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), crate::spool::Error> {
+            let cutoff = crate::spool::now_ms().saturating_sub(dedupe_window.as_millis() as u64);
+            let pruned = spool.prune_dedupe(cutoff)?;
+            if pruned > 0 {
+                tracing::info!(pruned, "dedupe entries older than the window removed");
+            }
+            if spool.is_bloated(COMPACT_MIN_DISK_BYTES, COMPACT_RATIO)? {
+                let c = spool.compact()?;
+                tracing::info!(
+                    disk_before = c.disk_before,
+                    disk_after = c.disk_after,
+                    "spool compacted"
+                );
+            }
+            Ok(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "spool maintenance failed; will try again"),
+            Err(e) => tracing::warn!(error = %e, "spool maintenance task failed"),
+        }
     }
 }

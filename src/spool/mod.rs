@@ -3,8 +3,9 @@
 //!
 //! # On-disk format (version 1)
 //!
-//! The database lives in `<spool.dir>/spool/` (sled's own files: `db`, `conf`, `blobs/`,
-//! `snap.*`). Trees:
+//! Under `spool.dir`: `CURRENT` names the current generation, `gen-<n>/` is a sled database
+//! (sled's own files: `db`, `conf`, `blobs/`, `snap.*`), and `corrupt-<unix time>/` holds a
+//! generation that could not be opened (see `store.rs` for the generation rules). Trees:
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
@@ -16,8 +17,10 @@
 //! | `quarantine` | id u64 BE | [`QuarantineEntry`] as JSON (bad input) |
 //! | `dead` | id u64 BE | [`DeadLetter`] as JSON (events Segment will never take) |
 //!
-//! `live_bytes` and `depth` are kept by us, not taken from `size_on_disk`: sled does not shrink
-//! its files when keys are removed, so the file size says nothing about the backlog.
+//! `live_bytes` and `depth` are kept by us, not taken from `size_on_disk`: sled 0.34 does not
+//! shrink its files when keys are removed, so the file size says nothing about the backlog.
+//! [`Spool::compact`] copies the live data into a fresh generation when the files have grown
+//! far past it, which is how disk space comes back after an outage.
 //!
 //! # Transactions
 //!
@@ -25,8 +28,7 @@
 //!    `dedupe`, duplicates skipped, oversize ones into `dead`), its bad lines into `quarantine`,
 //!    the file's new offset into `files`, and `live_bytes`/`depth` into `meta`: one sled
 //!    transaction over all those trees, then `Db::flush` and an fsync of sled's data file. The
-//!    offset counts as durable only once that returns; until then the caller does not report
-//!    the chunk as read.
+//!    offset counts as durable only once that returns.
 //! 2. [`Spool::ack`]: after a 2xx, the batch's keys leave `queue`, `meta` and the files'
 //!    `pending` counts go down; one transaction, not flushed (sled flushes on its own every
 //!    second). A crash that loses it re-sends that batch: Segment dedupes by `messageId`.
@@ -34,11 +36,25 @@
 //!
 //! # What a crash leaves
 //!
-//! - Before transaction 1 is flushed: neither the events nor the offset; the chunk is read again.
-//! - After it: both. There is no state with the offset advanced but the events missing, or the
-//!   reverse, because they are one transaction and sled recovers to a transaction boundary.
+//! - `kill -9` before transaction 1 is flushed: neither the events nor the offset; the chunk is
+//!   read again. After it: both. There is no state with the offset advanced but the events
+//!   missing, or the reverse: they are one transaction and sled recovers to a transaction
+//!   boundary.
 //! - Between a 2xx and the flush of transaction 2: the batch is still queued and is sent again
 //!   (same `messageId`s).
+//! - During a compaction: either the old generation (the new one is debris, deleted at open) or
+//!   the complete new one.
+//!
+//! # Power loss
+//!
+//! What a returned commit covers survives power loss: sled's flush writes its log, and our
+//! fsync of sled's data file pushes it and the file's metadata past the page cache and the
+//! disk's volatile cache (on disks that honour flushes). Not covered: writes after the last
+//! commit (ack removals, file status changes), which come back as re-sends or re-reads, never
+//! as loss. sled's blob files (values over its blob threshold, far above our 32 KB event cap)
+//! are not fsynced by us; we never write values that large.
+//!
+//! # Ordering
 //!
 //! Queue keys come from a counter initialised past the last key at open and are allocated under
 //! the writer lock, so keys are committed in increasing order; the drain reads only below
@@ -46,15 +62,17 @@
 //! transaction was still writing.
 
 mod records;
+mod store;
+
+use store::Store;
 
 pub use records::{DeadLetter, FileRecord, FileStatus, QuarantineEntry};
 
+use sled::IVec;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
-use sled::{IVec, Tree};
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::segment::MAX_EVENT_BYTES;
 
@@ -143,6 +161,13 @@ pub struct Queued {
     pub json: IVec,
 }
 
+/// What a compaction gave back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    pub disk_before: u64,
+    pub disk_after: u64,
+}
+
 /// The result of [`Spool::peek`].
 #[derive(Debug, Default)]
 pub struct Peeked {
@@ -159,27 +184,23 @@ pub struct Depth {
 }
 
 pub struct Spool {
-    path: PathBuf,
-    db: sled::Db,
-    /// sled's data file, fsynced at commit points: `Db::flush` on Linux ends in
-    /// `sync_file_range`, which does not flush the file's metadata or the disk cache.
-    data_file: File,
-    meta: Tree,
-    queue: Tree,
-    files: Tree,
-    paths: Tree,
-    dedupe: Tree,
-    quarantine: Tree,
-    dead: Tree,
+    /// `spool.dir`: holds `CURRENT` and the generations (see the module doc).
+    dir: PathBuf,
+    cache_bytes: u64,
+    /// The open generation. Read-locked by every operation; write-locked only to swap in a
+    /// compacted generation.
+    store: RwLock<Store>,
     /// Next queue key; held for the whole of a commit so keys commit in order.
     writer: Mutex<u64>,
     /// First queue key not yet committed.
     watermark: AtomicU64,
+    /// What `open` had to repair, for status.
+    recovered: Option<String>,
 }
 
 impl std::fmt::Debug for Spool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spool").field("path", &self.path).finish()
+        f.debug_struct("Spool").field("dir", &self.dir).finish()
     }
 }
 
@@ -187,102 +208,38 @@ type TxResult<T> = Result<T, ConflictableTransactionError<String>>;
 
 impl Spool {
     /// Opens (or creates) the spool under `dir`, with sled's page cache capped at `cache_bytes`.
+    /// A spool sled cannot open (or panics opening) is moved aside and replaced by an empty one;
+    /// [`Spool::recovered`] then says so. A spool from a newer agent is an error, never moved.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Spool, Error> {
-        let path = dir.join("spool");
-        std::fs::create_dir_all(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let sled_err = |source| Error::Sled {
-            path: path.clone(),
-            source,
-        };
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(sled_err)?;
-        let tree = |name: &str| db.open_tree(name).map_err(sled_err);
-        let (meta, queue, files, paths, dedupe, quarantine, dead) = (
-            tree("meta")?,
-            tree("queue")?,
-            tree("files")?,
-            tree("paths")?,
-            tree("dedupe")?,
-            tree("quarantine")?,
-            tree("dead")?,
-        );
-        match meta.get("format_version").map_err(sled_err)? {
-            None => {
-                meta.insert("format_version", &FORMAT_VERSION.to_be_bytes())
-                    .map_err(sled_err)?;
-                db.flush().map_err(sled_err)?;
-            }
-            Some(v) => {
-                let found =
-                    u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Corrupt {
-                        path: path.clone(),
-                        what: "format_version".into(),
-                    })?);
-                if found != FORMAT_VERSION {
-                    return Err(Error::Version { path, found });
-                }
-            }
-        }
-        let next = match queue.last().map_err(sled_err)? {
-            Some((k, _)) => decode_u64(&k).map_or(0, |k| k + 1),
-            None => 0,
-        };
-        let data_path = path.join("db");
-        let data_file = File::open(&data_path).map_err(|source| Error::Io {
-            path: data_path,
-            source,
-        })?;
+        let (store, recovered) = store::open_current(dir, cache_bytes)?;
+        let next = store.next_queue_key()?;
         Ok(Spool {
-            path,
-            db,
-            data_file,
-            meta,
-            queue,
-            files,
-            paths,
-            dedupe,
-            quarantine,
-            dead,
+            dir: dir.to_owned(),
+            cache_bytes,
+            store: RwLock::new(store),
             writer: Mutex::new(next),
             watermark: AtomicU64::new(next),
+            recovered,
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    fn store(&self) -> RwLockReadGuard<'_, Store> {
+        self.store.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn sled_err(&self, source: sled::Error) -> Error {
-        Error::Sled {
-            path: self.path.clone(),
-            source,
-        }
+    /// The open generation's directory.
+    pub fn path(&self) -> PathBuf {
+        self.store().path.clone()
     }
 
-    fn tx_err(&self, e: TransactionError<String>) -> Error {
-        match e {
-            TransactionError::Storage(source) => self.sled_err(source),
-            TransactionError::Abort(what) => Error::Corrupt {
-                path: self.path.clone(),
-                what,
-            },
-        }
+    /// Set when `open` found the spool unreadable and started a new one: what happened.
+    pub fn recovered(&self) -> Option<&str> {
+        self.recovered.as_deref()
     }
 
     /// Makes everything written so far durable: sled's flush, then an fsync of its data file.
     pub fn flush(&self) -> Result<(), Error> {
-        self.db.flush().map_err(|e| self.sled_err(e))?;
-        self.data_file.sync_all().map_err(|source| Error::Io {
-            path: self.path.join("db"),
-            source,
-        })
+        self.store().flush()
     }
 
     /// The first queue key not yet committed; keys below it are safe to read.
@@ -292,13 +249,14 @@ impl Spool {
 
     /// Commits one chunk of a file in one transaction and flushes it (see the module doc).
     pub fn commit_file_chunk(&self, chunk: &Chunk) -> Result<ChunkOutcome, Error> {
+        let s = self.store();
         let mut next = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let first_key = *next;
         let now = now_ms();
         let q_ids = (0..chunk.quarantine.len())
-            .map(|_| self.db.generate_id())
+            .map(|_| s.db.generate_id())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.sled_err(e))?;
+            .map_err(|e| s.sled_err(e))?;
         let quarantine_json: Vec<Vec<u8>> = chunk
             .quarantine
             .iter()
@@ -313,17 +271,17 @@ impl Spool {
             .collect();
         let dead_ids = oversize
             .iter()
-            .map(|_| self.db.generate_id())
+            .map(|_| s.db.generate_id())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.sled_err(e))?;
+            .map_err(|e| s.sled_err(e))?;
 
         let result = (
-            &self.queue,
-            &self.files,
-            &self.dedupe,
-            &self.meta,
-            &self.quarantine,
-            &self.dead,
+            &s.queue,
+            &s.files,
+            &s.dedupe,
+            &s.meta,
+            &s.quarantine,
+            &s.dead,
         )
             .transaction(|(queue, files, dedupe, meta, quarantine, dead)| {
                 let mut out = ChunkOutcome::default();
@@ -385,7 +343,7 @@ impl Spool {
                 add_meta(meta, "depth", out.spooled as i64)?;
                 Ok((out, key))
             });
-        let (out, key) = result.map_err(|e| self.tx_err(e))?;
+        let (out, key) = result.map_err(|e| s.tx_err(e))?;
         self.flush()?;
         *next = key;
         self.watermark.store(key, Ordering::Release);
@@ -403,6 +361,7 @@ impl Spool {
         max_events: usize,
         budget: usize,
     ) -> Result<Peeked, Error> {
+        let s = self.store();
         let start = after.map_or(0, |k| k.saturating_add(1));
         let end = self.watermark();
         let mut out = Peeked::default();
@@ -410,9 +369,9 @@ impl Spool {
             return Ok(out);
         }
         let mut bytes = 0usize;
-        for item in self.queue.range(start.to_be_bytes()..end.to_be_bytes()) {
-            let (k, v) = item.map_err(|e| self.sled_err(e))?;
-            let q = self.decode_queued(&k, &v)?;
+        for item in s.queue.range(start.to_be_bytes()..end.to_be_bytes()) {
+            let (k, v) = item.map_err(|e| s.sled_err(e))?;
+            let q = s.decode_queued(&k, &v)?;
             let size = q.json.len() + 1;
             if !out.items.is_empty() && (out.items.len() >= max_events || bytes + size > budget) {
                 out.full = true;
@@ -425,23 +384,6 @@ impl Spool {
             out.full = true;
         }
         Ok(out)
-    }
-
-    fn decode_queued(&self, k: &[u8], v: &IVec) -> Result<Queued, Error> {
-        let corrupt = || Error::Corrupt {
-            path: self.path.clone(),
-            what: format!("queue entry {k:?}"),
-        };
-        let key = decode_u64(k).ok_or_else(corrupt)?;
-        if v.len() < HEADER_LEN || v[0] != HEADER_VERSION {
-            return Err(corrupt());
-        }
-        Ok(Queued {
-            key,
-            enqueued_ms: decode_u64(&v[1..9]).ok_or_else(corrupt)?,
-            file_id: decode_u64(&v[9..17]).ok_or_else(corrupt)?,
-            json: v.subslice(HEADER_LEN, v.len() - HEADER_LEN),
-        })
     }
 
     /// Removes delivered events. Returns the ids of files whose events are now all delivered
@@ -465,6 +407,7 @@ impl Spool {
         items: &[Queued],
         dead_reason: Option<(&str, Option<u16>)>,
     ) -> Result<Vec<u64>, Error> {
+        let s = self.store();
         let now = now_ms();
         let mut per_file: Vec<(u64, u64)> = Vec::new();
         for q in items {
@@ -486,12 +429,12 @@ impl Spool {
                         message_id: message_id_of(&q.json),
                         event: String::from_utf8_lossy(&q.json).into_owned(),
                     };
-                    let id = self.db.generate_id().map_err(|e| self.sled_err(e))?;
+                    let id = s.db.generate_id().map_err(|e| s.sled_err(e))?;
                     Ok((id, serde_json::to_vec(&letter).unwrap_or_default()))
                 })
                 .collect::<Result<_, Error>>()?,
         };
-        let done = (&self.queue, &self.files, &self.meta, &self.dead)
+        let done = (&s.queue, &s.files, &s.meta, &s.dead)
             .transaction(|(queue, files, meta, dead)| {
                 let mut removed = 0i64;
                 let mut bytes = 0i64;
@@ -526,17 +469,17 @@ impl Spool {
                 add_meta(meta, "depth", -removed)?;
                 Ok(done)
             })
-            .map_err(|e| self.tx_err(e))?;
+            .map_err(|e| s.tx_err(e))?;
         Ok(done)
     }
 
     /// Events and bytes queued (our own count; see the module doc).
     pub fn depth(&self) -> Result<Depth, Error> {
+        let s = self.store();
         let get = |name: &str| -> Result<u64, Error> {
-            Ok(self
-                .meta
+            Ok(s.meta
                 .get(name)
-                .map_err(|e| self.sled_err(e))?
+                .map_err(|e| s.sled_err(e))?
                 .and_then(|v| decode_u64(&v))
                 .unwrap_or(0))
         };
@@ -548,18 +491,20 @@ impl Spool {
 
     /// When the oldest queued event was spooled (ms since the epoch).
     pub fn oldest_enqueued_ms(&self) -> Result<Option<u64>, Error> {
-        match self.queue.first().map_err(|e| self.sled_err(e))? {
-            Some((k, v)) => Ok(Some(self.decode_queued(&k, &v)?.enqueued_ms)),
+        let s = self.store();
+        match s.queue.first().map_err(|e| s.sled_err(e))? {
+            Some((k, v)) => Ok(Some(s.decode_queued(&k, &v)?.enqueued_ms)),
             None => Ok(None),
         }
     }
 
     /// The file last seen at `path` (relative to the watch dir).
     pub fn file_by_path(&self, path: &Path) -> Result<Option<(u64, FileRecord)>, Error> {
-        let Some(id) = self
+        let s = self.store();
+        let Some(id) = s
             .paths
             .get(path_key(path))
-            .map_err(|e| self.sled_err(e))?
+            .map_err(|e| s.sled_err(e))?
             .and_then(|v| decode_u64(&v))
         else {
             return Ok(None);
@@ -568,15 +513,12 @@ impl Spool {
     }
 
     pub fn file(&self, id: u64) -> Result<Option<FileRecord>, Error> {
-        match self
-            .files
-            .get(id.to_be_bytes())
-            .map_err(|e| self.sled_err(e))?
-        {
+        let s = self.store();
+        match s.files.get(id.to_be_bytes()).map_err(|e| s.sled_err(e))? {
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|_| Error::Corrupt {
-                    path: self.path.clone(),
+                    path: s.path.clone(),
                     what: format!("file record {id}"),
                 }),
             None => Ok(None),
@@ -586,21 +528,23 @@ impl Spool {
     /// Registers a file about to be read for the first time (or read anew because its content
     /// changed) and points its path at it. Durable before it returns.
     pub fn begin_file(&self, path: &Path, record: &FileRecord) -> Result<u64, Error> {
-        let id = self.db.generate_id().map_err(|e| self.sled_err(e))?;
-        (&self.files, &self.paths)
+        let s = self.store();
+        let id = s.db.generate_id().map_err(|e| s.sled_err(e))?;
+        (&s.files, &s.paths)
             .transaction(|(files, paths)| {
                 files.insert(&id.to_be_bytes(), encode_file(record))?;
                 paths.insert(path_key(path), &id.to_be_bytes())?;
                 Ok(())
             })
-            .map_err(|e: TransactionError<String>| self.tx_err(e))?;
+            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
         self.flush()?;
         Ok(id)
     }
 
     /// Rewrites a file record (status changes outside a chunk commit).
     pub fn update_file(&self, id: u64, f: impl Fn(&mut FileRecord)) -> Result<(), Error> {
-        self.files
+        let s = self.store();
+        s.files
             .transaction(|files| {
                 let key = id.to_be_bytes();
                 if let Some(v) = files.get(key)? {
@@ -611,35 +555,77 @@ impl Spool {
                 }
                 Ok(())
             })
-            .map_err(|e: TransactionError<String>| self.tx_err(e))
+            .map_err(|e: TransactionError<String>| s.tx_err(e))
+    }
+
+    /// Every file the spool knows, by id.
+    pub fn files(&self) -> Result<Vec<(u64, FileRecord)>, Error> {
+        let s = self.store();
+        s.json_entries(&s.files, "file record")
+    }
+
+    /// Forgets dedupe entries spooled before `cutoff_ms`, so the index does not grow forever.
+    /// Returns how many went.
+    pub fn prune_dedupe(&self, cutoff_ms: u64) -> Result<u64, Error> {
+        let s = self.store();
+        let mut removed = 0;
+        let mut batch = sled::Batch::default();
+        for item in s.dedupe.iter() {
+            let (k, v) = item.map_err(|e| s.sled_err(e))?;
+            if decode_u64(&v).is_some_and(|t| t < cutoff_ms) {
+                batch.remove(k);
+                removed += 1;
+            }
+        }
+        s.dedupe.apply_batch(batch).map_err(|e| s.sled_err(e))?;
+        Ok(removed)
+    }
+
+    /// Bytes sled's files take on disk. Not the backlog (see [`Spool::depth`]).
+    pub fn disk_bytes(&self) -> u64 {
+        self.store().size_on_disk()
+    }
+
+    /// Whether sled's files are so much larger than the live data that [`Spool::compact`] is
+    /// worth its pause: over `min_disk_bytes`, and over `ratio` times the live data. Reading
+    /// the live size walks every tree, so it is done only past the first test.
+    pub fn is_bloated(&self, min_disk_bytes: u64, ratio: u64) -> Result<bool, Error> {
+        let s = self.store();
+        let disk = s.size_on_disk();
+        if disk < min_disk_bytes {
+            return Ok(false);
+        }
+        Ok(disk > s.live_bytes()?.saturating_mul(ratio))
+    }
+
+    /// Rebuilds the spool into a fresh sled generation and swaps it in, crash-safely (see
+    /// `store::compact`), so disk space comes back after a backlog drained: sled 0.34 never
+    /// shrinks its files. Commits and the drain wait during the copy.
+    pub fn compact(&self) -> Result<Compaction, Error> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self.store.write().unwrap_or_else(|e| e.into_inner());
+        let before = current.size_on_disk();
+        let new = store::compact(&self.dir, &current, self.cache_bytes)?;
+        let old = std::mem::replace(&mut *current, new);
+        let old_path = old.path.clone();
+        drop(old);
+        store::remove_generation(&old_path);
+        Ok(Compaction {
+            disk_before: before,
+            disk_after: current.size_on_disk(),
+        })
     }
 
     /// Quarantine entries, oldest first.
     pub fn quarantine_entries(&self) -> Result<Vec<(u64, QuarantineEntry)>, Error> {
-        self.json_entries(&self.quarantine, "quarantine entry")
+        let s = self.store();
+        s.json_entries(&s.quarantine, "quarantine entry")
     }
 
     /// Dead letters, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, Error> {
-        self.json_entries(&self.dead, "dead letter")
-    }
-
-    fn json_entries<T: serde::de::DeserializeOwned>(
-        &self,
-        tree: &Tree,
-        what: &str,
-    ) -> Result<Vec<(u64, T)>, Error> {
-        tree.iter()
-            .map(|item| {
-                let (k, v) = item.map_err(|e| self.sled_err(e))?;
-                let id = decode_u64(&k).unwrap_or(0);
-                let entry = serde_json::from_slice(&v).map_err(|_| Error::Corrupt {
-                    path: self.path.clone(),
-                    what: format!("{what} {id}"),
-                })?;
-                Ok((id, entry))
-            })
-            .collect()
+        let s = self.store();
+        s.json_entries(&s.dead, "dead letter")
     }
 }
 

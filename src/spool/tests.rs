@@ -198,3 +198,141 @@ fn quarantine_entries_commit_with_the_chunk() {
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].1.line, 2);
 }
+
+fn fill(spool: &Spool, file_id: u64, n: usize, prefix: &str) {
+    for start in (0..n).step_by(1000) {
+        let events = (start..(start + 1000).min(n))
+            .map(|i| SpoolEvent {
+                message_id: format!("{prefix}-{i}"),
+                json: format!(
+                    "{{\"messageId\":\"{prefix}-{i}\",\"pad\":\"{}\"}}",
+                    "x".repeat(400)
+                )
+                .into_bytes(),
+            })
+            .collect();
+        spool
+            .commit_file_chunk(&Chunk {
+                file_id,
+                events,
+                ..Chunk::default()
+            })
+            .unwrap();
+    }
+}
+
+#[test]
+fn compaction_gives_disk_back_and_keeps_everything_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    fill(&spool, fid, 60_000, "e");
+    // Deliver all but the last 10.
+    loop {
+        let batch = spool.peek(None, 2500, usize::MAX).unwrap().items;
+        let keep = spool.depth().unwrap().events as usize <= 10;
+        if keep || batch.is_empty() {
+            break;
+        }
+        let n = batch.len().min(spool.depth().unwrap().events as usize - 10);
+        spool.ack(&batch[..n]).unwrap();
+    }
+    spool.flush().unwrap();
+    let before = spool.disk_bytes();
+    assert!(
+        spool.is_bloated(1 << 20, 4).unwrap(),
+        "{before} bytes on disk"
+    );
+    let c = spool.compact().unwrap();
+    assert_eq!(c.disk_before, before);
+    assert!(
+        c.disk_after * 4 < c.disk_before,
+        "compaction gave back too little: {c:?}"
+    );
+    let left = ids(&spool.peek(None, 100, usize::MAX).unwrap().items);
+    assert_eq!(left.len(), 10);
+    assert_eq!(left[0], "e-59990");
+    // Dedupe, files and new commits work on the new generation, and survive a reopen.
+    fill(&spool, fid, 1, "e");
+    assert_eq!(
+        spool.depth().unwrap().events,
+        10,
+        "e-0 is still a duplicate"
+    );
+    fill(&spool, fid, 1, "new");
+    drop(spool);
+    let spool = open(dir.path());
+    assert_eq!(spool.depth().unwrap().events, 11);
+    assert_eq!(spool.file(fid).unwrap().unwrap().events_spooled, 60_001);
+    let gens: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    assert_eq!(gens, ["gen-2"], "the old generation is gone");
+}
+
+#[test]
+fn debris_of_an_interrupted_compaction_is_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+        fill(&spool, fid, 5, "e");
+    }
+    // A compaction that died before switching CURRENT leaves a half-built gen-2.
+    std::fs::create_dir_all(dir.path().join("gen-2")).unwrap();
+    std::fs::write(dir.path().join("gen-2/db"), b"half").unwrap();
+    let spool = open(dir.path());
+    assert!(spool.recovered().is_none());
+    assert_eq!(spool.depth().unwrap().events, 5);
+    assert!(!dir.path().join("gen-2").exists());
+}
+
+#[test]
+fn a_spool_sled_cannot_open_is_moved_aside_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+        fill(&spool, fid, 5, "e");
+    }
+    // Damage sled's files: its config file holds the segment size and version.
+    std::fs::write(dir.path().join("gen-1/conf"), b"\xff\xfe garbage").unwrap();
+    let spool = open(dir.path());
+    let note = spool.recovered().expect("the repair is reported");
+    assert!(note.contains("moved to"), "{note}");
+    assert_eq!(spool.depth().unwrap().events, 0);
+    let aside = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("corrupt-")
+        })
+        .count();
+    assert_eq!(aside, 1);
+    // And the new spool works.
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    fill(&spool, fid, 3, "e");
+    assert_eq!(spool.depth().unwrap().events, 3);
+}
+
+#[test]
+fn dedupe_entries_older_than_the_window_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    fill(&spool, fid, 3, "old");
+    let cutoff = now_ms() + 1;
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    fill(&spool, fid, 2, "new");
+    assert_eq!(spool.prune_dedupe(cutoff).unwrap(), 3);
+    // Pruned ids are new again; kept ones are still duplicates.
+    let before = spool.depth().unwrap().events;
+    fill(&spool, fid, 3, "old");
+    fill(&spool, fid, 2, "new");
+    assert_eq!(spool.depth().unwrap().events, before + 3);
+}

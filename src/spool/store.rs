@@ -1,0 +1,343 @@
+//! One sled database (a "generation") and the files around it: which generation is current,
+//! moving a damaged one aside, and copying the live data into a fresh one (compaction).
+//!
+//! Layout under `spool.dir`:
+//! - `CURRENT`: the name of the current generation (`gen-<n>`), replaced atomically (write
+//!   `CURRENT.tmp`, fsync, rename, fsync the directory).
+//! - `gen-<n>/`: a sled database. Any `gen-*` that `CURRENT` does not name is debris of an
+//!   interrupted compaction and is deleted at open.
+//! - `corrupt-<unix time>/`: a generation sled could not open, kept for a post-mortem.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sled::transaction::TransactionError;
+use sled::{IVec, Tree};
+
+use super::{Error, FORMAT_VERSION, HEADER_LEN, HEADER_VERSION, Queued, decode_u64, now_ms};
+
+const CURRENT: &str = "CURRENT";
+/// The trees of format version 1, copied by compaction.
+pub(super) const TREES: [&str; 7] = [
+    "meta",
+    "queue",
+    "files",
+    "paths",
+    "dedupe",
+    "quarantine",
+    "dead",
+];
+
+pub(super) struct Store {
+    pub path: PathBuf,
+    pub db: sled::Db,
+    /// sled's data file, fsynced at commit points: `Db::flush` on Linux ends in
+    /// `sync_file_range`, which neither flushes the disk's cache nor the file's metadata.
+    pub data_file: File,
+    pub meta: Tree,
+    pub queue: Tree,
+    pub files: Tree,
+    pub paths: Tree,
+    pub dedupe: Tree,
+    pub quarantine: Tree,
+    pub dead: Tree,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Opens the current generation, creating the first one, deleting debris, and moving a
+/// generation sled cannot open aside. The second value says what was repaired.
+pub(super) fn open_current(dir: &Path, cache_bytes: u64) -> Result<(Store, Option<String>), Error> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let current = match fs::read_to_string(dir.join(CURRENT)) {
+        Ok(name) if is_generation(name.trim()) => name.trim().to_owned(),
+        Ok(_) | Err(_) => {
+            let name = "gen-1".to_owned();
+            set_current(dir, &name)?;
+            name
+        }
+    };
+    remove_debris(dir, &current);
+    let path = dir.join(&current);
+    match Store::open(&path, cache_bytes) {
+        Ok(store) => Ok((store, None)),
+        Err(e @ Error::Version { .. }) => Err(e),
+        Err(e) if e.is_disk_full() => Err(e),
+        Err(e) => {
+            let aside = dir.join(format!("corrupt-{}", now_ms() / 1000));
+            fs::rename(&path, &aside).map_err(io_err(&path))?;
+            let next = next_generation(&current);
+            set_current(dir, &next)?;
+            let store = Store::open(&dir.join(&next), cache_bytes)?;
+            let note = format!(
+                "the spool could not be opened ({e}); it was moved to {} and a new one started; \
+                 files in the watch directory are read again (Segment dedupes by messageId)",
+                aside.display()
+            );
+            tracing::error!(moved_to = %aside.display(), error = %e, "spool unreadable; started a new one");
+            Ok((store, Some(note)))
+        }
+    }
+}
+
+fn is_generation(name: &str) -> bool {
+    name.strip_prefix("gen-")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn next_generation(name: &str) -> String {
+    let n: u64 = name
+        .strip_prefix("gen-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    format!("gen-{}", n + 1)
+}
+
+/// Points `CURRENT` at `name`, atomically and durably.
+fn set_current(dir: &Path, name: &str) -> Result<(), Error> {
+    let tmp = dir.join("CURRENT.tmp");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(name.as_bytes()).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, dir.join(CURRENT)).map_err(io_err(&tmp))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Deletes generations other than `current`: left by a compaction that did not finish (the new
+/// one) or that finished but had not yet deleted the old one.
+fn remove_debris(dir: &Path, current: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_generation(&name) && name != current {
+            if let Err(err) = fs::remove_dir_all(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an old spool generation");
+            }
+        }
+    }
+}
+
+/// sled can panic on some damaged files instead of returning an error; we turn that into an
+/// error so a damaged spool is moved aside rather than crash-looping the service.
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, Error> {
+    let path_owned = path.to_owned();
+    let result = std::panic::catch_unwind(move || {
+        sled::Config::new()
+            .path(&path_owned)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(1000))
+            .open()
+    });
+    match result {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(source)) => Err(Error::Sled {
+            path: path.to_owned(),
+            source,
+        }),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "sled panicked".into());
+            Err(Error::Corrupt {
+                path: path.to_owned(),
+                what: format!("database (sled panicked: {what})"),
+            })
+        }
+    }
+}
+
+impl Store {
+    pub(super) fn open(path: &Path, cache_bytes: u64) -> Result<Store, Error> {
+        fs::create_dir_all(path).map_err(io_err(path))?;
+        let db = open_sled(path, cache_bytes)?;
+        let sled_err = |source| Error::Sled {
+            path: path.to_owned(),
+            source,
+        };
+        let tree = |name: &str| db.open_tree(name).map_err(sled_err);
+        let store = Store {
+            meta: tree("meta")?,
+            queue: tree("queue")?,
+            files: tree("files")?,
+            paths: tree("paths")?,
+            dedupe: tree("dedupe")?,
+            quarantine: tree("quarantine")?,
+            dead: tree("dead")?,
+            data_file: File::open(path.join("db")).map_err(io_err(&path.join("db")))?,
+            path: path.to_owned(),
+            db,
+        };
+        match store.meta.get("format_version").map_err(sled_err)? {
+            None => {
+                store
+                    .meta
+                    .insert("format_version", &FORMAT_VERSION.to_be_bytes())
+                    .map_err(sled_err)?;
+                store.flush()?;
+            }
+            Some(v) => {
+                let found =
+                    u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Corrupt {
+                        path: path.to_owned(),
+                        what: "format_version".into(),
+                    })?);
+                if found != FORMAT_VERSION {
+                    return Err(Error::Version {
+                        path: path.to_owned(),
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    pub(super) fn sled_err(&self, source: sled::Error) -> Error {
+        Error::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub(super) fn tx_err(&self, e: TransactionError<String>) -> Error {
+        match e {
+            TransactionError::Storage(source) => self.sled_err(source),
+            TransactionError::Abort(what) => Error::Corrupt {
+                path: self.path.clone(),
+                what,
+            },
+        }
+    }
+
+    pub(super) fn flush(&self) -> Result<(), Error> {
+        self.db.flush().map_err(|e| self.sled_err(e))?;
+        self.data_file
+            .sync_all()
+            .map_err(io_err(&self.path.join("db")))
+    }
+
+    pub(super) fn next_queue_key(&self) -> Result<u64, Error> {
+        Ok(match self.queue.last().map_err(|e| self.sled_err(e))? {
+            Some((k, _)) => decode_u64(&k).map_or(0, |k| k + 1),
+            None => 0,
+        })
+    }
+
+    /// Bytes sled's files take on disk (never the backlog: sled does not shrink them).
+    pub(super) fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Bytes of every key and value in our trees: what a compacted copy needs.
+    pub(super) fn live_bytes(&self) -> Result<u64, Error> {
+        let mut total = 0u64;
+        for name in TREES {
+            let tree = self.db.open_tree(name).map_err(|e| self.sled_err(e))?;
+            for item in tree.iter() {
+                let (k, v) = item.map_err(|e| self.sled_err(e))?;
+                total += (k.len() + v.len()) as u64;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Copies every tree into `to` (a fresh generation) and flushes it.
+    pub(super) fn copy_into(&self, to: &Store) -> Result<(), Error> {
+        for name in TREES {
+            let from = self.db.open_tree(name).map_err(|e| self.sled_err(e))?;
+            let dest = to.db.open_tree(name).map_err(|e| to.sled_err(e))?;
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for item in from.iter() {
+                let (k, v) = item.map_err(|e| self.sled_err(e))?;
+                batch.insert(k, v);
+                n += 1;
+                if n % 10_000 == 0 {
+                    dest.apply_batch(std::mem::take(&mut batch))
+                        .map_err(|e| to.sled_err(e))?;
+                }
+            }
+            dest.apply_batch(batch).map_err(|e| to.sled_err(e))?;
+        }
+        to.flush()
+    }
+
+    pub(super) fn decode_queued(&self, k: &[u8], v: &IVec) -> Result<Queued, Error> {
+        let corrupt = || Error::Corrupt {
+            path: self.path.clone(),
+            what: format!("queue entry {k:?}"),
+        };
+        let key = decode_u64(k).ok_or_else(corrupt)?;
+        if v.len() < HEADER_LEN || v[0] != HEADER_VERSION {
+            return Err(corrupt());
+        }
+        Ok(Queued {
+            key,
+            enqueued_ms: decode_u64(&v[1..9]).ok_or_else(corrupt)?,
+            file_id: decode_u64(&v[9..17]).ok_or_else(corrupt)?,
+            json: v.subslice(HEADER_LEN, v.len() - HEADER_LEN),
+        })
+    }
+
+    pub(super) fn json_entries<T: serde::de::DeserializeOwned>(
+        &self,
+        tree: &Tree,
+        what: &str,
+    ) -> Result<Vec<(u64, T)>, Error> {
+        tree.iter()
+            .map(|item| {
+                let (k, v) = item.map_err(|e| self.sled_err(e))?;
+                let id = decode_u64(&k).unwrap_or(0);
+                let entry = serde_json::from_slice(&v).map_err(|_| Error::Corrupt {
+                    path: self.path.clone(),
+                    what: format!("{what} {id}"),
+                })?;
+                Ok((id, entry))
+            })
+            .collect()
+    }
+}
+
+/// Swaps in a compacted copy of `old`: builds `gen-<n+1>` beside it, points `CURRENT` at it,
+/// and deletes `old`. Crash-safe at every step: before the `CURRENT` rename the old generation
+/// is current and the new one is debris; after it, the new one is complete (flushed before the
+/// rename) and the old one is debris. Debris is deleted at the next open.
+pub(super) fn compact(dir: &Path, old: &Store, cache_bytes: u64) -> Result<Store, Error> {
+    let old_name = old
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let new_name = next_generation(&old_name);
+    let new_path = dir.join(&new_name);
+    if new_path.exists() {
+        fs::remove_dir_all(&new_path).map_err(io_err(&new_path))?;
+    }
+    let new = Store::open(&new_path, cache_bytes)?;
+    if let Err(e) = old.copy_into(&new) {
+        drop(new);
+        let _ = fs::remove_dir_all(&new_path);
+        return Err(e);
+    }
+    set_current(dir, &new_name)?;
+    Ok(new)
+}
+
+/// Deletes a generation that is no longer current (after its `Store` was dropped).
+pub(super) fn remove_generation(path: &Path) {
+    if let Err(e) = fs::remove_dir_all(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove the old spool generation; it goes at the next start");
+    }
+}
