@@ -691,3 +691,5 @@ pub(crate) fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod model_tests;

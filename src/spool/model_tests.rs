@@ -1,0 +1,1 @@
+//! Property test: the spool against a VecDeque model across simulated restarts.
