@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AfterIngest, Config, WriteKey};
+use crate::control;
 use crate::drain::{Drain, DrainHandle, DrainSettings};
 use crate::ingest::{Ingestor, Outcome};
 use crate::leanplum::catalog::Catalog;
@@ -148,6 +149,35 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
         }
     });
 
+    let started = std::time::Instant::now();
+    let report: control::ReportFn = {
+        let (stats, spool, drain) = (stats.clone(), spool.clone(), handle.status.clone());
+        let (endpoint, max) = (config.segment.endpoint.clone(), config.spool.max_bytes);
+        Arc::new(move || {
+            let drain = drain.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            control::live_report(&control::LiveSources {
+                stats: &stats,
+                drain: &drain,
+                spool: &spool,
+                endpoint: &endpoint,
+                started,
+                max_spool_bytes: max,
+                notes: &[],
+            })
+        })
+    };
+    let socket = control::ControlSocket::bind(&config.control.socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the control socket {}",
+                config.control.socket.display()
+            )
+        })?;
+    let control_stop = CancellationToken::new();
+    let control_task = tokio::spawn(socket.run(report.clone(), control_stop.clone()));
+    let status_task = tokio::spawn(systemd_status(report));
+
     tokio::select! {
         _ = first_scan_rx => {
             notify_systemd(&[sd_notify::NotifyState::Ready]);
@@ -164,11 +194,14 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
     let _ = drain_task.await;
     usr1_task.abort();
     maintenance_task.abort();
+    status_task.abort();
     after_task.abort();
     let spool_flush = spool.clone();
     tokio::task::spawn_blocking(move || spool_flush.flush())
         .await?
         .context("cannot flush the spool")?;
+    control_stop.cancel();
+    let _ = control_task.await;
     let depth = spool.depth()?;
     tracing::info!(
         queued = depth.events,
@@ -234,6 +267,21 @@ async fn after_ingest_worker(
             Err(e) => {
                 tracing::warn!(path = %rec.path, error = %e, "after_ingest failed; the file stays")
             }
+        }
+    }
+}
+
+/// `STATUS=` for `systemctl status`, refreshed every few seconds (only under systemd).
+async fn systemd_status(report: control::ReportFn) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        every.tick().await;
+        let report = report.clone();
+        if let Ok(line) = tokio::task::spawn_blocking(move || report().one_line()).await {
+            notify_systemd(&[sd_notify::NotifyState::Status(&line)]);
         }
     }
 }

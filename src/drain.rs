@@ -72,6 +72,8 @@ pub struct DrainStatus {
     pub last_error: Option<String>,
     /// The wait in force now, if any.
     pub current_backoff_ms: Option<u64>,
+    /// HTTP status of the last request Segment refused for good (401/403, other 4xx, 501...).
+    pub last_rejected_status: Option<u16>,
 }
 
 /// Handles the rest of the agent uses to talk to the drain.
@@ -328,6 +330,9 @@ impl Drain {
                     );
                 }
                 st.state = state;
+                if matches!(state, DeliveryState::AuthFailed | DeliveryState::Rejected) {
+                    st.last_rejected_status = answer.status;
+                }
                 st.last_error = Some(answer.detail);
                 st.current_backoff_ms = Some(delay.as_millis() as u64);
             }

@@ -24,11 +24,13 @@
 //! - [`segment`]: event type, batch budget, HTTP client, retry policy.
 //! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
 //! - [`stats`]: counters shared by the tasks, read by status.
+//! - [`control`]: control socket, status report.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod drain;
 pub mod ingest;
 pub mod input;

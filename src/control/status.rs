@@ -26,7 +26,7 @@
 //! | `skipped_by_action` | object | `skipped` by Leanplum action name, e.g. `{"Held Back": 3}`; empty when stopped |
 //! | `quarantined` | integer | bad records put in quarantine: since start when running, all entries held by the spool when stopped |
 //! | `dead_lettered` | integer | events Segment will never take: since start when running, all dead letters held by the spool when stopped |
-//! | `files_seen` | integer | input files: new ones since start when running, all the spool knows when stopped |
+//! | `files_seen` | integer | input files the spool knows (all of them, not only since start) |
 //! | `files_in_progress` | integer | files being read, or waiting to be read on because they may grow |
 //! | `files_done` | integer | files read to the end (their events are in the spool or delivered) |
 //! | `files_failed` | integer | files that could not be read (retried when they change) |
@@ -234,6 +234,11 @@ pub struct LiveSources<'a> {
 /// as zeros and a note, because a status answer that says why beats no answer.
 pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
     let mut notes = src.notes.to_vec();
+    if let Some(note) = src.spool.recovered()
+        && !notes.iter().any(|n| n == note)
+    {
+        notes.push(note.to_string());
+    }
     let depth = src.spool.depth().unwrap_or_else(|e| {
         notes.push(format!("cannot read the spool depth: {e}"));
         spool::Depth::default()
@@ -242,19 +247,10 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
         notes.push(format!("cannot read the oldest queued event: {e}"));
         None
     });
-    let files_seen = Stats::get(&src.stats.files_seen);
-    let files_done = Stats::get(&src.stats.files_done);
-    let files_failed = Stats::get(&src.stats.files_failed);
-    let files_in_progress = match file_counts(src.spool) {
-        Ok(Some(c)) => c.in_progress,
-        // Approximate until the spool can list files: files resumed after a restart are not
-        // in `files_seen`, so this can undercount, never go negative.
-        Ok(None) => files_seen.saturating_sub(files_done + files_failed),
-        Err(e) => {
-            notes.push(format!("cannot read the files table: {e}"));
-            0
-        }
-    };
+    let files = file_counts(src.spool).unwrap_or_else(|e| {
+        notes.push(format!("cannot read the files table: {e}"));
+        FileCounts::default()
+    });
     let skipped_by_action = src
         .stats
         .skipped
@@ -279,15 +275,14 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
         skipped_by_action,
         quarantined: Stats::get(&src.stats.quarantined),
         dead_lettered: Stats::get(&src.stats.dead_lettered),
-        files_seen,
-        files_in_progress,
-        files_done,
-        files_failed,
+        files_seen: files.seen,
+        files_in_progress: files.in_progress,
+        files_done: files.done,
+        files_failed: files.failed,
         last_success: src.drain.last_success_ms.map(rfc3339_ms),
         last_error: src.drain.last_error.clone(),
         current_backoff_ms: src.drain.current_backoff_ms,
-        // DrainStatus does not record it yet; the state already says auth_failed / rejected.
-        last_rejected_status: None,
+        last_rejected_status: src.drain.last_rejected_status,
         notes,
     }
 }
@@ -298,7 +293,7 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
 pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spool::Error> {
     let depth = spool.depth()?;
     let oldest = spool.oldest_enqueued_ms()?;
-    let counts = file_counts(spool)?.unwrap_or_default();
+    let counts = file_counts(spool)?;
     let now = now_ms();
     Ok(StatusReport {
         state: STATE_STOPPED.to_string(),
@@ -313,6 +308,7 @@ pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spo
         files_in_progress: counts.in_progress,
         files_done: counts.done,
         files_failed: counts.failed,
+        notes: spool.recovered().map(str::to_string).into_iter().collect(),
         ..StatusReport::default()
     })
 }
@@ -340,7 +336,6 @@ struct FileCounts {
 }
 
 impl FileCounts {
-    #[allow(dead_code)] // until `Spool::files` exists; see `file_counts`
     fn add(&mut self, status: FileStatus) {
         self.seen += 1;
         match status {
@@ -352,14 +347,14 @@ impl FileCounts {
     }
 }
 
-/// Files by status from the spool's `files` tree; `None` while the spool cannot list them.
-fn file_counts(_spool: &Spool) -> Result<Option<FileCounts>, spool::Error> {
-    // needs Spool::files: once `pub fn files(&self) -> Result<Vec<(u64, FileRecord)>, Error>`
-    // exists, this becomes:
-    //     let mut c = FileCounts::default();
-    //     for (_, rec) in _spool.files()? { c.add(rec.status); }
-    //     Ok(Some(c))
-    Ok(None)
+/// Files by status from the spool's `files` tree. Reads every file record: fine for `status`,
+/// too much to run every second.
+fn file_counts(spool: &Spool) -> Result<FileCounts, spool::Error> {
+    let mut counts = FileCounts::default();
+    for (_, rec) in spool.files()? {
+        counts.add(rec.status);
+    }
+    Ok(counts)
 }
 
 /// Drops `user:password@` from a URL: the endpoint is printed, and a credential someone put in
@@ -391,12 +386,7 @@ fn ago(at: &str, now: DateTime<Utc>) -> Option<u64> {
 
 /// "45s", "12m 3s", "3h 12m", "2d 4h": two units at most, enough to judge an age.
 fn fmt_duration(secs: u64) -> String {
-    let (d, h, m, s) = (
-        secs / 86_400,
-        secs / 3_600 % 24,
-        secs / 60 % 60,
-        secs % 60,
-    );
+    let (d, h, m, s) = (secs / 86_400, secs / 3_600 % 24, secs / 60 % 60, secs % 60);
     if d > 0 {
         format!("{d}d {h}h")
     } else if h > 0 {
@@ -544,13 +534,19 @@ mod tests {
             assert!(colon < col && line[col - 1..].starts_with(' '), "{line}");
             assert_ne!(line.as_bytes()[col], b' ', "misaligned: {line}");
         }
-        assert!(text.contains("version:       0.1.0 (pid 4242, up 3h 12m)"), "{text}");
-        assert!(text.contains("1234 events, 5.6 MiB, oldest 12m 3s"), "{text}");
+        assert!(
+            text.contains("version:      0.1.0 (pid 4242, up 3h 12m)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1234 events, 5.6 MiB, oldest 12m 3s"),
+            "{text}"
+        );
         assert!(text.contains("(Held Back: 3, Open: 2)"), "{text}");
         assert!(text.contains("2024-05-01T12:00:00Z (12s ago)"), "{text}");
         assert!(text.contains("HTTP 503: Service Unavailable"), "{text}");
-        assert!(text.contains("backoff:       30s"), "{text}");
-        assert!(text.contains("note:          spool was corrupt"), "{text}");
+        assert!(text.contains("backoff:      30s"), "{text}");
+        assert!(text.contains("note:         spool was corrupt"), "{text}");
     }
 
     #[test]
@@ -615,6 +611,8 @@ mod tests {
             path: path.into(),
             head_len: 0,
             head_hash: String::new(),
+            tail_hash: String::new(),
+            raw_len: 0,
             gzip: false,
             offset: 0,
             line: 0,
@@ -655,6 +653,12 @@ mod tests {
                 ..Chunk::default()
             })
             .unwrap();
+        for (path, status) in [("b.json", FileStatus::Read), ("c.json", FileStatus::Failed)] {
+            let id = spool
+                .begin_file(Path::new(path), &file_record(path))
+                .unwrap();
+            spool.update_file(id, |r| r.status = status).unwrap();
+        }
         spool
     }
 
@@ -671,6 +675,16 @@ mod tests {
         assert!(r.oldest_event_age_secs.is_some_and(|a| a < 60));
         assert_eq!((r.quarantined, r.dead_lettered), (1, 0));
         assert_eq!(
+            (
+                r.files_seen,
+                r.files_in_progress,
+                r.files_done,
+                r.files_failed
+            ),
+            (3, 1, 1, 1)
+        );
+        assert!(r.notes.is_empty());
+        assert_eq!(
             (r.events_read, r.events_spooled, r.events_delivered),
             (0, 0, 0)
         );
@@ -683,8 +697,6 @@ mod tests {
         let spool = spool_with_backlog(dir.path());
         let stats = Stats::default();
         Stats::add(&stats.events_delivered, 7);
-        Stats::add(&stats.files_seen, 2);
-        Stats::add(&stats.files_done, 1);
         stats.add_skipped(&BTreeMap::from([("Held Back".to_string(), 4)]));
         let drain = DrainStatus {
             state: DeliveryState::BackingOff,
@@ -706,10 +718,14 @@ mod tests {
         assert_eq!(r.state, "backing_off");
         assert_eq!(r.pid, Some(std::process::id()));
         assert_eq!((r.spool_events, r.events_delivered), (3, 7));
-        assert_eq!((r.skipped, r.skipped_by_action.get("Held Back")), (4, Some(&4)));
+        assert_eq!(
+            (r.skipped, r.skipped_by_action.get("Held Back")),
+            (4, Some(&4))
+        );
         assert_eq!(r.last_success.as_deref(), Some("2024-05-01T12:00:00Z"));
         assert_eq!(r.current_backoff_ms, Some(1000));
-        assert_eq!(r.files_seen, 2);
+        // Files come from the spool, so they survive a restart.
+        assert_eq!((r.files_seen, r.files_in_progress), (3, 1));
         assert_eq!(r.notes, notes);
 
         let full = live_report(&LiveSources {

@@ -13,6 +13,7 @@
 //! | `queue` | seq, u64 BE (FIFO: sled iterates keys in byte order) | `[1u8][enqueued_ms u64 BE][file_id u64 BE][event JSON]` |
 //! | `files` | file id, u64 BE | [`FileRecord`] as JSON |
 //! | `paths` | path bytes (relative to `watch.dir`) | file id u64 BE |
+//! | `heads` | head hash (32 hex ASCII) + file id u64 BE | empty: files by content |
 //! | `dedupe` | Segment `messageId` bytes | first spooled at, ms u64 BE |
 //! | `quarantine` | id u64 BE | [`QuarantineEntry`] as JSON (bad input) |
 //! | `dead` | id u64 BE | [`DeadLetter`] as JSON (events Segment will never take) |
@@ -70,6 +71,7 @@ pub use records::{DeadLetter, FileRecord, FileStatus, QuarantineEntry};
 
 use sled::IVec;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
@@ -98,6 +100,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Another process (a running agent) holds the spool.
+    #[error("spool {path} is in use by another process (is the agent already running?)")]
+    Locked { path: PathBuf },
     /// The spool was written by a newer version of the agent.
     #[error("spool {path} has format version {found}, this agent reads version {FORMAT_VERSION}")]
     Version { path: PathBuf, found: u32 },
@@ -140,6 +145,8 @@ pub struct Chunk {
     pub quarantine: Vec<QuarantineEntry>,
     /// Marks the file as fully read (all its records are in the spool).
     pub file_done: bool,
+    /// The file's tail hash at `offset` (plain files; see `ingest::fingerprint`).
+    pub tail_hash: Option<String>,
 }
 
 /// What a commit did with the chunk's events.
@@ -196,6 +203,8 @@ pub struct Spool {
     watermark: AtomicU64,
     /// What `open` had to repair, for status.
     recovered: Option<String>,
+    /// Our flock on `spool.dir/LOCK`, held as long as the spool is open.
+    _lock: File,
 }
 
 impl std::fmt::Debug for Spool {
@@ -211,7 +220,32 @@ impl Spool {
     /// A spool sled cannot open (or panics opening) is moved aside and replaced by an empty one;
     /// [`Spool::recovered`] then says so. A spool from a newer agent is an error, never moved.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Spool, Error> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let lock = store::lock(dir)?;
         let (store, recovered) = store::open_current(dir, cache_bytes)?;
+        Spool::from_store(dir, cache_bytes, store, recovered, lock)
+    }
+
+    /// Opens an existing spool to look at it (no agent running): repairs, deletes and creates
+    /// nothing. `Ok(None)` when there is no spool at `dir`; [`Error::Locked`] when an agent
+    /// holds it.
+    pub fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<Spool>, Error> {
+        match store::open_existing(dir, cache_bytes)? {
+            Some((store, lock)) => Spool::from_store(dir, cache_bytes, store, None, lock).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn from_store(
+        dir: &Path,
+        cache_bytes: u64,
+        store: Store,
+        recovered: Option<String>,
+        lock: File,
+    ) -> Result<Spool, Error> {
         let next = store.next_queue_key()?;
         Ok(Spool {
             dir: dir.to_owned(),
@@ -220,6 +254,7 @@ impl Spool {
             writer: Mutex::new(next),
             watermark: AtomicU64::new(next),
             recovered,
+            _lock: lock,
         })
     }
 
@@ -332,6 +367,9 @@ impl Spool {
                 };
                 rec.offset = chunk.offset;
                 rec.line = chunk.line;
+                if let Some(t) = &chunk.tail_hash {
+                    rec.tail_hash.clone_from(t);
+                }
                 rec.events_spooled += out.spooled;
                 rec.pending += out.spooled;
                 rec.updated_ms = now;
@@ -530,15 +568,85 @@ impl Spool {
     pub fn begin_file(&self, path: &Path, record: &FileRecord) -> Result<u64, Error> {
         let s = self.store();
         let id = s.db.generate_id().map_err(|e| s.sled_err(e))?;
-        (&s.files, &s.paths)
-            .transaction(|(files, paths)| {
+        (&s.files, &s.paths, &s.heads)
+            .transaction(|(files, paths, heads)| {
                 files.insert(&id.to_be_bytes(), encode_file(record))?;
                 paths.insert(path_key(path), &id.to_be_bytes())?;
+                heads.insert(head_key(&record.head_hash, id), &[])?;
                 Ok(())
             })
             .map_err(|e: TransactionError<String>| s.tx_err(e))?;
-        self.flush()?;
+        s.flush()?;
         Ok(id)
+    }
+
+    /// Files whose first bytes hash to `head_hash`: candidates for "the same content".
+    pub fn files_with_head(&self, head_hash: &str) -> Result<Vec<(u64, FileRecord)>, Error> {
+        let s = self.store();
+        let mut out = Vec::new();
+        for item in s.heads.scan_prefix(head_hash.as_bytes()) {
+            let (k, _) = item.map_err(|e| s.sled_err(e))?;
+            let Some(id) = k.get(k.len().saturating_sub(8)..).and_then(decode_u64) else {
+                continue;
+            };
+            if let Some(v) = s.files.get(id.to_be_bytes()).map_err(|e| s.sled_err(e))? {
+                let rec = serde_json::from_slice(&v).map_err(|_| Error::Corrupt {
+                    path: s.path.clone(),
+                    what: format!("file record {id}"),
+                })?;
+                out.push((id, rec));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Points `path` at a known file (a rename, or a copy of content already read).
+    pub fn link_path(&self, path: &Path, id: u64) -> Result<(), Error> {
+        let s = self.store();
+        let shown = path.to_string_lossy().into_owned();
+        (&s.files, &s.paths)
+            .transaction(|(files, paths)| {
+                paths.insert(path_key(path), &id.to_be_bytes())?;
+                if let Some(v) = files.get(id.to_be_bytes())? {
+                    let mut rec = decode_file(&v)?;
+                    rec.path.clone_from(&shown);
+                    files.insert(&id.to_be_bytes(), encode_file(&rec))?;
+                }
+                Ok(())
+            })
+            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
+        s.flush()
+    }
+
+    /// Widens a file's head (a small file that grew) and re-indexes it.
+    pub fn update_head(&self, id: u64, head_len: u64, head_hash: &str) -> Result<(), Error> {
+        let s = self.store();
+        (&s.files, &s.heads)
+            .transaction(|(files, heads)| {
+                let Some(v) = files.get(id.to_be_bytes())? else {
+                    return Ok(());
+                };
+                let mut rec = decode_file(&v)?;
+                heads.remove(head_key(&rec.head_hash, id))?;
+                rec.head_len = head_len;
+                rec.head_hash = head_hash.to_owned();
+                heads.insert(head_key(head_hash, id), &[])?;
+                files.insert(&id.to_be_bytes(), encode_file(&rec))?;
+                Ok(())
+            })
+            .map_err(|e: TransactionError<String>| s.tx_err(e))
+    }
+
+    /// Quarantines a problem that belongs to no file record (a file that cannot even be
+    /// opened).
+    pub fn quarantine(&self, entry: &QuarantineEntry) -> Result<(), Error> {
+        let s = self.store();
+        let id = s.db.generate_id().map_err(|e| s.sled_err(e))?;
+        let v = serde_json::to_vec(entry).unwrap_or_default();
+        s.quarantine
+            .insert(id.to_be_bytes(), v)
+            .map_err(|e| s.sled_err(e))?;
+        s.flush()
     }
 
     /// Rewrites a file record (status changes outside a chunk commit).
@@ -666,6 +774,12 @@ fn decode_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.try_into().ok()?))
 }
 
+fn head_key(head_hash: &str, id: u64) -> Vec<u8> {
+    let mut k = head_hash.as_bytes().to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
 fn path_key(path: &Path) -> &[u8] {
     use std::os::unix::ffi::OsStrExt;
     path.as_os_str().as_bytes()
@@ -690,6 +804,6 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod model_tests;
+#[cfg(test)]
+mod tests;

@@ -4,10 +4,11 @@
 use serde::{Deserialize, Serialize};
 
 /// Where a file stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FileStatus {
     /// Being read, or waiting to be read on (it may grow).
+    #[default]
     Reading,
     /// Every record is in the spool; events may still be waiting for delivery.
     Read,
@@ -18,7 +19,7 @@ pub enum FileStatus {
 }
 
 /// One input file as the spool knows it: identity, read position and progress.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
     /// Path relative to `watch.dir` when last seen (lossy UTF-8, for humans).
     pub path: String,
@@ -26,6 +27,13 @@ pub struct FileRecord {
     pub head_len: u64,
     /// SHA-256 (first 16 bytes, hex) of the file's first `head_len` raw bytes: its identity.
     pub head_hash: String,
+    /// SHA-256 (16 bytes, hex) of the 1 KiB before `offset` at the last commit (plain files):
+    /// the file still holds what was read if this still matches.
+    #[serde(default)]
+    pub tail_hash: String,
+    /// Size of the file as read (gzip files: they do not grow, so a new size is new content).
+    #[serde(default)]
+    pub raw_len: u64,
     pub gzip: bool,
     /// Decompressed bytes committed (read and spooled).
     pub offset: u64,

@@ -19,11 +19,12 @@ use super::{Error, FORMAT_VERSION, HEADER_LEN, HEADER_VERSION, Queued, decode_u6
 
 const CURRENT: &str = "CURRENT";
 /// The trees of format version 1, copied by compaction.
-pub(super) const TREES: [&str; 7] = [
+pub(super) const TREES: [&str; 8] = [
     "meta",
     "queue",
     "files",
     "paths",
+    "heads",
     "dedupe",
     "quarantine",
     "dead",
@@ -39,6 +40,7 @@ pub(super) struct Store {
     pub queue: Tree,
     pub files: Tree,
     pub paths: Tree,
+    pub heads: Tree,
     pub dedupe: Tree,
     pub quarantine: Tree,
     pub dead: Tree,
@@ -51,10 +53,44 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
+/// Takes `spool.dir/LOCK` (an flock, released when the process dies, even by `kill -9`), so a
+/// second agent, or `status` while one runs, learns at once that the spool is in use instead of
+/// waiting on sled's own lock or, worse, taking its refusal for damage.
+pub(super) fn lock(dir: &Path) -> Result<File, Error> {
+    let path = dir.join("LOCK");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            path: dir.to_owned(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(Error::Io { path, source: e }),
+    }
+}
+
+/// Opens an existing spool for a look (offline `status`, `dead-letter` with no agent running):
+/// takes the lock, repairs nothing, deletes nothing, creates nothing. `None`: no spool yet.
+pub(super) fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<(Store, File)>, Error> {
+    let Ok(name) = fs::read_to_string(dir.join(CURRENT)) else {
+        return Ok(None);
+    };
+    let path = dir.join(name.trim());
+    if !is_generation(name.trim()) || !path.join("db").exists() {
+        return Ok(None);
+    }
+    let lock = lock(dir)?;
+    Ok(Some((Store::open(&path, cache_bytes)?, lock)))
+}
+
 /// Opens the current generation, creating the first one, deleting debris, and moving a
-/// generation sled cannot open aside. The second value says what was repaired.
+/// generation sled cannot open aside. The second value says what was repaired. The caller holds
+/// the lock (see [`lock`]).
 pub(super) fn open_current(dir: &Path, cache_bytes: u64) -> Result<(Store, Option<String>), Error> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
     let current = match fs::read_to_string(dir.join(CURRENT)) {
         Ok(name) if is_generation(name.trim()) => name.trim().to_owned(),
         Ok(_) | Err(_) => {
@@ -68,6 +104,8 @@ pub(super) fn open_current(dir: &Path, cache_bytes: u64) -> Result<(Store, Optio
     match Store::open(&path, cache_bytes) {
         Ok(store) => Ok((store, None)),
         Err(e @ Error::Version { .. }) => Err(e),
+        // sled's own lock refused: another process has it open. Not damage.
+        Err(e) if e.to_string().contains("could not acquire lock") => Err(e),
         Err(e) if e.is_disk_full() => Err(e),
         Err(e) => {
             let aside = dir.join(format!("corrupt-{}", now_ms() / 1000));
@@ -172,6 +210,7 @@ impl Store {
             queue: tree("queue")?,
             files: tree("files")?,
             paths: tree("paths")?,
+            heads: tree("heads")?,
             dedupe: tree("dedupe")?,
             quarantine: tree("quarantine")?,
             dead: tree("dead")?,

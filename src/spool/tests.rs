@@ -11,6 +11,8 @@ fn file_record(path: &str) -> FileRecord {
         path: path.into(),
         head_len: 0,
         head_hash: String::new(),
+        tail_hash: String::new(),
+        raw_len: 0,
         gzip: false,
         offset: 0,
         line: 0,
@@ -244,7 +246,12 @@ fn compaction_gives_disk_back_and_keeps_everything_live() {
         "{before} bytes on disk"
     );
     let c = spool.compact().unwrap();
-    assert_eq!(c.disk_before, before);
+    // sled may have written a little more since `before`.
+    assert!(c.disk_before >= before, "{c:?} vs {before}");
+    eprintln!(
+        "compaction: {} bytes on disk before, {} after",
+        c.disk_before, c.disk_after
+    );
     assert!(
         c.disk_after * 4 < c.disk_before,
         "compaction gave back too little: {c:?}"
@@ -335,4 +342,34 @@ fn dedupe_entries_older_than_the_window_are_pruned() {
     fill(&spool, fid, 3, "old");
     fill(&spool, fid, 2, "new");
     assert_eq!(spool.depth().unwrap().events, before + 3);
+}
+
+#[test]
+fn a_second_open_is_refused_and_never_taken_for_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    fill(&spool, fid, 3, "e");
+    let err = Spool::open(dir.path(), 8 << 20).unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(matches!(
+        Spool::open_existing(dir.path(), 8 << 20),
+        Err(Error::Locked { .. })
+    ));
+    drop(spool);
+    // Nothing was moved aside; the data is all there.
+    let look = Spool::open_existing(dir.path(), 8 << 20).unwrap().unwrap();
+    assert!(look.recovered().is_none());
+    assert_eq!(look.depth().unwrap().events, 3);
+    let empty = tempfile::tempdir().unwrap();
+    assert!(
+        Spool::open_existing(empty.path(), 8 << 20)
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        std::fs::read_dir(empty.path()).unwrap().count(),
+        0,
+        "nothing created"
+    );
 }

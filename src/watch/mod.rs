@@ -61,8 +61,9 @@ impl WatchSettings {
     }
 }
 
-/// Size and mtime: a file whose signature holds still for `settle` is complete.
-type Signature = (u64, SystemTime);
+/// Size, mtime and ctime: a file whose signature holds still for `settle` is complete. ctime is
+/// there so that a permission fix (chmod) makes an unreadable file worth another try.
+type Signature = (u64, SystemTime, i64);
 
 struct Tracked {
     sig: Signature,
@@ -247,7 +248,12 @@ impl Watcher {
             return;
         }
         let mtime = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        let sig = (m.len(), mtime);
+        let sig = (
+            m.len(),
+            mtime,
+            std::os::unix::fs::MetadataExt::ctime_nsec(m)
+                + std::os::unix::fs::MetadataExt::ctime(m) * 1_000_000_000,
+        );
         let now = Instant::now();
         match self.tracked.get_mut(&rel) {
             Some(t) => {

@@ -9,13 +9,14 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+
+mod fingerprint;
 
 use crate::input::{BadRecord, InputError, Item, Reader, Record};
 use crate::leanplum::catalog::Catalog;
@@ -24,9 +25,8 @@ use crate::spool::{
     self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, now_ms,
 };
 use crate::stats::Stats;
+use fingerprint::Relation;
 
-/// Bytes of a file's start that identify it.
-pub const HEAD_BYTES: usize = 1024;
 /// Events per spool commit: large enough to amortize the flush, small enough that a crash
 /// re-reads little and memory stays flat.
 const CHUNK_EVENTS: usize = 2000;
@@ -88,53 +88,54 @@ impl Ingestor {
             Ok(m) if m.is_file() => m,
             _ => return Ok(Outcome::Gone),
         };
-        let head = match read_head(&abs) {
+        let file = match File::open(&abs) {
+            Ok(f) => f,
+            Err(e) => return Ok(self.unreadable(rel, None, &format!("cannot open: {e}"))),
+        };
+        let len = meta.len();
+        let head = match fingerprint::head(&file, len) {
             Ok(h) => h,
             Err(e) => return Ok(self.unreadable(rel, None, &format!("cannot read: {e}"))),
         };
-        let len = meta.len();
-        let gzip = head.starts_with(&[0x1f, 0x8b]);
+        let gzip = fingerprint::is_gzip_head(&head);
 
-        let (file_id, offset, line) = match self.spool.file_by_path(rel)? {
-            Some((id, rec)) if same_content(&abs, &rec) => {
-                let unchanged = if rec.gzip {
-                    // A gzip file is complete once read; it only resumes after a crash.
-                    rec.status != FileStatus::Reading
-                } else {
-                    len == rec.offset && rec.status != FileStatus::Reading
-                };
-                if unchanged || rec.status == FileStatus::Failed && rec.updated_ms > mtime_ms(&meta)
-                {
-                    return Ok(Outcome::Unchanged);
-                }
-                if !rec.gzip && len < rec.offset {
-                    tracing::warn!(path = %shown, offset = rec.offset, size = len, "file truncated; reading it anew");
-                    (self.begin(rel, &head, gzip)?, 0, 0)
-                } else {
-                    if rec.status != FileStatus::Reading {
-                        self.spool
-                            .update_file(id, |r| r.status = FileStatus::Reading)?;
-                    }
-                    (id, rec.offset, rec.line)
-                }
-            }
-            Some(_) => {
-                tracing::warn!(path = %shown, "file content replaced; reading it anew");
-                (self.begin(rel, &head, gzip)?, 0, 0)
-            }
+        let known = match self.identify(rel, &file, len, &head)? {
+            Some(known) => known,
             None => {
                 Stats::add(&self.stats.files_seen, 1);
-                (self.begin(rel, &head, gzip)?, 0, 0)
+                (
+                    self.begin(rel, &head, gzip, len)?,
+                    FileRecord::default(),
+                    Relation::Grown,
+                )
             }
         };
+        let (id, rec, relation) = known;
+        if relation == Relation::Same
+            && (rec.status == FileStatus::Read
+                || rec.status == FileStatus::Done
+                || rec.status == FileStatus::Failed && rec.updated_ms > mtime_ms(&meta))
+        {
+            return Ok(Outcome::Unchanged);
+        }
+        if rec.status != FileStatus::Reading && rec.status != FileStatus::Failed {
+            self.spool
+                .update_file(id, |r| r.status = FileStatus::Reading)?;
+        }
+        if !gzip && rec.head_len < fingerprint::HEAD_BYTES && (head.len() as u64) > rec.head_len {
+            // A small file grew: its identity now covers more of it.
+            self.spool
+                .update_head(id, head.len() as u64, &fingerprint::hash(&head))?;
+        }
+        let (file_id, offset, line) = (id, rec.offset, rec.line);
 
         let (mut file_id, mut offset, mut line) = (file_id, offset, line);
         let opened = match Reader::open(&abs, offset) {
             Err(InputError::BadOffset { .. }) if offset > 0 => {
-                // The head still matches but the committed offset no longer falls on a line
-                // boundary: the rest of the file was rewritten. Read it as a new file.
-                tracing::warn!(path = %shown, offset, "file rewritten after its first bytes; reading it anew");
-                file_id = self.begin(rel, &head, gzip)?;
+                // The edges still match but the committed offset no longer falls on a line
+                // boundary: the file was rewritten. Read it as a new file.
+                tracing::warn!(path = %shown, offset, "file rewritten; reading it as a new file");
+                file_id = self.begin(rel, &head, gzip, len)?;
                 (offset, line) = (0, 0);
                 Reader::open(&abs, 0)
             }
@@ -189,6 +190,7 @@ impl Ingestor {
                 if cancel.is_cancelled() {
                     return Ok(Outcome::Cancelled);
                 }
+                self.seal(&mut chunk, &file, gzip);
                 let Some(t) = self.commit_counted(&mut chunk, &mut output, cancel)? else {
                     return Ok(Outcome::Cancelled);
                 };
@@ -210,6 +212,7 @@ impl Ingestor {
             chunk.offset = reader.offset();
             chunk.file_done = true;
         }
+        self.seal(&mut chunk, &file, gzip);
         let Some(t) = self.commit_counted(&mut chunk, &mut output, cancel)? else {
             return Ok(Outcome::Cancelled);
         };
@@ -240,14 +243,55 @@ impl Ingestor {
         })
     }
 
-    fn begin(&self, rel: &Path, head: &[u8], gzip: bool) -> Result<u64, spool::Error> {
+    /// Finds the file `rel` holds among the files read before: first the record at its path,
+    /// then any record with the same content (a rename or a re-synced copy), which `rel` is
+    /// then linked to. `None`: new content.
+    fn identify(
+        &self,
+        rel: &Path,
+        file: &File,
+        len: u64,
+        head: &[u8],
+    ) -> Result<Option<(u64, FileRecord, Relation)>, spool::Error> {
+        let shown = rel.display();
+        let io = |e: std::io::Error| spool::Error::Io {
+            path: self.watch_dir.join(rel),
+            source: e,
+        };
+        if let Some((id, rec)) = self.spool.file_by_path(rel)? {
+            match fingerprint::relate(file, len, &rec).map_err(io)? {
+                Relation::Different(why) => {
+                    tracing::warn!(path = %shown, reason = why, "file content changed; reading it as a new file");
+                }
+                relation => return Ok(Some((id, rec, relation))),
+            }
+        }
+        if len == 0 {
+            // Every empty file looks alike; an empty file is simply new.
+            return Ok(None);
+        }
+        for (id, rec) in self.spool.files_with_head(&fingerprint::hash(head))? {
+            let relation = fingerprint::relate(file, len, &rec).map_err(io)?;
+            if relation != Relation::Same && relation != Relation::Grown {
+                continue;
+            }
+            tracing::info!(path = %shown, same_as = %rec.path, "same content as a file already read (renamed or copied); not read again");
+            self.spool.link_path(rel, id)?;
+            return Ok(Some((id, rec, relation)));
+        }
+        Ok(None)
+    }
+
+    fn begin(&self, rel: &Path, head: &[u8], gzip: bool, len: u64) -> Result<u64, spool::Error> {
         let now = now_ms();
         self.spool.begin_file(
             rel,
             &FileRecord {
                 path: rel.to_string_lossy().into_owned(),
                 head_len: head.len() as u64,
-                head_hash: head_hash(head),
+                head_hash: fingerprint::hash(head),
+                tail_hash: String::new(),
+                raw_len: len,
                 gzip,
                 offset: 0,
                 line: 0,
@@ -266,29 +310,32 @@ impl Ingestor {
         let shown = rel.display().to_string();
         tracing::warn!(path = %shown, error = %reason, "file cannot be read");
         Stats::add(&self.stats.files_failed, 1);
-        if let Some(id) = file_id {
-            let entry = QuarantineEntry {
-                reason: reason.to_owned(),
-                file: shown,
-                line: 0,
-                time_ms: now_ms(),
-                raw: String::new(),
-            };
-            let chunk = Chunk {
-                file_id: id,
-                quarantine: vec![entry],
-                ..Chunk::default()
-            };
-            let result = self.spool.commit_file_chunk(&chunk).and_then(|_| {
-                self.spool.update_file(id, |r| {
-                    r.status = FileStatus::Failed;
-                    r.error = Some(reason.to_owned());
+        let entry = QuarantineEntry {
+            reason: reason.to_owned(),
+            file: shown,
+            line: 0,
+            time_ms: now_ms(),
+            raw: String::new(),
+        };
+        let result = match file_id {
+            Some(id) => {
+                let chunk = Chunk {
+                    file_id: id,
+                    quarantine: vec![entry],
+                    ..Chunk::default()
+                };
+                self.spool.commit_file_chunk(&chunk).and_then(|_| {
+                    self.spool.update_file(id, |r| {
+                        r.status = FileStatus::Failed;
+                        r.error = Some(reason.to_owned());
+                    })
                 })
-            });
-            match result {
-                Ok(()) => Stats::add(&self.stats.quarantined, 1),
-                Err(e) => tracing::error!(error = %e, "cannot record the failure in the spool"),
             }
+            None => self.spool.quarantine(&entry),
+        };
+        match result {
+            Ok(()) => Stats::add(&self.stats.quarantined, 1),
+            Err(e) => tracing::error!(error = %e, "cannot record the failure in the spool"),
         }
         Outcome::Failed(reason.to_owned())
     }
@@ -321,6 +368,14 @@ impl Ingestor {
                 }
             }
             Err(BadRecord { reason, raw }) => chunk.quarantine.push(bad(reason, &raw)),
+        }
+    }
+
+    /// Records where the file stands at the chunk's end (plain files), so a later pass can tell
+    /// the same file grown from a rewritten one.
+    fn seal(&self, chunk: &mut Chunk, file: &File, gzip: bool) {
+        if !gzip {
+            chunk.tail_hash = fingerprint::tail_hash(file, chunk.offset).ok();
         }
     }
 
@@ -393,28 +448,6 @@ impl Ingestor {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
-}
-
-fn read_head(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut head = Vec::with_capacity(HEAD_BYTES);
-    File::open(path)?
-        .take(HEAD_BYTES as u64)
-        .read_to_end(&mut head)?;
-    Ok(head)
-}
-
-/// First 16 bytes of SHA-256, hex: enough to tell files apart, short enough to store per file.
-fn head_hash(head: &[u8]) -> String {
-    hex::encode(&Sha256::digest(head)[..16])
-}
-
-/// Whether the file at `path` still starts with the bytes the record was identified by.
-fn same_content(path: &Path, rec: &FileRecord) -> bool {
-    let mut head = Vec::with_capacity(rec.head_len as usize);
-    let ok = File::open(path)
-        .and_then(|f| f.take(rec.head_len).read_to_end(&mut head))
-        .is_ok();
-    ok && head.len() as u64 == rec.head_len && head_hash(&head) == rec.head_hash
 }
 
 fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
