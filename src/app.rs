@@ -74,6 +74,7 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
         abtests = catalog.len_abtests(),
         "catalog loaded"
     );
+    let catalog = Arc::new(catalog);
 
     let client = Client::new(
         &config.segment.endpoint,
@@ -114,7 +115,7 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
 
     let ingestor = Ingestor {
         spool: spool.clone(),
-        catalog: Arc::new(catalog),
+        catalog: catalog.clone(),
         opts: mapping_options(&config),
         stats: stats.clone(),
         watch_dir: config.watch.dir.clone().unwrap_or_default(),
@@ -175,7 +176,14 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
             )
         })?;
     let control_stop = CancellationToken::new();
-    let control_task = tokio::spawn(socket.run(report.clone(), control_stop.clone()));
+    let commands: control::CommandFn = {
+        let (spool, catalog, opts) = (spool.clone(), catalog.clone(), mapping_options(&config));
+        Arc::new(move |request: &str| {
+            crate::deadletter::handle_request(request, &spool, &catalog, &opts)
+        })
+    };
+    let control_task =
+        tokio::spawn(socket.run_with_commands(report.clone(), commands, control_stop.clone()));
     let status_task = tokio::spawn(systemd_status(report));
 
     tokio::select! {

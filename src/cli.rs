@@ -29,6 +29,22 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Ask the running agent how it is doing; with none running, read the spool. Exit 0 when
+    /// running, 3 when stopped, 1 on error.
+    Status {
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// One JSON object with stable field names instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, requeue or drop quarantined records and events Segment refused for good.
+    DeadLetter {
+        #[arg(long, default_value = DEFAULT_PATH, global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Print the Segment events FILEs would produce, as JSON lines; spools and sends nothing.
     DryRun {
         /// Config for the catalog and mapping options. Without it (and with no file at the
@@ -38,4 +54,17 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// List quarantined records and dead letters: id, kind, time, file:line, reason.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Requeue dead letters and re-parse quarantined records (all, or only IDs).
+    Retry { ids: Vec<u64> },
+    /// Drop entries for good (all, or only IDs).
+    Purge { ids: Vec<u64> },
 }

@@ -308,6 +308,8 @@ impl fmt::Display for KeySource {
 pub enum Purpose {
     Run,
     DryRun,
+    /// `status` and `dead-letter`: they need the socket and spool paths, not the key.
+    Inspect,
 }
 
 impl Config {

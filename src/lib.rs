@@ -22,6 +22,7 @@
 //! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk.
 //! - [`spool`]: the sled store; its module doc is the on-disk format.
 //! - [`segment`]: event type, batch budget, HTTP client, retry policy.
+//! - [`deadletter`]: `dead-letter list | retry | purge` over the quarantine and dead letters.
 //! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
 //! - [`stats`]: counters shared by the tasks, read by status.
 //! - [`control`]: control socket, status report.
@@ -31,6 +32,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod deadletter;
 pub mod drain;
 pub mod ingest;
 pub mod input;

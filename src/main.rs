@@ -8,13 +8,20 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use leanplum_segment_agent::app::{self, Controls};
-use leanplum_segment_agent::cli::{Cli, Command};
+use leanplum_segment_agent::cli::{Cli, Command, DeadLetterAction};
 use leanplum_segment_agent::config::{self, Config, Purpose};
+use leanplum_segment_agent::control::{self, QueryError};
+use leanplum_segment_agent::deadletter;
 use leanplum_segment_agent::ingest;
 use leanplum_segment_agent::leanplum::catalog::Catalog;
+use leanplum_segment_agent::spool::{self, Spool};
 
 /// sysexits.h EX_CONFIG.
 const EX_CONFIG: u8 = 78;
+/// LSB: program is not running.
+const EX_STOPPED: u8 = 3;
+/// How long `status` and `dead-letter` wait for the agent's answer.
+const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -22,6 +29,8 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::CheckConfig { config } => check_config(&config),
         Command::DryRun { config, files } => dry_run(config.as_deref(), &files),
+        Command::Status { config, json } => status(&config, json),
+        Command::DeadLetter { config, action } => dead_letter(&config, &action),
     }
 }
 
@@ -153,6 +162,154 @@ fn dry_run(config: Option<&Path>, files: &[PathBuf]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Loads a config for `status` / `dead-letter`, printing the problem on failure.
+fn load_for_inspect(path: &Path) -> Result<Config, ExitCode> {
+    Config::load_and_validate(path, Purpose::Inspect)
+        .map(|l| l.config)
+        .map_err(|e| {
+            eprintln!("{e}");
+            ExitCode::from(EX_CONFIG)
+        })
+}
+
+/// Opens the spool of a stopped agent, or says why it cannot.
+fn open_stopped_spool(config: &Config) -> Result<Option<Spool>, ExitCode> {
+    match Spool::open_existing(&config.spool.dir, 8 << 20) {
+        Ok(s) => Ok(s),
+        Err(spool::Error::Locked { path }) => {
+            eprintln!(
+                "an agent holds the spool {} but does not answer on its control socket {}",
+                path.display(),
+                config.control.socket.display()
+            );
+            Err(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn status(path: &Path, json: bool) -> ExitCode {
+    init_logging("warn");
+    let config = match load_for_inspect(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (report, code) = match control::query_status(&config.control.socket, ASK_TIMEOUT) {
+        Ok(r) => (r, ExitCode::SUCCESS),
+        Err(e) if e.is_no_daemon() => {
+            let report = match open_stopped_spool(&config) {
+                Ok(Some(spool)) => {
+                    match control::offline_report(&spool, &config.segment.endpoint) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            eprintln!("{e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+                Ok(None) => control::StatusReport {
+                    state: control::STATE_STOPPED.into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    endpoint: config.segment.endpoint.clone(),
+                    notes: vec![format!("no spool at {} yet", config.spool.dir.display())],
+                    ..control::StatusReport::default()
+                },
+                Err(code) => return code,
+            };
+            (report, ExitCode::from(EX_STOPPED))
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            if let QueryError::Io { source, .. } = &e
+                && source.kind() == std::io::ErrorKind::PermissionDenied
+            {
+                eprintln!("hint: run as root or as a member of the agent's group");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        print!("{}", report.render_human());
+    }
+    code
+}
+
+fn dead_letter(path: &Path, action: &DeadLetterAction) -> ExitCode {
+    init_logging("warn");
+    let config = match load_for_inspect(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+    let request = match action {
+        DeadLetterAction::List { .. } => "dead-letter list".to_string(),
+        DeadLetterAction::Retry { ids: i } => format!("dead-letter retry {}", ids(i)),
+        DeadLetterAction::Purge { ids: i } => format!("dead-letter purge {}", ids(i)),
+    };
+    let answer = match control::request(&config.control.socket, &request, ASK_TIMEOUT) {
+        Ok(v) => v,
+        Err(e) if e.is_no_daemon() => {
+            let spool = match open_stopped_spool(&config) {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    println!("no spool at {} yet", config.spool.dir.display());
+                    return ExitCode::SUCCESS;
+                }
+                Err(code) => return code,
+            };
+            let catalog = Catalog::load_dir(&config.mapping.catalog_dir).unwrap_or_else(|e| {
+                eprintln!("warning: {e}; retrying with an empty catalog");
+                Catalog::empty()
+            });
+            match deadletter::handle_request(
+                &request,
+                &spool,
+                &catalog,
+                &app::mapping_options(&config),
+            ) {
+                Some(v) => v,
+                None => return ExitCode::FAILURE,
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(err) = answer.get("error") {
+        eprintln!("{err}");
+        return ExitCode::FAILURE;
+    }
+    match action {
+        DeadLetterAction::List { json: true } => println!("{}", answer["entries"]),
+        DeadLetterAction::List { json: false } => {
+            let entries: Vec<deadletter::Entry> =
+                serde_json::from_value(answer["entries"].clone()).unwrap_or_default();
+            print!("{}", deadletter::render(&entries));
+        }
+        DeadLetterAction::Retry { .. } => {
+            let o: deadletter::RetryOutcome =
+                serde_json::from_value(answer["retry"].clone()).unwrap_or_default();
+            println!(
+                "{} dead letters requeued, {} quarantined records recovered, {} still bad",
+                o.requeued,
+                o.recovered,
+                o.still_bad.len()
+            );
+            for (id, why) in o.still_bad {
+                println!("  {id}: {why}");
+            }
+        }
+        DeadLetterAction::Purge { .. } => println!("{} entries purged", answer["purged"]),
+    }
+    ExitCode::SUCCESS
 }
 
 /// Plain lines on stderr; `RUST_LOG` overrides the configured level.

@@ -9,7 +9,9 @@
 pub mod socket;
 pub mod status;
 
-pub use socket::{ControlSocket, QueryError, REQUEST_TIMEOUT, ReportFn, query_status, serve};
+pub use socket::{
+    CommandFn, ControlSocket, QueryError, REQUEST_TIMEOUT, ReportFn, query_status, request, serve,
+};
 pub use status::{
     LiveSources, STATE_STOPPED, StatusReport, live_report, offline_report, state_name,
 };

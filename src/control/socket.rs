@@ -50,6 +50,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Builds the report on demand; called from a blocking thread, because it reads the spool.
 pub type ReportFn = Arc<dyn Fn() -> StatusReport + Send + Sync>;
 
+/// Answers the other requests (`dead-letter ...`) with one JSON value, `None` when the request
+/// is unknown; called from a blocking thread.
+pub type CommandFn = Arc<dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync>;
+
 /// Binds the control socket at `path` and answers on it until `shutdown`, then removes it.
 ///
 /// Creates the parent directory if missing and replaces a stale socket file. Fails with
@@ -108,13 +112,25 @@ impl ControlSocket {
     /// Answers requests until `shutdown`, then stops accepting, drops the connections still
     /// open and removes the socket file.
     pub async fn run(self, report: ReportFn, shutdown: CancellationToken) {
-        self.run_with_timeout(report, shutdown, REQUEST_TIMEOUT)
+        self.run_with_timeout(report, None, shutdown, REQUEST_TIMEOUT)
+            .await;
+    }
+
+    /// [`ControlSocket::run`], with `commands` answering the requests other than `status`.
+    pub async fn run_with_commands(
+        self,
+        report: ReportFn,
+        commands: CommandFn,
+        shutdown: CancellationToken,
+    ) {
+        self.run_with_timeout(report, Some(commands), shutdown, REQUEST_TIMEOUT)
             .await;
     }
 
     async fn run_with_timeout(
         self,
         report: ReportFn,
+        commands: Option<CommandFn>,
         shutdown: CancellationToken,
         limit: Duration,
     ) {
@@ -132,7 +148,7 @@ impl ControlSocket {
                             tracing::info!("control socket accepting again");
                             accept_failing = false;
                         }
-                        conns.spawn(handle(stream, report.clone(), limit));
+                        conns.spawn(handle(stream, report.clone(), commands.clone(), limit));
                     }
                     Err(e) => {
                         if !accept_failing {
@@ -205,15 +221,24 @@ async fn remove_stale(path: &Path) -> io::Result<()> {
 
 /// Serves one connection within `limit`; a client that is slow or leaves is not an error
 /// worth more than a debug line.
-async fn handle(stream: UnixStream, report: ReportFn, limit: Duration) {
-    match tokio::time::timeout(limit, answer(stream, report)).await {
+async fn handle(
+    stream: UnixStream,
+    report: ReportFn,
+    commands: Option<CommandFn>,
+    limit: Duration,
+) {
+    match tokio::time::timeout(limit, answer(stream, report, commands)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "control socket: connection failed"),
         Err(_) => tracing::debug!("control socket: client too slow; connection closed"),
     }
 }
 
-async fn answer(mut stream: UnixStream, report: ReportFn) -> io::Result<()> {
+async fn answer(
+    mut stream: UnixStream,
+    report: ReportFn,
+    commands: Option<CommandFn>,
+) -> io::Result<()> {
     let (read, mut write) = stream.split();
     let mut request = Vec::new();
     tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES))
@@ -232,7 +257,21 @@ async fn answer(mut stream: UnixStream, report: ReportFn) -> io::Result<()> {
                 br#"{"error":"internal error"}"#.to_vec()
             }
         },
-        _ => br#"{"error":"unknown request"}"#.to_vec(),
+        other => {
+            let text = String::from_utf8_lossy(other).into_owned();
+            let answered = match commands {
+                Some(c) => tokio::task::spawn_blocking(move || c(&text))
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            };
+            match answered {
+                Some(v) => serde_json::to_vec(&v)
+                    .unwrap_or_else(|_| br#"{"error":"cannot encode the answer"}"#.to_vec()),
+                None => br#"{"error":"unknown request"}"#.to_vec(),
+            }
+        }
     };
     reply.push(b'\n');
     write.write_all(&reply).await?;
@@ -278,6 +317,43 @@ impl QueryError {
 /// Asks the agent on `path` for its status (blocking; for the CLI). `timeout` bounds each read
 /// and write. Connecting to a Unix socket does not wait unless the agent's backlog is full.
 pub fn query_status(path: &Path, timeout: Duration) -> Result<StatusReport, QueryError> {
+    let line = exchange(path, "status", timeout)?;
+    parse_answer(&line).map_err(|e| match e {
+        Answer::Agent(message) => QueryError::Agent {
+            path: path.to_path_buf(),
+            message,
+        },
+        Answer::Garbage(detail) => QueryError::Protocol {
+            path: path.to_path_buf(),
+            detail,
+        },
+    })
+}
+
+/// Sends any request line (`dead-letter list`, ...) and returns the agent's JSON answer; an
+/// answer `{"error": ...}` is [`QueryError::Agent`].
+pub fn request(
+    path: &Path,
+    request: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value, QueryError> {
+    let line = exchange(path, request, timeout)?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&line).map_err(|e| QueryError::Protocol {
+            path: path.to_path_buf(),
+            detail: format!("not JSON ({e})"),
+        })?;
+    if let Some(err) = value.get("error") {
+        return Err(QueryError::Agent {
+            path: path.to_path_buf(),
+            message: err.as_str().map_or_else(|| err.to_string(), str::to_string),
+        });
+    }
+    Ok(value)
+}
+
+/// One request, one answer line.
+fn exchange(path: &Path, request: &str, timeout: Duration) -> Result<Vec<u8>, QueryError> {
     let io_err = |source: io::Error| {
         if matches!(
             source.kind(),
@@ -304,21 +380,14 @@ pub fn query_status(path: &Path, timeout: Duration) -> Result<StatusReport, Quer
     let timeout = timeout.max(Duration::from_millis(1));
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-    (&stream).write_all(b"status\n").map_err(io_err)?;
+    (&stream)
+        .write_all(format!("{request}\n").as_bytes())
+        .map_err(io_err)?;
     let mut line = Vec::new();
     io::BufReader::new((&stream).take(MAX_ANSWER_BYTES))
         .read_until(b'\n', &mut line)
         .map_err(io_err)?;
-    parse_answer(&line).map_err(|e| match e {
-        Answer::Agent(message) => QueryError::Agent {
-            path: path.to_path_buf(),
-            message,
-        },
-        Answer::Garbage(detail) => QueryError::Protocol {
-            path: path.to_path_buf(),
-            detail,
-        },
-    })
+    Ok(line)
 }
 
 enum Answer {
@@ -378,7 +447,7 @@ mod tests {
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let sock = ControlSocket::bind(path).await.expect("bind");
         let stop = CancellationToken::new();
-        let task = tokio::spawn(sock.run_with_timeout(report_fn(), stop.clone(), limit));
+        let task = tokio::spawn(sock.run_with_timeout(report_fn(), None, stop.clone(), limit));
         (stop, task)
     }
 

@@ -703,6 +703,7 @@ mod tests {
             last_success_ms: Some(1_714_564_800_000),
             last_error: Some("HTTP 503".into()),
             current_backoff_ms: Some(1000),
+            last_rejected_status: None,
         };
         let notes = vec!["hello".to_string()];
         let src = LiveSources {

@@ -222,44 +222,7 @@ impl Reader {
     }
 
     fn parse(&self, bytes: &[u8]) -> Result<Record, String> {
-        let text = std::str::from_utf8(bytes)
-            .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
-        if self.format != Format::EngagementCsv && !text.trim_start().starts_with('{') {
-            // Serde would read a struct from an array of its fields in order; a line that is not
-            // an object is never a session or an engagement.
-            return Err(format!(
-                "not a JSON object (starts with {:?})",
-                text.trim_start().chars().next().unwrap_or(' ')
-            ));
-        }
-        match self.format {
-            Format::Sessions => serde_json::from_str::<Session>(text)
-                .map(|s| Record::Session(Box::new(s)))
-                .map_err(|e| format!("not a session: {e}")),
-            Format::EngagementJson => {
-                let map = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
-                    .map_err(|e| format!("not an engagement object: {e}"))?;
-                Engagement::from_json_map(&map).map(Record::Engagement)
-            }
-            Format::EngagementCsv => {
-                let cells = csv::split_record(text);
-                if cells.len() != self.header.len() {
-                    return Err(format!(
-                        "row has {} fields but the header has {}",
-                        cells.len(),
-                        self.header.len()
-                    ));
-                }
-                let fields: Vec<(String, String)> = self
-                    .header
-                    .iter()
-                    .zip(cells)
-                    .filter(|(_, cell)| !cell.is_empty())
-                    .map(|(name, cell)| (name.clone(), cell))
-                    .collect();
-                Engagement::from_fields(&fields).map(Record::Engagement)
-            }
-        }
+        parse_record(self.format, &self.header, bytes)
     }
 
     /// Reads the CSV header row (the first non-blank record).
@@ -332,6 +295,48 @@ impl Reader {
 
 /// Maps a read error to what it means for this file. Reading a plain file never reports
 /// `UnexpectedEof` or `InvalidInput`, so for a gzip file those come from the decoder.
+/// Parses one record of `format` (`header`: the CSV columns, trimmed and lowercased; empty for
+/// JSON). Used by the reader, and by `dead-letter retry` on a quarantined line.
+pub fn parse_record(format: Format, header: &[String], bytes: &[u8]) -> Result<Record, String> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
+    if format != Format::EngagementCsv && !text.trim_start().starts_with('{') {
+        // Serde would read a struct from an array of its fields in order; a line that is not
+        // an object is never a session or an engagement.
+        return Err(format!(
+            "not a JSON object (starts with {:?})",
+            text.trim_start().chars().next().unwrap_or(' ')
+        ));
+    }
+    match format {
+        Format::Sessions => serde_json::from_str::<Session>(text)
+            .map(|s| Record::Session(Box::new(s)))
+            .map_err(|e| format!("not a session: {e}")),
+        Format::EngagementJson => {
+            let map = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+                .map_err(|e| format!("not an engagement object: {e}"))?;
+            Engagement::from_json_map(&map).map(Record::Engagement)
+        }
+        Format::EngagementCsv => {
+            let cells = csv::split_record(text);
+            if cells.len() != header.len() {
+                return Err(format!(
+                    "row has {} fields but the header has {}",
+                    cells.len(),
+                    header.len()
+                ));
+            }
+            let fields: Vec<(String, String)> = header
+                .iter()
+                .zip(cells)
+                .filter(|(_, cell)| !cell.is_empty())
+                .map(|(name, cell)| (name.clone(), cell))
+                .collect();
+            Engagement::from_fields(&fields).map(Record::Engagement)
+        }
+    }
+}
+
 fn classify(e: io::Error, gzip: bool, decoded_bytes: u64) -> InputError {
     match e.kind() {
         io::ErrorKind::UnexpectedEof if gzip => InputError::TruncatedGzip { decoded_bytes },

@@ -78,6 +78,9 @@ use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::segment::MAX_EVENT_BYTES;
 
+/// The file id of events that belong to no file record (quarantined records retried by hand).
+pub const NO_FILE: u64 = u64::MAX;
+
 /// Bumped when the layout above changes; an older binary refuses a newer spool.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -363,6 +366,7 @@ impl Spool {
                 let fkey = chunk.file_id.to_be_bytes();
                 let mut rec = match files.get(fkey)? {
                     Some(v) => decode_file(&v)?,
+                    None if chunk.file_id == NO_FILE => FileRecord::default(),
                     None => return abort(format!("file record {}", chunk.file_id)),
                 };
                 rec.offset = chunk.offset;
@@ -376,7 +380,9 @@ impl Spool {
                 if chunk.file_done {
                     rec.status = FileStatus::Read;
                 }
-                files.insert(&fkey, encode_file(&rec))?;
+                if chunk.file_id != NO_FILE {
+                    files.insert(&fkey, encode_file(&rec))?;
+                }
                 add_meta(meta, "live_bytes", bytes as i64)?;
                 add_meta(meta, "depth", out.spooled as i64)?;
                 Ok((out, key))
@@ -477,19 +483,20 @@ impl Spool {
                 let mut removed = 0i64;
                 let mut bytes = 0i64;
                 let mut removed_per_file = per_file.clone();
-                for q in items {
+                for (i, q) in items.iter().enumerate() {
                     if queue.remove(&q.key.to_be_bytes())?.is_some() {
                         removed += 1;
                         bytes += q.json.len() as i64;
+                        if let Some((id, v)) = letters.get(i) {
+                            dead.insert(&id.to_be_bytes(), v.as_slice())?;
+                        }
                     } else if let Some((_, n)) =
                         removed_per_file.iter_mut().find(|(f, _)| *f == q.file_id)
                     {
-                        // Already gone (acked twice): do not count it again.
+                        // Already gone (acked or dead-lettered before): not counted again,
+                        // and not dead-lettered: it is not ours any more.
                         *n -= 1;
                     }
-                }
-                for (id, v) in &letters {
-                    dead.insert(&id.to_be_bytes(), v.as_slice())?;
                 }
                 let mut done = Vec::new();
                 for (file_id, n) in &removed_per_file {
@@ -664,6 +671,82 @@ impl Spool {
                 Ok(())
             })
             .map_err(|e: TransactionError<String>| s.tx_err(e))
+    }
+
+    /// Puts dead letters back in the queue (after the operator fixed what Segment refused),
+    /// at the end, in id order. `ids` empty means all. Returns how many went back.
+    pub fn requeue_dead(&self, ids: &[u64]) -> Result<u64, Error> {
+        let mut next = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.store();
+        let letters: Vec<(u64, DeadLetter)> = s
+            .json_entries(&s.dead, "dead letter")?
+            .into_iter()
+            .filter(|(id, _)| ids.is_empty() || ids.contains(id))
+            .collect();
+        let first_key = *next;
+        let now = now_ms();
+        let key = (&s.queue, &s.dead, &s.meta, &s.files)
+            .transaction(|(queue, dead, meta, files)| {
+                let mut key = first_key;
+                let mut bytes = 0i64;
+                for (id, letter) in &letters {
+                    let file_id = letter.file_id.unwrap_or(NO_FILE);
+                    queue.insert(
+                        &key.to_be_bytes(),
+                        encode_queued(now, file_id, letter.event.as_bytes()),
+                    )?;
+                    dead.remove(&id.to_be_bytes())?;
+                    key += 1;
+                    bytes += letter.event.len() as i64;
+                    if let Some(v) = files.get(file_id.to_be_bytes())? {
+                        let mut rec = decode_file(&v)?;
+                        rec.pending += 1;
+                        files.insert(&file_id.to_be_bytes(), encode_file(&rec))?;
+                    }
+                }
+                add_meta(meta, "live_bytes", bytes)?;
+                add_meta(meta, "depth", letters.len() as i64)?;
+                Ok(key)
+            })
+            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
+        s.flush()?;
+        *next = key;
+        self.watermark.store(key, Ordering::Release);
+        Ok(letters.len() as u64)
+    }
+
+    /// Drops quarantine entries and dead letters for good. `ids` empty means all of them.
+    pub fn purge(&self, ids: &[u64]) -> Result<u64, Error> {
+        let s = self.store();
+        let mut removed = 0;
+        for tree in [&s.quarantine, &s.dead] {
+            let mut batch = sled::Batch::default();
+            for item in tree.iter() {
+                let (k, _) = item.map_err(|e| s.sled_err(e))?;
+                if ids.is_empty() || decode_u64(&k).is_some_and(|id| ids.contains(&id)) {
+                    batch.remove(k);
+                    removed += 1;
+                }
+            }
+            tree.apply_batch(batch).map_err(|e| s.sled_err(e))?;
+        }
+        s.flush()?;
+        Ok(removed)
+    }
+
+    /// Replaces a quarantine entry (its reason after a failed retry), or removes it (`None`).
+    pub fn set_quarantine(&self, id: u64, entry: Option<&QuarantineEntry>) -> Result<(), Error> {
+        let s = self.store();
+        let key = id.to_be_bytes();
+        match entry {
+            Some(e) => s
+                .quarantine
+                .insert(key, serde_json::to_vec(e).unwrap_or_default())
+                .map(|_| ()),
+            None => s.quarantine.remove(key).map(|_| ()),
+        }
+        .map_err(|e| s.sled_err(e))?;
+        s.flush()
     }
 
     /// Every file the spool knows, by id.

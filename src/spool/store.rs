@@ -167,7 +167,26 @@ fn remove_debris(dir: &Path, current: &str) {
 
 /// sled can panic on some damaged files instead of returning an error; we turn that into an
 /// error so a damaged spool is moved aside rather than crash-looping the service.
+///
+/// We hold `LOCK` when we get here, so sled's own lock can only be held by a handle of ours
+/// being dropped (sled's flusher thread lets go up to a flush interval later, which a
+/// compaction or a test's reopen can hit): that is waited out for a few seconds.
 fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db, Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match open_sled_once(path, cache_bytes) {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn open_sled_once(path: &Path, cache_bytes: u64) -> Result<sled::Db, Error> {
     let path_owned = path.to_owned();
     let result = std::panic::catch_unwind(move || {
         sled::Config::new()

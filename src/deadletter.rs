@@ -1,0 +1,296 @@
+//! `dead-letter list | retry [ID...] | purge [ID...]`: the quarantine (bad input) and the dead
+//! letters (events Segment refused for good) as the operator sees them.
+//!
+//! The same operations run in the agent (asked over the control socket, since a running agent
+//! holds the spool) and in the CLI directly on the spool when no agent runs.
+//!
+//! `retry` puts dead letters back in the queue. For a quarantined record it parses the kept
+//! line again with today's catalog and mapping: if it now gives events, they are spooled (the
+//! dedupe index still applies) and the entry goes; if not, the entry stays with the new reason.
+//! Lines longer than the 4 KiB kept, CSV rows (their header is not kept), and whole-file
+//! problems cannot be retried this way: fix the source file and drop it in again.
+
+use serde::{Deserialize, Serialize};
+
+use crate::input::{self, Format};
+use crate::leanplum::catalog::Catalog;
+use crate::mapping::{MappingOptions, Output};
+use crate::spool::{self, Chunk, NO_FILE, Spool, SpoolEvent};
+
+/// One line of `dead-letter list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: u64,
+    /// `quarantine` (bad input) or `dead-letter` (refused by Segment).
+    pub kind: String,
+    /// RFC 3339.
+    pub time: String,
+    pub file: Option<String>,
+    pub line: Option<u64>,
+    pub reason: String,
+    pub status: Option<u16>,
+    pub message_id: Option<String>,
+}
+
+/// What `retry` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryOutcome {
+    /// Dead letters put back in the queue.
+    pub requeued: u64,
+    /// Quarantined records that parsed and mapped this time (their events are spooled).
+    pub recovered: u64,
+    /// Quarantined records still bad, with why.
+    pub still_bad: Vec<(u64, String)>,
+}
+
+pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
+    let mut out: Vec<Entry> = spool
+        .quarantine_entries()?
+        .into_iter()
+        .map(|(id, q)| Entry {
+            id,
+            kind: "quarantine".into(),
+            time: crate::segment::rfc3339_millis(q.time_ms as i64),
+            file: Some(q.file),
+            line: (q.line > 0).then_some(q.line),
+            reason: q.reason,
+            status: None,
+            message_id: None,
+        })
+        .collect();
+    out.extend(spool.dead_letters()?.into_iter().map(|(id, d)| {
+        Entry {
+            id,
+            kind: "dead-letter".into(),
+            time: crate::segment::rfc3339_millis(d.time_ms as i64),
+            file: d
+                .file_id
+                .and_then(|f| spool.file(f).ok().flatten())
+                .map(|r| r.path),
+            line: None,
+            reason: d.reason,
+            status: d.status,
+            message_id: Some(d.message_id),
+        }
+    }));
+    out.sort_by_key(|e| e.id);
+    Ok(out)
+}
+
+/// Retries the entries `ids` (all when empty); see the module doc.
+pub fn retry(
+    spool: &Spool,
+    ids: &[u64],
+    catalog: &Catalog,
+    opts: &MappingOptions,
+) -> Result<RetryOutcome, spool::Error> {
+    let mut outcome = RetryOutcome {
+        requeued: spool.requeue_dead(ids)?,
+        ..RetryOutcome::default()
+    };
+    for (id, mut q) in spool.quarantine_entries()? {
+        if !ids.is_empty() && !ids.contains(&id) {
+            continue;
+        }
+        match reparse(q.raw.as_bytes(), catalog, opts) {
+            Ok(events) => {
+                spool.commit_file_chunk(&Chunk {
+                    file_id: NO_FILE,
+                    events,
+                    ..Chunk::default()
+                })?;
+                spool.set_quarantine(id, None)?;
+                outcome.recovered += 1;
+            }
+            Err(why) => {
+                q.reason = format!("retry failed: {why}");
+                q.time_ms = spool::now_ms();
+                spool.set_quarantine(id, Some(&q))?;
+                outcome.still_bad.push((id, why));
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+fn reparse(
+    raw: &[u8],
+    catalog: &Catalog,
+    opts: &MappingOptions,
+) -> Result<Vec<SpoolEvent>, String> {
+    if raw.is_empty() {
+        return Err(
+            "no record was kept (a whole-file problem): fix the file and drop it in again".into(),
+        );
+    }
+    let format = input::detect(raw).map_err(|e| e.to_string())?;
+    if format == Format::EngagementCsv {
+        return Err("a CSV row cannot be parsed without its file's header: fix the file and drop it in again".into());
+    }
+    let record = input::parse_record(format, &[], raw)?;
+    let mut out = Output::default();
+    crate::ingest::map_record(&record, catalog, opts, &mut out).map_err(|e| e.to_string())?;
+    Ok(out
+        .events
+        .into_iter()
+        .map(|ev| SpoolEvent {
+            json: serde_json::to_vec(&ev).unwrap_or_default(),
+            message_id: ev.message_id,
+        })
+        .collect())
+}
+
+/// Answers a control-socket request (`dead-letter list`, `dead-letter retry [ID...]`,
+/// `dead-letter purge [ID...]`) as one JSON value; `None` for a request that is not ours.
+pub fn handle_request(
+    request: &str,
+    spool: &Spool,
+    catalog: &Catalog,
+    opts: &MappingOptions,
+) -> Option<serde_json::Value> {
+    let mut words = request.split_whitespace();
+    if words.next() != Some("dead-letter") {
+        return None;
+    }
+    let verb = words.next().unwrap_or("");
+    let ids: Result<Vec<u64>, _> = words.map(str::parse::<u64>).collect();
+    let Ok(ids) = ids else {
+        return Some(serde_json::json!({"error": "ids must be numbers"}));
+    };
+    let answer = match verb {
+        "list" => list(spool).map(|e| serde_json::json!({ "entries": e })),
+        "retry" => retry(spool, &ids, catalog, opts).map(|o| serde_json::json!({ "retry": o })),
+        "purge" => spool
+            .purge(&ids)
+            .map(|n| serde_json::json!({ "purged": n })),
+        _ => return Some(serde_json::json!({"error": "unknown dead-letter request"})),
+    };
+    Some(answer.unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })))
+}
+
+/// `dead-letter list` for people: one entry per line.
+pub fn render(entries: &[Entry]) -> String {
+    if entries.is_empty() {
+        return "no quarantined records and no dead letters\n".into();
+    }
+    let mut out = format!(
+        "{:<20} {:<11} {:<24} {:<40} {}\n",
+        "ID", "KIND", "TIME", "WHERE", "REASON"
+    );
+    for e in entries {
+        let place = match (&e.file, e.line, &e.message_id) {
+            (Some(f), Some(l), _) => format!("{f}:{l}"),
+            (Some(f), None, Some(m)) => format!("{f} ({m})"),
+            (Some(f), None, None) => f.clone(),
+            (None, _, Some(m)) => m.clone(),
+            (None, _, None) => "-".into(),
+        };
+        let reason = match e.status {
+            Some(s) if !e.reason.contains(&s.to_string()) => format!("HTTP {s}: {}", e.reason),
+            _ => e.reason.clone(),
+        };
+        out.push_str(&format!(
+            "{:<20} {:<11} {:<24} {:<40} {}\n",
+            e.id, e.kind, e.time, place, reason
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{FileRecord, QuarantineEntry};
+    use std::path::Path;
+
+    fn catalog() -> Catalog {
+        Catalog::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/catalog")).unwrap()
+    }
+
+    #[test]
+    fn list_retry_and_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 8 << 20).unwrap();
+        let fid = spool
+            .begin_file(
+                Path::new("in/f"),
+                &FileRecord {
+                    path: "in/f".into(),
+                    ..FileRecord::default()
+                },
+            )
+            .unwrap();
+        let good_line = r#"{"deviceId":"D1","time":1793534899.612,"states":[{"events":[{"eventId":77,"name":".m5680127476129675 Open","time":1793534900}]}]}"#;
+        spool
+            .commit_file_chunk(&Chunk {
+                file_id: fid,
+                events: vec![SpoolEvent {
+                    message_id: "lp-e-1".into(),
+                    json: br#"{"messageId":"lp-e-1"}"#.to_vec(),
+                }],
+                quarantine: vec![
+                    QuarantineEntry {
+                        reason: "record has neither a user id nor a device id".into(),
+                        file: "in/f".into(),
+                        line: 2,
+                        time_ms: 1,
+                        raw: good_line.into(),
+                    },
+                    QuarantineEntry {
+                        reason: "malformed".into(),
+                        file: "in/f".into(),
+                        line: 3,
+                        time_ms: 2,
+                        raw: "{oops".into(),
+                    },
+                ],
+                ..Chunk::default()
+            })
+            .unwrap();
+        let q = spool.peek(None, 10, usize::MAX).unwrap().items;
+        spool.dead_letter(&q, "HTTP 400: bad", Some(400)).unwrap();
+
+        let entries = list(&spool).unwrap();
+        assert_eq!(entries.len(), 3);
+        let text = render(&entries);
+        assert!(text.contains("in/f:2"), "{text}");
+        assert!(text.contains("dead-letter"), "{text}");
+        assert!(text.contains("lp-e-1"), "{text}");
+
+        let out = retry(&spool, &[], &catalog(), &MappingOptions::default()).unwrap();
+        assert_eq!(out.requeued, 1);
+        assert_eq!(out.recovered, 1, "the quarantined line maps today");
+        assert_eq!(out.still_bad.len(), 1);
+        let queued: Vec<String> = spool
+            .peek(None, 10, usize::MAX)
+            .unwrap()
+            .items
+            .iter()
+            .map(|q| String::from_utf8_lossy(&q.json).into_owned())
+            .collect();
+        assert_eq!(queued.len(), 2);
+        assert!(queued[0].contains("lp-e-1"));
+        assert!(queued[1].contains("lp-e-77"));
+        assert_eq!(spool.depth().unwrap().events, 2);
+
+        let left = list(&spool).unwrap();
+        assert_eq!(left.len(), 1);
+        assert!(left[0].reason.starts_with("retry failed"), "{:?}", left[0]);
+        assert_eq!(spool.purge(&[]).unwrap(), 1);
+        assert!(list(&spool).unwrap().is_empty());
+    }
+
+    #[test]
+    fn requests_over_the_socket_protocol() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 8 << 20).unwrap();
+        let (c, o) = (catalog(), MappingOptions::default());
+        assert_eq!(handle_request("status", &spool, &c, &o), None);
+        let v = handle_request("dead-letter list", &spool, &c, &o).unwrap();
+        assert_eq!(v["entries"].as_array().unwrap().len(), 0);
+        let v = handle_request("dead-letter purge x", &spool, &c, &o).unwrap();
+        assert!(v["error"].is_string());
+        let v = handle_request("dead-letter purge 5", &spool, &c, &o).unwrap();
+        assert_eq!(v["purged"], 0);
+    }
+}
