@@ -272,10 +272,10 @@ fn timestamp_field(raw: Raw<'_>) -> Result<i64, String> {
                     .and_then(millis_from_int)
                     .ok_or_else(|| out_of_range(&t));
             }
-            if looks_numeric(t) {
-                if let Ok(float) = t.parse::<f64>() {
-                    return millis_from_float(float).ok_or_else(|| out_of_range(&t));
-                }
+            if looks_numeric(t)
+                && let Ok(float) = t.parse::<f64>()
+            {
+                return millis_from_float(float).ok_or_else(|| out_of_range(&t));
             }
             match chrono::DateTime::parse_from_rfc3339(t) {
                 Ok(dt) => {

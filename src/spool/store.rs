@@ -157,10 +157,11 @@ fn remove_debris(dir: &Path, current: &str) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if is_generation(&name) && name != current {
-            if let Err(err) = fs::remove_dir_all(e.path()) {
-                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an old spool generation");
-            }
+        if is_generation(&name)
+            && name != current
+            && let Err(err) = fs::remove_dir_all(e.path())
+        {
+            tracing::warn!(path = %e.path().display(), error = %err, "cannot remove an old spool generation");
         }
     }
 }
