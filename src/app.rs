@@ -100,7 +100,7 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
 
     let intake_stop = controls.shutdown.child_token();
     let watch_settings = WatchSettings::from_config(&config.watch)?;
-    let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let rescan_now = Arc::new(tokio::sync::Notify::new());
     let (first_scan_tx, first_scan_rx) = tokio::sync::oneshot::channel();
     let watch_task = tokio::spawn(watch::run(
@@ -121,10 +121,16 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
         watch_dir: config.watch.dir.clone().unwrap_or_default(),
         max_spool_bytes: config.spool.max_bytes,
         drain_wake: handle.wake.clone(),
+        partial_line_hold: Duration::from_secs(
+            config.watch.settle_secs.max(1) * PARTIAL_LINE_HOLD_SETTLES,
+        ),
+        holding: Default::default(),
     };
+    let retry_after = Duration::from_secs(config.watch.settle_secs.max(1));
     let ingest_stop = intake_stop.clone();
-    let ingest_task =
-        tokio::task::spawn_blocking(move || ingest_worker(ingestor, ready_rx, ingest_stop));
+    let ingest_task = tokio::task::spawn_blocking(move || {
+        ingest_worker(ingestor, ready_rx, retry_after, ingest_stop)
+    });
 
     let after_task = tokio::spawn(after_ingest_worker(
         spool.clone(),
@@ -219,18 +225,44 @@ pub async fn run(config: Config, key: WriteKey, controls: Controls) -> anyhow::R
     Ok(())
 }
 
-/// Reads ready files one at a time, in a blocking thread (sled and file reads block).
+/// A file whose last line is unfinished and unparsable is held this many `settle_secs` after
+/// its last change before the line is taken as final.
+const PARTIAL_LINE_HOLD_SETTLES: u64 = 10;
+
+/// Reads ready files one at a time, in a blocking thread (sled and file reads block). A file
+/// held on an unfinished last line is offered again every `retry_after`.
 fn ingest_worker(
     ingestor: Ingestor,
-    mut ready: mpsc::UnboundedReceiver<PathBuf>,
+    ready: std::sync::mpsc::Receiver<PathBuf>,
+    retry_after: Duration,
     stop: CancellationToken,
 ) {
-    while let Some(rel) = ready.blocking_recv() {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut held: Vec<(std::time::Instant, PathBuf)> = Vec::new();
+    loop {
         if stop.is_cancelled() {
             return;
         }
+        let now = std::time::Instant::now();
+        let rel = if let Some(i) = held.iter().position(|(at, _)| *at <= now) {
+            held.swap_remove(i).1
+        } else {
+            let wait = held
+                .iter()
+                .map(|(at, _)| at.saturating_duration_since(now))
+                .min()
+                .unwrap_or(Duration::from_millis(500))
+                .min(Duration::from_millis(500));
+            match ready.recv_timeout(wait) {
+                Ok(rel) => rel,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        held.retain(|(_, p)| *p != rel);
         match ingestor.ingest(&rel, &stop) {
             Ok(Outcome::Cancelled) => return,
+            Ok(Outcome::Held) => held.push((std::time::Instant::now() + retry_after, rel)),
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(path = %rel.display(), error = %e, "spool error while reading a file; it will be read again");

@@ -65,6 +65,8 @@ pub enum Outcome {
     Failed(String),
     /// Shutdown came first; the uncommitted rest is read at the next start.
     Cancelled,
+    /// Read up to an unfinished last line, which is held: offer the file again later.
+    Held,
 }
 
 pub struct Ingestor {
@@ -77,6 +79,11 @@ pub struct Ingestor {
     pub max_spool_bytes: u64,
     /// Told after every commit so the drain need not poll.
     pub drain_wake: Arc<tokio::sync::Notify>,
+    /// How long after its last change a file's unfinished, unparsable last line is held
+    /// before it is taken as final (and quarantined).
+    pub partial_line_hold: Duration,
+    /// Files held on an unfinished line, so that is logged once, not at every look.
+    pub holding: std::sync::Mutex<HashSet<PathBuf>>,
 }
 
 impl Ingestor {
@@ -162,7 +169,7 @@ impl Ingestor {
         if offset == 0 {
             tracing::info!(path = %shown, format = %reader.format(), gzip = reader.is_gzip(), "reading file");
         } else {
-            tracing::info!(path = %shown, offset, "reading on from the committed offset");
+            tracing::debug!(path = %shown, offset, "reading on from the committed offset");
         }
 
         let mut totals = (0u64, 0u64, 0u64);
@@ -175,6 +182,7 @@ impl Ingestor {
         let mut records = 0usize;
         let mut output = Output::default();
         let mut stream_error = None;
+        let mut held = false;
         loop {
             let item = match reader.next_item() {
                 None => break,
@@ -184,6 +192,12 @@ impl Ingestor {
                     break;
                 }
             };
+            if !item.complete && !gzip && item.result.is_err() && self.may_still_grow(&meta) {
+                // A last line with no newline that does not parse: the writer is most likely
+                // mid-line. Keep it out of the commit and look again later.
+                held = true;
+                break;
+            }
             records += 1;
             self.add_item(&shown, item, &mut chunk, &mut output);
             if chunk.events.len() >= CHUNK_EVENTS || records >= CHUNK_RECORDS {
@@ -208,7 +222,7 @@ impl Ingestor {
                 time_ms: now_ms(),
                 raw: String::new(),
             });
-        } else {
+        } else if !held {
             chunk.offset = reader.offset();
             chunk.file_done = true;
         }
@@ -228,6 +242,15 @@ impl Ingestor {
             Stats::add(&self.stats.files_failed, 1);
             return Ok(Outcome::Failed(reason));
         }
+        let mut holding = self.holding.lock().unwrap_or_else(|e| e.into_inner());
+        if held {
+            if holding.insert(rel.to_path_buf()) {
+                tracing::info!(path = %shown, line = chunk.line + 1, "last line unfinished; holding it until it is complete");
+            }
+            return Ok(Outcome::Held);
+        }
+        holding.remove(rel);
+        drop(holding);
         Stats::add(&self.stats.files_done, 1);
         tracing::info!(
             path = %shown,
@@ -369,6 +392,14 @@ impl Ingestor {
             }
             Err(BadRecord { reason, raw }) => chunk.quarantine.push(bad(reason, &raw)),
         }
+    }
+
+    /// Whether the file changed recently enough that its writer may still finish the last line.
+    fn may_still_grow(&self, meta: &std::fs::Metadata) -> bool {
+        meta.modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < self.partial_line_hold)
     }
 
     /// Records where the file stands at the chunk's end (plain files), so a later pass can tell

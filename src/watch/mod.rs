@@ -78,7 +78,7 @@ struct Tracked {
 /// How the watcher reports.
 pub struct WatchHandles {
     /// Ready files, relative to the watch dir.
-    pub ready: mpsc::UnboundedSender<PathBuf>,
+    pub ready: std::sync::mpsc::Sender<PathBuf>,
     /// SIGUSR1: rescan now.
     pub rescan_now: Arc<tokio::sync::Notify>,
     /// Fired once the first full scan is done (for READY=1).
@@ -90,7 +90,7 @@ struct Watcher {
     tracked: HashMap<PathBuf, Tracked>,
     /// Shard file names a manifest has listed.
     released: HashSet<String>,
-    ready: mpsc::UnboundedSender<PathBuf>,
+    ready: std::sync::mpsc::Sender<PathBuf>,
 }
 
 /// Runs until `shutdown`.
