@@ -19,10 +19,23 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the agent in the foreground (what systemd starts).
+    /// Run the agent in the foreground (what systemd starts), or as a classic daemon.
     Run {
         #[arg(long, default_value = DEFAULT_PATH)]
         config: PathBuf,
+        /// Double-fork into the background (for hosts without systemd).
+        #[arg(long)]
+        daemonize: bool,
+        /// With --daemonize: the pid file, locked while the daemon runs.
+        #[arg(
+            long,
+            default_value = "/run/leanplum-segment-agent/agent.pid",
+            requires = "daemonize"
+        )]
+        pidfile: PathBuf,
+        /// With --daemonize: where the logs go [default: <spool.dir>/agent.log].
+        #[arg(long, requires = "daemonize")]
+        log_file: Option<PathBuf>,
     },
     /// Load and validate the config exactly as `run` does; exit 0, or 78 with every problem.
     CheckConfig {

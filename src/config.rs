@@ -230,12 +230,15 @@ impl Default for LeanplumConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     pub socket: PathBuf,
+    /// A loopback `host:port` for a Prometheus text endpoint (`GET /metrics`); off when unset.
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             socket: PathBuf::from("/run/leanplum-segment-agent/control.sock"),
+            metrics_listen: None,
         }
     }
 }
@@ -427,11 +430,15 @@ impl Config {
                 ),
                 _ => {}
             }
-            if !self.spool.dir.is_absolute() {
-                bad(
-                    "spool.dir",
-                    format!("{} must be an absolute path", self.spool.dir.display()),
-                );
+            // The daemon may change directory (--daemonize), so relative paths would move.
+            for (key, path) in [
+                ("spool.dir", &self.spool.dir),
+                ("mapping.catalog_dir", &self.mapping.catalog_dir),
+                ("control.socket", &self.control.socket),
+            ] {
+                if !path.is_absolute() {
+                    bad(key, format!("{} must be an absolute path", path.display()));
+                }
             }
         }
         for (key, globs) in [("watch.include", &w.include), ("watch.exclude", &w.exclude)] {
@@ -480,6 +487,16 @@ impl Config {
                     "leanplum.refresh_interval_secs",
                     "must be at least 60".into(),
                 );
+            }
+        }
+        if let Some(listen) = &self.control.metrics_listen {
+            match listen.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(_) => bad(
+                    "control.metrics_listen",
+                    format!("{listen} is not a loopback address (the endpoint has no auth)"),
+                ),
+                Err(e) => bad("control.metrics_listen", format!("{listen:?}: {e}")),
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -76,9 +76,19 @@ pub struct DrainStatus {
     pub last_rejected_status: Option<u16>,
 }
 
+/// What a reload may change: the limits and timers, and the client (endpoint, key, timeout,
+/// gzip). Sent through a watch channel; the drain picks it up between requests.
+#[derive(Debug, Clone)]
+pub struct DrainConfig {
+    pub settings: DrainSettings,
+    pub client: Client,
+}
+
 /// Handles the rest of the agent uses to talk to the drain.
 #[derive(Debug, Clone, Default)]
 pub struct DrainHandle {
+    /// Last time (ms since the epoch) the drain loop went round: the watchdog's proof of life.
+    pub heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Wakes the drain: new events were committed.
     pub wake: Arc<tokio::sync::Notify>,
     /// SIGUSR1: skip the current backoff wait.
@@ -94,8 +104,7 @@ type Flight = (Batch, Answer);
 
 pub struct Drain {
     spool: Arc<Spool>,
-    client: Client,
-    settings: DrainSettings,
+    config: tokio::sync::watch::Receiver<DrainConfig>,
     stats: Arc<Stats>,
     handle: DrainHandle,
     /// File ids whose events are all delivered, for `after_ingest`.
@@ -105,16 +114,14 @@ pub struct Drain {
 impl Drain {
     pub fn new(
         spool: Arc<Spool>,
-        client: Client,
-        settings: DrainSettings,
+        config: tokio::sync::watch::Receiver<DrainConfig>,
         stats: Arc<Stats>,
         handle: DrainHandle,
         files_delivered: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
     ) -> Drain {
         Drain {
             spool,
-            client,
-            settings,
+            config,
             stats,
             handle,
             files_delivered,
@@ -123,25 +130,38 @@ impl Drain {
 
     /// Runs until `shutdown`; then lets in-flight requests finish for up to
     /// [`SHUTDOWN_GRACE`] and returns. Unfinished batches stay in the spool.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let s = self.settings.clone();
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut current = self.config.borrow_and_update().clone();
+        let mut s = current.settings.clone();
         let mut backoff = Backoff::new(s.initial_backoff, s.max_backoff);
         let mut cursor: Option<u64> = None;
         let mut retry: VecDeque<Batch> = VecDeque::new();
         let mut flights: JoinSet<Flight> = JoinSet::new();
         let mut not_before = Instant::now();
-        let budget = event_budget(s.max_batch_bytes);
+        let mut budget = event_budget(s.max_batch_bytes);
 
         loop {
             if shutdown.is_cancelled() {
                 break;
+            }
+            self.handle
+                .heartbeat_ms
+                .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+            if self.config.has_changed().unwrap_or(false) {
+                current = self.config.borrow_and_update().clone();
+                s = current.settings.clone();
+                budget = event_budget(s.max_batch_bytes);
+                // A new endpoint or key deserves a fresh try; new limits apply from here.
+                backoff = Backoff::new(s.initial_backoff, s.max_backoff);
+                not_before = Instant::now();
+                tracing::info!(endpoint = %current.client.url(), "delivery settings reloaded");
             }
             // Fill free slots: retries first (they are older), then new batches, but never
             // new ones while a retry waits, so an outage cannot grow memory.
             let mut partial_wait: Option<Instant> = None;
             while flights.len() < s.concurrency && Instant::now() >= not_before {
                 if let Some(batch) = retry.pop_front() {
-                    self.launch(&mut flights, batch);
+                    launch(&current.client, &mut flights, batch);
                     continue;
                 }
                 let peeked = match self.spool.peek(cursor, s.max_batch_events, budget) {
@@ -166,7 +186,8 @@ impl Drain {
                     }
                 }
                 cursor = peeked.items.last().map(|q| q.key);
-                self.launch(
+                launch(
+                    &current.client,
                     &mut flights,
                     Batch {
                         items: peeked.items,
@@ -179,6 +200,9 @@ impl Drain {
             } else {
                 partial_wait
             };
+            // Go round at least every second, so the heartbeat proves the loop is alive.
+            let heartbeat = Instant::now() + Duration::from_secs(1);
+            let wake_at = Some(wake_at.map_or(heartbeat, |w| w.min(heartbeat)));
             tokio::select! {
                 Some(done) = flights.join_next() => {
                     if let Ok((batch, answer)) = done {
@@ -223,17 +247,6 @@ impl Drain {
         }
     }
 
-    fn launch(&self, flights: &mut JoinSet<Flight>, batch: Batch) {
-        let client = self.client.clone();
-        flights.spawn(async move {
-            // sentAt is fresh on every attempt and never stored.
-            let sent_at = rfc3339_millis(now_ms() as i64);
-            let body = encode_body(batch.items.iter().map(|q| q.json.as_ref()), &sent_at);
-            let answer = client.send(body).await;
-            (batch, answer)
-        });
-    }
-
     /// Applies the response table to one finished request.
     fn settle(
         &self,
@@ -261,6 +274,12 @@ impl Drain {
                     }
                 }
                 Stats::add(&self.stats.events_delivered, n);
+                let now = now_ms();
+                for q in &batch.items {
+                    self.stats
+                        .delivery_latency
+                        .observe_ms(now.saturating_sub(q.enqueued_ms));
+                }
                 Stats::add(&self.stats.batches_sent, 1);
                 backoff.reset();
                 let mut st = self.lock_status();
@@ -342,6 +361,18 @@ impl Drain {
     fn lock_status(&self) -> std::sync::MutexGuard<'_, DrainStatus> {
         self.handle.status.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Sends one batch in its own task; the answer comes back through `flights`.
+fn launch(client: &Client, flights: &mut JoinSet<Flight>, batch: Batch) {
+    let client = client.clone();
+    flights.spawn(async move {
+        // sentAt is fresh on every attempt and never stored.
+        let sent_at = rfc3339_millis(now_ms() as i64);
+        let body = encode_body(batch.items.iter().map(|q| q.json.as_ref()), &sent_at);
+        let answer = client.send(body).await;
+        (batch, answer)
+    });
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

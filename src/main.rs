@@ -26,7 +26,12 @@ const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run {
+            config,
+            daemonize,
+            pidfile,
+            log_file,
+        } => run(&config, daemonize.then_some((pidfile, log_file))),
         Command::CheckConfig { config } => check_config(&config),
         Command::DryRun { config, files } => dry_run(config.as_deref(), &files),
         Command::Status { config, json } => status(&config, json),
@@ -49,7 +54,9 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-fn run(path: &Path) -> ExitCode {
+fn run(path: &Path, daemon: Option<(PathBuf, Option<PathBuf>)>) -> ExitCode {
+    // SIGHUP reads the file again, after --daemonize has changed directory to /.
+    let path = &std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
     let loaded = match Config::load_and_validate(path, Purpose::Run) {
         Ok(l) => l,
         Err(e) => {
@@ -58,7 +65,15 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    init_logging(&loaded.config.log.level);
+    if let Some((pidfile, log_file)) = daemon {
+        // Before any thread or runtime exists: fork() keeps only the calling thread.
+        let log_file = log_file.unwrap_or_else(|| loaded.config.spool.dir.join("agent.log"));
+        if let Err(e) = daemonize(&pidfile, &log_file, &loaded.config.spool.dir) {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let set_log_level = init_logging(&loaded.config.log.level);
     let Some((key, source)) = loaded.key else {
         return ExitCode::from(EX_CONFIG);
     };
@@ -74,9 +89,12 @@ fn run(path: &Path) -> ExitCode {
         .context("cannot start the async runtime")
         .and_then(|rt| {
             rt.block_on(async {
-                let controls = Controls::default();
+                let controls = Controls {
+                    set_log_level,
+                    ..Controls::default()
+                };
                 spawn_signal_handlers(&controls)?;
-                app::run(loaded.config, key, controls).await
+                app::run(loaded.config, key, path.to_owned(), controls).await
             })
         });
     match result {
@@ -88,8 +106,56 @@ fn run(path: &Path) -> ExitCode {
     }
 }
 
-/// SIGTERM/SIGINT stop; SIGUSR1 drains now; SIGHUP is logged and ignored (reload is not
-/// implemented yet; ignoring it beats the default action, which kills the process).
+/// Becomes a classic daemon (double fork, setsid, chdir /, stdin/stdout to /dev/null, stderr to
+/// `log_file`, pid written to a locked `pidfile`). A second start is refused here, in the
+/// foreground, with a clear message: once forked, its errors would only reach the log.
+fn daemonize(pidfile: &Path, log_file: &Path, spool_dir: &Path) -> Result<(), String> {
+    if pidfile_is_locked(pidfile) {
+        let pid = std::fs::read_to_string(pidfile).unwrap_or_default();
+        return Err(format!(
+            "already running: {} is locked by pid {}",
+            pidfile.display(),
+            pid.trim()
+        ));
+    }
+    if Spool::is_locked(spool_dir) {
+        return Err(format!(
+            "another agent is running on the spool {}",
+            spool_dir.display()
+        ));
+    }
+    for dir in [pidfile.parent(), log_file.parent()].into_iter().flatten() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file)
+        .map_err(|e| format!("cannot open the log file {}: {e}", log_file.display()))?;
+    daemonize::Daemonize::new()
+        .pid_file(pidfile)
+        .working_directory("/")
+        .umask(0o027)
+        .stdout(daemonize::Stdio::devnull())
+        .stderr(log)
+        .start()
+        .map_err(|e| format!("cannot daemonize (pid file {}): {e}", pidfile.display()))
+}
+
+/// Whether another process holds the pid file's lock (daemonize takes an flock on it).
+fn pidfile_is_locked(pidfile: &Path) -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(pidfile)
+    {
+        Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+        Err(_) => false,
+    }
+}
+
+/// SIGTERM/SIGINT stop, SIGHUP reloads, SIGUSR1 drains now (SPEC section 9).
 fn spawn_signal_handlers(controls: &Controls) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -98,13 +164,14 @@ fn spawn_signal_handlers(controls: &Controls) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let shutdown = controls.shutdown.clone();
     let drain_now = controls.drain_now.clone();
+    let reload = controls.reload.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM received"); shutdown.cancel(); }
                 _ = int.recv() => { tracing::info!("SIGINT received"); shutdown.cancel(); }
                 _ = usr1.recv() => { tracing::info!("SIGUSR1 received: draining now"); drain_now.notify_one(); }
-                _ = hup.recv() => { tracing::warn!("SIGHUP received: config reload is not supported yet; restart to apply changes"); }
+                _ = hup.recv() => { tracing::info!("SIGHUP received: reloading the config"); reload.notify_one(); }
             }
         }
     });
@@ -312,14 +379,57 @@ fn dead_letter(path: &Path, action: &DeadLetterAction) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Plain lines on stderr; `RUST_LOG` overrides the configured level.
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
+/// Plain lines on stderr, or structured records to journald when stderr is the journal
+/// (systemd sets `$JOURNAL_STREAM` to stderr's device:inode). `RUST_LOG` overrides the
+/// configured level. Returns a handle that changes the level later (SIGHUP).
+fn init_logging(level: &str) -> Option<app::SetLogLevel> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, reload};
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    let filter = from_env
+        .as_deref()
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let journald = stderr_is_journal()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    let registry = tracing_subscriber::registry().with(filter);
+    let installed = match journald {
+        Some(j) => registry.with(j).try_init(),
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false),
+            )
+            .try_init(),
+    };
+    installed.ok()?;
+    let pinned_by_env = from_env.is_some();
+    Some(std::sync::Arc::new(move |level: &str| {
+        if pinned_by_env {
+            // RUST_LOG wins over the config, at start and on reload alike.
+            return Ok(());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }))
+}
+
+/// Whether stderr is connected to the journal (see systemd.exec(5), `$JOURNAL_STREAM`).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(meta.dev()) && ino.parse::<u64>().ok() == Some(meta.ino())
 }

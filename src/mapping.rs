@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// `context.library.name`; the version is the crate's.
 pub const LIBRARY_NAME: &str = "leanplum-segment-agent";
@@ -58,6 +59,22 @@ impl Default for MappingOptions {
             send_experiment_viewed: true,
         }
     }
+}
+
+/// The catalog and options in force; replaced whole on reload (SIGHUP), read by the ingest at
+/// the start of each file and by `dead-letter retry`.
+#[derive(Debug, Clone, Default)]
+pub struct MappingState {
+    pub catalog: Arc<Catalog>,
+    pub opts: MappingOptions,
+}
+
+/// A [`MappingState`] that can be swapped while readers hold the old one.
+pub type SharedMapping = Arc<std::sync::RwLock<Arc<MappingState>>>;
+
+/// The current mapping state.
+pub fn current(shared: &SharedMapping) -> Arc<MappingState> {
+    shared.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// What mapping produced: events to spool, and counters for status.

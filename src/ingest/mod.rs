@@ -20,7 +20,10 @@ mod fingerprint;
 
 use crate::input::{BadRecord, InputError, Item, Reader, Record};
 use crate::leanplum::catalog::Catalog;
-use crate::mapping::{MapError, MappingOptions, Output, map_engagement, map_session};
+use crate::mapping::{
+    self, MapError, MappingOptions, MappingState, Output, SharedMapping, map_engagement,
+    map_session,
+};
 use crate::spool::{
     self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, now_ms,
 };
@@ -71,8 +74,8 @@ pub enum Outcome {
 
 pub struct Ingestor {
     pub spool: Arc<Spool>,
-    pub catalog: Arc<Catalog>,
-    pub opts: MappingOptions,
+    /// Catalog and options; a reload swaps them, taking effect at the next file.
+    pub mapping: SharedMapping,
     pub stats: Arc<Stats>,
     pub watch_dir: PathBuf,
     /// `spool.max_bytes`: reading pauses above it.
@@ -84,6 +87,8 @@ pub struct Ingestor {
     pub partial_line_hold: Duration,
     /// Files held on an unfinished line, so that is logged once, not at every look.
     pub holding: std::sync::Mutex<HashSet<PathBuf>>,
+    /// Bumped at every commit and every wait: the watchdog's proof that reading is alive.
+    pub heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Ingestor {
@@ -181,6 +186,7 @@ impl Ingestor {
         };
         let mut records = 0usize;
         let mut output = Output::default();
+        let mapping = mapping::current(&self.mapping);
         let mut stream_error = None;
         let mut held = false;
         loop {
@@ -199,7 +205,7 @@ impl Ingestor {
                 break;
             }
             records += 1;
-            self.add_item(&shown, item, &mut chunk, &mut output);
+            self.add_item(&mapping, &shown, item, &mut chunk, &mut output);
             if chunk.events.len() >= CHUNK_EVENTS || records >= CHUNK_RECORDS {
                 if cancel.is_cancelled() {
                     return Ok(Outcome::Cancelled);
@@ -364,7 +370,14 @@ impl Ingestor {
     }
 
     /// Adds one record (or its failure) to the chunk being built.
-    fn add_item(&self, shown: &str, item: Item, chunk: &mut Chunk, output: &mut Output) {
+    fn add_item(
+        &self,
+        mapping: &MappingState,
+        shown: &str,
+        item: Item,
+        chunk: &mut Chunk,
+        output: &mut Output,
+    ) {
         Stats::add(&self.stats.records_read, 1);
         chunk.offset = item.end_offset;
         chunk.line = item.line;
@@ -378,7 +391,7 @@ impl Ingestor {
         match item.result {
             Ok(record) => {
                 let before = output.events.len();
-                match map_record(&record, &self.catalog, &self.opts, output) {
+                match map_record(&record, &mapping.catalog, &mapping.opts, output) {
                     Ok(()) => {
                         for ev in output.events.drain(before..) {
                             chunk.events.push(SpoolEvent {
@@ -451,6 +464,8 @@ impl Ingestor {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
+            self.heartbeat_ms
+                .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
             let full = self.spool.depth()?.bytes >= self.max_spool_bytes;
             if !full {
                 match self.spool.commit_file_chunk(chunk) {

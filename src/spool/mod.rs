@@ -242,6 +242,12 @@ impl Spool {
         }
     }
 
+    /// Whether a process (a running agent) holds the spool at `dir`. Takes and drops the lock:
+    /// for a clear message before daemonizing, not as a guarantee.
+    pub fn is_locked(dir: &Path) -> bool {
+        dir.join("LOCK").exists() && matches!(store::lock(dir), Err(Error::Locked { .. }))
+    }
+
     fn from_store(
         dir: &Path,
         cache_bytes: u64,

@@ -1,0 +1,360 @@
+//! Wires the tasks together and owns the order of startup, reload and shutdown:
+//!
+//! 1. open the spool (moving a damaged one aside) and load the catalog;
+//! 2. start the drain, the control socket, the watcher and the ingest worker; `READY=1` once
+//!    the first scan of the watch directory is done;
+//! 3. SIGHUP: load and validate the config again; if it is good, apply what can change live
+//!    (Segment endpoint and key, batch limits, timers, retry, log level, catalog and mapping
+//!    options) and say which changes need a restart; if not, keep the old one;
+//! 4. on shutdown: stop intake (watcher, ingest between chunks), let the drain finish or
+//!    abandon in-flight batches within 10 s, flush the spool, return.
+
+mod systemd;
+mod workers;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch as watch_channel};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Purpose, WriteKey};
+use crate::control;
+use crate::drain::{Drain, DrainConfig, DrainHandle, DrainSettings};
+use crate::ingest::Ingestor;
+use crate::leanplum::catalog::Catalog;
+use crate::mapping::{MappingOptions, MappingState, SharedMapping};
+use crate::segment::client::Client;
+use crate::spool::{Spool, now_ms};
+use crate::stats::Stats;
+use crate::watch::{self, WatchHandles, WatchSettings};
+
+/// sled's page cache. The spool is streamed, so a small cache costs little speed.
+pub const SPOOL_CACHE_BYTES: u64 = 32 << 20;
+
+/// Changes the log filter of the running process (`log.level` on reload).
+pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What signals ask of a running agent, and what it may change in the process around it.
+#[derive(Clone, Default)]
+pub struct Controls {
+    /// SIGTERM / SIGINT.
+    pub shutdown: CancellationToken,
+    /// SIGUSR1: skip the backoff wait and rescan.
+    pub drain_now: Arc<tokio::sync::Notify>,
+    /// SIGHUP: reload the config.
+    pub reload: Arc<tokio::sync::Notify>,
+    pub set_log_level: Option<SetLogLevel>,
+}
+
+pub fn mapping_options(c: &Config) -> MappingOptions {
+    MappingOptions {
+        unknown_message_channel: c.mapping.unknown_message_channel,
+        send_experiment_viewed: c.mapping.send_experiment_viewed,
+    }
+}
+
+fn drain_config(config: &Config, key: &WriteKey) -> anyhow::Result<DrainConfig> {
+    let client = Client::new(
+        &config.segment.endpoint,
+        key,
+        Duration::from_secs(config.segment.request_timeout_secs),
+        config.segment.gzip,
+    )
+    .context("cannot build the HTTP client")?;
+    Ok(DrainConfig {
+        settings: DrainSettings::from_config(config),
+        client,
+    })
+}
+
+fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
+    let catalog = Catalog::load_dir(&config.mapping.catalog_dir).with_context(|| {
+        format!(
+            "cannot load the catalog from {}",
+            config.mapping.catalog_dir.display()
+        )
+    })?;
+    tracing::info!(
+        dir = %config.mapping.catalog_dir.display(),
+        messages = catalog.len_messages(),
+        abtests = catalog.len_abtests(),
+        "catalog loaded"
+    );
+    Ok(catalog)
+}
+
+/// Runs the agent until `controls.shutdown` is cancelled. `config_path` is read again on
+/// SIGHUP.
+pub async fn run(
+    config: Config,
+    key: WriteKey,
+    config_path: PathBuf,
+    controls: Controls,
+) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    let spool_dir = config.spool.dir.clone();
+    let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, SPOOL_CACHE_BYTES))
+        .await?
+        .context("cannot open the spool")?;
+    let spool = Arc::new(spool);
+    if let Some(note) = spool.recovered() {
+        tracing::warn!("{note}");
+    }
+    let depth = spool.depth()?;
+    tracing::info!(
+        path = %spool.path().display(),
+        events = depth.events,
+        bytes = depth.bytes,
+        "spool open"
+    );
+
+    let mapping: SharedMapping = Arc::new(std::sync::RwLock::new(Arc::new(MappingState {
+        catalog: Arc::new(load_catalog(&config)?),
+        opts: mapping_options(&config),
+    })));
+
+    let (drain_config_tx, drain_config_rx) = watch_channel::channel(drain_config(&config, &key)?);
+    tracing::info!(endpoint = %config.segment.endpoint, "delivering to Segment");
+    let handle = DrainHandle::default();
+    let (delivered_tx, delivered_rx) = mpsc::unbounded_channel();
+    let drain = Drain::new(
+        spool.clone(),
+        drain_config_rx,
+        stats.clone(),
+        handle.clone(),
+        Some(delivered_tx),
+    );
+    let drain_stop = CancellationToken::new();
+    let drain_task = tokio::spawn(drain.run(drain_stop.clone()));
+
+    // The control socket comes before READY: a second agent must fail here, not later.
+    let started = std::time::Instant::now();
+    let report: control::ReportFn = {
+        let (stats, spool, drain) = (stats.clone(), spool.clone(), handle.status.clone());
+        let (endpoint, max) = (config.segment.endpoint.clone(), config.spool.max_bytes);
+        Arc::new(move || {
+            let drain = drain.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            control::live_report(&control::LiveSources {
+                stats: &stats,
+                drain: &drain,
+                spool: &spool,
+                endpoint: &endpoint,
+                started,
+                max_spool_bytes: max,
+                notes: &[],
+            })
+        })
+    };
+    let commands: control::CommandFn = {
+        let (spool, mapping) = (spool.clone(), mapping.clone());
+        Arc::new(move |request: &str| {
+            let m = crate::mapping::current(&mapping);
+            crate::deadletter::handle_request(request, &spool, &m.catalog, &m.opts)
+        })
+    };
+    let socket = control::ControlSocket::bind(&config.control.socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the control socket {}",
+                config.control.socket.display()
+            )
+        })?;
+    let control_stop = CancellationToken::new();
+    if let Some(addr) = &config.control.metrics_listen {
+        let listener = control::metrics::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        tracing::info!(addr = %addr, "metrics endpoint listening");
+        tokio::spawn(control::metrics::serve(
+            listener,
+            report.clone(),
+            stats.clone(),
+            control_stop.clone(),
+        ));
+    }
+    let control_task =
+        tokio::spawn(socket.run_with_commands(report.clone(), commands, control_stop.clone()));
+
+    let intake_stop = controls.shutdown.child_token();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let rescan_now = Arc::new(tokio::sync::Notify::new());
+    let (first_scan_tx, first_scan_rx) = tokio::sync::oneshot::channel();
+    let watch_task = tokio::spawn(watch::run(
+        WatchSettings::from_config(&config.watch)?,
+        WatchHandles {
+            ready: ready_tx,
+            rescan_now: rescan_now.clone(),
+            first_scan: Some(first_scan_tx),
+        },
+        intake_stop.clone(),
+    ));
+
+    let ingest_heartbeat = Arc::new(AtomicU64::new(now_ms()));
+    let ingestor = Ingestor {
+        spool: spool.clone(),
+        mapping: mapping.clone(),
+        stats: stats.clone(),
+        watch_dir: config.watch.dir.clone().unwrap_or_default(),
+        max_spool_bytes: config.spool.max_bytes,
+        drain_wake: handle.wake.clone(),
+        partial_line_hold: Duration::from_secs(
+            config.watch.settle_secs.max(1) * workers::PARTIAL_LINE_HOLD_SETTLES,
+        ),
+        holding: Default::default(),
+        heartbeat_ms: ingest_heartbeat.clone(),
+    };
+    let retry_after = Duration::from_secs(config.watch.settle_secs.max(1));
+    let ingest_stop = intake_stop.clone();
+    let ingest_hb = ingest_heartbeat.clone();
+    let ingest_task = tokio::task::spawn_blocking(move || {
+        workers::ingest_worker(ingestor, ready_rx, retry_after, ingest_stop, ingest_hb)
+    });
+
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(workers::after_ingest_worker(
+        spool.clone(),
+        config.watch.dir.clone().unwrap_or_default(),
+        config.watch.after_ingest,
+        config.watch.move_to.clone(),
+        delivered_rx,
+    ));
+    background.spawn(workers::maintenance(
+        spool.clone(),
+        Duration::from_secs(config.spool.dedupe_window_days * 86_400),
+    ));
+    background.spawn(systemd::status_loop(report));
+    background.spawn(systemd::watchdog_loop(vec![
+        ("drain", handle.heartbeat_ms.clone()),
+        ("ingest", ingest_heartbeat),
+    ]));
+    {
+        // SIGUSR1: skip the backoff wait and rescan.
+        let (kick, drain_now) = (handle.kick.clone(), controls.drain_now.clone());
+        background.spawn(async move {
+            loop {
+                drain_now.notified().await;
+                kick.notify_one();
+                rescan_now.notify_one();
+            }
+        });
+    }
+
+    let mut first_scan = Some(first_scan_rx);
+    let mut current = config;
+    loop {
+        tokio::select! {
+            Ok(()) = async { first_scan.as_mut().expect("guarded").await }, if first_scan.is_some() => {
+                first_scan = None;
+                systemd::notify(&[sd_notify::NotifyState::Ready]);
+                tracing::info!("ready");
+            }
+            _ = controls.reload.notified() => {
+                systemd::reloading();
+                if let Some(new) = reload(&config_path, &current, &controls, &drain_config_tx, &mapping) {
+                    current = new;
+                }
+                systemd::notify(&[sd_notify::NotifyState::Ready]);
+            }
+            _ = controls.shutdown.cancelled() => break,
+        }
+    }
+
+    systemd::notify(&[sd_notify::NotifyState::Stopping]);
+    tracing::info!("shutting down: intake stopped, draining in-flight batches");
+    let _ = watch_task.await;
+    let _ = ingest_task.await;
+    drain_stop.cancel();
+    let _ = drain_task.await;
+    background.abort_all();
+    let spool_flush = spool.clone();
+    tokio::task::spawn_blocking(move || spool_flush.flush())
+        .await?
+        .context("cannot flush the spool")?;
+    control_stop.cancel();
+    let _ = control_task.await;
+    let depth = spool.depth()?;
+    tracing::info!(
+        queued = depth.events,
+        delivered = Stats::get(&stats.events_delivered),
+        "stopped"
+    );
+    Ok(())
+}
+
+/// SIGHUP. Returns the new config when it was valid and applied; on any problem logs it once
+/// and keeps everything as it was.
+fn reload(
+    path: &Path,
+    old: &Config,
+    controls: &Controls,
+    drain_tx: &watch_channel::Sender<DrainConfig>,
+    mapping: &SharedMapping,
+) -> Option<Config> {
+    let loaded = match Config::load_and_validate(path, Purpose::Run) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("reload refused, the running config stays: {e}");
+            return None;
+        }
+    };
+    let new = loaded.config;
+    let (key, _) = loaded.key?;
+    // Build everything first, so a failure changes nothing.
+    let drain = match drain_config(&new, &key) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!("reload refused, the running config stays: {e:#}");
+            return None;
+        }
+    };
+    let catalog = match load_catalog(&new) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, the running config stays: {e:#}");
+            return None;
+        }
+    };
+    if let Some(set) = &controls.set_log_level
+        && let Err(e) = set(&new.log.level)
+    {
+        tracing::error!("reload refused, the running config stays: log.level: {e}");
+        return None;
+    }
+    let _ = drain_tx.send(drain);
+    *mapping.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(MappingState {
+        catalog: Arc::new(catalog),
+        opts: mapping_options(&new),
+    });
+    let restart_needed: Vec<&str> = [
+        (
+            "watch",
+            format!("{:?}", old.watch) != format!("{:?}", new.watch),
+        ),
+        (
+            "spool",
+            format!("{:?}", old.spool) != format!("{:?}", new.spool),
+        ),
+        (
+            "control",
+            format!("{:?}", old.control) != format!("{:?}", new.control),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(section, _)| section)
+    .collect();
+    if restart_needed.is_empty() {
+        tracing::info!("config reloaded");
+    } else {
+        tracing::warn!(
+            sections = ?restart_needed,
+            "config reloaded; changes in these sections take effect at the next restart"
+        );
+    }
+    Some(new)
+}

@@ -1,0 +1,139 @@
+//! The long-running helpers of the agent besides the drain and the watcher: the ingest worker,
+//! `after_ingest`, and spool maintenance.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AfterIngest;
+use crate::ingest::{Ingestor, Outcome};
+use crate::spool::{FileStatus, Spool, now_ms};
+
+/// A file whose last line is unfinished and unparsable is held this many `settle_secs` after
+/// its last change before the line is taken as final.
+pub(super) const PARTIAL_LINE_HOLD_SETTLES: u64 = 10;
+
+/// Reads ready files one at a time, in a blocking thread (sled and file reads block). A file
+/// held on an unfinished last line is offered again every `retry_after`.
+pub(super) fn ingest_worker(
+    ingestor: Ingestor,
+    ready: std::sync::mpsc::Receiver<PathBuf>,
+    retry_after: Duration,
+    stop: CancellationToken,
+    heartbeat_ms: Arc<AtomicU64>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut held: Vec<(std::time::Instant, PathBuf)> = Vec::new();
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let rel = if let Some(i) = held.iter().position(|(at, _)| *at <= now) {
+            held.swap_remove(i).1
+        } else {
+            let wait = held
+                .iter()
+                .map(|(at, _)| at.saturating_duration_since(now))
+                .min()
+                .unwrap_or(Duration::from_millis(500))
+                .min(Duration::from_millis(500));
+            match ready.recv_timeout(wait) {
+                Ok(rel) => rel,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        held.retain(|(_, p)| *p != rel);
+        match ingestor.ingest(&rel, &stop) {
+            Ok(Outcome::Cancelled) => return,
+            Ok(Outcome::Held) => held.push((std::time::Instant::now() + retry_after, rel)),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(path = %rel.display(), error = %e, "spool error while reading a file; it will be read again");
+            }
+        }
+    }
+}
+
+/// Deletes or moves a file once every one of its events was delivered (SPEC section 7).
+pub(super) async fn after_ingest_worker(
+    spool: Arc<Spool>,
+    watch_dir: PathBuf,
+    action: AfterIngest,
+    move_to: PathBuf,
+    mut delivered: mpsc::UnboundedReceiver<u64>,
+) {
+    while let Some(id) = delivered.recv().await {
+        let Ok(Some(rec)) = spool.file(id) else {
+            continue;
+        };
+        if rec.status != FileStatus::Read {
+            continue;
+        }
+        let src = watch_dir.join(&rec.path);
+        let result = match action {
+            AfterIngest::Keep => Ok(()),
+            AfterIngest::Delete => std::fs::remove_file(&src),
+            AfterIngest::Move => {
+                let dst = move_to.join(&rec.path);
+                dst.parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|_| std::fs::rename(&src, &dst))
+            }
+        };
+        match result {
+            Ok(()) => {
+                if action != AfterIngest::Keep {
+                    tracing::info!(path = %rec.path, action = ?action, "file delivered and removed from the watch directory");
+                }
+                let _ = spool.update_file(id, |r| r.status = FileStatus::Done);
+            }
+            Err(e) => {
+                tracing::warn!(path = %rec.path, error = %e, "after_ingest failed; the file stays")
+            }
+        }
+    }
+}
+
+/// How often the spool is tidied: dedupe entries past the window pruned, and the files
+/// compacted when sled has grown far past the live data.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(300);
+/// Compaction pauses commits and the drain for the copy, so only when it gives back a lot.
+const COMPACT_MIN_DISK_BYTES: u64 = 256 << 20;
+const COMPACT_RATIO: u64 = 4;
+
+pub(super) async fn maintenance(spool: Arc<Spool>, dedupe_window: Duration) {
+    let mut every = tokio::time::interval(MAINTENANCE_INTERVAL);
+    loop {
+        every.tick().await;
+        let spool = spool.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), crate::spool::Error> {
+            let cutoff = now_ms().saturating_sub(dedupe_window.as_millis() as u64);
+            let pruned = spool.prune_dedupe(cutoff)?;
+            if pruned > 0 {
+                tracing::info!(pruned, "dedupe entries older than the window removed");
+            }
+            if spool.is_bloated(COMPACT_MIN_DISK_BYTES, COMPACT_RATIO)? {
+                let c = spool.compact()?;
+                tracing::info!(
+                    disk_before = c.disk_before,
+                    disk_after = c.disk_after,
+                    "spool compacted"
+                );
+            }
+            Ok(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "spool maintenance failed; will try again"),
+            Err(e) => tracing::warn!(error = %e, "spool maintenance task failed"),
+        }
+    }
+}
