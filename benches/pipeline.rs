@@ -1,0 +1,592 @@
+//! The pipeline benchmark (`cargo bench --bench pipeline -- [--size-mb N] [--backlog-events N]`):
+//! generates realistic Leanplum exports, runs the real daemon against a counting
+//! Segment-compatible server on loopback, and reports what BENCHMARKS.md records:
+//!
+//! - parse-only floor: read, decompress, parse and map with the library, no spool;
+//! - ingest: MB/s and events/s durably committed to the spool (Segment unreachable meanwhile);
+//! - drain: events/s and requests/s from the full spool to the loopback server;
+//! - end to end: ingest and drain together, export to accepted events;
+//! - peak RSS during ingest and with the whole backlog spooled;
+//! - restart-to-ready with the backlog spooled (READY=1 on a notify socket);
+//! - spool bytes on disk per event.
+//!
+//! Options: `--size-mb` export size (default 1024), `--gzip-share` fraction of shards gzipped
+//! (default 0.25), `--backlog-events` extra events to spool for the RSS / restart figures
+//! (default 0: the export's own), `--keep DIR` to keep the work directory.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use leanplum_segment_agent::ingest::map_record;
+use leanplum_segment_agent::input::Reader;
+use leanplum_segment_agent::leanplum::catalog::Catalog;
+use leanplum_segment_agent::mapping::{MappingOptions, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_leanplum-segment-agent");
+const KEY: &str = "wk_bench_secret";
+
+struct Args {
+    size_mb: u64,
+    gzip_share: f64,
+    keep: Option<PathBuf>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        size_mb: 1024,
+        gzip_share: 0.25,
+        keep: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--size-mb" => a.size_mb = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.size_mb),
+            "--gzip-share" => {
+                a.gzip_share = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.gzip_share)
+            }
+            "--keep" => a.keep = it.next().map(PathBuf::from),
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    a
+}
+
+// ---------------------------------------------------------------------------------------------
+// Export generator
+// ---------------------------------------------------------------------------------------------
+
+/// Message ids of the shipped catalog, by channel, so the events map.
+fn catalog_ids() -> (Vec<u64>, Vec<u64>) {
+    let catalog = std::fs::read_to_string(repo("examples/catalog/messages.json")).unwrap();
+    let v: Vec<serde_json::Value> = serde_json::from_str(&catalog).unwrap();
+    let (mut email, mut push) = (Vec::new(), Vec::new());
+    for m in v {
+        let id = m["id"].as_u64().unwrap();
+        if m["channel"] == "email" {
+            email.push(id)
+        } else {
+            push.push(id)
+        }
+    }
+    (email, push)
+}
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// One session line: 5 to 30 app events and 1 to 4 message events, like a busy app's export.
+fn session(rng: &mut fastrand::Rng, ids: &(Vec<u64>, Vec<u64>), next_event: &mut u64, out: &mut String) -> u64 {
+    use std::fmt::Write as _;
+    let t = 1_793_500_000.0 + rng.f64() * 86_400.0;
+    let user = rng.u32(..200_000);
+    let _ = write!(
+        out,
+        r#"{{"sessionId":"{}","deviceId":"DEV-{user:08X}-4E8F-9DD8-904F07489671","userId":"user-{user}","time":{t:.6},"isSession":true,"duration":{:.3},"country":"US","region":"CA","city":"San Francisco","locale":"en_US","timezone":"America/Los_Angeles","appVersion":"2.0.1","systemName":"iOS","systemVersion":"17.1","deviceModel":"iPhone15,2","client":"ios","sdkVersion":"6.0.0","userAttributes":{{"plan":"pro","visits":{}}},"experiments":[{{"id":491150281,"variantId":491150284,"impressed":true}}],"states":["#,
+        rng.u64(..u64::MAX / 2),
+        rng.f64() * 600.0,
+        rng.u32(..100),
+    );
+    let app_events = rng.usize(5..=30);
+    let msg_events = rng.usize(1..=4);
+    let mut events = 0;
+    for s in 0..2 {
+        if s > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, r#"{{"stateId":{},"events":["#, rng.i64(..));
+        let (a, m) = if s == 0 {
+            (app_events / 2, msg_events / 2)
+        } else {
+            (app_events - app_events / 2, msg_events - msg_events / 2)
+        };
+        for i in 0..a + m {
+            if i > 0 {
+                out.push(',');
+            }
+            *next_event += 1;
+            let et = t + rng.f64() * 300.0;
+            if i < m {
+                let (pool, actions): (&Vec<u64>, &[&str]) = if rng.bool() {
+                    (&ids.0, &["Open", "Click", "Delivered", "Bounce", "Unsubscribe", "Sent"])
+                } else {
+                    (&ids.1, &["Open", "Delivered", "Bounce", "Held Back"])
+                };
+                let id = pool[rng.usize(..pool.len())];
+                let action = actions[rng.usize(..actions.len())];
+                let _ = write!(
+                    out,
+                    r#"{{"eventId":{},"name":".m{id} {action}","time":{et:.6},"value":0.0,"parameters":{{"url":"https://example.com/p/{}","index":{}}}}}"#,
+                    *next_event,
+                    rng.u32(..1000),
+                    rng.u32(..5)
+                );
+                if action != "Sent" && action != "Held Back" {
+                    events += 1;
+                }
+            } else {
+                let _ = write!(
+                    out,
+                    r#"{{"eventId":{},"name":"Add To Cart","time":{et:.6},"value":{:.2},"parameters":{{"sku":"A{}","qty":{}}}}}"#,
+                    *next_event,
+                    rng.f64() * 10.0,
+                    rng.u32(..100),
+                    rng.u32(1..5)
+                );
+            }
+        }
+        out.push_str("]}");
+    }
+    out.push_str("]}\n");
+    events + 1 // the Experiment Viewed (deduplicated per user later, so an upper bound)
+}
+
+/// Writes shards of about 64 MB into `dir` until `size` bytes of (uncompressed) export exist.
+/// Returns (bytes of export uncompressed, bytes on disk, shard paths).
+fn generate(dir: &Path, size: u64, gzip_share: f64, seed: u64) -> (u64, u64, Vec<PathBuf>) {
+    let ids = catalog_ids();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut next_event = 7_000_000_000_000_000_000u64;
+    let shard_bytes = 64 << 20;
+    let (mut total, mut on_disk, mut shards) = (0u64, 0u64, Vec::new());
+    let mut n = 0;
+    while total < size {
+        let gzip = rng.f64() < gzip_share;
+        let name = format!("export-5629499534213120-bench-output-{n}");
+        let path = dir.join(&name);
+        let mut text = String::with_capacity(shard_bytes + 8192);
+        while text.len() < shard_bytes && total + (text.len() as u64) < size {
+            session(&mut rng, &ids, &mut next_event, &mut text);
+        }
+        total += text.len() as u64;
+        let tmp = dir.join(format!(".{name}.tmp"));
+        if gzip {
+            let f = std::fs::File::create(&tmp).unwrap();
+            let mut enc = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+            enc.write_all(text.as_bytes()).unwrap();
+            enc.finish().unwrap();
+        } else {
+            std::fs::write(&tmp, text.as_bytes()).unwrap();
+        }
+        on_disk += std::fs::metadata(&tmp).unwrap().len();
+        shards.push((tmp, path));
+        n += 1;
+    }
+    let paths = shards.iter().map(|(_, p)| p.clone()).collect();
+    // Renamed into place only when the caller drops them into the watch dir.
+    for (tmp, path) in shards {
+        std::fs::rename(tmp, path).unwrap();
+    }
+    (total, on_disk, paths)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Counting Segment server
+// ---------------------------------------------------------------------------------------------
+
+/// A minimal HTTP/1.1 server with keep-alive that answers every `POST /v1/batch` with 200 (or
+/// 503 while `down`), counting requests and events (by counting `"messageId"` in the body).
+struct Server {
+    port: u16,
+    down: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+    events: Arc<AtomicU64>,
+}
+
+impl Server {
+    fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let s = Server {
+            port,
+            down: Arc::new(AtomicBool::new(false)),
+            requests: Arc::new(AtomicU64::new(0)),
+            events: Arc::new(AtomicU64::new(0)),
+        };
+        let (down, requests, events) = (s.down.clone(), s.requests.clone(), s.events.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (down, requests, events) = (down.clone(), requests.clone(), events.clone());
+                std::thread::spawn(move || serve(conn, &down, &requests, &events));
+            }
+        });
+        s
+    }
+}
+
+fn serve(conn: TcpStream, down: &AtomicBool, requests: &AtomicU64, events: &AtomicU64) {
+    let mut reader = BufReader::with_capacity(1 << 20, conn.try_clone().unwrap());
+    let mut writer = conn;
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let (mut len, mut gzip) = (0usize, false);
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            if lower.starts_with("content-encoding:") && lower.contains("gzip") {
+                gzip = true;
+            }
+        }
+        body.resize(len, 0);
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let status = if down.load(Ordering::Relaxed) {
+            "503 Service Unavailable"
+        } else {
+            let plain = if gzip {
+                let mut out = Vec::with_capacity(len * 5);
+                flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
+                out
+            } else {
+                std::mem::take(&mut body)
+            };
+            let n = memchr_count(&plain, b"\"messageId\"");
+            events.fetch_add(n, Ordering::Relaxed);
+            requests.fetch_add(1, Ordering::Relaxed);
+            "200 OK"
+        };
+        let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 16\r\nContent-Type: application/json\r\n\r\n{{\"success\":true}}");
+        if writer.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn memchr_count(hay: &[u8], needle: &[u8]) -> u64 {
+    hay.windows(needle.len()).filter(|w| *w == needle).count() as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon
+// ---------------------------------------------------------------------------------------------
+
+struct Agent {
+    child: Child,
+    config: PathBuf,
+}
+
+fn write_config(root: &Path, port: u16) -> PathBuf {
+    let config = root.join("config.toml");
+    let text = format!(
+        r#"[segment]
+write_key = "{KEY}"
+endpoint = "http://127.0.0.1:{port}"
+flush_interval_ms = 200
+concurrency = 4
+[retry]
+initial_backoff_ms = 100
+max_backoff_secs = 1
+[watch]
+dir = "{watch}"
+settle_secs = 1
+rescan_interval_secs = 5
+[spool]
+dir = "{spool}"
+max_bytes = 107374182400
+[mapping]
+catalog_dir = "{catalog}"
+[control]
+socket = "{socket}"
+[log]
+level = "warn"
+"#,
+        watch = root.join("in").display(),
+        spool = root.join("spool").display(),
+        catalog = repo("examples/catalog").display(),
+        socket = root.join("control.sock").display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+impl Agent {
+    fn start(config: &Path, notify: Option<&Path>) -> Agent {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"]).arg(config);
+        cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
+        if let Some(n) = notify {
+            cmd.env("NOTIFY_SOCKET", n);
+        }
+        let child = cmd.stdin(Stdio::null()).spawn().unwrap();
+        Agent {
+            child,
+            config: config.to_owned(),
+        }
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--config"])
+            .arg(&self.config)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn rss_peak_kb(&self) -> u64 {
+        proc_status_kb(self.child.id(), "VmHWM:")
+    }
+
+    fn rss_kb(&self) -> u64 {
+        proc_status_kb(self.child.id(), "VmRSS:")
+    }
+
+    fn stop(mut self) {
+        unsafe_free_kill(self.child.id(), "TERM");
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_free_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn du(path: &Path) -> u64 {
+    walk(path).iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum()
+}
+
+fn walk(path: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(path) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn field(v: &serde_json::Value, name: &str) -> u64 {
+    v[name].as_u64().unwrap_or(0)
+}
+
+/// Polls `status --json` until `done` holds; returns the last report.
+fn wait_status(agent: &Agent, mut done: impl FnMut(&serde_json::Value) -> bool, mut tick: impl FnMut()) -> serde_json::Value {
+    loop {
+        tick();
+        if let Some(s) = agent.status()
+            && done(&s)
+        {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn parse_floor(paths: &[PathBuf]) -> (Duration, u64, u64) {
+    let catalog = Catalog::load_dir(&repo("examples/catalog")).unwrap();
+    let opts = MappingOptions::default();
+    let start = Instant::now();
+    let (mut events, mut bytes) = (0u64, 0u64);
+    for p in paths {
+        let mut r = Reader::open(p, 0).unwrap();
+        let mut out = Output::default();
+        while let Some(item) = r.next_item() {
+            let item = item.unwrap();
+            if let Ok(rec) = item.result {
+                let _ = map_record(&rec, &catalog, &opts, &mut out);
+                for ev in out.events.drain(..) {
+                    // Serialize as the spool would; count it.
+                    let json = serde_json::to_vec(&ev).unwrap();
+                    bytes += json.len() as u64;
+                    events += 1;
+                }
+            }
+        }
+    }
+    (start.elapsed(), events, bytes)
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+fn main() {
+    let a = args();
+    let root = match &a.keep {
+        Some(d) => {
+            std::fs::create_dir_all(d).unwrap();
+            d.clone()
+        }
+        None => std::env::temp_dir().join(format!("lsa-bench-{}", std::process::id())),
+    };
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("gen")).unwrap();
+    std::fs::create_dir_all(root.join("in")).unwrap();
+    println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, |n| n.get()), BIN);
+
+    let t = Instant::now();
+    let (export_bytes, disk_bytes, shards) =
+        generate(&root.join("gen"), a.size_mb << 20, a.gzip_share, 42);
+    println!(
+        "generated {} shards: {:.0} MB of export ({:.0} MB on disk, {:.0}% gzipped shards) in {:.1?}",
+        shards.len(),
+        mb(export_bytes),
+        mb(disk_bytes),
+        a.gzip_share * 100.0,
+        t.elapsed()
+    );
+
+    // 1. Parse-only floor (one core: the daemon reads one file at a time).
+    let (d, floor_events, event_bytes) = parse_floor(&shards);
+    let floor_mbs = mb(export_bytes) / d.as_secs_f64();
+    println!(
+        "parse-only floor: {:.1} MB/s, {:.0} events/s ({} events, {:.1?})",
+        floor_mbs,
+        floor_events as f64 / d.as_secs_f64(),
+        floor_events,
+        d
+    );
+
+    // 2. Ingest with Segment down: durable commits only.
+    let server = Server::start();
+    server.down.store(true, Ordering::Relaxed);
+    let config = write_config(&root, server.port);
+    let agent = Agent::start(&config, None);
+    wait_status(&agent, |s| s["state"].is_string(), || {});
+    let t = Instant::now();
+    for p in &shards {
+        std::fs::rename(p, root.join("in").join(p.file_name().unwrap())).unwrap();
+    }
+    let mut rss_ingest = 0;
+    let s = wait_status(
+        &agent,
+        |s| field(s, "files_done") + field(s, "files_failed") >= shards.len() as u64,
+        || rss_ingest = rss_ingest.max(agent.rss_kb()),
+    );
+    let ingest = t.elapsed();
+    let spooled = field(&s, "spool_events");
+    println!(
+        "ingest (Segment down): {:.1} MB/s, {:.0} events/s durably spooled ({} events, {:.1?}); {:.0}% of the parse floor",
+        mb(export_bytes) / ingest.as_secs_f64(),
+        spooled as f64 / ingest.as_secs_f64(),
+        spooled,
+        ingest,
+        100.0 * (mb(export_bytes) / ingest.as_secs_f64()) / floor_mbs
+    );
+    let spool_disk = du(&root.join("spool"));
+    println!(
+        "spool on disk: {:.0} MB for {} events = {:.0} bytes/event; serialized events {:.0} bytes/event ({:.2}x)",
+        mb(spool_disk),
+        spooled,
+        spool_disk as f64 / spooled.max(1) as f64,
+        field(&s, "spool_bytes") as f64 / spooled.max(1) as f64,
+        spool_disk as f64 / field(&s, "spool_bytes").max(1) as f64
+    );
+    println!(
+        "peak RSS during ingest: {} MB (VmHWM {} MB)",
+        rss_ingest / 1024,
+        agent.rss_peak_kb() / 1024
+    );
+    println!("RSS with the backlog spooled: {} MB", agent.rss_kb() / 1024);
+
+    // 3. Restart-to-ready with the backlog spooled.
+    agent.stop();
+    let notify_path = root.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let t = Instant::now();
+    let agent = Agent::start(&config, Some(&notify_path));
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).unwrap();
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    println!("restart to READY=1 with {} events spooled: {:.2?}", spooled, t.elapsed());
+
+    // 4. Drain from the full spool.
+    let t = Instant::now();
+    server.down.store(false, Ordering::Relaxed);
+    let mut rss_drain = 0;
+    wait_status(&agent, |s| field(s, "spool_events") == 0, || rss_drain = rss_drain.max(agent.rss_kb()));
+    let drain = t.elapsed();
+    let (events, requests) = (server.events.load(Ordering::Relaxed), server.requests.load(Ordering::Relaxed));
+    println!(
+        "drain: {:.0} events/s, {:.0} requests/s ({} events in {} requests, {:.1?}); peak RSS while draining {} MB",
+        events as f64 / drain.as_secs_f64(),
+        requests as f64 / drain.as_secs_f64(),
+        events,
+        requests,
+        drain,
+        rss_drain / 1024
+    );
+    let after = du(&root.join("spool"));
+    println!("spool on disk after draining: {:.0} MB", mb(after));
+    agent.stop();
+
+    // 5. End to end: a fresh spool, Segment up, the export dropped in.
+    let _ = std::fs::remove_dir_all(root.join("spool"));
+    let _ = std::fs::remove_dir_all(root.join("in"));
+    std::fs::create_dir_all(root.join("in")).unwrap();
+    let gen2 = root.join("gen2");
+    std::fs::create_dir_all(&gen2).unwrap();
+    let (_, _, shards2) = generate(&gen2, a.size_mb << 20, a.gzip_share, 43);
+    let server2 = Server::start();
+    let config2 = write_config(&root, server2.port);
+    let agent = Agent::start(&config2, None);
+    wait_status(&agent, |s| s["state"].is_string(), || {});
+    let t = Instant::now();
+    for p in &shards2 {
+        std::fs::rename(p, root.join("in").join(p.file_name().unwrap())).unwrap();
+    }
+    let mut rss_e2e = 0;
+    wait_status(
+        &agent,
+        |s| field(s, "files_done") >= shards2.len() as u64 && field(s, "spool_events") == 0,
+        || rss_e2e = rss_e2e.max(agent.rss_kb()),
+    );
+    let e2e = t.elapsed();
+    println!(
+        "end to end: {:.0} MB of export delivered in {:.1?} ({:.1} MB/s, {} events accepted); peak RSS {} MB",
+        mb(export_bytes),
+        e2e,
+        mb(export_bytes) / e2e.as_secs_f64(),
+        server2.events.load(Ordering::Relaxed),
+        rss_e2e / 1024
+    );
+    agent.stop();
+    let _ = event_bytes;
+    if a.keep.is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
