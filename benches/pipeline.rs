@@ -48,7 +48,10 @@ fn args() -> Args {
         match flag.as_str() {
             "--size-mb" => a.size_mb = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.size_mb),
             "--gzip-share" => {
-                a.gzip_share = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.gzip_share)
+                a.gzip_share = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(a.gzip_share)
             }
             "--keep" => a.keep = it.next().map(PathBuf::from),
             _ => {} // cargo bench passes --bench
@@ -82,7 +85,12 @@ fn repo(rel: &str) -> PathBuf {
 }
 
 /// One session line: 5 to 30 app events and 1 to 4 message events, like a busy app's export.
-fn session(rng: &mut fastrand::Rng, ids: &(Vec<u64>, Vec<u64>), next_event: &mut u64, out: &mut String) -> u64 {
+fn session(
+    rng: &mut fastrand::Rng,
+    ids: &(Vec<u64>, Vec<u64>),
+    next_event: &mut u64,
+    out: &mut String,
+) -> u64 {
     use std::fmt::Write as _;
     let t = 1_793_500_000.0 + rng.f64() * 86_400.0;
     let user = rng.u32(..200_000);
@@ -114,7 +122,17 @@ fn session(rng: &mut fastrand::Rng, ids: &(Vec<u64>, Vec<u64>), next_event: &mut
             let et = t + rng.f64() * 300.0;
             if i < m {
                 let (pool, actions): (&Vec<u64>, &[&str]) = if rng.bool() {
-                    (&ids.0, &["Open", "Click", "Delivered", "Bounce", "Unsubscribe", "Sent"])
+                    (
+                        &ids.0,
+                        &[
+                            "Open",
+                            "Click",
+                            "Delivered",
+                            "Bounce",
+                            "Unsubscribe",
+                            "Sent",
+                        ],
+                    )
                 } else {
                     (&ids.1, &["Open", "Delivered", "Bounce", "Held Back"])
                 };
@@ -257,7 +275,9 @@ fn serve(conn: TcpStream, down: &AtomicBool, requests: &AtomicU64, events: &Atom
         } else {
             let plain = if gzip {
                 let mut out = Vec::with_capacity(len * 5);
-                flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
+                flate2::read::GzDecoder::new(&body[..])
+                    .read_to_end(&mut out)
+                    .unwrap();
                 out
             } else {
                 std::mem::take(&mut body)
@@ -267,7 +287,9 @@ fn serve(conn: TcpStream, down: &AtomicBool, requests: &AtomicU64, events: &Atom
             requests.fetch_add(1, Ordering::Relaxed);
             "200 OK"
         };
-        let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 16\r\nContent-Type: application/json\r\n\r\n{{\"success\":true}}");
+        let reply = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: 16\r\nContent-Type: application/json\r\n\r\n{{\"success\":true}}"
+        );
         if writer.write_all(reply.as_bytes()).is_err() {
             return;
         }
@@ -360,7 +382,10 @@ impl Agent {
 }
 
 fn unsafe_free_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 fn proc_status_kb(pid: u32, field: &str) -> u64 {
@@ -374,7 +399,10 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
 }
 
 fn du(path: &Path) -> u64 {
-    walk(path).iter().map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum()
+    walk(path)
+        .iter()
+        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum()
 }
 
 fn walk(path: &Path) -> Vec<PathBuf> {
@@ -397,7 +425,11 @@ fn field(v: &serde_json::Value, name: &str) -> u64 {
 }
 
 /// Polls `status --json` until `done` holds; returns the last report.
-fn wait_status(agent: &Agent, mut done: impl FnMut(&serde_json::Value) -> bool, mut tick: impl FnMut()) -> serde_json::Value {
+fn wait_status(
+    agent: &Agent,
+    mut done: impl FnMut(&serde_json::Value) -> bool,
+    mut tick: impl FnMut(),
+) -> serde_json::Value {
     loop {
         tick();
         if let Some(s) = agent.status()
@@ -451,7 +483,11 @@ fn main() {
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(root.join("gen")).unwrap();
     std::fs::create_dir_all(root.join("in")).unwrap();
-    println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, |n| n.get()), BIN);
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        BIN
+    );
 
     let t = Instant::now();
     let (export_bytes, disk_bytes, shards) =
@@ -522,7 +558,9 @@ fn main() {
     agent.stop();
     let notify_path = root.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let t = Instant::now();
     let agent = Agent::start(&config, Some(&notify_path));
     let mut buf = [0u8; 4096];
@@ -532,15 +570,26 @@ fn main() {
             break;
         }
     }
-    println!("restart to READY=1 with {} events spooled: {:.2?}", spooled, t.elapsed());
+    println!(
+        "restart to READY=1 with {} events spooled: {:.2?}",
+        spooled,
+        t.elapsed()
+    );
 
     // 4. Drain from the full spool.
     let t = Instant::now();
     server.down.store(false, Ordering::Relaxed);
     let mut rss_drain = 0;
-    wait_status(&agent, |s| field(s, "spool_events") == 0, || rss_drain = rss_drain.max(agent.rss_kb()));
+    wait_status(
+        &agent,
+        |s| field(s, "spool_events") == 0,
+        || rss_drain = rss_drain.max(agent.rss_kb()),
+    );
     let drain = t.elapsed();
-    let (events, requests) = (server.events.load(Ordering::Relaxed), server.requests.load(Ordering::Relaxed));
+    let (events, requests) = (
+        server.events.load(Ordering::Relaxed),
+        server.requests.load(Ordering::Relaxed),
+    );
     println!(
         "drain: {:.0} events/s, {:.0} requests/s ({} events in {} requests, {:.1?}); peak RSS while draining {} MB",
         events as f64 / drain.as_secs_f64(),
