@@ -241,21 +241,51 @@ fn load_for_inspect(path: &Path) -> Result<Config, ExitCode> {
         })
 }
 
-/// Opens the spool of a stopped agent, or says why it cannot.
-fn open_stopped_spool(config: &Config) -> Result<Option<Spool>, ExitCode> {
-    match Spool::open_existing(&config.spool.dir, 8 << 20) {
-        Ok(s) => Ok(s),
-        Err(spool::Error::Locked { path }) => {
-            eprintln!(
-                "an agent holds the spool {} but does not answer on its control socket {}",
-                path.display(),
-                config.control.socket.display()
-            );
-            Err(ExitCode::FAILURE)
+/// What answers for the agent: itself over the control socket, or, when none runs, its spool.
+enum Answerer {
+    Agent,
+    Spool(Option<Box<Spool>>),
+}
+
+/// Asks the agent (`ask` returns `Err(no daemon)` when nothing answers) and falls back to the
+/// spool when no agent runs. An agent that holds the spool but does not answer yet is starting:
+/// both are tried again for a few seconds.
+fn ask_agent_or_spool<T>(
+    config: &Config,
+    mut ask: impl FnMut() -> Result<T, QueryError>,
+) -> Result<(Option<T>, Answerer), ExitCode> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match ask() {
+            Ok(v) => return Ok((Some(v), Answerer::Agent)),
+            Err(e) if e.is_no_daemon() => {}
+            Err(e) => {
+                eprintln!("{e}");
+                if let QueryError::Io { source, .. } = &e
+                    && source.kind() == std::io::ErrorKind::PermissionDenied
+                {
+                    eprintln!("hint: run as root or as a member of the agent's group");
+                }
+                return Err(ExitCode::FAILURE);
+            }
         }
-        Err(e) => {
-            eprintln!("{e}");
-            Err(ExitCode::FAILURE)
+        match Spool::open_existing(&config.spool.dir, 8 << 20) {
+            Ok(s) => return Ok((None, Answerer::Spool(s.map(Box::new)))),
+            Err(spool::Error::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(spool::Error::Locked { path }) => {
+                eprintln!(
+                    "an agent holds the spool {} but does not answer on its control socket {}",
+                    path.display(),
+                    config.control.socket.display()
+                );
+                return Err(ExitCode::FAILURE);
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return Err(ExitCode::FAILURE);
+            }
         }
     }
 }
@@ -266,39 +296,31 @@ fn status(path: &Path, json: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let (report, code) = match control::query_status(&config.control.socket, ASK_TIMEOUT) {
-        Ok(r) => (r, ExitCode::SUCCESS),
-        Err(e) if e.is_no_daemon() => {
-            let report = match open_stopped_spool(&config) {
-                Ok(Some(spool)) => {
-                    match control::offline_report(&spool, &config.segment.endpoint) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            eprintln!("{e}");
-                            return ExitCode::FAILURE;
-                        }
-                    }
+    let asked = ask_agent_or_spool(&config, || {
+        control::query_status(&config.control.socket, ASK_TIMEOUT)
+    });
+    let (report, code) = match asked {
+        Ok((Some(r), _)) => (r, ExitCode::SUCCESS),
+        Ok((None, Answerer::Spool(Some(spool)))) => {
+            match control::offline_report(&spool, &config.segment.endpoint) {
+                Ok(r) => (r, ExitCode::from(EX_STOPPED)),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
                 }
-                Ok(None) => control::StatusReport {
-                    state: control::STATE_STOPPED.into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    endpoint: config.segment.endpoint.clone(),
-                    notes: vec![format!("no spool at {} yet", config.spool.dir.display())],
-                    ..control::StatusReport::default()
-                },
-                Err(code) => return code,
-            };
-            (report, ExitCode::from(EX_STOPPED))
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            if let QueryError::Io { source, .. } = &e
-                && source.kind() == std::io::ErrorKind::PermissionDenied
-            {
-                eprintln!("hint: run as root or as a member of the agent's group");
             }
-            return ExitCode::FAILURE;
         }
+        Ok((None, _)) => (
+            control::StatusReport {
+                state: control::STATE_STOPPED.into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                endpoint: config.segment.endpoint.clone(),
+                notes: vec![format!("no spool at {} yet", config.spool.dir.display())],
+                ..control::StatusReport::default()
+            },
+            ExitCode::from(EX_STOPPED),
+        ),
+        Err(code) => return code,
     };
     if json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
@@ -320,17 +342,12 @@ fn dead_letter(path: &Path, action: &DeadLetterAction) -> ExitCode {
         DeadLetterAction::Retry { ids: i } => format!("dead-letter retry {}", ids(i)),
         DeadLetterAction::Purge { ids: i } => format!("dead-letter purge {}", ids(i)),
     };
-    let answer = match control::request(&config.control.socket, &request, ASK_TIMEOUT) {
-        Ok(v) => v,
-        Err(e) if e.is_no_daemon() => {
-            let spool = match open_stopped_spool(&config) {
-                Ok(Some(s)) => s,
-                Ok(None) => {
-                    println!("no spool at {} yet", config.spool.dir.display());
-                    return ExitCode::SUCCESS;
-                }
-                Err(code) => return code,
-            };
+    let asked = ask_agent_or_spool(&config, || {
+        control::request(&config.control.socket, &request, ASK_TIMEOUT)
+    });
+    let answer = match asked {
+        Ok((Some(v), _)) => v,
+        Ok((None, Answerer::Spool(Some(spool)))) => {
             let catalog = Catalog::load_dir(&config.mapping.catalog_dir).unwrap_or_else(|e| {
                 eprintln!("warning: {e}; retrying with an empty catalog");
                 Catalog::empty()
@@ -345,10 +362,11 @@ fn dead_letter(path: &Path, action: &DeadLetterAction) -> ExitCode {
                 None => return ExitCode::FAILURE,
             }
         }
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
+        Ok((None, _)) => {
+            println!("no spool at {} yet", config.spool.dir.display());
+            return ExitCode::SUCCESS;
         }
+        Err(code) => return code,
     };
     if let Some(err) = answer.get("error") {
         eprintln!("{err}");

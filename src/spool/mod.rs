@@ -227,7 +227,17 @@ impl Spool {
             path: dir.to_owned(),
             source,
         })?;
-        let lock = store::lock(dir)?;
+        // `status` or `dead-letter` on a stopped agent hold the lock for a moment; a real
+        // second agent holds it for good. Wait out the first, refuse the second.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let lock = loop {
+            match store::lock(dir) {
+                Err(Error::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        };
         let (store, recovered) = store::open_current(dir, cache_bytes)?;
         Spool::from_store(dir, cache_bytes, store, recovered, lock)
     }
