@@ -11,11 +11,28 @@
 //! - [`retries`]: 503 / 429 answers re-send the same events, honouring `Retry-After`.
 //! - [`batch_limits`]: uncompressed batches within a small `max_batch_bytes`.
 //! - [`cli`]: `check-config` exit codes and messages, `dry-run`.
+//! - [`delivery_faults`]: Segment misbehaving: 400 bisection, oversize events, 401, outages,
+//!   connection refused, timeouts, `Retry-After` dates, backoff reset (SPEC section 6).
+//! - [`spool_limits`]: `spool.max_bytes`, a full disk, a corrupt spool (SPEC section 7).
+//! - [`crash`]: `kill -9` at random moments loses nothing (SPEC section 7).
+//! - [`input_files`]: files renamed, copied, grown, truncated, replaced, written slowly,
+//!   gzipped, waiting for a manifest, deleted or moved after delivery; restarts (SPEC section 7).
+//! - [`bad_input`]: each kind of bad input is quarantined with its file and line, and the good
+//!   records beside it arrive (SPEC section 8).
+//! - [`input_model`]: random file histories and restarts against a model of what must be
+//!   delivered, exactly once (SPEC section 7).
 #![deny(unsafe_code)]
 
+mod bad_input;
 mod batch_limits;
 mod cli;
+mod crash;
+mod delivery_faults;
 mod end_to_end;
 mod events;
+mod input_files;
+mod input_model;
 mod retries;
+mod service;
+mod spool_limits;
 mod util;

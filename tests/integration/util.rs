@@ -3,7 +3,7 @@
 // Later tests (crash, outage, status) use helpers that the current ones do not.
 #![allow(dead_code)]
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -209,7 +209,13 @@ struct Plan {
     script: VecDeque<Reply>,
     default: Reply,
     delay: Duration,
+    /// Consulted before the script: see [`SegmentServer::set_rule`].
+    rule: Option<ReplyRule>,
 }
+
+/// Decides the answer to an authenticated, well-formed batch from its `messageId`s (in batch
+/// order): `Some` answers, `None` falls through to the script and the default.
+pub type ReplyRule = Arc<dyn Fn(&[String]) -> Option<Reply> + Send + Sync>;
 
 struct Shared {
     expected_auth: String,
@@ -238,8 +244,30 @@ impl SegmentServer {
 
     /// Starts a server that expects `write_key` in Basic auth and answers 401 otherwise.
     pub fn start_with_key(write_key: &str) -> SegmentServer {
-        let http =
-            Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind the fake Segment server"));
+        let http = tiny_http::Server::http("127.0.0.1:0").expect("bind the fake Segment server");
+        SegmentServer::serve_on(http, write_key)
+    }
+
+    /// Starts a server expecting [`WRITE_KEY`] on `127.0.0.1:port`, e.g. a port an agent was
+    /// already told to use while nothing listened on it. Retries the bind for a few seconds.
+    pub fn start_on(port: u16) -> SegmentServer {
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let http = loop {
+            match tiny_http::Server::http(&addr) {
+                Ok(http) => break http,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("bind {addr}: {e}; retrying");
+                    thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("bind the fake Segment server on {addr}: {e}"),
+            }
+        };
+        SegmentServer::serve_on(http, WRITE_KEY)
+    }
+
+    fn serve_on(http: tiny_http::Server, write_key: &str) -> SegmentServer {
+        let http = Arc::new(http);
         let addr = http
             .server_addr()
             .to_ip()
@@ -250,6 +278,7 @@ impl SegmentServer {
                 script: VecDeque::new(),
                 default: Reply::ok(),
                 delay: Duration::ZERO,
+                rule: None,
             }),
             requests: Mutex::new(Vec::new()),
         });
@@ -296,6 +325,44 @@ impl SegmentServer {
     /// Scripted replies not yet consumed.
     pub fn pending_replies(&self) -> usize {
         self.plan().script.len()
+    }
+
+    /// Answers batches by `rule` (see [`ReplyRule`]) from now on, before the script.
+    pub fn set_rule(&self, rule: impl Fn(&[String]) -> Option<Reply> + Send + Sync + 'static) {
+        self.plan().rule = Some(Arc::new(rule));
+    }
+
+    /// Back to the script and the default only.
+    pub fn clear_rule(&self) {
+        self.plan().rule = None;
+    }
+
+    /// Answers `status` to any batch holding one of `ids` (a bad event, as Segment's 400
+    /// does), and as usual otherwise.
+    pub fn reject_message_ids(&self, ids: HashSet<String>, status: u16) {
+        self.set_rule(move |batch| {
+            batch
+                .iter()
+                .any(|id| ids.contains(id))
+                .then(|| Reply::status(status))
+        });
+    }
+
+    /// How many times each `messageId` was accepted (in requests answered 2xx).
+    pub fn accepted_id_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for id in self.accepted_message_ids() {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Waits until every id in `ids` was accepted at least once; false on timeout.
+    pub fn wait_for_ids(&self, ids: &[String], timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            let counts = self.accepted_id_counts();
+            ids.iter().all(|id| counts.contains_key(id))
+        })
     }
 
     /// Every request so far, in arrival order.
@@ -452,6 +519,22 @@ fn handle(shared: &Shared, mut request: tiny_http::Request) {
         }
     };
     let auth_ok = header("authorization").as_deref() == Some(shared.expected_auth.as_str());
+    let batch_ids: Vec<String> = json
+        .as_ref()
+        .and_then(|j| j.get("batch"))
+        .and_then(Value::as_array)
+        .map(|events| {
+            events
+                .iter()
+                .map(|e| {
+                    e.get("messageId")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
 
     let (reply, delay) = {
         let mut plan = shared.plan.lock().expect("fake Segment plan lock poisoned");
@@ -461,6 +544,8 @@ fn handle(shared: &Shared, mut request: tiny_http::Request) {
             Reply::status(401)
         } else if body_error.is_some() {
             Reply::status(400)
+        } else if let Some(reply) = plan.rule.as_ref().and_then(|rule| rule(&batch_ids)) {
+            reply
         } else {
             plan.script
                 .pop_front()
@@ -1172,5 +1257,492 @@ pub fn dir_is_absent_or_empty(dir: &Path) -> bool {
         Ok(mut entries) => entries.next().is_none(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
         Err(e) => panic!("read dir {}: {e}", dir.display()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generated inputs and delivery checks (fault, crash and spool-limit tests)
+// ---------------------------------------------------------------------------------------------
+
+/// Catalog messages (`examples/catalog/messages.json`) and actions that each map to exactly one
+/// Segment event, so a generated export's expected events are one per message event.
+const GENERATED_ACTIONS: [(&str, &str, &str); 4] = [
+    ("5680127476129675", "Open", "Email Opened"),
+    (
+        "5175843646007627",
+        "Delivered",
+        "Push Notification Received",
+    ),
+    ("4350571203541773", "Open", "Push Notification Tapped"),
+    ("6634839652083743", "Click", "Email Link Clicked"),
+];
+
+/// Message events per generated session line.
+const GENERATED_EVENTS_PER_SESSION: usize = 5;
+
+/// A generated Leanplum session export and the Segment events it must produce.
+#[derive(Debug, Clone)]
+pub struct GeneratedExport {
+    /// JSON lines, one session per line (SPEC section 4.1).
+    pub bytes: Vec<u8>,
+    /// `lp-e-<eventId>` of every message event, in file order.
+    pub message_ids: Vec<String>,
+    /// The Segment event name of each, in the same order.
+    pub event_names: Vec<String>,
+}
+
+/// A Leanplum session export (JSON lines) with `n` message events whose eventIds are
+/// `first_event_id .. first_event_id + n`, five per session, cycling through catalog messages
+/// and actions that map to one Segment event each. Give every test (and every file of a test)
+/// its own id range, e.g. `7_000_000_000_000_000_000 + i`: above 2^53, as Leanplum's are.
+pub fn session_export(first_event_id: u64, n: usize) -> GeneratedExport {
+    let mut bytes = Vec::new();
+    let mut message_ids = Vec::with_capacity(n);
+    let mut event_names = Vec::with_capacity(n);
+    let mut i = 0usize;
+    while i < n {
+        let session_no = first_event_id / GENERATED_EVENTS_PER_SESSION as u64 + i as u64;
+        let start = 1_793_800_000.0 + (i as f64) * 8.0;
+        let mut events = Vec::new();
+        for j in 0..GENERATED_EVENTS_PER_SESSION.min(n - i) {
+            let event_id = first_event_id + (i + j) as u64;
+            let (message, action, segment_name) =
+                GENERATED_ACTIONS[(event_id % GENERATED_ACTIONS.len() as u64) as usize];
+            let mut event = serde_json::json!({
+                "eventId": event_id,
+                "name": format!(".m{message} {action}"),
+                "time": start + 1.0 + j as f64,
+                "value": 0.0,
+            });
+            if action == "Click" {
+                event["parameters"] = serde_json::json!({"url": format!("https://example.com/it/{event_id}"), "index": 2});
+            }
+            events.push(event);
+            message_ids.push(format!("lp-e-{event_id}"));
+            event_names.push(segment_name.to_string());
+        }
+        let session = serde_json::json!({
+            "sessionId": (session_no % 9_000_000_000_000_000 + 1_000_000_000_000_000).to_string(),
+            "userId": format!("gen-user-{}", session_no % 97),
+            "deviceId": format!("GEN-DEV-{:08}", session_no % 1_000_003),
+            "time": start,
+            "locale": "en_US",
+            "timezone": "Europe/Berlin",
+            "country": "DE",
+            "region": "BE",
+            "city": "Berlin",
+            "appVersion": "4.2.0",
+            "systemName": "Android",
+            "systemVersion": "14",
+            "deviceModel": "Pixel 8",
+            "experiments": [],
+            "states": [{"stateId": 1, "events": events}],
+        });
+        serde_json::to_writer(&mut bytes, &session).expect("serialize a session");
+        bytes.push(b'\n');
+        i += GENERATED_EVENTS_PER_SESSION;
+    }
+    GeneratedExport {
+        bytes,
+        message_ids,
+        event_names,
+    }
+}
+
+/// Writes `count` generated export files of `per_file` events each into `dir` (atomically,
+/// as sync tools do), eventIds from `first_event_id` on; returns every expected messageId.
+pub fn drop_session_files(
+    dir: &Path,
+    prefix: &str,
+    first_event_id: u64,
+    count: usize,
+    per_file: usize,
+) -> Vec<String> {
+    let mut ids = Vec::with_capacity(count * per_file);
+    for f in 0..count {
+        let export = session_export(first_event_id + (f * per_file) as u64, per_file);
+        write_atomically(&dir.join(format!("{prefix}-{f:03}")), &export.bytes);
+        ids.extend(export.message_ids);
+    }
+    ids
+}
+
+/// What the server accepted, compared with what was expected, by messageId.
+#[derive(Debug, Default)]
+pub struct DeliveryReport {
+    /// Expected, never accepted.
+    pub missing: Vec<String>,
+    /// Accepted, never expected.
+    pub unexpected: Vec<String>,
+    /// Accepted more than once: (messageId, times).
+    pub repeated: Vec<(String, usize)>,
+    /// Deliveries beyond the first, summed over all messageIds.
+    pub extra_deliveries: usize,
+}
+
+impl DeliveryReport {
+    /// Compares the server's accepted messageIds with `expected`.
+    pub fn of(server: &SegmentServer, expected: &[String]) -> DeliveryReport {
+        let counts = server.accepted_id_counts();
+        let wanted: HashSet<&str> = expected.iter().map(String::as_str).collect();
+        let mut report = DeliveryReport {
+            missing: expected
+                .iter()
+                .filter(|id| !counts.contains_key(*id))
+                .cloned()
+                .collect(),
+            ..DeliveryReport::default()
+        };
+        for (id, n) in counts {
+            if !wanted.contains(id.as_str()) {
+                report.unexpected.push(id.clone());
+            }
+            if n > 1 {
+                report.extra_deliveries += n - 1;
+                report.repeated.push((id, n));
+            }
+        }
+        report
+    }
+
+    /// Every expected id accepted at least once, nothing else.
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty()
+    }
+
+    /// Complete, and nothing accepted twice.
+    pub fn is_exactly_once(&self) -> bool {
+        self.is_complete() && self.repeated.is_empty()
+    }
+
+    /// A short account for assertion messages (first few ids of each kind).
+    pub fn summary(&self) -> String {
+        let few = |v: &[String]| v.iter().take(5).cloned().collect::<Vec<_>>();
+        format!(
+            "{} missing {:?}, {} unexpected {:?}, {} accepted more than once {:?} ({} extra deliveries)",
+            self.missing.len(),
+            few(&self.missing),
+            self.unexpected.len(),
+            few(&self.unexpected),
+            self.repeated.len(),
+            self.repeated.iter().take(5).collect::<Vec<_>>(),
+            self.extra_deliveries
+        )
+    }
+}
+
+/// Asserts that every id in `expected` was accepted exactly once and nothing else was.
+pub fn assert_exactly_once(server: &SegmentServer, expected: &[String], agent: &Agent, what: &str) {
+    let report = DeliveryReport::of(server, expected);
+    assert!(
+        report.is_exactly_once(),
+        "{what}: {}\nstatuses: {:?}\nagent log tail:\n{}",
+        report.summary(),
+        server
+            .requests()
+            .iter()
+            .map(|r| r.status)
+            .collect::<Vec<_>>(),
+        agent.log_tail(40)
+    );
+}
+
+/// A loopback port nothing listens on (bound, read, released).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// How many log lines contain `needle`.
+pub fn count_log_lines(logs: &str, needle: &str) -> usize {
+    logs.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Opens a stopped agent's spool with the library (the agent must not be running: sled locks
+/// its files) and returns its dead letters.
+pub fn dead_letters(spool_dir: &Path) -> Vec<leanplum_segment_agent::spool::DeadLetter> {
+    let spool = leanplum_segment_agent::spool::Spool::open(spool_dir, 8 << 20)
+        .unwrap_or_else(|e| panic!("open the spool {}: {e}", spool_dir.display()));
+    spool
+        .dead_letters()
+        .expect("read the dead letters")
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect()
+}
+
+/// Requests that arrived in `[from, to)`.
+pub fn requests_between(
+    requests: &[RecordedRequest],
+    from: Instant,
+    to: Instant,
+) -> Vec<RecordedRequest> {
+    requests
+        .iter()
+        .filter(|r| r.received_at >= from && r.received_at < to)
+        .cloned()
+        .collect()
+}
+
+// =============================================================================================
+// Input-file helpers (input_files, bad_input, input_model): `status --json` and
+// `dead-letter list --json` through the CLI, one-event session lines, gzip, and an agent run as
+// an unprivileged user. (Block added for the input-file tests; helpers above are unchanged.)
+// =============================================================================================
+
+/// A catalog email message (`examples/catalog/messages.json`): `.m<id> Open` in a session maps to
+/// exactly one "Email Opened" event.
+pub const EMAIL_MESSAGE: &str = "5680127476129675";
+
+/// The Segment `messageId` of a Leanplum message event: `lp-e-<eventId>`.
+pub fn lp_id(event_id: u64) -> String {
+    format!("lp-e-{event_id}")
+}
+
+/// One Leanplum session line (no newline) holding one email open, with eventId `event_id` and
+/// device `D-<event_id>`: it maps to one "Email Opened" event with messageId `lp-e-<event_id>`.
+pub fn open_session_line(event_id: u64) -> String {
+    format!(
+        r#"{{"deviceId":"D-{event_id}","time":1793534899.612,"experiments":[],"states":[{{"events":[{{"eventId":{event_id},"name":".m{EMAIL_MESSAGE} Open","time":1793534900.5}}]}}]}}"#
+    )
+}
+
+/// `n` newline-terminated session lines for eventIds `first .. first + n` (one event each),
+/// and their messageIds in file order.
+pub fn open_session_lines(first: u64, n: usize) -> (Vec<u8>, Vec<String>) {
+    let mut bytes = Vec::new();
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n as u64 {
+        bytes.extend_from_slice(open_session_line(first + i).as_bytes());
+        bytes.push(b'\n');
+        ids.push(lp_id(first + i));
+    }
+    (bytes, ids)
+}
+
+/// `bytes` gzipped (one member).
+pub fn gzip_bytes(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(bytes).expect("gzip in memory");
+    enc.finish().expect("gzip in memory")
+}
+
+/// `status --config <config_path> --json` as JSON (works with the agent running or stopped).
+pub fn status_json(config_path: &Path) -> Value {
+    let out = run_cli(
+        &[
+            "status".as_ref(),
+            "--config".as_ref(),
+            config_path.as_os_str(),
+            "--json".as_ref(),
+        ],
+        PATIENCE,
+    );
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "`status --json` printed no JSON object ({e}); exit {:?}\n{}",
+            out.status.code(),
+            out.all_output()
+        )
+    })
+}
+
+/// One counter of [`status_json`] (panics when the field is missing or not a number).
+pub fn status_u64(status: &Value, field: &str) -> u64 {
+    status
+        .get(field)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("status has no numeric {field:?}: {status}"))
+}
+
+/// Polls [`status_json`] every 200 ms until `cond` holds; the last report, or None on timeout.
+pub fn wait_for_status(
+    config_path: &Path,
+    timeout: Duration,
+    mut cond: impl FnMut(&Value) -> bool,
+) -> Option<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = status_json(config_path);
+        if cond(&status) {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            eprintln!("status never matched; last: {status}");
+            return None;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `dead-letter list --config <config_path> --json`: every entry (quarantine and dead letters).
+pub fn dead_letter_list(config_path: &Path) -> Vec<Value> {
+    let out = run_cli(
+        &[
+            "dead-letter".as_ref(),
+            "list".as_ref(),
+            "--config".as_ref(),
+            config_path.as_os_str(),
+            "--json".as_ref(),
+        ],
+        PATIENCE,
+    );
+    assert_eq!(out.code(), 0, "dead-letter list failed:\n{}", out.all_output());
+    match serde_json::from_str(out.stdout.trim()) {
+        Ok(Value::Array(entries)) => entries,
+        other => panic!(
+            "`dead-letter list --json` printed no JSON array: {other:?}\n{}",
+            out.all_output()
+        ),
+    }
+}
+
+/// The `quarantine` entries of [`dead_letter_list`].
+pub fn quarantine_list(config_path: &Path) -> Vec<Value> {
+    dead_letter_list(config_path)
+        .into_iter()
+        .filter(|e| e["kind"] == "quarantine")
+        .collect()
+}
+
+/// Runs `dead-letter <verb> [args] --config <config_path>` and returns what it did.
+pub fn dead_letter_cmd(config_path: &Path, verb: &str, args: &[&str]) -> CmdOutput {
+    let mut argv: Vec<&std::ffi::OsStr> = vec!["dead-letter".as_ref(), verb.as_ref()];
+    argv.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    argv.push("--config".as_ref());
+    argv.push(config_path.as_os_str());
+    run_cli(&argv, PATIENCE)
+}
+
+/// Lines of the agent's log that say it is ready (one per start that got that far).
+pub fn ready_lines(logs: &str) -> usize {
+    logs.lines()
+        .filter(|l| l.trim_end().ends_with(": ready"))
+        .count()
+}
+
+/// Whether this process runs as root (which reads any file, whatever its mode).
+#[allow(unsafe_code)]
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid(2) takes no arguments, cannot fail and touches no memory of ours.
+    unsafe { libc::geteuid() == 0 }
+}
+
+impl Agent {
+    /// Spawns `<binary> run --config config_path` as `uid`:`gid` (the test must be root), with
+    /// the same log files as [`Agent::start`]. For tests of file permissions, which root ignores.
+    pub fn start_as(binary: &Path, config_path: &Path, uid: u32, gid: u32) -> Agent {
+        use std::os::unix::process::CommandExt as _;
+        let dir = config_path.parent().expect("config path has a parent dir");
+        let stderr_path = dir.join("agent.stderr.log");
+        let stdout_path = dir.join("agent.stdout.log");
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+        };
+        // The same scrubbed environment as `agent_command`, for another program path.
+        let template = agent_command();
+        let mut cmd = Command::new(binary);
+        for (name, value) in template.get_envs() {
+            match value {
+                Some(value) => cmd.env(name, value),
+                None => cmd.env_remove(name),
+            };
+        }
+        let child = cmd
+            .arg("run")
+            .arg("--config")
+            .arg(config_path)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(open(&stdout_path))
+            .stderr(open(&stderr_path))
+            .uid(uid)
+            .gid(gid)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} as {uid}: {e}", binary.display()));
+        Agent {
+            child,
+            exit: None,
+            stderr_path,
+            stdout_path,
+        }
+    }
+}
+
+// =============================================================================================
+// Service helpers (service.rs): the agent spawned from a prepared command (systemd variables,
+// a wrapper), signals to processes that are not our children (a daemon), process liveness.
+// (Block added for the service tests; helpers above are unchanged.)
+// =============================================================================================
+
+/// A `Command` for `program` with [`agent_command`]'s scrubbed environment, e.g. `sh` wrapping
+/// the agent; add `NOTIFY_SOCKET` and friends with `.env()` afterwards.
+pub fn scrubbed_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for (name, value) in agent_command().get_envs() {
+        match value {
+            Some(value) => cmd.env(name, value),
+            None => cmd.env_remove(name),
+        };
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+impl Agent {
+    /// Spawns a prepared `cmd` (program, arguments, environment) with the working directory
+    /// and log files of [`Agent::start`]. `cmd` must end up exec'ing the agent in the spawned
+    /// process, so that [`Agent::pid`] and signals reach the agent.
+    pub fn spawn_logged(mut cmd: Command, config_path: &Path) -> Agent {
+        let dir = config_path.parent().expect("config path has a parent dir");
+        let stderr_path = dir.join("agent.stderr.log");
+        let stdout_path = dir.join("agent.stdout.log");
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .unwrap_or_else(|e| panic!("open {}: {e}", p.display()))
+        };
+        let child = cmd
+            .current_dir(dir)
+            .stdout(open(&stdout_path))
+            .stderr(open(&stderr_path))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Agent {
+            child,
+            exit: None,
+            stderr_path,
+            stdout_path,
+        }
+    }
+}
+
+/// Sends `signal` to any process, e.g. a daemon that is not our child.
+#[allow(unsafe_code)]
+pub fn kill_pid(pid: u32, signal: i32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    match unsafe { libc::kill(pid, signal) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Whether `pid` is a live process: present in `/proc` and not a zombie (a daemon's parent is
+/// pid 1, which in a container may never reap it).
+pub fn pid_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
