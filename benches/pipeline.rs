@@ -523,11 +523,22 @@ fn main() {
         std::fs::rename(p, root.join("in").join(p.file_name().unwrap())).unwrap();
     }
     let mut rss_ingest = 0;
-    let s = wait_status(
-        &agent,
-        |s| field(s, "files_done") + field(s, "files_failed") >= shards.len() as u64,
-        || rss_ingest = rss_ingest.max(agent.rss_kb()),
-    );
+    // RSS against the backlog while it grows: it must stay flat (SPEC 7, bounded memory).
+    let mut samples: Vec<(u64, u64)> = Vec::new();
+    let mut last_sample = Instant::now();
+    let s = loop {
+        rss_ingest = rss_ingest.max(agent.rss_kb());
+        if let Some(s) = agent.status() {
+            if last_sample.elapsed() >= Duration::from_secs(2) {
+                samples.push((field(&s, "spool_events"), agent.rss_kb()));
+                last_sample = Instant::now();
+            }
+            if field(&s, "files_done") + field(&s, "files_failed") >= shards.len() as u64 {
+                break s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let ingest = t.elapsed();
     let spooled = field(&s, "spool_events");
     println!(
@@ -553,6 +564,10 @@ fn main() {
         agent.rss_peak_kb() / 1024
     );
     println!("RSS with the backlog spooled: {} MB", agent.rss_kb() / 1024);
+    println!("RSS while the backlog grew (events spooled -> RSS MB):");
+    for (events, rss) in &samples {
+        println!("  {events:>10} -> {}", rss / 1024);
+    }
 
     // 3. Restart-to-ready with the backlog spooled.
     agent.stop();
