@@ -13,7 +13,10 @@ pub fn catalog() -> &'static Catalog {
     CATALOG.get_or_init(|| {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/catalog");
         let catalog = Catalog::load_dir(&dir).expect("examples/catalog loads");
-        assert!(catalog.len_messages() > 0, "examples/catalog has no messages");
+        assert!(
+            catalog.len_messages() > 0,
+            "examples/catalog has no messages"
+        );
         catalog
     })
 }
@@ -21,7 +24,11 @@ pub fn catalog() -> &'static Catalog {
 /// Every combination of the `[mapping]` settings that change what a record becomes.
 pub fn all_options() -> [MappingOptions; 6] {
     let mut out = [MappingOptions::default(); 6];
-    let channels = [UnknownChannel::Skip, UnknownChannel::Email, UnknownChannel::Push];
+    let channels = [
+        UnknownChannel::Skip,
+        UnknownChannel::Email,
+        UnknownChannel::Push,
+    ];
     for (i, o) in out.iter_mut().enumerate() {
         o.unknown_message_channel = channels[i % 3];
         o.send_experiment_viewed = i < 3;

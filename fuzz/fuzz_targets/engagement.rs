@@ -2,6 +2,7 @@
 //! - JSON: `serde_json` into a map, `Engagement::from_json_map`, then `map_engagement`;
 //! - CSV: a fixed header row plus the input, through `input::Reader` (framing, cell splitting,
 //!   `Engagement::from_fields`), then `map_engagement` for every good row.
+//!
 //! Never panics; mapped events serialize.
 #![no_main]
 
@@ -24,12 +25,12 @@ fn map(e: &Engagement) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(m) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(data) {
-        if let Ok(e) = Engagement::from_json_map(&m) {
-            assert!(!e.event.is_empty(), "a parsed engagement has an event");
-            assert_eq!(e.canonical_hash.len(), 32);
-            map(&e);
-        }
+    if let Ok(m) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(data)
+        && let Ok(e) = Engagement::from_json_map(&m)
+    {
+        assert!(!e.event.is_empty(), "a parsed engagement has an event");
+        assert_eq!(e.canonical_hash.len(), 32);
+        map(&e);
     }
 
     let path = common::scratch_path("engagement.csv");

@@ -127,7 +127,10 @@ fn check_file(file: &[u8], arbitrary_offset: u64) {
             shown(&full.items[i + 1..]),
             "resuming after item {i} (offset {offset})"
         );
-        assert_eq!(rest.error, full.error, "resuming after item {i} (offset {offset})");
+        assert_eq!(
+            rest.error, full.error,
+            "resuming after item {i} (offset {offset})"
+        );
     }
 
     // Any other offset: refused, or read with the same invariants.

@@ -17,7 +17,11 @@ fuzz_target!(|data: &[u8]| {
         if map_session(&session, common::catalog(), &opts, &mut out).is_ok() {
             common::serialize_output(&out);
         } else {
-            assert_eq!(out, Output::default(), "a failed map leaves the output untouched");
+            assert_eq!(
+                out,
+                Output::default(),
+                "a failed map leaves the output untouched"
+            );
         }
     }
 });

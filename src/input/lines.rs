@@ -144,6 +144,15 @@ impl<R: BufRead> LineReader<R> {
         }
     }
 
+    /// At the very start of the stream, steps over a UTF-8 byte order mark, so record framing
+    /// (CSV quotes) starts at the first real character. The BOM still counts in offsets.
+    pub(crate) fn skip_bom(&mut self) -> io::Result<()> {
+        if self.offset == 0 && self.inner.fill_buf()?.starts_with(b"\xEF\xBB\xBF") {
+            self.skip_to(3)?;
+        }
+        Ok(())
+    }
+
     /// Reads past bytes until the stream offset is `target`, counting newlines on the way.
     /// Returns false if the stream ended first.
     pub(crate) fn skip_to(&mut self, target: u64) -> io::Result<bool> {

@@ -227,6 +227,8 @@ impl Reader {
 
     /// Reads the CSV header row (the first non-blank record).
     fn read_header(&mut self) -> Result<(), InputError> {
+        // As detection does: the BOM is not part of the first column's framing.
+        self.lines.skip_bom().map_err(|e| self.stream_error(e))?;
         loop {
             let raw = match self.lines.read_record(Framing::Csv) {
                 Ok(Some(raw)) => raw,
@@ -247,7 +249,9 @@ impl Reader {
                     });
                 }
             };
-            self.header = csv::header_names(header);
+            // Leading blanks before a quoted first name are not part of it (detection skips
+            // them too).
+            self.header = csv::header_names(header.trim_start());
             return Ok(());
         }
     }
@@ -589,6 +593,31 @@ mod tests {
             err.to_string().contains("not at the start of a line"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn csv_headers_after_blanks_or_a_bom_frame_like_detection_does() {
+        // Found by fuzzing: detection skipped these, the reader did not.
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in [
+            ("blank", &b" \"event\",timestamp\nOpen,1793610000\n"[..]),
+            (
+                "tab",
+                &b"\t\"Event\",\"timestamp\"\r\nOpen,1793610000\r\n"[..],
+            ),
+            (
+                "bom",
+                &b"\xEF\xBB\xBF\"a\nb\",event,timestamp\nx,Open,1793610000\n"[..],
+            ),
+        ] {
+            let got = items(&file(&dir, name, bytes), 0);
+            assert_eq!(got.len(), 1, "{name}");
+            assert!(
+                got[0].result.is_ok(),
+                "{name}: {:?}",
+                got[0].result.as_ref().err()
+            );
+        }
     }
 
     #[test]
