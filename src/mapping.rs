@@ -363,7 +363,11 @@ fn session_event(
     match resolve(action, None, message, opts.unknown_message_channel) {
         Err(key) => out.skip(&key),
         Ok(segment) => {
-            let facts = session_facts(message_id, message, event.parameters.as_ref());
+            let params = event
+                .parameters
+                .as_ref()
+                .and_then(|raw| serde_json::from_str::<Map<String, Value>>(raw.get()).ok());
+            let facts = session_facts(message_id, message, params.as_ref());
             out.events.push(track(
                 who,
                 format!("lp-e-{}", event.event_id),

@@ -201,8 +201,10 @@ pub struct Event {
     pub event_id: Id,
     pub name: String,
     pub time: LpTime,
+    /// Kept raw: most events are app events whose parameters nobody reads, and building a map
+    /// for each was the largest cost of parsing an export. Message events parse it on demand.
     #[serde(default)]
-    pub parameters: Option<serde_json::Map<String, serde_json::Value>>,
+    pub parameters: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// A message channel: which Segment spec (Email or Push) an engagement belongs to.
