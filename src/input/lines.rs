@@ -109,7 +109,7 @@ impl<R: BufRead> LineReader<R> {
             }
             any = true;
             let end = match framing {
-                Framing::Lines => chunk.iter().position(|&b| b == b'\n'),
+                Framing::Lines => memchr::memchr(b'\n', chunk),
                 Framing::Csv => scan.find_end(chunk),
             };
             let content_len = end.unwrap_or(chunk.len());
@@ -177,7 +177,7 @@ impl<R: BufRead> LineReader<R> {
 }
 
 fn count_newlines(bytes: &[u8]) -> u64 {
-    bytes.iter().filter(|&&b| b == b'\n').count() as u64
+    memchr::memchr_iter(b'\n', bytes).count() as u64
 }
 
 /// Where a CSV scanner stands inside the current field. The same machine splits cells in
