@@ -96,10 +96,7 @@ pub async fn run(
     controls: Controls,
 ) -> anyhow::Result<()> {
     let stats = Arc::new(Stats::default());
-    let spool_dir = config.spool.dir.clone();
-    let spool = tokio::task::spawn_blocking(move || Spool::open(&spool_dir, SPOOL_CACHE_BYTES))
-        .await?
-        .context("cannot open the spool")?;
+    let spool = open_spool(&config.spool.dir, &controls.shutdown).await?;
     let spool = Arc::new(spool);
     if let Some(note) = spool.recovered() {
         tracing::warn!("{note}");
@@ -126,7 +123,7 @@ pub async fn run(
         drain_config_rx,
         stats.clone(),
         handle.clone(),
-        Some(delivered_tx),
+        Some(delivered_tx.clone()),
     );
     let drain_stop = CancellationToken::new();
     let drain_task = tokio::spawn(drain.run(drain_stop.clone()));
@@ -207,6 +204,7 @@ pub async fn run(
         ),
         holding: Default::default(),
         heartbeat_ms: ingest_heartbeat.clone(),
+        files_delivered: Some(delivered_tx.clone()),
     };
     let retry_after = Duration::from_secs(config.watch.settle_secs.max(1));
     let ingest_stop = intake_stop.clone();
@@ -284,6 +282,29 @@ pub async fn run(
         "stopped"
     );
     Ok(())
+}
+
+/// Opens the spool; on a full disk, waits for room (logging once) instead of exiting into a
+/// restart loop.
+async fn open_spool(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<Spool> {
+    let mut logged = false;
+    loop {
+        let d = dir.to_owned();
+        match tokio::task::spawn_blocking(move || Spool::open(&d, SPOOL_CACHE_BYTES)).await? {
+            Ok(s) => return Ok(s),
+            Err(e) if e.is_disk_full() => {
+                if !logged {
+                    tracing::error!(error = %e, "disk full: cannot open the spool; waiting for free space");
+                    logged = true;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => anyhow::bail!("stopped while waiting for disk space"),
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+            Err(e) => return Err(e).context("cannot open the spool"),
+        }
+    }
 }
 
 /// SIGHUP. Returns the new config when it was valid and applied; on any problem logs it once

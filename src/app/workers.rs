@@ -56,6 +56,10 @@ pub(super) fn ingest_worker(
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(path = %rel.display(), error = %e, "spool error while reading a file; it will be read again");
+                held.push((
+                    std::time::Instant::now() + retry_after.max(Duration::from_secs(5)),
+                    rel,
+                ));
             }
         }
     }

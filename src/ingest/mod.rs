@@ -89,6 +89,8 @@ pub struct Ingestor {
     pub holding: std::sync::Mutex<HashSet<PathBuf>>,
     /// Bumped at every commit and every wait: the watchdog's proof that reading is alive.
     pub heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Where files whose events are all delivered are announced (for `after_ingest`).
+    pub files_delivered: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
 }
 
 impl Ingestor {
@@ -102,7 +104,21 @@ impl Ingestor {
         };
         let file = match File::open(&abs) {
             Ok(f) => f,
-            Err(e) => return Ok(self.unreadable(rel, None, &format!("cannot open: {e}"))),
+            Err(e) => {
+                // A record (with no content known) so status counts the file as failed, and a
+                // permission fix (a ctime change) gets it read.
+                let id = match self.spool.file_by_path(rel)? {
+                    Some((_, rec)) if rec.status == FileStatus::Failed => {
+                        return Ok(Outcome::Failed(rec.error.unwrap_or_default()));
+                    }
+                    Some((id, _)) => id,
+                    None => {
+                        Stats::add(&self.stats.files_seen, 1);
+                        self.begin(rel, &[], false, 0)?
+                    }
+                };
+                return Ok(self.unreadable(rel, Some(id), &format!("cannot open: {e}")));
+            }
         };
         let len = meta.len();
         let head = match fingerprint::head(&file, len) {
@@ -304,9 +320,34 @@ impl Ingestor {
             if relation != Relation::Same && relation != Relation::Grown {
                 continue;
             }
-            tracing::info!(path = %shown, same_as = %rec.path, "same content as a file already read (renamed or copied); not read again");
-            self.spool.link_path(rel, id)?;
-            return Ok(Some((id, rec, relation)));
+            let original = self.watch_dir.join(&rec.path);
+            let copied = Path::new(&rec.path) != rel
+                && std::fs::symlink_metadata(&original).is_ok_and(|m| m.is_file());
+            if !copied {
+                tracing::info!(path = %shown, was = %rec.path, "same content as a file already read (renamed); not read again");
+                self.spool.link_path(rel, id)?;
+                return Ok(Some((id, rec, relation)));
+            }
+            // A copy (a re-sync under another name) gets a record of its own, starting where
+            // the original stands: the two may grow, move or vanish apart from each other.
+            tracing::info!(path = %shown, same_as = %rec.path, "same content as a file already read (a copy); not read again");
+            let delivered =
+                rec.pending == 0 && matches!(rec.status, FileStatus::Read | FileStatus::Done);
+            let mut copy = rec.clone();
+            copy.path = rel.to_string_lossy().into_owned();
+            copy.events_spooled = 0;
+            copy.pending = 0;
+            copy.first_seen_ms = now_ms();
+            if copy.status == FileStatus::Done {
+                copy.status = FileStatus::Read;
+            }
+            let copy_id = self.spool.begin_file(rel, &copy)?;
+            Stats::add(&self.stats.files_seen, 1);
+            if delivered && let Some(tx) = &self.files_delivered {
+                // Everything in it already reached Segment: after_ingest applies now.
+                let _ = tx.send(copy_id);
+            }
+            return Ok(Some((copy_id, copy, relation)));
         }
         Ok(None)
     }
@@ -459,38 +500,63 @@ impl Ingestor {
         chunk: &Chunk,
         cancel: &CancellationToken,
     ) -> Result<Option<spool::ChunkOutcome>, spool::Error> {
-        let mut logged = false;
+        let incoming: u64 = chunk.events.iter().map(|e| e.json.len() as u64).sum();
+        // Why reading is paused, logged once per pause.
+        let mut paused: Option<&str> = None;
+        let mut last_compaction: Option<std::time::Instant> = None;
         loop {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
             self.heartbeat_ms
                 .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-            let full = self.spool.depth()?.bytes >= self.max_spool_bytes;
-            if !full {
+            let depth = self.spool.depth()?.bytes;
+            let why = if depth >= self.max_spool_bytes {
+                Some("spool full (spool.max_bytes); reading paused until the drain catches up")
+            } else if self.spool.disk_nearly_full(incoming) {
+                // sled never gives the room of delivered events back to the filesystem; a
+                // compaction does, once the drain has emptied most of the spool.
+                if last_compaction.is_none_or(|t| t.elapsed() > Duration::from_secs(30))
+                    && self.spool.is_bloated(0, 2)?
+                    && self.spool.compaction_fits()?
+                {
+                    last_compaction = Some(std::time::Instant::now());
+                    match self.spool.compact() {
+                        Ok(c) => tracing::info!(
+                            disk_before = c.disk_before,
+                            disk_after = c.disk_after,
+                            "spool compacted to give disk space back"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "compaction failed; still waiting for disk space")
+                        }
+                    }
+                    continue;
+                }
+                Some(
+                    "disk full: free space under the spool is below its reserve; reading paused until there is room",
+                )
+            } else {
                 match self.spool.commit_file_chunk(chunk) {
                     Ok(out) => {
-                        if logged {
+                        if paused.is_some() {
                             tracing::info!("spool has room again; reading resumed");
                         }
                         self.drain_wake.notify_one();
                         return Ok(Some(out));
                     }
                     Err(e) if e.is_disk_full() => {
-                        if !logged {
-                            tracing::warn!(error = %e, "disk full; reading paused until the drain frees space");
-                            logged = true;
-                        }
+                        Some("disk full (ENOSPC); reading paused until there is room")
                     }
                     Err(e) => return Err(e),
                 }
-            } else if !logged {
-                tracing::warn!(
-                    max_bytes = self.max_spool_bytes,
-                    "spool full; reading paused until the drain catches up"
-                );
-                logged = true;
+            };
+            if paused.is_none()
+                && let Some(why) = why
+            {
+                tracing::warn!(max_bytes = self.max_spool_bytes, "{why}");
             }
+            paused = paused.or(why);
             std::thread::sleep(Duration::from_millis(250));
         }
     }

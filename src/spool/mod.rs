@@ -31,8 +31,9 @@
 //!    transaction over all those trees, then `Db::flush` and an fsync of sled's data file. The
 //!    offset counts as durable only once that returns.
 //! 2. [`Spool::ack`]: after a 2xx, the batch's keys leave `queue`, `meta` and the files'
-//!    `pending` counts go down; one transaction, not flushed (sled flushes on its own every
-//!    second). A crash that loses it re-sends that batch: Segment dedupes by `messageId`.
+//!    `pending` counts go down; one transaction, not flushed here (sled writes its buffers out
+//!    every 200 ms, see `store.rs`). A crash that loses it re-sends that batch: Segment dedupes
+//!    by `messageId`.
 //! 3. [`Spool::dead_letter`]: events Segment rejected for good move from `queue` to `dead`.
 //!
 //! # What a crash leaves
@@ -125,7 +126,10 @@ impl Error {
             } => Some(e),
             _ => None,
         };
-        io.is_some_and(|e| e.raw_os_error() == Some(libc::ENOSPC))
+        // sled hands back clones of its stored error, which keep the kind but not the errno.
+        io.is_some_and(|e| {
+            e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == std::io::ErrorKind::StorageFull
+        })
     }
 }
 
@@ -308,9 +312,8 @@ impl Spool {
         let first_key = *next;
         let now = now_ms();
         let q_ids = (0..chunk.quarantine.len())
-            .map(|_| s.db.generate_id())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| s.sled_err(e))?;
+            .map(|_| s.new_id())
+            .collect::<Result<Vec<_>, _>>()?;
         let quarantine_json: Vec<Vec<u8>> = chunk
             .quarantine
             .iter()
@@ -325,9 +328,8 @@ impl Spool {
             .collect();
         let dead_ids = oversize
             .iter()
-            .map(|_| s.db.generate_id())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| s.sled_err(e))?;
+            .map(|_| s.new_id())
+            .collect::<Result<Vec<_>, _>>()?;
 
         let result = (
             &s.queue,
@@ -489,7 +491,7 @@ impl Spool {
                         message_id: message_id_of(&q.json),
                         event: String::from_utf8_lossy(&q.json).into_owned(),
                     };
-                    let id = s.db.generate_id().map_err(|e| s.sled_err(e))?;
+                    let id = s.new_id()?;
                     Ok((id, serde_json::to_vec(&letter).unwrap_or_default()))
                 })
                 .collect::<Result<_, Error>>()?,
@@ -590,7 +592,7 @@ impl Spool {
     /// changed) and points its path at it. Durable before it returns.
     pub fn begin_file(&self, path: &Path, record: &FileRecord) -> Result<u64, Error> {
         let s = self.store();
-        let id = s.db.generate_id().map_err(|e| s.sled_err(e))?;
+        let id = s.new_id()?;
         (&s.files, &s.paths, &s.heads)
             .transaction(|(files, paths, heads)| {
                 files.insert(&id.to_be_bytes(), encode_file(record))?;
@@ -664,7 +666,7 @@ impl Spool {
     /// opened).
     pub fn quarantine(&self, entry: &QuarantineEntry) -> Result<(), Error> {
         let s = self.store();
-        let id = s.db.generate_id().map_err(|e| s.sled_err(e))?;
+        let id = s.new_id()?;
         let v = serde_json::to_vec(entry).unwrap_or_default();
         s.quarantine
             .insert(id.to_be_bytes(), v)
@@ -788,6 +790,22 @@ impl Spool {
         Ok(removed)
     }
 
+    /// Whether the filesystem under the spool is too full to take `incoming` more bytes of
+    /// events safely. sled, once a write of its fails for lack of space, fails every later
+    /// write until reopened, so the agent stops writing before the disk is full: it keeps a
+    /// reserve of 5% of the filesystem (between 1 MiB and 256 MiB), plus a quarter of sled's
+    /// files (for the drain's removals), plus twice what the commit adds.
+    pub fn disk_nearly_full(&self, incoming: u64) -> bool {
+        let (Ok(free), Ok(total)) = (fs2::available_space(&self.dir), fs2::total_space(&self.dir))
+        else {
+            return false;
+        };
+        // sled logs every removal and moves live pages when it cleans segments, so draining
+        // a large spool needs room too: a quarter of sled's files on top of the floor.
+        let reserve = (total / 20).clamp(1 << 20, 256 << 20) + self.disk_bytes() / 4;
+        free < reserve.saturating_add(incoming.saturating_mul(2))
+    }
+
     /// Bytes sled's files take on disk. Not the backlog (see [`Spool::depth`]).
     pub fn disk_bytes(&self) -> u64 {
         self.store().size_on_disk()
@@ -803,6 +821,18 @@ impl Spool {
             return Ok(false);
         }
         Ok(disk > s.live_bytes()?.saturating_mul(ratio))
+    }
+
+    /// Whether a compaction's copy fits in the free space left (with room for sled's first
+    /// segments): a copy that runs out of space fails and gives nothing back.
+    pub fn compaction_fits(&self) -> Result<bool, Error> {
+        let Ok(free) = fs2::available_space(&self.dir) else {
+            return Ok(false);
+        };
+        let live = self.store().live_bytes()?;
+        // sled writes several times the raw bytes when filling a fresh database (its log,
+        // page headers, small-key overhead); measured near 8x for our trees.
+        Ok(free > live.saturating_mul(8).saturating_add(1 << 20))
     }
 
     /// Rebuilds the spool into a fresh sled generation and swaps it in, crash-safely (see

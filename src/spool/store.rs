@@ -18,6 +18,11 @@ use sled::{IVec, Tree};
 use super::{Error, FORMAT_VERSION, HEADER_LEN, HEADER_VERSION, Queued, decode_u64, now_ms};
 
 const CURRENT: &str = "CURRENT";
+/// sled's background flush of its write buffers into its files. Commits flush (and fsync)
+/// themselves; this bounds what a `kill -9` loses of the writes in between (acks of delivered
+/// batches, which would otherwise be re-sent after a restart). The page cache survives a killed
+/// process, so no fsync is needed for that.
+const SLED_FLUSH_EVERY_MS: u64 = 200;
 /// The trees of format version 1, copied by compaction.
 pub(super) const TREES: [&str; 8] = [
     "meta",
@@ -193,7 +198,7 @@ fn open_sled_once(path: &Path, cache_bytes: u64) -> Result<sled::Db, Error> {
         sled::Config::new()
             .path(&path_owned)
             .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(1000))
+            .flush_every_ms(Some(SLED_FLUSH_EVERY_MS))
             .open()
     });
     match result {
@@ -285,6 +290,29 @@ impl Store {
         self.data_file
             .sync_all()
             .map_err(io_err(&self.path.join("db")))
+    }
+
+    /// A new id for a file record, a quarantine entry or a dead letter. Kept in `meta` (not
+    /// sled's `generate_id`, whose counter a compacted copy would start again from zero, handing
+    /// out ids of records that still exist).
+    pub(super) fn new_id(&self) -> Result<u64, Error> {
+        let mut fresh_start = None;
+        let prev = self
+            .meta
+            .fetch_and_update("next_id", |old| {
+                let next = match old.and_then(decode_u64) {
+                    Some(n) => n,
+                    // A spool from before this counter: continue after sled's.
+                    None => *fresh_start
+                        .get_or_insert_with(|| self.db.generate_id().unwrap_or(0) + (1 << 20)),
+                };
+                Some(next.saturating_add(1).to_be_bytes().to_vec())
+            })
+            .map_err(|e| self.sled_err(e))?;
+        Ok(match prev.as_deref().and_then(decode_u64) {
+            Some(n) => n,
+            None => fresh_start.unwrap_or(0),
+        })
     }
 
     pub(super) fn next_queue_key(&self) -> Result<u64, Error> {

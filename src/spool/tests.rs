@@ -373,3 +373,20 @@ fn a_second_open_is_refused_and_never_taken_for_damage() {
         "nothing created"
     );
 }
+
+#[test]
+fn ids_handed_out_after_a_compaction_never_reuse_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let a = spool.begin_file(Path::new("a"), &file_record("a")).unwrap();
+    let b = spool.begin_file(Path::new("b"), &file_record("b")).unwrap();
+    spool.compact().unwrap();
+    let c = spool.begin_file(Path::new("c"), &file_record("c")).unwrap();
+    assert!(c > a && c > b, "{a} {b} {c}");
+    assert_eq!(spool.file(a).unwrap().unwrap().path, "a");
+    assert_eq!(spool.file(b).unwrap().unwrap().path, "b");
+    drop(spool);
+    let spool = open(dir.path());
+    let d = spool.begin_file(Path::new("d"), &file_record("d")).unwrap();
+    assert!(d > c);
+}

@@ -185,26 +185,41 @@ impl Watcher {
             self.scan_all();
             return;
         }
+        // Reads and opens say nothing about readiness; reacting to them made our own
+        // directory walks (which open directories) trigger more walks, forever.
+        if matches!(e.kind, EventKind::Access(_) | EventKind::Other) {
+            return;
+        }
         let renamed_to = |i: usize| match e.kind {
             EventKind::Modify(ModifyKind::Name(RenameMode::To)) => true,
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => i == 1,
             _ => false,
         };
+        // Only a directory that appears (created, or moved in with its files) needs a walk.
+        let appeared = matches!(
+            e.kind,
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
+        );
         for (i, path) in e.paths.iter().enumerate() {
-            self.look_at(path, renamed_to(i));
+            self.look_at(path, renamed_to(i), appeared);
         }
     }
 
     /// Re-reads one path's state after an event.
-    fn look_at(&mut self, path: &Path, renamed_in: bool) {
+    fn look_at(&mut self, path: &Path, renamed_in: bool, appeared: bool) {
         let Some(rel) = self.rel(path).map(Path::to_path_buf) else {
             return;
         };
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.is_dir() => self.scan(path),
+            Ok(m) if m.is_dir() => {
+                if appeared {
+                    self.scan(path);
+                }
+            }
             Ok(m) if m.is_file() => self.track(rel, &m, renamed_in),
             _ => {
-                self.tracked.remove(&rel);
+                // Gone: the file, or a whole directory and what was under it.
+                self.tracked.retain(|p, _| !p.starts_with(&rel));
             }
         }
     }

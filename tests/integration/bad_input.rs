@@ -108,7 +108,12 @@ fn assert_survived(
 
 /// Good lines around one bad line (at 1-based line `bad_line`): the file's bytes and the good
 /// lines' messageIds.
-fn file_with_bad_line(first_id: u64, good_lines: usize, bad_line: usize, bad: &[u8]) -> (Vec<u8>, Vec<String>) {
+fn file_with_bad_line(
+    first_id: u64,
+    good_lines: usize,
+    bad_line: usize,
+    bad: &[u8],
+) -> (Vec<u8>, Vec<String>) {
     let mut bytes = Vec::new();
     let mut ids = Vec::new();
     let mut id = first_id;
@@ -139,7 +144,10 @@ fn a_malformed_json_line_is_quarantined_and_its_neighbours_delivered() {
     write_atomically(&env.watch_dir().join(rel), &bytes);
     assert_survived(&env, &mut agent, &good, 1, "malformed JSON");
     let entry = expect_quarantine_entry(&env, &agent, rel, Some(3));
-    assert!(!entry["reason"].as_str().unwrap_or("").is_empty(), "{entry}");
+    assert!(
+        !entry["reason"].as_str().unwrap_or("").is_empty(),
+        "{entry}"
+    );
     assert_eq!(
         count_log_lines(&agent.logs(), "bad record quarantined"),
         1,
@@ -240,7 +248,11 @@ fn an_empty_file_is_no_error_and_no_entry() {
     let status = status_json(&env.config_path);
     assert_eq!(status_u64(&status, "files_failed"), 0, "{status}");
     assert!(dead_letter_list(&env.config_path).is_empty());
-    assert_eq!(env.server.accepted_count(), good.len(), "nothing else delivered");
+    assert_eq!(
+        env.server.accepted_count(),
+        good.len(),
+        "nothing else delivered"
+    );
     assert!(
         !agent.logs().contains("file cannot be read"),
         "an empty file is not an error"
@@ -283,7 +295,9 @@ fn a_record_with_no_identity_is_quarantined() {
         "{entry}"
     );
     assert!(
-        !env.server.accepted_message_ids().contains(&lp_id(anonymous)),
+        !env.server
+            .accepted_message_ids()
+            .contains(&lp_id(anonymous)),
         "the event without identity is never sent"
     );
 }
@@ -318,8 +332,11 @@ fn an_unreadable_file_is_quarantined_and_read_once_it_becomes_readable() {
         let catalog = env.root().join("catalog");
         fs::create_dir_all(&catalog).unwrap();
         for f in ["messages.json", "abtests.json"] {
-            fs::copy(crate::util::repo_path(&format!("examples/catalog/{f}")), catalog.join(f))
-                .unwrap();
+            fs::copy(
+                crate::util::repo_path(&format!("examples/catalog/{f}")),
+                catalog.join(f),
+            )
+            .unwrap();
         }
         env.config.catalog_dir = catalog;
     }
@@ -439,8 +456,7 @@ fn a_symlink_out_of_the_watch_dir_is_never_read() {
     fs::write(outside.join("shard"), &bytes).unwrap();
     let (bytes2, outside_ids2) = open_session_lines(ids_base(10) + 100, 5);
     fs::write(outside.join("dir/shard"), &bytes2).unwrap();
-    std::os::unix::fs::symlink(outside.join("shard"), env.watch_dir().join("linked-file"))
-        .unwrap();
+    std::os::unix::fs::symlink(outside.join("shard"), env.watch_dir().join("linked-file")).unwrap();
     std::os::unix::fs::symlink(outside.join("dir"), env.watch_dir().join("linked-dir")).unwrap();
     let mut agent = env.start_agent();
     // One more made while the agent runs.
@@ -451,7 +467,10 @@ fn a_symlink_out_of_the_watch_dir_is_never_read() {
     thread::sleep(NOTHING_HAPPENS);
     let accepted = env.server.accepted_message_ids();
     assert!(
-        outside_ids.iter().chain(&outside_ids2).all(|id| !accepted.contains(id)),
+        outside_ids
+            .iter()
+            .chain(&outside_ids2)
+            .all(|id| !accepted.contains(id)),
         "nothing from outside the watch dir was delivered"
     );
     assert_eq!(
@@ -519,7 +538,10 @@ fn a_watch_dir_missing_at_start_is_waited_for() {
         agent.log_tail(30)
     );
     thread::sleep(Duration::from_secs(2));
-    assert!(agent.is_running(), "a missing watch dir is no reason to exit");
+    assert!(
+        agent.is_running(),
+        "a missing watch dir is no reason to exit"
+    );
     // `status` answers while it waits.
     let status = status_json(&env.config_path);
     assert_eq!(status["state"], "running", "{status}");

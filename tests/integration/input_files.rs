@@ -75,8 +75,8 @@ fn append(path: &Path, bytes: &[u8]) {
 
 /// Rewrites `path` in place: truncate, then write `bytes` (no temp file, no rename).
 fn rewrite_in_place(path: &Path, bytes: &[u8]) {
-    let mut f = fs::File::create(path)
-        .unwrap_or_else(|e| panic!("truncate {}: {e}", path.display()));
+    let mut f =
+        fs::File::create(path).unwrap_or_else(|e| panic!("truncate {}: {e}", path.display()));
     f.write_all(bytes).expect("rewrite");
     f.flush().expect("flush");
 }
@@ -176,7 +176,9 @@ fn a_growing_file_delivers_only_its_new_lines() {
         "each line read once: {status}"
     );
     assert!(
-        agent.logs().contains("reading on from the committed offset"),
+        agent
+            .logs()
+            .contains("reading on from the committed offset"),
         "the file is read on, not from the start\nagent log tail:\n{}",
         agent.log_tail(30)
     );
@@ -198,7 +200,9 @@ fn a_truncated_and_rewritten_file_is_read_as_new() {
     rewrite_in_place(&path, &new);
     wait_delivered(&env, &agent, &new_ids, "the new content");
     assert!(
-        agent.logs().contains("file content changed; reading it as a new file"),
+        agent
+            .logs()
+            .contains("file content changed; reading it as a new file"),
         "the log says the content changed\nagent log tail:\n{}",
         agent.log_tail(30)
     );
@@ -294,7 +298,12 @@ fn a_broken_last_line_is_quarantined_once_the_file_settles() {
     bytes.extend_from_slice(&broken.as_bytes()[..broken.len() / 2]);
     let rel = "cut/broken-tail.jsonl";
     write_atomically(&env.watch_dir().join(rel), &bytes);
-    wait_delivered(&env, &agent, &ids, "the complete lines before the broken one");
+    wait_delivered(
+        &env,
+        &agent,
+        &ids,
+        "the complete lines before the broken one",
+    );
 
     // The agent may hold an unfinished last line for a while (its writer may still finish
     // it); once the file has settled for good the line must land in the quarantine.
@@ -357,7 +366,11 @@ fn a_gzipped_shard_is_delivered_once_and_not_again_after_a_restart() {
     assert_no_new_deliveries(&env, &agent, "after the restart");
     assert_exactly_once(&env.server, &ids, &agent, "gzipped shard across a restart");
     let status = status_json(&env.config_path);
-    assert_eq!(status_u64(&status, "events_read"), 0, "nothing read again: {status}");
+    assert_eq!(
+        status_u64(&status, "events_read"),
+        0,
+        "nothing read again: {status}"
+    );
     assert_eq!(status_u64(&status, "duplicates_skipped"), 0, "{status}");
 }
 
@@ -399,12 +412,16 @@ fn with_require_manifest_shards_wait_for_the_manifest_that_lists_them() {
     );
 
     write_atomically(
-        &env.watch_dir().join(format!("{JOB_DIR}/export-1-job-output-manifest")),
+        &env.watch_dir()
+            .join(format!("{JOB_DIR}/export-1-job-output-manifest")),
         MANIFEST.as_bytes(),
     );
     let listed: Vec<String> = ids0.iter().chain(&ids1).cloned().collect();
     wait_delivered(&env, &agent, &listed, "the shards the manifest lists");
-    assert!(agent.logs().contains("job manifest read"), "the manifest is logged");
+    assert!(
+        agent.logs().contains("job manifest read"),
+        "the manifest is logged"
+    );
     assert_no_new_deliveries(&env, &agent, "after the manifest");
     let report = DeliveryReport::of(&env.server, &listed);
     assert!(
@@ -418,7 +435,10 @@ fn with_require_manifest_shards_wait_for_the_manifest_that_lists_them() {
         ids2.iter().all(|id| !accepted.contains(id)),
         "a shard the manifest does not list stays undelivered"
     );
-    assert!(quarantine_list(&env.config_path).is_empty(), "the manifest is not data");
+    assert!(
+        quarantine_list(&env.config_path).is_empty(),
+        "the manifest is not data"
+    );
 }
 
 #[test]
@@ -439,12 +459,16 @@ fn without_require_manifest_shards_go_out_as_soon_as_they_settle() {
     );
     // A manifest arriving afterwards changes nothing and is not read as data.
     write_atomically(
-        &env.watch_dir().join(format!("{JOB_DIR}/export-1-job-output-manifest")),
+        &env.watch_dir()
+            .join(format!("{JOB_DIR}/export-1-job-output-manifest")),
         MANIFEST.as_bytes(),
     );
     assert_no_new_deliveries(&env, &agent, "after the manifest");
     assert_exactly_once(&env.server, &all, &agent, "shards without manifest");
-    assert!(quarantine_list(&env.config_path).is_empty(), "the manifest is not data");
+    assert!(
+        quarantine_list(&env.config_path).is_empty(),
+        "the manifest is not data"
+    );
 }
 
 #[test]
@@ -507,7 +531,9 @@ fn after_ingest_delete_removes_the_file_only_after_segment_accepted_its_events()
         last_accept - gone_at
     );
     assert!(
-        accepts.iter().all(|r| r.received_at <= last_seen + Duration::from_millis(100)),
+        accepts
+            .iter()
+            .all(|r| r.received_at <= last_seen + Duration::from_millis(100)),
         "the file was still there when its events were sent"
     );
     assert_exactly_once(&env.server, &ids, &agent, "delete after delivery");
@@ -531,7 +557,10 @@ fn after_ingest_move_puts_the_file_under_move_to_with_its_relative_path() {
         "the file ends up under move_to with its relative path\nagent log tail:\n{}",
         agent.log_tail(30)
     );
-    assert!(!env.watch_dir().join(rel).exists(), "and leaves the watch dir");
+    assert!(
+        !env.watch_dir().join(rel).exists(),
+        "and leaves the watch dir"
+    );
     assert_eq!(fs::read(&moved).unwrap(), bytes, "unchanged");
     assert_no_new_deliveries(&env, &agent, "after the move");
     assert_exactly_once(&env.server, &ids, &agent, "move after delivery");
@@ -668,4 +697,44 @@ fn a_copy_stays_recognised_after_the_original_grows() {
         agent.log_tail(30)
     );
     assert_exactly_once(&env.server, &ids, &agent, "copy of a grown file");
+}
+
+/// CPU time (user + system) the process has used so far, from `/proc/<pid>/stat` (in USER_HZ
+/// ticks, 100 per second on Linux).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')').expect("stat has a command name") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+#[test]
+fn an_idle_agent_with_subdirectories_stays_idle() {
+    let env = new_env();
+    // The layout of a Leanplum export sync: a directory per day, files read long ago.
+    let (bytes, ids) = open_session_lines(ids_base(18), 3);
+    write_atomically(
+        &env.watch_dir().join("20261101/export-i-job-output-0"),
+        &bytes,
+    );
+    fs::create_dir_all(env.watch_dir().join("20261102/empty")).unwrap();
+    let agent = env.start_agent();
+    wait_delivered(&env, &agent, &ids, "the one file");
+    thread::sleep(Duration::from_secs(2));
+
+    // Nothing changes in the watch dir now: the agent has nothing to do but its 1 s rescan.
+    let window = Duration::from_secs(4);
+    let before = cpu_time(agent.pid());
+    thread::sleep(window);
+    let used = cpu_time(agent.pid()) - before;
+    assert!(
+        used < window / 5,
+        "an idle agent used {used:?} of CPU in {window:?}; the watcher is spinning?\n{} \
+         'inotify queue overflowed' lines in the log; agent log tail:\n{}",
+        count_log_lines(&agent.logs(), "inotify queue overflowed"),
+        agent.log_tail(20)
+    );
 }

@@ -1587,7 +1587,12 @@ pub fn dead_letter_list(config_path: &Path) -> Vec<Value> {
         ],
         PATIENCE,
     );
-    assert_eq!(out.code(), 0, "dead-letter list failed:\n{}", out.all_output());
+    assert_eq!(
+        out.code(),
+        0,
+        "dead-letter list failed:\n{}",
+        out.all_output()
+    );
     match serde_json::from_str(out.stdout.trim()) {
         Ok(Value::Array(entries)) => entries,
         other => panic!(
