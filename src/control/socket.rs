@@ -380,9 +380,13 @@ fn exchange(path: &Path, request: &str, timeout: Duration) -> Result<Vec<u8>, Qu
     let timeout = timeout.max(Duration::from_millis(1));
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
-    (&stream)
-        .write_all(format!("{request}\n").as_bytes())
-        .map_err(io_err)?;
+    // Something that answers without reading (not an agent) may close before our write: read
+    // what it said all the same, so the caller learns what is on the socket.
+    if let Err(e) = (&stream).write_all(format!("{request}\n").as_bytes())
+        && e.kind() != io::ErrorKind::BrokenPipe
+    {
+        return Err(io_err(e));
+    }
     let mut line = Vec::new();
     io::BufReader::new((&stream).take(MAX_ANSWER_BYTES))
         .read_until(b'\n', &mut line)
