@@ -210,8 +210,9 @@ pub struct Spool {
     watermark: AtomicU64,
     /// What `open` had to repair, for status.
     recovered: Option<String>,
-    /// Our flock on `spool.dir/LOCK`, held as long as the spool is open.
-    _lock: File,
+    /// Our flock on `spool.dir/LOCK`, held as long as an agent has the spool open (`None` for
+    /// a look by `status`).
+    _lock: Option<File>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -231,19 +232,12 @@ impl Spool {
             path: dir.to_owned(),
             source,
         })?;
-        // `status` or `dead-letter` on a stopped agent hold the lock for a moment; a real
-        // second agent holds it for good. Wait out the first, refuse the second.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let lock = loop {
-            match store::lock(dir) {
-                Err(Error::Locked { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                other => break other?,
-            }
-        };
+        // Only agents take LOCK, so a held one means another agent: refuse at once. (`status`
+        // on a stopped agent holds sled's own lock for a moment instead, which `open_current`
+        // waits out.)
+        let lock = store::lock(dir)?;
         let (store, recovered) = store::open_current(dir, cache_bytes)?;
-        Spool::from_store(dir, cache_bytes, store, recovered, lock)
+        Spool::from_store(dir, cache_bytes, store, recovered, Some(lock))
     }
 
     /// Opens an existing spool to look at it (no agent running): repairs, deletes and creates
@@ -251,7 +245,7 @@ impl Spool {
     /// holds it.
     pub fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<Spool>, Error> {
         match store::open_existing(dir, cache_bytes)? {
-            Some((store, lock)) => Spool::from_store(dir, cache_bytes, store, None, lock).map(Some),
+            Some(store) => Spool::from_store(dir, cache_bytes, store, None, None).map(Some),
             None => Ok(None),
         }
     }
@@ -267,7 +261,7 @@ impl Spool {
         cache_bytes: u64,
         store: Store,
         recovered: Option<String>,
-        lock: File,
+        lock: Option<File>,
     ) -> Result<Spool, Error> {
         let next = store.next_queue_key()?;
         Ok(Spool {

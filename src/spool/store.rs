@@ -79,8 +79,9 @@ pub(super) fn lock(dir: &Path) -> Result<File, Error> {
 }
 
 /// Opens an existing spool for a look (offline `status`, `dead-letter` with no agent running):
-/// takes the lock, repairs nothing, deletes nothing, creates nothing. `None`: no spool yet.
-pub(super) fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<(Store, File)>, Error> {
+/// repairs nothing, deletes nothing, creates nothing, and leaves `LOCK` to agents (a held one
+/// means an agent runs: [`Error::Locked`]). `None`: no spool yet.
+pub(super) fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<Store>, Error> {
     let Ok(name) = fs::read_to_string(dir.join(CURRENT)) else {
         return Ok(None);
     };
@@ -88,8 +89,8 @@ pub(super) fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<(Stor
     if !is_generation(name.trim()) || !path.join("db").exists() {
         return Ok(None);
     }
-    let lock = lock(dir)?;
-    Ok(Some((Store::open(&path, cache_bytes)?, lock)))
+    drop(lock(dir)?);
+    Ok(Some(Store::open(&path, cache_bytes)?))
 }
 
 /// Opens the current generation, creating the first one, deleting debris, and moving a
