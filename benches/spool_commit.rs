@@ -1,23 +1,47 @@
-use leanplum_segment_agent::spool::*;
+//! The spool alone (`cargo bench --bench spool_commit -- [EVENTS] [CACHE_MB]`): commits chunks
+//! of 2000 events of ~620 bytes the way the ingest does (one transaction each, flushed and
+//! fsynced), then drains them the way the drain does (peek a batch, ack it), printing
+//! throughput and the process's RSS as the backlog grows and shrinks.
+
 use std::path::Path;
 use std::time::Instant;
+
+use leanplum_segment_agent::spool::{Chunk, FileRecord, Spool, SpoolEvent};
+
+fn rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
 fn main() {
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let n = args.first().copied().unwrap_or(200_000) as usize;
+    let cache_mb = args.get(1).copied().unwrap_or(32);
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(dir.path(), 32 << 20).unwrap();
+    let spool = Spool::open(dir.path(), cache_mb << 20).unwrap();
     let fid = spool
         .begin_file(Path::new("f"), &FileRecord::default())
         .unwrap();
+    println!(
+        "spool_commit: {n} events, sled cache {cache_mb} MB; RSS at start {} MB",
+        rss_mb()
+    );
+    let pad = "x".repeat(580);
     let t = Instant::now();
-    let n = 100_000;
     for start in (0..n).step_by(2000) {
-        let events = (start..start + 2000)
+        let events = (start..(start + 2000).min(n))
             .map(|i| SpoolEvent {
-                message_id: format!("lp-e-{i}"),
-                json: format!(
-                    "{{\"messageId\":\"lp-e-{i}\",\"pad\":\"{}\"}}",
-                    "x".repeat(600)
-                )
-                .into_bytes(),
+                message_id: format!("lp-e-{}", 7_000_000_000_000_000_000u64 + i as u64),
+                json: format!("{{\"messageId\":\"lp-e-{i}\",\"pad\":\"{pad}\"}}").into_bytes(),
             })
             .collect();
         spool
@@ -27,12 +51,31 @@ fn main() {
                 ..Chunk::default()
             })
             .unwrap();
+        if start % (n / 5).max(2000) == 0 {
+            println!("  {start:>9} spooled, RSS {} MB", rss_mb());
+        }
     }
     let d = t.elapsed();
     println!(
-        "{} events committed in {:?}: {:.0} events/s",
-        n,
-        d,
-        n as f64 / d.as_secs_f64()
+        "commit: {:.0} events/s ({n} in {d:.2?}); RSS {} MB; {} MB on disk",
+        n as f64 / d.as_secs_f64(),
+        rss_mb(),
+        spool.disk_bytes() >> 20
+    );
+    let t = Instant::now();
+    let mut drained = 0;
+    loop {
+        let batch = spool.peek(None, 2500, 475_000).unwrap().items;
+        if batch.is_empty() {
+            break;
+        }
+        drained += batch.len();
+        spool.ack(&batch).unwrap();
+    }
+    let d = t.elapsed();
+    println!(
+        "peek + ack: {:.0} events/s ({drained} in {d:.2?}); RSS {} MB",
+        drained as f64 / d.as_secs_f64(),
+        rss_mb()
     );
 }
