@@ -100,7 +100,21 @@ impl Ingestor {
         let shown = rel.display().to_string();
         let meta = match std::fs::symlink_metadata(&abs) {
             Ok(m) if m.is_file() => m,
-            _ => return Ok(Outcome::Gone),
+            _ => {
+                // Gone before it was read to the end (say, deleted while its last line was
+                // held): it is no longer in progress.
+                if let Some((id, rec)) = self.spool.file_by_path(rel)?
+                    && rec.status == FileStatus::Reading
+                    && Path::new(&rec.path) == rel
+                {
+                    tracing::warn!(path = %shown, "file vanished before it was read to the end");
+                    self.spool.update_file(id, |r| {
+                        r.status = FileStatus::Failed;
+                        r.error = Some("vanished before it was read to the end".into());
+                    })?;
+                }
+                return Ok(Outcome::Gone);
+            }
         };
         let file = match File::open(&abs) {
             Ok(f) => f,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::util::{
     Agent, DeliveryReport, PATIENCE, Reply, TestEnv, assert_exactly_once, count_log_lines,
     gzip_bytes, open_session_line, open_session_lines, quarantine_list, ready_lines, status_json,
-    status_u64, wait_until, write_atomically, write_slowly,
+    status_u64, wait_for_status, wait_until, write_atomically, write_slowly,
 };
 
 /// eventIds of this module: `BASE + test * 1_000_000 + i`, above 2^53 as Leanplum's are.
@@ -736,5 +736,41 @@ fn an_idle_agent_with_subdirectories_stays_idle() {
          'inotify queue overflowed' lines in the log; agent log tail:\n{}",
         count_log_lines(&agent.logs(), "inotify queue overflowed"),
         agent.log_tail(20)
+    );
+}
+
+/// A file deleted while its unfinished last line is held is no longer "in progress": status
+/// counts it failed, and what was complete in it was delivered.
+#[test]
+fn a_file_deleted_while_its_last_line_is_held_leaves_progress() {
+    let env = new_env();
+    let agent = env.start_agent();
+    let (mut bytes, ids) = open_session_lines(ids_base(8) + 100, 2);
+    let broken = open_session_line(ids_base(8) + 102);
+    bytes.extend_from_slice(&broken.as_bytes()[..broken.len() / 2]);
+    let path = env.watch_dir().join("held.jsonl");
+    write_atomically(&path, &bytes);
+    wait_delivered(&env, &agent, &ids, "the complete lines before the held one");
+    assert!(
+        wait_until(PATIENCE, || agent
+            .logs()
+            .contains("holding it until it is complete")),
+        "the last line is held\n{}",
+        agent.log_tail(20)
+    );
+    std::fs::remove_file(&path).expect("delete the file");
+    let settled = wait_for_status(&env.config_path, PATIENCE, |s| {
+        status_u64(s, "files_in_progress") == 0 && status_u64(s, "files_failed") == 1
+    });
+    assert!(
+        settled.is_some(),
+        "the vanished file leaves progress: {}\n{}",
+        status_json(&env.config_path),
+        agent.log_tail(20)
+    );
+    assert!(
+        agent
+            .logs()
+            .contains("file vanished before it was read to the end")
     );
 }
