@@ -657,7 +657,7 @@ impl AgentConfig {
             max_batch_bytes: None,
             max_batch_events: None,
             flush_interval_ms: Some(200),
-            request_timeout_secs: Some(5),
+            request_timeout_secs: Some(30),
             gzip: Some(true),
             concurrency: None,
             initial_backoff_ms: Some(100),
