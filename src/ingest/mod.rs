@@ -374,17 +374,12 @@ impl Ingestor {
                 path: rel.to_string_lossy().into_owned(),
                 head_len: head.len() as u64,
                 head_hash: fingerprint::hash(head),
-                tail_hash: String::new(),
                 raw_len: len,
                 gzip,
-                offset: 0,
-                line: 0,
-                events_spooled: 0,
-                pending: 0,
                 status: FileStatus::Reading,
-                error: None,
                 first_seen_ms: now,
                 updated_ms: now,
+                ..FileRecord::default()
             },
         )
     }

@@ -9,19 +9,7 @@ fn open(dir: &Path) -> Spool {
 fn file_record(path: &str) -> FileRecord {
     FileRecord {
         path: path.into(),
-        head_len: 0,
-        head_hash: String::new(),
-        tail_hash: String::new(),
-        raw_len: 0,
-        gzip: false,
-        offset: 0,
-        line: 0,
-        events_spooled: 0,
-        pending: 0,
-        status: FileStatus::Reading,
-        error: None,
-        first_seen_ms: 0,
-        updated_ms: 0,
+        ..FileRecord::default()
     }
 }
 
