@@ -131,7 +131,7 @@ pub enum AfterIngest {
     Move,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchConfig {
     /// Required: the directory the exports land in, watched recursively.
@@ -165,7 +165,7 @@ impl Default for WatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     pub dir: PathBuf,
@@ -226,7 +226,7 @@ impl Default for LeanplumConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     pub socket: PathBuf,

@@ -133,10 +133,7 @@ fn reparse(
     Ok(out
         .events
         .into_iter()
-        .map(|ev| SpoolEvent {
-            json: serde_json::to_vec(&ev).unwrap_or_default(),
-            message_id: ev.message_id,
-        })
+        .map(crate::ingest::spool_event)
         .collect())
 }
 

@@ -280,7 +280,6 @@ impl Drain {
                         .delivery_latency
                         .observe_ms(now.saturating_sub(q.enqueued_ms));
                 }
-                Stats::add(&self.stats.batches_sent, 1);
                 backoff.reset();
                 let mut st = self.lock_status();
                 if st.state != DeliveryState::Running {
@@ -292,7 +291,6 @@ impl Drain {
                 tracing::debug!(events = n, "batch delivered");
             }
             RetryAction::Split => {
-                Stats::add(&self.stats.requests_failed, 1);
                 if batch.items.len() == 1 {
                     tracing::warn!(detail = %answer.detail, "Segment rejected an event; dead-lettered");
                     match self
@@ -313,7 +311,6 @@ impl Drain {
                 }
             }
             action => {
-                Stats::add(&self.stats.requests_failed, 1);
                 let (state, delay) = match action {
                     RetryAction::AuthFailed => {
                         backoff.next_delay(None);

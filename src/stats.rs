@@ -20,11 +20,6 @@ pub struct Stats {
     pub quarantined: AtomicU64,
     /// Events Segment rejected for good, or too large to send.
     pub dead_lettered: AtomicU64,
-    pub files_seen: AtomicU64,
-    pub files_done: AtomicU64,
-    pub files_failed: AtomicU64,
-    pub batches_sent: AtomicU64,
-    pub requests_failed: AtomicU64,
     /// Engagements not sent, by Leanplum action name (SPEC section 5).
     pub skipped: Mutex<BTreeMap<String, u64>>,
     /// Time from spooling to Segment's 2xx, per event.

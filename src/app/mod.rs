@@ -352,18 +352,9 @@ fn reload(
         opts: mapping_options(&new),
     });
     let restart_needed: Vec<&str> = [
-        (
-            "watch",
-            format!("{:?}", old.watch) != format!("{:?}", new.watch),
-        ),
-        (
-            "spool",
-            format!("{:?}", old.spool) != format!("{:?}", new.spool),
-        ),
-        (
-            "control",
-            format!("{:?}", old.control) != format!("{:?}", new.control),
-        ),
+        ("watch", old.watch != new.watch),
+        ("spool", old.spool != new.spool),
+        ("control", old.control != new.control),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)

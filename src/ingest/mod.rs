@@ -24,6 +24,7 @@ use crate::mapping::{
     self, MapError, MappingOptions, MappingState, Output, SharedMapping, map_engagement,
     map_session,
 };
+use crate::segment::TrackEvent;
 use crate::spool::{
     self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, now_ms,
 };
@@ -48,6 +49,14 @@ pub fn map_record(
     match record {
         Record::Session(s) => map_session(s, catalog, opts, out),
         Record::Engagement(e) => map_engagement(e, catalog, opts, out),
+    }
+}
+
+/// A mapped event as the spool stores it: its JSON, keyed for dedupe by its `messageId`.
+pub fn spool_event(ev: TrackEvent) -> SpoolEvent {
+    SpoolEvent {
+        json: serde_json::to_vec(&ev).unwrap_or_default(),
+        message_id: ev.message_id,
     }
 }
 
@@ -126,10 +135,7 @@ impl Ingestor {
                         return Ok(Outcome::Failed(rec.error.unwrap_or_default()));
                     }
                     Some((id, _)) => id,
-                    None => {
-                        Stats::add(&self.stats.files_seen, 1);
-                        self.begin(rel, &[], false, 0)?
-                    }
+                    None => self.begin(rel, &[], false, 0)?,
                 };
                 return Ok(self.unreadable(rel, Some(id), &format!("cannot open: {e}")));
             }
@@ -143,14 +149,11 @@ impl Ingestor {
 
         let known = match self.identify(rel, &file, len, &head)? {
             Some(known) => known,
-            None => {
-                Stats::add(&self.stats.files_seen, 1);
-                (
-                    self.begin(rel, &head, gzip, len)?,
-                    FileRecord::default(),
-                    Relation::Grown,
-                )
-            }
+            None => (
+                self.begin(rel, &head, gzip, len)?,
+                FileRecord::default(),
+                Relation::Grown,
+            ),
         };
         let (id, rec, relation) = known;
         if relation == Relation::Same
@@ -275,7 +278,6 @@ impl Ingestor {
                 r.status = FileStatus::Failed;
                 r.error = Some(reason.clone());
             })?;
-            Stats::add(&self.stats.files_failed, 1);
             return Ok(Outcome::Failed(reason));
         }
         let mut holding = self.holding.lock().unwrap_or_else(|e| e.into_inner());
@@ -287,7 +289,6 @@ impl Ingestor {
         }
         holding.remove(rel);
         drop(holding);
-        Stats::add(&self.stats.files_done, 1);
         tracing::info!(
             path = %shown,
             events = totals.0,
@@ -356,7 +357,6 @@ impl Ingestor {
                 copy.status = FileStatus::Read;
             }
             let copy_id = self.spool.begin_file(rel, &copy)?;
-            Stats::add(&self.stats.files_seen, 1);
             if delivered && let Some(tx) = &self.files_delivered {
                 // Everything in it already reached Segment: after_ingest applies now.
                 let _ = tx.send(copy_id);
@@ -388,7 +388,6 @@ impl Ingestor {
     fn unreadable(&self, rel: &Path, file_id: Option<u64>, reason: &str) -> Outcome {
         let shown = rel.display().to_string();
         tracing::warn!(path = %shown, error = %reason, "file cannot be read");
-        Stats::add(&self.stats.files_failed, 1);
         let entry = QuarantineEntry {
             reason: reason.to_owned(),
             file: shown,
@@ -442,14 +441,9 @@ impl Ingestor {
             Ok(record) => {
                 let before = output.events.len();
                 match map_record(&record, &mapping.catalog, &mapping.opts, output) {
-                    Ok(()) => {
-                        for ev in output.events.drain(before..) {
-                            chunk.events.push(SpoolEvent {
-                                json: serde_json::to_vec(&ev).unwrap_or_default(),
-                                message_id: ev.message_id,
-                            });
-                        }
-                    }
+                    Ok(()) => chunk
+                        .events
+                        .extend(output.events.drain(before..).map(spool_event)),
                     Err(e) => chunk.quarantine.push(bad(e.to_string(), b"")),
                 }
             }
@@ -512,7 +506,8 @@ impl Ingestor {
         let incoming: u64 = chunk.events.iter().map(|e| e.json.len() as u64).sum();
         // Why reading is paused, logged once per pause.
         let mut paused: Option<&str> = None;
-        let mut last_compaction: Option<std::time::Instant> = None;
+        // Deciding walks every tree of the spool, so at most every 30 s.
+        let mut last_compaction_check: Option<std::time::Instant> = None;
         loop {
             if cancel.is_cancelled() {
                 return Ok(None);
@@ -525,11 +520,12 @@ impl Ingestor {
             } else if self.spool.disk_nearly_full(incoming) {
                 // sled never gives the room of delivered events back to the filesystem; a
                 // compaction does, once the drain has emptied most of the spool.
-                if last_compaction.is_none_or(|t| t.elapsed() > Duration::from_secs(30))
-                    && self.spool.is_bloated(0, 2)?
-                    && self.spool.compaction_fits()?
-                {
-                    last_compaction = Some(std::time::Instant::now());
+                let due =
+                    last_compaction_check.is_none_or(|t| t.elapsed() > Duration::from_secs(30));
+                if due {
+                    last_compaction_check = Some(std::time::Instant::now());
+                }
+                if due && self.spool.compaction_helps_and_fits()? {
                     match self.spool.compact() {
                         Ok(c) => tracing::info!(
                             disk_before = c.disk_before,

@@ -831,18 +831,20 @@ impl Spool {
         Ok(disk > s.live_bytes()?.saturating_mul(ratio))
     }
 
-    /// Whether a compaction's copy fits in the free space left (with room for sled's first
-    /// segments): a copy that runs out of space fails and gives nothing back.
-    pub fn compaction_fits(&self) -> Result<bool, Error> {
+    /// Whether a compaction now would give disk space back (sled's files over twice the live
+    /// data) and its copy fits in the free space left: a fresh sled database takes a few
+    /// 512 KiB segments before any data, and about twice the raw bytes for the data (its log
+    /// and page headers). A copy that still runs out of space fails harmlessly: it is deleted,
+    /// and the current generation was not written to meanwhile (the copy holds the writer and
+    /// store locks). Walks every tree once.
+    pub fn compaction_helps_and_fits(&self) -> Result<bool, Error> {
         let Ok(free) = fs2::available_space(&self.dir) else {
             return Ok(false);
         };
-        let live = self.store().live_bytes()?;
-        // A fresh sled database takes a few 512 KiB segments before any data, and about twice
-        // the raw bytes for the data (its log and page headers). A copy that still runs out of
-        // space fails harmlessly: it is deleted, and the current generation was not written to
-        // meanwhile (the copy holds the writer and store locks).
-        Ok(free > live.saturating_mul(2).saturating_add(2 << 20))
+        let s = self.store();
+        let live = s.live_bytes()?;
+        let copy = live.saturating_mul(2);
+        Ok(s.size_on_disk() > copy && free > copy.saturating_add(2 << 20))
     }
 
     /// Rebuilds the spool into a fresh sled generation and swaps it in, crash-safely (see
