@@ -362,3 +362,49 @@ fn file_name(p: &Path) -> String {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(include: &[&str], exclude: Option<&[&str]>) -> WatchSettings {
+        let mut c = WatchConfig::default();
+        if !include.is_empty() {
+            c.include = include.iter().map(|s| s.to_string()).collect();
+        }
+        if let Some(e) = exclude {
+            c.exclude = e.iter().map(|s| s.to_string()).collect();
+        }
+        WatchSettings::from_config(&c).unwrap()
+    }
+
+    #[test]
+    fn default_globs_skip_sync_tools_temporary_names_at_any_depth() {
+        let s = settings(&[], None);
+        for wanted in [
+            "20261101/export-5629499534213120-06e7df8e-output-0",
+            "feed.csv",
+            "a/b/c/postbacks.jsonl",
+        ] {
+            assert!(s.wanted(Path::new(wanted)), "{wanted}");
+        }
+        for skipped in [
+            "x.tmp",
+            "20261101/.export-1-output-0.tmp",
+            "a/b/part.partial",
+            ".hidden",
+            "a/.gsutil-temp",
+        ] {
+            assert!(!s.wanted(Path::new(skipped)), "{skipped}");
+        }
+    }
+
+    #[test]
+    fn include_narrows_and_exclude_wins() {
+        let s = settings(&["**/*.jsonl"], Some(&["old/**"]));
+        assert!(s.wanted(Path::new("a/b.jsonl")));
+        assert!(s.wanted(Path::new("b.jsonl")));
+        assert!(!s.wanted(Path::new("b.csv")));
+        assert!(!s.wanted(Path::new("old/b.jsonl")));
+    }
+}

@@ -155,3 +155,49 @@ fn dry_run_prints_events_and_touches_nothing() {
         env.server.requests()
     );
 }
+
+/// The write key can come from `$SEGMENT_WRITE_KEY` or a systemd credential
+/// (`$CREDENTIALS_DIRECTORY/write_key`) when the config names none; without any, check-config
+/// fails naming the key. The key itself is never printed.
+#[test]
+fn check_config_finds_the_write_key_in_the_environment_and_credentials() {
+    let mut env = TestEnv::new();
+    env.config.write_key = None;
+    let config = env.write_config();
+    let check = |vars: &[(&str, &std::path::Path)], key_env: Option<&str>| {
+        let mut cmd = crate::util::agent_command();
+        cmd.args(["check-config", "--config"]).arg(&config);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        if let Some(k) = key_env {
+            cmd.env("SEGMENT_WRITE_KEY", k);
+        }
+        let out = cmd.output().expect("run check-config");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+
+    let (code, text) = check(&[], None);
+    assert_eq!(code, Some(EX_CONFIG), "{text}");
+    assert!(text.contains("segment.write_key_file"), "{text}");
+
+    let (code, text) = check(&[], Some(WRITE_KEY));
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("$SEGMENT_WRITE_KEY"), "{text}");
+    assert!(!text.contains(WRITE_KEY), "{text}");
+
+    let creds = env.root().join("credentials");
+    std::fs::create_dir_all(&creds).unwrap();
+    let key_file = creds.join("write_key");
+    std::fs::write(&key_file, format!("{WRITE_KEY}\n")).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, text) = check(&[("CREDENTIALS_DIRECTORY", creds.as_path())], None);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("systemd credential"), "{text}");
+    assert!(!text.contains(WRITE_KEY), "{text}");
+}

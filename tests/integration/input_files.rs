@@ -774,3 +774,27 @@ fn a_file_deleted_while_its_last_line_is_held_leaves_progress() {
             .contains("file vanished before it was read to the end")
     );
 }
+
+/// Files the `exclude` globs match (a sync tool's `.partial`) are never read, even once they
+/// settle; the rest of the directory is.
+#[test]
+fn excluded_files_are_never_read() {
+    let env = new_env();
+    let agent = env.start_agent();
+    let (partial, partial_ids) = open_session_lines(ids_base(8) + 200, 3);
+    fs::write(env.watch_dir().join("in-transit.partial"), &partial).expect("write .partial");
+    let (good, ids) = open_session_lines(ids_base(8) + 210, 2);
+    write_atomically(&env.watch_dir().join("landed.jsonl"), &good);
+    wait_delivered(&env, &agent, &ids, "the file the globs include");
+    // Well past settle_secs and a rescan: the .partial file stays unread.
+    thread::sleep(Duration::from_secs(3));
+    let accepted: HashSet<String> = env.server.accepted_message_ids().into_iter().collect();
+    for id in &partial_ids {
+        assert!(!accepted.contains(id), "{id} came from an excluded file");
+    }
+    assert!(
+        !agent.logs().contains("in-transit.partial"),
+        "{}",
+        agent.log_tail(20)
+    );
+}
