@@ -201,3 +201,27 @@ fn check_config_finds_the_write_key_in_the_environment_and_credentials() {
     assert!(text.contains("systemd credential"), "{text}");
     assert!(!text.contains(WRITE_KEY), "{text}");
 }
+
+/// A key file others can read is accepted, with a warning that says how to fix it (and never
+/// the key).
+#[test]
+fn a_write_key_file_readable_by_others_is_warned_about() {
+    let mut env = TestEnv::new();
+    let key_file = env.root().join("write_key");
+    std::fs::write(&key_file, format!("{WRITE_KEY}\n")).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    env.config.write_key = None;
+    env.config.write_key_file = Some(key_file.clone());
+    let config = env.write_config();
+    let out = check_config(&config);
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("readable by group or others"), "{text}");
+    assert!(!text.contains(WRITE_KEY), "{text}");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let quiet = check_config(&config);
+    assert!(
+        !format!("{}{}", quiet.stdout, quiet.stderr).contains("readable by group"),
+        "no warning at 0600"
+    );
+}
