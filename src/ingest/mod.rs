@@ -330,11 +330,20 @@ impl Ingestor {
             // Every empty file looks alike; an empty file is simply new.
             return Ok(None);
         }
+        // Several known files can share these first bytes (a file, and a copy of it that grew
+        // since): the one read furthest into this content is the match, so nothing already
+        // read is read again.
+        let mut best: Option<(u64, FileRecord, Relation)> = None;
         for (id, rec) in self.spool.files_with_head(&fingerprint::hash(head))? {
             let relation = fingerprint::relate(file, len, &rec).map_err(io)?;
             if relation != Relation::Same && relation != Relation::Grown {
                 continue;
             }
+            if best.as_ref().is_none_or(|(_, b, _)| rec.offset > b.offset) {
+                best = Some((id, rec, relation));
+            }
+        }
+        if let Some((id, rec, relation)) = best {
             let original = self.watch_dir.join(&rec.path);
             let copied = Path::new(&rec.path) != rel
                 && std::fs::symlink_metadata(&original).is_ok_and(|m| m.is_file());

@@ -798,3 +798,49 @@ fn excluded_files_are_never_read() {
         agent.log_tail(20)
     );
 }
+
+/// A copy of a copy that grew: two known files share its first bytes, and the one read
+/// furthest (the grown copy) is the match, so nothing is read again (found by the model test,
+/// seed 5087048231753532487).
+#[test]
+fn a_copy_of_a_grown_copy_is_matched_to_the_furthest_read_file() {
+    let env = new_env();
+    let agent = env.start_agent();
+    // Over 1 KiB, so both known files are identified by the same first KiB.
+    let (first, mut ids) = open_session_lines(ids_base(17) + 500, 8);
+    assert!(first.len() > 1024);
+    write_atomically(&env.watch_dir().join("f-001"), &first);
+    wait_delivered(&env, &agent, &ids, "the original");
+    let second = env.watch_dir().join("c-002");
+    write_atomically(&second, &first);
+    assert!(
+        agent.wait_for_log("(a copy)", PATIENCE),
+        "{}",
+        agent.log_tail(20)
+    );
+    thread::sleep(Duration::from_millis(1500));
+    let (more, more_ids) = open_session_lines(ids_base(17) + 600, 1);
+    append(&second, &more);
+    wait_delivered(&env, &agent, &more_ids, "the line appended to the copy");
+    ids.extend(more_ids);
+    let before = status_json(&env.config_path);
+    let grown = fs::read(&second).expect("read c-002");
+    write_atomically(&env.watch_dir().join("c-003"), &grown);
+    assert!(
+        wait_until(PATIENCE, || count_log_lines(&agent.logs(), "(a copy)") >= 2),
+        "{}",
+        agent.log_tail(20)
+    );
+    assert_no_new_deliveries(&env, &agent, "after the second copy");
+    let after = status_json(&env.config_path);
+    assert_eq!(
+        (
+            status_u64(&after, "events_read"),
+            status_u64(&after, "duplicates_skipped")
+        ),
+        (status_u64(&before, "events_read"), 0),
+        "the copy of the grown copy is not read: {after}\n{}",
+        agent.log_tail(20)
+    );
+    assert_exactly_once(&env.server, &ids, &agent, "copy of a grown copy");
+}
