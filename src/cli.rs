@@ -58,6 +58,15 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// What the agent knows of a message or A/B test, and where it came from (files, API,
+    /// cache); without ID, everything. Asks the running agent; with none, reads the files and
+    /// the spool's cache.
+    Catalog {
+        #[arg(long, default_value = DEFAULT_PATH, global = true)]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: CatalogAction,
+    },
     /// Print the Segment events FILEs would produce, as JSON lines; spools and sends nothing.
     DryRun {
         /// Config for the catalog and mapping options. Without it (and with no file at the
@@ -66,6 +75,16 @@ pub enum Command {
         config: Option<PathBuf>,
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CatalogAction {
+    /// Print the catalog's source and age, and every entry (or the one with ID).
+    Show {
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -204,15 +204,18 @@ impl Default for MappingConfig {
     }
 }
 
-/// Fetching the catalog from Leanplum's API (a later capability); accepted and validated now so
-/// configs written for it are not rejected.
-#[derive(Debug, Clone, Deserialize)]
+/// Fetching the catalog from Leanplum's API (SPEC section 3). The content read-only key comes
+/// from `content_key_file`, `$LEANPLUM_CONTENT_KEY` or `$CREDENTIALS_DIRECTORY/leanplum_content_key`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LeanplumConfig {
     pub app_id: String,
+    /// Empty means unset (the default in SPEC's sample config).
     pub content_key_file: PathBuf,
     pub api_base: String,
     pub refresh_interval_secs: u64,
+    /// For each API call, connect to end.
+    pub request_timeout_secs: u64,
 }
 
 impl Default for LeanplumConfig {
@@ -222,6 +225,7 @@ impl Default for LeanplumConfig {
             content_key_file: PathBuf::new(),
             api_base: "https://api.leanplum.com".into(),
             refresh_interval_secs: 3600,
+            request_timeout_secs: 30,
         }
     }
 }
@@ -258,40 +262,45 @@ impl Default for LogConfig {
     }
 }
 
-/// The Segment write key. Debug and Display print a placeholder, so a key can never reach a log
-/// line or an error message by accident; only [`WriteKey::expose`] gives the text.
+/// A secret: the Segment write key or Leanplum's content key. Debug and Display print a
+/// placeholder, so a key can never reach a log line or an error message by accident; only
+/// [`Secret::expose`] gives the text.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct WriteKey(String);
+pub struct Secret(String);
 
-impl WriteKey {
-    pub fn new(key: impl Into<String>) -> WriteKey {
-        WriteKey(key.into())
+/// The Segment write key.
+pub type WriteKey = Secret;
+
+impl Secret {
+    pub fn new(key: impl Into<String>) -> Secret {
+        Secret(key.into())
     }
-    /// The key itself, for the Authorization header and nothing else.
+    /// The key itself, for the request that needs it and nothing else.
     pub fn expose(&self) -> &str {
         &self.0
     }
 }
 
-impl fmt::Debug for WriteKey {
+impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("WriteKey(<redacted>)")
+        f.write_str("Secret(<redacted>)")
     }
 }
 
-impl fmt::Display for WriteKey {
+impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
     }
 }
 
-/// Where the write key came from, for a log line that says so without saying the key.
+/// Where a key came from, for a log line that says so without saying the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
     File(PathBuf),
     Inline,
-    Env,
+    /// The environment variable's name.
+    Env(&'static str),
     Credential(PathBuf),
 }
 
@@ -300,7 +309,7 @@ impl fmt::Display for KeySource {
         match self {
             KeySource::File(p) => write!(f, "file {}", p.display()),
             KeySource::Inline => f.write_str("segment.write_key"),
-            KeySource::Env => f.write_str("$SEGMENT_WRITE_KEY"),
+            KeySource::Env(var) => write!(f, "${var}"),
             KeySource::Credential(p) => write!(f, "systemd credential {}", p.display()),
         }
     }
@@ -338,24 +347,27 @@ impl Config {
     pub fn load_and_validate(path: &Path, purpose: Purpose) -> Result<Loaded, Error> {
         let config = Config::load(path)?;
         let mut problems = config.validate(purpose);
-        let key = if purpose == Purpose::Run {
-            match config.resolve_write_key() {
-                Ok(k) => Some(k),
-                Err(p) => {
-                    problems.push(p);
-                    None
-                }
+        let mut resolve = |found: Result<(Secret, KeySource), Problem>| match found {
+            Ok(k) => Some(k),
+            Err(p) => {
+                problems.push(p);
+                None
             }
-        } else {
-            None
         };
+        let key = (purpose == Purpose::Run).then(|| resolve(config.resolve_write_key()));
+        let content_key = (purpose == Purpose::Run && config.leanplum.is_some())
+            .then(|| resolve(config.resolve_content_key()));
         if !problems.is_empty() {
             return Err(Error::Invalid {
                 path: path.to_owned(),
                 problems,
             });
         }
-        Ok(Loaded { config, key })
+        Ok(Loaded {
+            config,
+            key: key.flatten(),
+            content_key: content_key.flatten(),
+        })
     }
 
     /// Every problem, each with its key path. Does not touch the write key (see
@@ -482,10 +494,16 @@ impl Config {
             if let Err(e) = validate_endpoint(&lp.api_base) {
                 bad("leanplum.api_base", e);
             }
-            if lp.refresh_interval_secs < 60 {
+            if lp.refresh_interval_secs < 10 {
                 bad(
                     "leanplum.refresh_interval_secs",
-                    "must be at least 60".into(),
+                    "must be at least 10".into(),
+                );
+            }
+            if !(1..=600).contains(&lp.request_timeout_secs) {
+                bad(
+                    "leanplum.request_timeout_secs",
+                    "must be between 1 and 600".into(),
                 );
             }
         }
@@ -525,17 +543,8 @@ impl Config {
             }
             return Ok((key.clone(), KeySource::Inline));
         }
-        if let Ok(key) = std::env::var("SEGMENT_WRITE_KEY")
-            && !key.trim().is_empty()
-        {
-            return Ok((WriteKey(key.trim().to_owned()), KeySource::Env));
-        }
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let path = Path::new(&dir).join("write_key");
-            if path.exists() {
-                let key = read_key_file(&path).map_err(problem)?;
-                return Ok((key, KeySource::Credential(path)));
-            }
+        if let Some(found) = key_from_environment("SEGMENT_WRITE_KEY", "write_key") {
+            return found.map_err(problem);
         }
         Err(Problem {
             key: "segment.write_key_file".into(),
@@ -544,16 +553,60 @@ impl Config {
                 .into(),
         })
     }
+
+    /// Finds Leanplum's content read-only key: `leanplum.content_key_file`,
+    /// `$LEANPLUM_CONTENT_KEY`, then `$CREDENTIALS_DIRECTORY/leanplum_content_key`.
+    pub fn resolve_content_key(&self) -> Result<(Secret, KeySource), Problem> {
+        let problem = |message: String| Problem {
+            key: "leanplum.content_key_file".into(),
+            message,
+        };
+        let configured = self
+            .leanplum
+            .as_ref()
+            .map(|l| l.content_key_file.clone())
+            .filter(|p| !p.as_os_str().is_empty());
+        if let Some(path) = configured {
+            let key = read_key_file(&path).map_err(problem)?;
+            return Ok((key, KeySource::File(path)));
+        }
+        if let Some(found) = key_from_environment("LEANPLUM_CONTENT_KEY", "leanplum_content_key") {
+            return found.map_err(problem);
+        }
+        Err(problem(
+            "no content key: set leanplum.content_key_file, $LEANPLUM_CONTENT_KEY, \
+             or a systemd credential named leanplum_content_key"
+                .into(),
+        ))
+    }
 }
 
-/// A validated config and, for `run`, its write key.
+/// A validated config and, for `run`, its write key and (with a `[leanplum]` section) the
+/// Leanplum content key.
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub config: Config,
     pub key: Option<(WriteKey, KeySource)>,
+    pub content_key: Option<(Secret, KeySource)>,
 }
 
-fn read_key_file(path: &Path) -> Result<WriteKey, String> {
+/// A key from the environment variable `var`, else from the systemd credential `credential`
+/// (`$CREDENTIALS_DIRECTORY/<credential>`); `None` when neither is set.
+fn key_from_environment(
+    var: &'static str,
+    credential: &str,
+) -> Option<Result<(Secret, KeySource), String>> {
+    if let Ok(key) = std::env::var(var)
+        && !key.trim().is_empty()
+    {
+        return Some(Ok((Secret(key.trim().to_owned()), KeySource::Env(var))));
+    }
+    let path = Path::new(&std::env::var_os("CREDENTIALS_DIRECTORY")?).join(credential);
+    path.exists()
+        .then(|| read_key_file(&path).map(|key| (key, KeySource::Credential(path))))
+}
+
+fn read_key_file(path: &Path) -> Result<Secret, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let key = text.trim();
@@ -561,7 +614,7 @@ fn read_key_file(path: &Path) -> Result<WriteKey, String> {
         return Err(format!("{} is empty", path.display()));
     }
     warn_if_readable_by_others(path);
-    Ok(WriteKey(key.to_owned()))
+    Ok(Secret(key.to_owned()))
 }
 
 /// The key file should be private to the service user (mode 0600 or 0640 with a trusted group is
@@ -574,7 +627,7 @@ fn warn_if_readable_by_others(path: &Path) {
             tracing::warn!(
                 path = %path.display(),
                 mode = format!("{:o}", mode & 0o777),
-                "write key file is readable by group or others; chmod 600 it"
+                "key file is readable by group or others; chmod 600 it"
             );
         }
     }

@@ -17,7 +17,10 @@
 //! - [`app`]: wires the tasks together; owns startup and shutdown order.
 //! - [`watch`]: which files are ready to read.
 //! - [`input`]: format detection and streaming readers that yield records with offsets.
-//! - [`leanplum`]: Leanplum's record types, ids, times and the message / A/B-test catalog.
+//! - [`leanplum`]: Leanplum's record types, ids, times, the message / A/B-test catalog files,
+//!   and the read-only content API client.
+//! - [`catalog`]: the catalog the mapping uses: files over the API (fetched, cached in the
+//!   spool, refreshed, looked up on demand while the reader waits).
 //! - [`mapping`]: Leanplum record -> Segment events; pure, no I/O.
 //! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk.
 //! - [`spool`]: the sled store; its module doc is the on-disk format.
@@ -29,6 +32,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod control;

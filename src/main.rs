@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use leanplum_segment_agent::app::{self, Controls};
-use leanplum_segment_agent::cli::{Cli, Command, DeadLetterAction};
+use leanplum_segment_agent::cli::{CatalogAction, Cli, Command, DeadLetterAction};
 use leanplum_segment_agent::config::{self, Config, Purpose};
 use leanplum_segment_agent::control::{self, QueryError};
 use leanplum_segment_agent::deadletter;
@@ -36,6 +36,7 @@ fn main() -> ExitCode {
         Command::DryRun { config, files } => dry_run(config.as_deref(), &files),
         Command::Status { config, json } => status(&config, json),
         Command::DeadLetter { config, action } => dead_letter(&config, &action),
+        Command::Catalog { config, action } => catalog(&config, &action),
     }
 }
 
@@ -44,7 +45,14 @@ fn check_config(path: &Path) -> ExitCode {
     match Config::load_and_validate(path, Purpose::Run) {
         Ok(loaded) => {
             let source = loaded.key.map(|(_, s)| s.to_string()).unwrap_or_default();
-            println!("{}: ok (write key from {source})", path.display());
+            let leanplum = match (&loaded.config.leanplum, &loaded.content_key) {
+                (Some(lp), Some((_, s))) => format!(
+                    "; Leanplum catalog from {} for app {}, content key from {s}",
+                    lp.api_base, lp.app_id
+                ),
+                _ => String::new(),
+            };
+            println!("{}: ok (write key from {source}{leanplum})", path.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -77,6 +85,10 @@ fn run(path: &Path, daemon: Option<(PathBuf, Option<PathBuf>)>) -> ExitCode {
     let Some((key, source)) = loaded.key else {
         return ExitCode::from(EX_CONFIG);
     };
+    let content_key = loaded.content_key.map(|(k, s)| {
+        tracing::info!(key_source = %s, "Leanplum content key found");
+        k
+    });
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %path.display(),
@@ -94,7 +106,7 @@ fn run(path: &Path, daemon: Option<(PathBuf, Option<PathBuf>)>) -> ExitCode {
                     ..Controls::default()
                 };
                 spawn_signal_handlers(&controls)?;
-                app::run(loaded.config, key, path.to_owned(), controls).await
+                app::run(loaded.config, key, content_key, path.to_owned(), controls).await
             })
         });
     match result {
@@ -393,6 +405,69 @@ fn dead_letter(path: &Path, action: &DeadLetterAction) -> ExitCode {
             }
         }
         DeadLetterAction::Purge { .. } => println!("{} entries purged", answer["purged"]),
+    }
+    ExitCode::SUCCESS
+}
+
+fn catalog(path: &Path, action: &CatalogAction) -> ExitCode {
+    init_logging("warn");
+    let config = match load_for_inspect(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let CatalogAction::Show { id, json } = action;
+    let parsed = match leanplum_segment_agent::catalog::parse_id(id.as_deref()) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let request = match id {
+        Some(id) => format!("catalog show {id}"),
+        None => "catalog show".to_string(),
+    };
+    let asked = ask_agent_or_spool(&config, || {
+        control::request(&config.control.socket, &request, ASK_TIMEOUT)
+    });
+    let answer = match asked {
+        Ok((Some(v), _)) => v,
+        Ok((None, answerer)) => {
+            let files = match Catalog::load_dir(&config.mapping.catalog_dir) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let spool = match &answerer {
+                Answerer::Spool(Some(s)) => Some(s.as_ref()),
+                _ => None,
+            };
+            leanplum_segment_agent::catalog::offline_show(
+                files,
+                spool,
+                config.leanplum.is_some(),
+                parsed,
+            )
+        }
+        Err(code) => return code,
+    };
+    if let Some(err) = answer.get("error") {
+        eprintln!("{}", err.as_str().unwrap_or_default());
+        return ExitCode::FAILURE;
+    }
+    if *json {
+        println!("{answer}");
+    } else {
+        print!(
+            "{}",
+            leanplum_segment_agent::catalog::render_show(&answer, id.as_deref())
+        );
+    }
+    let found = answer["entries"].as_array().is_some_and(|e| !e.is_empty());
+    if id.is_some() && !found {
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }

@@ -177,6 +177,31 @@ pub fn map_engagement(
     Ok(())
 }
 
+/// The messages a session names, in events that would be sent, that `catalog` does not know:
+/// what the reader must look up before mapping it (see `crate::catalog`).
+pub fn session_unknown_messages(s: &Session, catalog: &Catalog) -> Vec<Id> {
+    let mut ids: Vec<Id> = s
+        .states
+        .iter()
+        .flat_map(|state| &state.events)
+        .filter_map(|e| parse_message_event(&e.name))
+        .filter(|(id, action)| Action::parse(*action).is_ok() && catalog.message(*id).is_none())
+        .map(|(id, _)| id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// The message an engagement record names, when it would be sent and `catalog` does not know
+/// it. A record that names its channel still waits: the catalog gives its subject and campaign.
+pub fn engagement_unknown_message(e: &Engagement, catalog: &Catalog) -> Option<Id> {
+    let id = e.message_id?;
+    let name = e.event.trim();
+    let sent = SegmentEvent::from_name(name).is_some() || Action::parse(Some(name)).is_ok();
+    (sent && catalog.message(id).is_none()).then_some(id)
+}
+
 /// Splits a message event name: `".m123"` -> `(123, None)`, `".m123 Open"` ->
 /// `(123, Some("Open"))`. Anything else (an app event) -> `None`.
 pub fn parse_message_event(name: &str) -> Option<(Id, Option<&str>)> {

@@ -1,6 +1,7 @@
 //! Wires the tasks together and owns the order of startup, reload and shutdown:
 //!
-//! 1. open the spool (moving a damaged one aside) and load the catalog;
+//! 1. open the spool (moving a damaged one aside) and load the catalog (files, and with a
+//!    `[leanplum]` section the cached API catalog, refreshed by a task of its own);
 //! 2. start the drain, the control socket, the watcher and the ingest worker; `READY=1` once
 //!    the first scan of the watch directory is done;
 //! 3. SIGHUP: load and validate the config again; if it is good, apply what can change live
@@ -21,10 +22,12 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch as watch_channel};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Purpose, WriteKey};
+use crate::catalog::CatalogService;
+use crate::config::{Config, Purpose, Secret, WriteKey};
 use crate::control;
 use crate::drain::{Drain, DrainConfig, DrainHandle, DrainSettings};
 use crate::ingest::Ingestor;
+use crate::leanplum::api::LeanplumApi;
 use crate::leanplum::catalog::Catalog;
 use crate::mapping::{MappingOptions, MappingState, SharedMapping};
 use crate::segment::client::Client;
@@ -72,19 +75,12 @@ fn drain_config(config: &Config, key: &WriteKey) -> anyhow::Result<DrainConfig> 
 }
 
 fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
-    let catalog = Catalog::load_dir(&config.mapping.catalog_dir).with_context(|| {
+    crate::catalog::load_files(&config.mapping.catalog_dir).with_context(|| {
         format!(
             "cannot load the catalog from {}",
             config.mapping.catalog_dir.display()
         )
-    })?;
-    tracing::info!(
-        dir = %config.mapping.catalog_dir.display(),
-        messages = catalog.len_messages(),
-        abtests = catalog.len_abtests(),
-        "catalog loaded"
-    );
-    Ok(catalog)
+    })
 }
 
 /// Runs the agent until `controls.shutdown` is cancelled. `config_path` is read again on
@@ -92,6 +88,7 @@ fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
 pub async fn run(
     config: Config,
     key: WriteKey,
+    content_key: Option<Secret>,
     config_path: PathBuf,
     controls: Controls,
 ) -> anyhow::Result<()> {
@@ -109,10 +106,28 @@ pub async fn run(
         "spool open"
     );
 
-    let mapping: SharedMapping = Arc::new(std::sync::RwLock::new(Arc::new(MappingState {
-        catalog: Arc::new(load_catalog(&config)?),
-        opts: mapping_options(&config),
-    })));
+    let mapping: SharedMapping =
+        Arc::new(std::sync::RwLock::new(Arc::new(MappingState::default())));
+    let api = match (&config.leanplum, content_key) {
+        (Some(lp), Some(key)) => Some((
+            LeanplumApi::new(
+                &lp.api_base,
+                &lp.app_id,
+                key,
+                Duration::from_secs(lp.request_timeout_secs),
+            )
+            .context("cannot build the Leanplum API client")?,
+            Duration::from_secs(lp.refresh_interval_secs),
+        )),
+        _ => None,
+    };
+    let catalog = CatalogService::new(
+        load_catalog(&config)?,
+        mapping_options(&config),
+        Some(spool.clone()),
+        api.is_some(),
+        mapping.clone(),
+    );
 
     let (drain_config_tx, drain_config_rx) = watch_channel::channel(drain_config(&config, &key)?);
     tracing::info!(endpoint = %config.segment.endpoint, "delivering to Segment");
@@ -132,6 +147,7 @@ pub async fn run(
     let started = std::time::Instant::now();
     let report: control::ReportFn = {
         let (stats, spool, drain) = (stats.clone(), spool.clone(), handle.status.clone());
+        let catalog = catalog.clone();
         let (endpoint, max) = (config.segment.endpoint.clone(), config.spool.max_bytes);
         Arc::new(move || {
             let drain = drain.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -143,12 +159,16 @@ pub async fn run(
                 started,
                 max_spool_bytes: max,
                 notes: &[],
+                catalog: Some(catalog.status()),
             })
         })
     };
     let commands: control::CommandFn = {
-        let (spool, mapping) = (spool.clone(), mapping.clone());
+        let (spool, mapping, catalog) = (spool.clone(), mapping.clone(), catalog.clone());
         Arc::new(move |request: &str| {
+            if let Some(answer) = crate::catalog::handle_request(request, &catalog) {
+                return Some(answer);
+            }
             let m = crate::mapping::current(&mapping);
             crate::deadletter::handle_request(request, &spool, &m.catalog, &m.opts)
         })
@@ -205,6 +225,7 @@ pub async fn run(
         holding: Default::default(),
         heartbeat_ms: ingest_heartbeat.clone(),
         files_delivered: Some(delivered_tx.clone()),
+        catalog: catalog.api_enabled().then(|| catalog.clone()),
     };
     let retry_after = Duration::from_secs(config.watch.settle_secs.max(1));
     let ingest_stop = intake_stop.clone();
@@ -226,6 +247,15 @@ pub async fn run(
         Duration::from_secs(config.spool.dedupe_window_days * 86_400),
     ));
     background.spawn(systemd::status_loop(report));
+    if let Some((api, interval)) = api {
+        tracing::info!(api_base = %config.leanplum.as_ref().map(|l| l.api_base.as_str()).unwrap_or(""), "fetching the catalog from Leanplum");
+        background.spawn(crate::catalog::run(
+            catalog.clone(),
+            api,
+            interval,
+            controls.shutdown.child_token(),
+        ));
+    }
     background.spawn(systemd::watchdog_loop(vec![
         ("drain", handle.heartbeat_ms.clone()),
         ("ingest", ingest_heartbeat),
@@ -253,7 +283,7 @@ pub async fn run(
             }
             _ = controls.reload.notified() => {
                 systemd::reloading();
-                if let Some(new) = reload(&config_path, &current, &controls, &drain_config_tx, &mapping) {
+                if let Some(new) = reload(&config_path, &current, &controls, &drain_config_tx, &catalog) {
                     current = new;
                 }
                 systemd::notify(&[sd_notify::NotifyState::Ready]);
@@ -314,7 +344,7 @@ fn reload(
     old: &Config,
     controls: &Controls,
     drain_tx: &watch_channel::Sender<DrainConfig>,
-    mapping: &SharedMapping,
+    catalog: &CatalogService,
 ) -> Option<Config> {
     let loaded = match Config::load_and_validate(path, Purpose::Run) {
         Ok(l) => l,
@@ -333,7 +363,7 @@ fn reload(
             return None;
         }
     };
-    let catalog = match load_catalog(&new) {
+    let files = match load_catalog(&new) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("reload refused, the running config stays: {e:#}");
@@ -347,14 +377,13 @@ fn reload(
         return None;
     }
     let _ = drain_tx.send(drain);
-    *mapping.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(MappingState {
-        catalog: Arc::new(catalog),
-        opts: mapping_options(&new),
-    });
+    // The API catalog is fetched again too.
+    catalog.reload(files, mapping_options(&new));
     let restart_needed: Vec<&str> = [
         ("watch", old.watch != new.watch),
         ("spool", old.spool != new.spool),
         ("control", old.control != new.control),
+        ("leanplum", old.leanplum != new.leanplum),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)

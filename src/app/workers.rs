@@ -18,7 +18,8 @@ use crate::spool::{FileStatus, Spool, now_ms};
 pub(super) const PARTIAL_LINE_HOLD_SETTLES: u64 = 10;
 
 /// Reads ready files one at a time, in a blocking thread (sled and file reads block). A file
-/// held on an unfinished last line is offered again every `retry_after`.
+/// held on an unfinished last line is offered again every `retry_after`; one waiting on a
+/// catalog lookup as soon as the catalog changes (or after [`CATALOG_WAIT_RECHECK`]).
 pub(super) fn ingest_worker(
     ingestor: Ingestor,
     ready: std::sync::mpsc::Receiver<PathBuf>,
@@ -28,21 +29,33 @@ pub(super) fn ingest_worker(
 ) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut held: Vec<(std::time::Instant, PathBuf)> = Vec::new();
+    // Files waiting on the catalog, with the generation they saw.
+    let mut waiting: Vec<(u64, std::time::Instant, PathBuf)> = Vec::new();
+    let generation = || ingestor.catalog.as_ref().map_or(0, |c| c.generation());
     loop {
         if stop.is_cancelled() {
             return;
         }
         heartbeat_ms.store(now_ms(), Ordering::Relaxed);
         let now = std::time::Instant::now();
+        let current = generation();
+        waiting.retain(|(seen, at, path)| {
+            let due = *seen != current || *at <= now;
+            if due {
+                held.push((now, path.clone()));
+            }
+            !due
+        });
         let rel = if let Some(i) = held.iter().position(|(at, _)| *at <= now) {
             held.swap_remove(i).1
         } else {
+            let poll = if waiting.is_empty() { 500 } else { 100 };
             let wait = held
                 .iter()
                 .map(|(at, _)| at.saturating_duration_since(now))
                 .min()
-                .unwrap_or(Duration::from_millis(500))
-                .min(Duration::from_millis(500));
+                .unwrap_or(Duration::from_millis(poll))
+                .min(Duration::from_millis(poll));
             match ready.recv_timeout(wait) {
                 Ok(rel) => rel,
                 Err(RecvTimeoutError::Timeout) => continue,
@@ -50,9 +63,13 @@ pub(super) fn ingest_worker(
             }
         };
         held.retain(|(_, p)| *p != rel);
+        waiting.retain(|(_, _, p)| *p != rel);
         match ingestor.ingest(&rel, &stop) {
             Ok(Outcome::Cancelled) => return,
             Ok(Outcome::Held) => held.push((std::time::Instant::now() + retry_after, rel)),
+            Ok(Outcome::WaitingOnCatalog(seen)) => {
+                waiting.push((seen, std::time::Instant::now() + CATALOG_WAIT_RECHECK, rel))
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(path = %rel.display(), error = %e, "spool error while reading a file; it will be read again");
@@ -64,6 +81,9 @@ pub(super) fn ingest_worker(
         }
     }
 }
+
+/// A file waiting on a catalog lookup is looked at again at least this often.
+const CATALOG_WAIT_RECHECK: Duration = Duration::from_secs(30);
 
 /// Deletes or moves a file once every one of its events was delivered (SPEC section 7).
 pub(super) async fn after_ingest_worker(

@@ -35,6 +35,7 @@
 //! | `current_backoff_ms` | integer or null | the retry wait in force now; null when not waiting |
 //! | `last_rejected_status` | integer or null | HTTP status of the last request Segment refused for good (`rejected`, `auth_failed`) |
 //! | `notes` | array of strings | facts the operator should know, in plain words (e.g. a corrupt spool moved aside) |
+//! | `catalog` | object or null | the message and A/B-test catalog (null when stopped): `source` (`files`, `files+api`, `files+cache`), `messages`, `abtests`, `fetched_at` and `age_secs` (when the API part was fetched), `last_refresh` (last attempt), `last_error`, and `waiting`: the messages being looked up in Leanplum, each with `message_id`, `since`, `files` (whose reading waits on it) and `reason` |
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -82,6 +83,7 @@ pub struct StatusReport {
     pub current_backoff_ms: Option<u64>,
     pub last_rejected_status: Option<u16>,
     pub notes: Vec<String>,
+    pub catalog: Option<crate::catalog::CatalogStatus>,
 }
 
 impl StatusReport {
@@ -176,6 +178,31 @@ impl StatusReport {
         if let Some(code) = self.last_rejected_status {
             rows.push(("last rejected", format!("HTTP {code}")));
         }
+        if let Some(c) = &self.catalog {
+            let mut line = format!(
+                "{} messages, {} A/B tests from {}",
+                c.messages, c.abtests, c.source
+            );
+            if let Some(age) = c.age_secs {
+                let _ = write!(line, ", fetched {} ago", fmt_duration(age));
+            }
+            rows.push(("catalog", line));
+            if let Some(e) = &c.last_error {
+                rows.push(("catalog error", one_line_text(e, usize::MAX)));
+            }
+            for w in &c.waiting {
+                rows.push((
+                    "waiting",
+                    format!(
+                        "message {} since {} ({}): {}",
+                        w.message_id,
+                        w.since,
+                        one_line_text(&w.reason, 200),
+                        w.files.join(", ")
+                    ),
+                ));
+            }
+        }
         for note in &self.notes {
             rows.push(("note", one_line_text(note, usize::MAX)));
         }
@@ -228,6 +255,7 @@ pub struct LiveSources<'a> {
     pub max_spool_bytes: u64,
     /// Facts found at startup that the operator should see (a spool moved aside, ...).
     pub notes: &'a [String],
+    pub catalog: Option<crate::catalog::CatalogStatus>,
 }
 
 /// Builds the report of this running agent. Never fails: a spool that cannot be read shows
@@ -284,6 +312,7 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
         current_backoff_ms: src.drain.current_backoff_ms,
         last_rejected_status: src.drain.last_rejected_status,
         notes,
+        catalog: src.catalog.clone(),
     }
 }
 
@@ -472,6 +501,21 @@ mod tests {
             current_backoff_ms: Some(30_000),
             last_rejected_status: None,
             notes: vec!["spool was corrupt and moved aside to /x/spool.corrupt".into()],
+            catalog: Some(crate::catalog::CatalogStatus {
+                source: "files+cache".into(),
+                messages: 12,
+                abtests: 3,
+                fetched_at: Some("2024-05-01T11:00:00Z".into()),
+                age_secs: Some(3600),
+                last_refresh: Some("2024-05-01T12:00:00Z".into()),
+                last_error: Some("cannot reach Leanplum: connection refused".into()),
+                waiting: vec![crate::catalog::WaitingLookup {
+                    message_id: "77".into(),
+                    since: "2024-05-01T11:59:00Z".into(),
+                    files: vec!["20240501/export-1".into()],
+                    reason: "cannot reach Leanplum: connection refused".into(),
+                }],
+            }),
         }
     }
 
@@ -506,6 +550,7 @@ mod tests {
             "current_backoff_ms",
             "last_rejected_status",
             "notes",
+            "catalog",
         ];
         expected.sort_unstable();
         assert_eq!(keys, expected);
@@ -535,7 +580,7 @@ mod tests {
             assert_ne!(line.as_bytes()[col], b' ', "misaligned: {line}");
         }
         assert!(
-            text.contains("version:      0.1.0 (pid 4242, up 3h 12m)"),
+            text.contains("version:       0.1.0 (pid 4242, up 3h 12m)"),
             "{text}"
         );
         assert!(
@@ -545,8 +590,18 @@ mod tests {
         assert!(text.contains("(Held Back: 3, Open: 2)"), "{text}");
         assert!(text.contains("2024-05-01T12:00:00Z (12s ago)"), "{text}");
         assert!(text.contains("HTTP 503: Service Unavailable"), "{text}");
-        assert!(text.contains("backoff:      30s"), "{text}");
-        assert!(text.contains("note:         spool was corrupt"), "{text}");
+        assert!(text.contains("backoff:       30s"), "{text}");
+        assert!(text.contains("note:          spool was corrupt"), "{text}");
+        assert!(
+            text.contains(
+                "catalog:       12 messages, 3 A/B tests from files+cache, fetched 1h 0m ago"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("waiting:       message 77 since 2024-05-01T11:59:00Z (cannot reach Leanplum: connection refused): 20240501/export-1"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -714,6 +769,7 @@ mod tests {
             started: Instant::now(),
             max_spool_bytes: 1 << 30,
             notes: &notes,
+            catalog: None,
         };
         let r = live_report(&src);
         assert_eq!(r.state, "backing_off");

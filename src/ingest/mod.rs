@@ -52,6 +52,16 @@ pub fn map_record(
     }
 }
 
+/// Messages `record` names (in events that would be sent) that `catalog` does not know.
+pub fn unknown_messages(record: &Record, catalog: &Catalog) -> Vec<crate::leanplum::Id> {
+    match record {
+        Record::Session(s) => crate::mapping::session_unknown_messages(s, catalog),
+        Record::Engagement(e) => crate::mapping::engagement_unknown_message(e, catalog)
+            .into_iter()
+            .collect(),
+    }
+}
+
 /// A mapped event as the spool stores it: its JSON, keyed for dedupe by its `messageId`.
 pub fn spool_event(ev: TrackEvent) -> SpoolEvent {
     SpoolEvent {
@@ -79,6 +89,9 @@ pub enum Outcome {
     Cancelled,
     /// Read up to an unfinished last line, which is held: offer the file again later.
     Held,
+    /// Read up to a record naming a message the catalog is looking up: offer the file again
+    /// once the catalog's generation moves past the one given (or after a while).
+    WaitingOnCatalog(u64),
 }
 
 pub struct Ingestor {
@@ -100,6 +113,9 @@ pub struct Ingestor {
     pub heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Where files whose events are all delivered are announced (for `after_ingest`).
     pub files_delivered: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
+    /// With the Leanplum API configured: asked before mapping a record that names an unknown
+    /// message, which then waits for its lookup.
+    pub catalog: Option<Arc<crate::catalog::CatalogService>>,
 }
 
 impl Ingestor {
@@ -219,9 +235,12 @@ impl Ingestor {
         };
         let mut records = 0usize;
         let mut output = Output::default();
+        // The generation first: a catalog published after this read is sure to move it.
+        let generation = self.catalog.as_ref().map(|c| c.generation());
         let mapping = mapping::current(&self.mapping);
         let mut stream_error = None;
         let mut held = false;
+        let mut waiting = false;
         loop {
             let item = match reader.next_item() {
                 None => break,
@@ -236,6 +255,14 @@ impl Ingestor {
                 // mid-line. Keep it out of the commit and look again later.
                 held = true;
                 break;
+            }
+            if let (Some(catalog), Ok(record)) = (&self.catalog, &item.result) {
+                let unknown = unknown_messages(record, &mapping.catalog);
+                if catalog.must_wait(&unknown, &shown) {
+                    // The offset stays before this record; what came before is committed.
+                    waiting = true;
+                    break;
+                }
             }
             records += 1;
             self.add_item(&mapping, &shown, item, &mut chunk, &mut output);
@@ -261,7 +288,7 @@ impl Ingestor {
                 time_ms: now_ms(),
                 raw: String::new(),
             });
-        } else if !held {
+        } else if !held && !waiting {
             chunk.offset = reader.offset();
             chunk.file_done = true;
         }
@@ -279,6 +306,10 @@ impl Ingestor {
                 r.error = Some(reason.clone());
             })?;
             return Ok(Outcome::Failed(reason));
+        }
+        if waiting {
+            tracing::debug!(path = %shown, line = chunk.line + 1, "reading waits for a catalog lookup");
+            return Ok(Outcome::WaitingOnCatalog(generation.unwrap_or(0)));
         }
         let mut holding = self.holding.lock().unwrap_or_else(|e| e.into_inner());
         if held {

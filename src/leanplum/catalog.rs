@@ -133,6 +133,184 @@ impl Catalog {
     pub fn len_abtests(&self) -> usize {
         self.abtests.len()
     }
+
+    /// Every message, in id order.
+    pub fn messages(&self) -> Vec<&Message> {
+        let mut all: Vec<&Message> = self.messages.values().collect();
+        all.sort_by_key(|m| m.id);
+        all
+    }
+
+    /// Every A/B test, in id order.
+    pub fn abtests(&self) -> Vec<&AbTest> {
+        let mut all: Vec<&AbTest> = self.abtests.values().collect();
+        all.sort_by_key(|t| t.id);
+        all
+    }
+
+    /// Adds or replaces one message.
+    pub fn insert_message(&mut self, message: Message) {
+        self.messages.insert(message.id, message);
+    }
+
+    /// `self` with every entry of `over` laid on top: an id in both takes `over`'s entry.
+    pub fn overlaid(&self, over: &Catalog) -> Catalog {
+        let mut merged = self.clone();
+        merged
+            .messages
+            .extend(over.messages.iter().map(|(k, v)| (*k, v.clone())));
+        merged
+            .abtests
+            .extend(over.abtests.iter().map(|(k, v)| (*k, v.clone())));
+        merged
+    }
+
+    /// The catalog in the flat form, `{"messages": [...], "abtests": [...]}`, which
+    /// [`Catalog::parse_messages`] and [`Catalog::parse_abtests`] read back (the cache format).
+    pub fn to_flat_json(&self) -> (Vec<u8>, Vec<u8>) {
+        let messages: Vec<FlatMessage> =
+            self.messages().into_iter().map(FlatMessage::from).collect();
+        let abtests: Vec<FlatAbTest> = self.abtests().into_iter().map(FlatAbTest::from).collect();
+        (
+            serde_json::to_vec(&messages).expect("plain data serializes"),
+            serde_json::to_vec(&abtests).expect("plain data serializes"),
+        )
+    }
+
+    /// Parses Leanplum's `getMessage` response for one id: `Ok(Some)` with the message,
+    /// `Ok(None)` when Leanplum says there is no such message, `Err` for anything else (an error
+    /// that may pass, or a response we cannot read).
+    ///
+    /// Leanplum documents no distinct error code for an unknown id. It answers `"success":
+    /// false` with a message naming the problem, or a success without a message; both are read
+    /// as "does not exist" only when the message says so (`not found`, `does not exist`, `no
+    /// such`, `invalid`), so an outage or a quota error never turns into a wrong mapping.
+    pub fn parse_message_lookup(json: &[u8]) -> Result<Option<Message>, LookupError> {
+        let api = from_json::<ApiResponse<MessageLookupResult>>(strip_bom(json))
+            .map_err(LookupError::Malformed)?;
+        let Some(result) = api.response.into_iter().next() else {
+            return Err(LookupError::Malformed("empty \"response\" list".to_owned()));
+        };
+        if result.success == Some(false) {
+            let message = api_error_message(result.error.as_ref());
+            let lower = message.to_ascii_lowercase();
+            let missing = [
+                "not found",
+                "does not exist",
+                "doesn't exist",
+                "no such",
+                "invalid message",
+                "invalid id",
+            ]
+            .iter()
+            .any(|p| lower.contains(p));
+            return if missing {
+                Ok(None)
+            } else {
+                Err(LookupError::Leanplum(message))
+            };
+        }
+        let entry = match (result.message, result.messages) {
+            (Some(m), _) => Some(m),
+            (None, Some(list)) => list.into_iter().next(),
+            (None, None) => None,
+        };
+        match entry {
+            Some(e) => e.into_message().map(Some).map_err(LookupError::Malformed),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Why a `getMessage` answer could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// Leanplum answered `"success": false` for a reason other than an unknown id.
+    #[error("Leanplum says: {0}")]
+    Leanplum(String),
+    #[error("malformed response: {0}")]
+    Malformed(String),
+}
+
+#[derive(Deserialize)]
+struct MessageLookupResult {
+    success: Option<bool>,
+    error: Option<Value>,
+    message: Option<MessageEntry>,
+    messages: Option<Vec<MessageEntry>>,
+}
+
+/// A message in the flat form; ids as strings, so nothing reading the cache loses a digit.
+#[derive(serde::Serialize)]
+struct FlatMessage {
+    id: String,
+    channel: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    campaign_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    campaign_name: Option<String>,
+}
+
+impl From<&Message> for FlatMessage {
+    fn from(m: &Message) -> Self {
+        FlatMessage {
+            id: m.id.to_string(),
+            channel: m.channel.as_str(),
+            name: m.name.clone(),
+            subject: m.subject.clone(),
+            campaign_id: m.campaign_id.map(|c| c.to_string()),
+            campaign_name: m.campaign_name.clone(),
+        }
+    }
+}
+
+#[derive(serde::Serialize)]
+struct FlatAbTest {
+    id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    variants: Vec<FlatVariant>,
+}
+
+#[derive(serde::Serialize)]
+struct FlatVariant {
+    id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+}
+
+impl From<&AbTest> for FlatAbTest {
+    fn from(t: &AbTest) -> Self {
+        let mut variants: Vec<FlatVariant> = t
+            .variants
+            .iter()
+            .map(|(id, name)| FlatVariant {
+                id: id.to_string(),
+                name: name.clone(),
+            })
+            .collect();
+        variants.sort_by(|a, b| a.id.cmp(&b.id));
+        FlatAbTest {
+            id: t.id.to_string(),
+            name: t.name.clone(),
+            variants,
+        }
+    }
+}
+
+impl MessageKind {
+    /// The flat form's `channel` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Email => "email",
+            MessageKind::Push => "push",
+            MessageKind::InApp => "in-app",
+        }
+    }
 }
 
 /// Reads and parses one catalog file; a file that does not exist is an empty list.
@@ -597,5 +775,101 @@ mod tests {
         assert_eq!(catalog.len_messages(), 1);
         assert_eq!(catalog.message(Id(1)).unwrap().channel, MessageKind::Push);
         assert!(Catalog::empty().message(Id(1)).is_none());
+    }
+
+    #[test]
+    fn message_lookup_answers_found_missing_or_error() {
+        let found = br#"{"response":[{"success":true,"message":{"id":"9178288208762825810","messageType":"Email","name":"N"}}]}"#;
+        let m = Catalog::parse_message_lookup(found).unwrap().unwrap();
+        assert_eq!(
+            (m.id, m.channel),
+            (Id(9178288208762825810), MessageKind::Email)
+        );
+        let listed = br#"{"response":[{"success":true,"messages":[{"id":5,"messageType":"Push Notification"}]}]}"#;
+        assert_eq!(
+            Catalog::parse_message_lookup(listed)
+                .unwrap()
+                .unwrap()
+                .channel,
+            MessageKind::Push
+        );
+        let rows: &[(&[u8], Result<bool, &str>)] = &[
+            (br#"{"response":[{"success":false,"error":{"message":"Message not found."}}]}"#, Ok(false)),
+            (br#"{"response":[{"success":false,"error":{"message":"Message 5 does not exist"}}]}"#, Ok(false)),
+            (br#"{"response":[{"success":true}]}"#, Ok(false)),
+            (br#"{"response":[{"success":false,"error":{"message":"Too many requests"}}]}"#, Err("Leanplum says: Too many requests")),
+            (br#"{"response":[]}"#, Err("malformed")),
+            (b"<html>", Err("malformed")),
+        ];
+        for (body, want) in rows {
+            let got = Catalog::parse_message_lookup(body);
+            match want {
+                Ok(found) => assert_eq!(got.as_ref().map(Option::is_some), Ok(*found), "{got:?}"),
+                Err(text) => assert!(
+                    got.as_ref().is_err_and(|e| e.to_string().contains(text)),
+                    "{got:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn flat_json_reads_back_the_same_catalog() {
+        let big = Id(u64::MAX - 1);
+        let catalog = Catalog::from_parts(
+            vec![
+                Message {
+                    id: big,
+                    channel: MessageKind::InApp,
+                    name: Some("In \"app\"".into()),
+                    subject: None,
+                    campaign_id: Some(Id(1 << 60)),
+                    campaign_name: Some("C".into()),
+                },
+                Message {
+                    id: Id(2),
+                    channel: MessageKind::Push,
+                    name: None,
+                    subject: None,
+                    campaign_id: None,
+                    campaign_name: None,
+                },
+            ],
+            vec![AbTest {
+                id: big,
+                name: Some("T".into()),
+                variants: HashMap::from([(Id(1), Some("A".into())), (Id(2), None)]),
+            }],
+        );
+        let (m, t) = catalog.to_flat_json();
+        let back = Catalog::from_parts(
+            Catalog::parse_messages(&m).unwrap(),
+            Catalog::parse_abtests(&t).unwrap(),
+        );
+        assert_eq!(back, catalog);
+    }
+
+    #[test]
+    fn overlay_takes_the_upper_entry() {
+        let msg = |id, name: &str| Message {
+            id: Id(id),
+            channel: MessageKind::Email,
+            name: Some(name.into()),
+            subject: None,
+            campaign_id: None,
+            campaign_name: None,
+        };
+        let api = Catalog::from_parts(vec![msg(1, "api"), msg(2, "api")], vec![]);
+        let files = Catalog::from_parts(vec![msg(2, "file"), msg(3, "file")], vec![]);
+        let merged = api.overlaid(&files);
+        let names: Vec<_> = merged
+            .messages()
+            .iter()
+            .map(|m| (m.id.0, m.name.clone().unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![(1, "api".into()), (2, "file".into()), (3, "file".into())]
+        );
     }
 }

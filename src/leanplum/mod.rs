@@ -2,6 +2,7 @@
 //! they carry. Types here only describe and parse; turning them into Segment events is
 //! `crate::mapping`'s job.
 
+pub mod api;
 pub mod catalog;
 pub mod engagement;
 

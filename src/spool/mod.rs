@@ -9,7 +9,7 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `meta` | ASCII name | `format_version` u32 BE (= 1); `live_bytes`, `depth` u64 BE |
+//! | `meta` | ASCII name | `format_version` u32 BE (= 1); `live_bytes`, `depth`, `next_id` u64 BE; `catalog_cache` JSON (the Leanplum catalog last fetched) |
 //! | `queue` | seq, u64 BE (FIFO: sled iterates keys in byte order) | `[1u8][enqueued_ms u64 BE][file_id u64 BE][event JSON]` |
 //! | `files` | file id, u64 BE | [`FileRecord`] as JSON |
 //! | `paths` | path bytes (relative to `watch.dir`) | file id u64 BE |
@@ -544,6 +544,25 @@ impl Spool {
         Ok(done)
     }
 
+    /// The catalog last fetched from Leanplum (see `crate::catalog`), as it was stored.
+    pub fn catalog_cache(&self) -> Result<Option<Vec<u8>>, Error> {
+        let s = self.store();
+        Ok(s.meta
+            .get(CATALOG_CACHE)
+            .map_err(|e| s.sled_err(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Replaces the cached catalog and flushes it: a restart while Leanplum is unreachable maps
+    /// with it.
+    pub fn store_catalog_cache(&self, bytes: &[u8]) -> Result<(), Error> {
+        let s = self.store();
+        s.meta
+            .insert(CATALOG_CACHE, bytes)
+            .map_err(|e| s.sled_err(e))?;
+        s.flush()
+    }
+
     /// Events and bytes queued (our own count; see the module doc).
     pub fn depth(&self) -> Result<Depth, Error> {
         let s = self.store();
@@ -881,6 +900,9 @@ impl Spool {
 fn abort<T>(what: String) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(what))
 }
+
+/// The `meta` key of the cached Leanplum catalog (JSON, see `crate::catalog`).
+const CATALOG_CACHE: &str = "catalog_cache";
 
 fn add_meta(meta: &sled::transaction::TransactionalTree, name: &str, delta: i64) -> TxResult<()> {
     let cur = meta.get(name)?.and_then(|v| decode_u64(&v)).unwrap_or(0);

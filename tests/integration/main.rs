@@ -19,12 +19,15 @@
 //!   gzipped, waiting for a manifest, deleted or moved after delivery; restarts (SPEC section 7).
 //! - [`bad_input`]: each kind of bad input is quarantined with its file and line, and the good
 //!   records beside it arrive (SPEC section 8).
+//! - [`catalog_api`]: the catalog fetched from a Leanplum-compatible API, cached, refreshed,
+//!   looked up on demand; files waiting while Leanplum is down (SPEC sections 3 and 5).
 //! - [`input_model`]: random file histories and restarts against a model of what must be
 //!   delivered, exactly once (SPEC section 7).
 #![deny(unsafe_code)]
 
 mod bad_input;
 mod batch_limits;
+mod catalog_api;
 mod cli;
 mod crash;
 mod delivery_faults;

@@ -1,0 +1,588 @@
+//! The catalog the mapping uses, kept up to date (SPEC sections 3 and 5).
+//!
+//! Three layers, merged into the [`Catalog`] published to the mapping:
+//! 1. **API**: with a `[leanplum]` section, `getMessages` and `getAbTests` at start and every
+//!    `refresh_interval_secs` (and at SIGHUP), plus a `getMessage` lookup for each message an
+//!    export names that the catalog does not know yet. What the API said is cached in the spool
+//!    (`meta/catalog_cache`), so a restart while Leanplum is unreachable maps as before; until
+//!    the first fetch of a run succeeds, this layer's source is `cache`.
+//! 2. **Files**: `catalog_dir/messages.json` and `abtests.json`, read at start and at SIGHUP.
+//!    An id in both takes the file's entry: the operator's word outranks the API's.
+//!
+//! **Waiting on a lookup.** When the API is configured, the reader asks [`CatalogService::must_wait`]
+//! before mapping a record that names an unknown message. The answer is "wait" until `getMessage`
+//! answers: the file's offset stays before that record (events before it are committed), and the
+//! ingest worker offers the file again when the catalog changes ([`CatalogService::generation`]).
+//! Only when Leanplum says the message does not exist does `unknown_message_channel` apply; that
+//! answer is remembered for [`MISSING_TTL`], then asked again. Lookups run one at a time, at most
+//! [`LOOKUPS_PER_SEC`] a second; a failed one is retried with backoff, per id. Errors are logged
+//! when they first appear and when they change, not at every retry.
+
+mod refresh;
+
+pub use refresh::run;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::leanplum::Id;
+use crate::leanplum::catalog::{AbTest, Catalog, Message};
+use crate::mapping::{MappingOptions, MappingState, SharedMapping};
+use crate::spool::{Spool, now_ms};
+
+/// How long "Leanplum says this message does not exist" is believed before asking again.
+pub const MISSING_TTL: Duration = Duration::from_secs(15 * 60);
+/// The most `getMessage` calls a second.
+pub const LOOKUPS_PER_SEC: u64 = 5;
+
+/// Where an entry, or the API layer as a whole, came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Files,
+    Api,
+    Cache,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Files => "files",
+            Source::Api => "api",
+            Source::Cache => "cache",
+        }
+    }
+}
+
+/// What `getMessage` is being asked, or said.
+#[derive(Debug, Clone)]
+enum Lookup {
+    Pending {
+        since_ms: u64,
+        /// Files whose reading waits on the answer.
+        files: BTreeSet<String>,
+        failures: u32,
+        next_at: Instant,
+        error: Option<String>,
+    },
+    /// Leanplum said there is no such message.
+    Missing { until: Instant },
+}
+
+/// Everything the service knows; behind one mutex, held briefly.
+#[derive(Debug, Default)]
+struct State {
+    files: Catalog,
+    api: Catalog,
+    /// `None` until the API (or its cache) gave something.
+    api_source: Option<Source>,
+    /// When the API layer was fetched (for a cache: when it was fetched originally).
+    fetched_ms: Option<u64>,
+    last_attempt_ms: Option<u64>,
+    last_error: Option<String>,
+    lookups: HashMap<Id, Lookup>,
+    refresh_requested: bool,
+    opts: MappingOptions,
+}
+
+/// The catalog as the agent keeps it. One per agent, shared by the reader, the refresh task
+/// and the control socket.
+pub struct CatalogService {
+    state: Mutex<State>,
+    mapping: SharedMapping,
+    /// Bumped after each publish of a new catalog, so readers waiting on it look again.
+    generation: AtomicU64,
+    wake: tokio::sync::Notify,
+    spool: Option<Arc<Spool>>,
+    api_enabled: bool,
+}
+
+/// The cache's JSON: the API layer in the flat form, and when it was fetched.
+#[derive(Serialize, Deserialize)]
+struct Cached {
+    fetched_ms: u64,
+    messages: Box<serde_json::value::RawValue>,
+    abtests: Box<serde_json::value::RawValue>,
+}
+
+impl CatalogService {
+    /// Builds the service and publishes its first catalog into `mapping`. With the API enabled
+    /// and a spool, the cached API layer is loaded first.
+    pub fn new(
+        files: Catalog,
+        opts: MappingOptions,
+        spool: Option<Arc<Spool>>,
+        api_enabled: bool,
+        mapping: SharedMapping,
+    ) -> Arc<CatalogService> {
+        let mut state = State {
+            files,
+            opts,
+            ..State::default()
+        };
+        if api_enabled && let Some(spool) = &spool {
+            load_cache(spool, &mut state);
+        }
+        let service = Arc::new(CatalogService {
+            state: Mutex::new(state),
+            mapping,
+            generation: AtomicU64::new(0),
+            wake: tokio::sync::Notify::new(),
+            spool,
+            api_enabled,
+        });
+        service.publish(&service.lock());
+        service
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Merges the layers into the mapping's catalog, then bumps the generation (in that order:
+    /// a reader that saw the old generation is sure to see the change).
+    fn publish(&self, st: &State) {
+        let merged = st.api.overlaid(&st.files);
+        *self.mapping.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(MappingState {
+            catalog: Arc::new(merged),
+            opts: st.opts,
+        });
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Changes with each new catalog.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    pub fn api_enabled(&self) -> bool {
+        self.api_enabled
+    }
+
+    /// SIGHUP: new catalog files and mapping options; also refetches from the API.
+    pub fn reload(&self, files: Catalog, opts: MappingOptions) {
+        let mut st = self.lock();
+        st.files = files;
+        st.opts = opts;
+        st.refresh_requested = true;
+        self.publish(&st);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Whether a record naming `ids` (messages the reader's catalog does not know) must wait.
+    /// Starts a lookup for each id not asked yet; `file` is named in status as waiting.
+    pub fn must_wait(&self, ids: &[Id], file: &str) -> bool {
+        if !self.api_enabled || ids.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let mut st = self.lock();
+        let mut wait = false;
+        let mut asked = false;
+        for &id in ids {
+            if st.api.message(id).is_some() || st.files.message(id).is_some() {
+                // Known since the reader took its catalog: it looks again with the new one.
+                wait = true;
+                continue;
+            }
+            match st.lookups.get_mut(&id) {
+                Some(Lookup::Missing { until }) if *until > now => {}
+                Some(Lookup::Pending { files, .. }) => {
+                    files.insert(file.to_owned());
+                    wait = true;
+                }
+                _ => {
+                    st.lookups.insert(
+                        id,
+                        Lookup::Pending {
+                            since_ms: now_ms(),
+                            files: BTreeSet::from([file.to_owned()]),
+                            failures: 0,
+                            next_at: now,
+                            error: None,
+                        },
+                    );
+                    tracing::info!(message_id = %id, path = %file, "message not in the catalog; asking Leanplum before reading on");
+                    wait = true;
+                    asked = true;
+                }
+            }
+        }
+        drop(st);
+        if asked {
+            self.wake.notify_one();
+        }
+        wait
+    }
+
+    /// What `status` shows.
+    pub fn status(&self) -> CatalogStatus {
+        status_of(&self.lock(), self.api_enabled)
+    }
+
+    /// What `catalog show [ID]` prints, as JSON.
+    pub fn show(&self, id: Option<Id>) -> Value {
+        show_of(&self.lock(), self.api_enabled, id)
+    }
+
+    /// Writes the API layer to the spool's cache (called off the async threads).
+    fn persist(&self) {
+        let Some(spool) = &self.spool else { return };
+        let bytes = {
+            let st = self.lock();
+            let (messages, abtests) = st.api.to_flat_json();
+            serde_json::to_vec(&json!({
+                "fetched_ms": st.fetched_ms.unwrap_or_else(now_ms),
+                "messages": serde_json::from_slice::<Value>(&messages).unwrap_or_default(),
+                "abtests": serde_json::from_slice::<Value>(&abtests).unwrap_or_default(),
+            }))
+            .expect("plain data serializes")
+        };
+        if let Err(e) = spool.store_catalog_cache(&bytes) {
+            tracing::warn!(error = %e, "cannot cache the Leanplum catalog in the spool");
+        }
+    }
+}
+
+/// Loads the cached API layer into `st`; a damaged cache is logged and ignored.
+fn load_cache(spool: &Spool, st: &mut State) {
+    let bytes = match spool.catalog_cache() {
+        Ok(Some(b)) => b,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the cached Leanplum catalog");
+            return;
+        }
+    };
+    match parse_cache(&bytes) {
+        Ok((catalog, fetched_ms)) => {
+            tracing::info!(
+                messages = catalog.len_messages(),
+                abtests = catalog.len_abtests(),
+                "Leanplum catalog loaded from the cache"
+            );
+            st.api = catalog;
+            st.api_source = Some(Source::Cache);
+            st.fetched_ms = Some(fetched_ms);
+        }
+        Err(e) => tracing::warn!(error = %e, "cached Leanplum catalog unreadable; ignored"),
+    }
+}
+
+fn parse_cache(bytes: &[u8]) -> Result<(Catalog, u64), String> {
+    let cached: Cached = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let messages = Catalog::parse_messages(cached.messages.get().as_bytes())?;
+    let abtests = Catalog::parse_abtests(cached.abtests.get().as_bytes())?;
+    Ok((Catalog::from_parts(messages, abtests), cached.fetched_ms))
+}
+
+/// The catalog as `catalog show` sees it with no agent running: the files, and the spool's
+/// cache when the API is configured.
+pub fn offline_show(
+    files: Catalog,
+    spool: Option<&Spool>,
+    api_enabled: bool,
+    id: Option<Id>,
+) -> Value {
+    let mut st = State {
+        files,
+        ..State::default()
+    };
+    if let Some(spool) = spool {
+        load_cache(spool, &mut st);
+    }
+    show_of(&st, api_enabled, id)
+}
+
+/// The catalog part of `status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CatalogStatus {
+    /// The layers in use: `files`, `files+api`, `files+cache`.
+    pub source: String,
+    pub messages: u64,
+    pub abtests: u64,
+    /// When the API layer was fetched from Leanplum (RFC 3339), and how long ago.
+    pub fetched_at: Option<String>,
+    pub age_secs: Option<u64>,
+    /// The last attempt to refresh from the API.
+    pub last_refresh: Option<String>,
+    /// The last refresh or lookup error; cleared by a successful refresh.
+    pub last_error: Option<String>,
+    /// Messages being looked up, with the files that wait on them.
+    pub waiting: Vec<WaitingLookup>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WaitingLookup {
+    pub message_id: String,
+    pub since: String,
+    pub files: Vec<String>,
+    /// Why it has no answer yet: the last error, or "asking Leanplum".
+    pub reason: String,
+}
+
+fn rfc3339(ms: u64) -> String {
+    crate::segment::rfc3339_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+fn status_of(st: &State, api_enabled: bool) -> CatalogStatus {
+    let merged_messages = st.api.overlaid(&st.files);
+    let source = match (api_enabled, st.api_source) {
+        (true, Some(s)) => format!("files+{}", s.as_str()),
+        (true, None) => "files (API not reached yet)".to_owned(),
+        (false, _) => "files".to_owned(),
+    };
+    let mut waiting: Vec<WaitingLookup> = st
+        .lookups
+        .iter()
+        .filter_map(|(id, l)| match l {
+            Lookup::Pending {
+                since_ms,
+                files,
+                error,
+                ..
+            } => Some(WaitingLookup {
+                message_id: id.to_string(),
+                since: rfc3339(*since_ms),
+                files: files.iter().cloned().collect(),
+                reason: error
+                    .clone()
+                    .unwrap_or_else(|| "asking Leanplum (getMessage)".to_owned()),
+            }),
+            Lookup::Missing { .. } => None,
+        })
+        .collect();
+    waiting.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    CatalogStatus {
+        source,
+        messages: merged_messages.len_messages() as u64,
+        abtests: merged_messages.len_abtests() as u64,
+        fetched_at: st.fetched_ms.map(rfc3339),
+        age_secs: st.fetched_ms.map(|f| now_ms().saturating_sub(f) / 1000),
+        last_refresh: st.last_attempt_ms.map(rfc3339),
+        last_error: st.last_error.clone(),
+        waiting,
+    }
+}
+
+fn message_json(m: &Message, source: Source) -> Value {
+    json!({
+        "kind": "message",
+        "id": m.id.to_string(),
+        "channel": m.channel.as_str(),
+        "name": m.name,
+        "subject": m.subject,
+        "campaign_id": m.campaign_id.map(|c| c.to_string()),
+        "campaign_name": m.campaign_name,
+        "source": source.as_str(),
+    })
+}
+
+fn abtest_json(t: &AbTest, source: Source) -> Value {
+    let mut variants: Vec<(Id, Option<String>)> =
+        t.variants.iter().map(|(k, v)| (*k, v.clone())).collect();
+    variants.sort_by_key(|(k, _)| *k);
+    json!({
+        "kind": "abtest",
+        "id": t.id.to_string(),
+        "name": t.name,
+        "variants": variants
+            .into_iter()
+            .map(|(id, name)| json!({"id": id.to_string(), "name": name}))
+            .collect::<Vec<_>>(),
+        "source": source.as_str(),
+    })
+}
+
+/// `{"status": CatalogStatus, "entries": [...], "lookup": ...}`: every entry, or those with `id`.
+fn show_of(st: &State, api_enabled: bool, id: Option<Id>) -> Value {
+    let api_source = st.api_source.unwrap_or(Source::Api);
+    let mut entries = Vec::new();
+    let merged = st.api.overlaid(&st.files);
+    let message_source = |mid: Id| {
+        if st.files.message(mid).is_some() {
+            Source::Files
+        } else {
+            api_source
+        }
+    };
+    let abtest_source = |tid: Id| {
+        if st.files.abtest(tid).is_some() {
+            Source::Files
+        } else {
+            api_source
+        }
+    };
+    match id {
+        Some(id) => {
+            if let Some(m) = merged.message(id) {
+                entries.push(message_json(m, message_source(id)));
+            }
+            if let Some(t) = merged.abtest(id) {
+                entries.push(abtest_json(t, abtest_source(id)));
+            }
+        }
+        None => {
+            entries.extend(
+                merged
+                    .messages()
+                    .into_iter()
+                    .map(|m| message_json(m, message_source(m.id))),
+            );
+            entries.extend(
+                merged
+                    .abtests()
+                    .into_iter()
+                    .map(|t| abtest_json(t, abtest_source(t.id))),
+            );
+        }
+    }
+    let lookup = id.and_then(|id| st.lookups.get(&id)).map(|l| match l {
+        Lookup::Missing { .. } => "Leanplum says this message does not exist".to_owned(),
+        Lookup::Pending { error, .. } => match error {
+            Some(e) => format!("being looked up; last error: {e}"),
+            None => "being looked up".to_owned(),
+        },
+    });
+    json!({
+        "status": status_of(st, api_enabled),
+        "entries": entries,
+        "lookup": lookup,
+    })
+}
+
+/// `catalog show` for people.
+pub fn render_show(answer: &Value, id: Option<&str>) -> String {
+    let mut out = String::new();
+    let status: CatalogStatus =
+        serde_json::from_value(answer["status"].clone()).unwrap_or_default();
+    out.push_str(&format!(
+        "catalog: {} messages, {} A/B tests; source {}",
+        status.messages, status.abtests, status.source
+    ));
+    if let (Some(at), Some(age)) = (&status.fetched_at, status.age_secs) {
+        out.push_str(&format!("; fetched {at} ({age} s ago)"));
+    }
+    out.push('\n');
+    if let Some(e) = &status.last_error {
+        out.push_str(&format!("last error: {e}\n"));
+    }
+    for w in &status.waiting {
+        out.push_str(&format!(
+            "waiting: message {} since {} ({}); files: {}\n",
+            w.message_id,
+            w.since,
+            w.reason,
+            w.files.join(", ")
+        ));
+    }
+    let entries = answer["entries"].as_array().cloned().unwrap_or_default();
+    for e in &entries {
+        out.push_str(&render_entry(e));
+    }
+    if let Some(id) = id
+        && entries.is_empty()
+    {
+        out.push_str(&format!(
+            "{id}: neither a message nor an A/B test in the catalog"
+        ));
+        match answer["lookup"].as_str() {
+            Some(l) => out.push_str(&format!(" ({l})\n")),
+            None => out.push_str(" (its events map with mapping.unknown_message_channel)\n"),
+        }
+    }
+    out
+}
+
+fn render_entry(e: &Value) -> String {
+    let s = |k: &str| e[k].as_str().map(str::to_owned);
+    let quoted = |k: &str| s(k).map(|v| format!("{v:?}")).unwrap_or_else(|| "-".into());
+    if e["kind"] == "message" {
+        let campaign = match s("campaign_id") {
+            Some(c) => format!(" campaign {c} {}", quoted("campaign_name")),
+            None => String::new(),
+        };
+        format!(
+            "message {} [{}] {} {}: subject {}{}\n",
+            s("id").unwrap_or_default(),
+            s("source").unwrap_or_default(),
+            s("channel").unwrap_or_default(),
+            quoted("name"),
+            quoted("subject"),
+            campaign
+        )
+    } else {
+        let variants: Vec<String> = e["variants"]
+            .as_array()
+            .map(|vs| {
+                vs.iter()
+                    .map(|v| {
+                        format!(
+                            "{} {}",
+                            v["id"].as_str().unwrap_or(""),
+                            v["name"]
+                                .as_str()
+                                .map(|n| format!("{n:?}"))
+                                .unwrap_or_else(|| "-".into())
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        format!(
+            "abtest {} [{}] {}: variants {}\n",
+            s("id").unwrap_or_default(),
+            s("source").unwrap_or_default(),
+            quoted("name"),
+            variants.join(", ")
+        )
+    }
+}
+
+/// Answers `catalog show [ID]` on the control socket; `None` for other requests.
+pub fn handle_request(request: &str, service: &CatalogService) -> Option<Value> {
+    let mut words = request.split_whitespace();
+    if words.next() != Some("catalog") {
+        return None;
+    }
+    if words.next() != Some("show") {
+        return Some(json!({"error": "unknown catalog request"}));
+    }
+    match parse_id(words.next()) {
+        Ok(id) => Some(service.show(id)),
+        Err(e) => Some(json!({ "error": e })),
+    }
+}
+
+/// The optional id of `catalog show`.
+pub fn parse_id(word: Option<&str>) -> Result<Option<Id>, String> {
+    match word {
+        None => Ok(None),
+        Some(w) => w
+            .parse::<u64>()
+            .map(|v| Some(Id(v)))
+            .map_err(|_| format!("{w:?} is not a message or A/B test id (an integer)")),
+    }
+}
+
+/// Loads the catalog files for `dir`, logging what was found.
+pub fn load_files(dir: &Path) -> Result<Catalog, crate::leanplum::catalog::CatalogError> {
+    let catalog = Catalog::load_dir(dir)?;
+    tracing::info!(
+        dir = %dir.display(),
+        messages = catalog.len_messages(),
+        abtests = catalog.len_abtests(),
+        "catalog files loaded"
+    );
+    Ok(catalog)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,222 @@
+//! The task that talks to Leanplum: full refreshes on a timer, lookups on demand.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{CatalogService, LOOKUPS_PER_SEC, Lookup, MISSING_TTL, Source, State};
+use crate::leanplum::Id;
+use crate::leanplum::api::{ApiError, LeanplumApi};
+use crate::leanplum::catalog::{Catalog, Message};
+use crate::segment::retry::Backoff;
+use crate::spool::now_ms;
+
+/// Backoff of a failed refresh: from this, doubling, up to the refresh interval (at most).
+const REFRESH_RETRY_INITIAL: Duration = Duration::from_secs(5);
+const REFRESH_RETRY_MAX: Duration = Duration::from_secs(300);
+/// Backoff of a failed lookup, per message.
+const LOOKUP_RETRY_INITIAL: Duration = Duration::from_secs(1);
+const LOOKUP_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Runs until `stop`: a refresh at once, then every `interval`; lookups as the reader asks.
+pub async fn run(
+    service: Arc<CatalogService>,
+    api: LeanplumApi,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new(REFRESH_RETRY_INITIAL, REFRESH_RETRY_MAX.min(interval));
+    let mut next_refresh = Instant::now();
+    let spacing = Duration::from_millis(1000 / LOOKUPS_PER_SEC);
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        if std::mem::take(&mut service.lock().refresh_requested) {
+            next_refresh = Instant::now();
+        }
+        if Instant::now() >= next_refresh {
+            let wait = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = refresh(&service, &api) => match r {
+                    Ok(()) => {
+                        backoff.reset();
+                        interval
+                    }
+                    Err(()) => backoff.next_delay(None).max(Duration::from_secs(1)),
+                },
+            };
+            next_refresh = Instant::now() + wait;
+        }
+        while let Some(id) = service.next_due_lookup() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = api.message(id) => service.lookup_answered(id, r).await,
+            }
+            tokio::time::sleep(spacing).await;
+        }
+        let until = service
+            .next_lookup_at()
+            .map_or(next_refresh, |at| at.min(next_refresh));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = service.wake.notified() => {}
+            _ = tokio::time::sleep_until(until.into()) => {}
+        }
+    }
+}
+
+/// One full refresh; errors are recorded (and logged when new).
+async fn refresh(service: &Arc<CatalogService>, api: &LeanplumApi) -> Result<(), ()> {
+    service.lock().last_attempt_ms = Some(now_ms());
+    let fetched = async { Ok::<_, ApiError>((api.messages().await?, api.abtests().await?)) }.await;
+    match fetched {
+        Ok((messages, abtests)) => {
+            let count = (messages.len(), abtests.len());
+            let recovered = {
+                let mut st = service.lock();
+                let recovered = st.last_error.take();
+                // Messages found by lookups stay unless the fresh list has them.
+                let mut api_layer = Catalog::from_parts(messages, abtests);
+                for m in st.api.messages() {
+                    if api_layer.message(m.id).is_none() {
+                        api_layer.insert_message(m.clone());
+                    }
+                }
+                st.api = api_layer;
+                st.api_source = Some(Source::Api);
+                st.fetched_ms = Some(now_ms());
+                resolve_known(&mut st);
+                service.publish(&st);
+                recovered
+            };
+            persist(service).await;
+            if let Some(e) = recovered {
+                tracing::info!(previous_error = %e, "Leanplum reachable again");
+            }
+            tracing::info!(
+                messages = count.0,
+                abtests = count.1,
+                "catalog fetched from Leanplum"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let mut st = service.lock();
+            if st.last_error.as_deref() != Some(text.as_str()) {
+                let cached = match st.api_source {
+                    Some(_) => "mapping goes on with the catalog already known",
+                    None => "mapping goes on with the catalog files alone",
+                };
+                tracing::warn!(error = %text, "cannot fetch the catalog from Leanplum; {cached}; retrying with backoff");
+            }
+            st.last_error = Some(text);
+            Err(())
+        }
+    }
+}
+
+/// Drops the pending lookups the API layer now answers, and asks the others again now: the
+/// API just answered, so their backoff is out of date.
+fn resolve_known(st: &mut State) {
+    let State { api, lookups, .. } = st;
+    lookups.retain(|id, l| !(matches!(l, Lookup::Pending { .. }) && api.message(*id).is_some()));
+    let now = Instant::now();
+    for l in lookups.values_mut() {
+        if let Lookup::Pending { next_at, .. } = l {
+            *next_at = now;
+        }
+    }
+}
+
+async fn persist(service: &Arc<CatalogService>) {
+    let s = service.clone();
+    let _ = tokio::task::spawn_blocking(move || s.persist()).await;
+}
+
+impl CatalogService {
+    /// The pending lookup due first, if one is due now.
+    pub(super) fn next_due_lookup(&self) -> Option<Id> {
+        let now = Instant::now();
+        let st = self.lock();
+        st.lookups
+            .iter()
+            .filter_map(|(id, l)| match l {
+                Lookup::Pending { next_at, .. } if *next_at <= now => Some((*next_at, *id)),
+                _ => None,
+            })
+            .min()
+            .map(|(_, id)| id)
+    }
+
+    /// When the next pending lookup is due.
+    pub(super) fn next_lookup_at(&self) -> Option<Instant> {
+        let st = self.lock();
+        st.lookups
+            .values()
+            .filter_map(|l| match l {
+                Lookup::Pending { next_at, .. } => Some(*next_at),
+                Lookup::Missing { .. } => None,
+            })
+            .min()
+    }
+
+    pub(super) async fn lookup_answered(
+        self: &Arc<Self>,
+        id: Id,
+        answer: Result<Option<Message>, ApiError>,
+    ) {
+        match answer {
+            Ok(Some(message)) => {
+                tracing::info!(message_id = %id, channel = message.channel.as_str(), "message found in Leanplum");
+                {
+                    let mut st = self.lock();
+                    st.lookups.remove(&id);
+                    st.api.insert_message(message);
+                    if st.api_source.is_none() {
+                        st.api_source = Some(Source::Api);
+                    }
+                    self.publish(&st);
+                }
+                persist(self).await;
+            }
+            Ok(None) => {
+                tracing::warn!(message_id = %id, "Leanplum says this message does not exist; its events map with mapping.unknown_message_channel");
+                let mut st = self.lock();
+                st.lookups.insert(
+                    id,
+                    Lookup::Missing {
+                        until: Instant::now() + MISSING_TTL,
+                    },
+                );
+                self.publish(&st);
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let mut st = self.lock();
+                if let Some(Lookup::Pending {
+                    failures,
+                    next_at,
+                    error,
+                    ..
+                }) = st.lookups.get_mut(&id)
+                {
+                    if error.as_deref() != Some(text.as_str()) {
+                        tracing::warn!(message_id = %id, error = %text, "cannot look the message up in Leanplum; reading its file waits; retrying with backoff");
+                    }
+                    let mut b = Backoff::new(LOOKUP_RETRY_INITIAL, LOOKUP_RETRY_MAX);
+                    for _ in 0..*failures {
+                        b.next_delay(None);
+                    }
+                    // The ceiling, not a jittered draw: one id, one caller, nothing to spread.
+                    *next_at = Instant::now() + b.ceiling();
+                    *failures += 1;
+                    *error = Some(text.clone());
+                }
+                st.last_error = Some(text);
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+use super::*;
+use crate::leanplum::catalog::MessageKind;
+use crate::mapping;
+
+fn msg(id: u64, channel: MessageKind, name: &str) -> Message {
+    Message {
+        id: Id(id),
+        channel,
+        name: Some(name.into()),
+        subject: None,
+        campaign_id: None,
+        campaign_name: None,
+    }
+}
+
+fn service(
+    files: Catalog,
+    spool: Option<Arc<Spool>>,
+    api: bool,
+) -> (Arc<CatalogService>, SharedMapping) {
+    let shared = SharedMapping::default();
+    let s = CatalogService::new(files, MappingOptions::default(), spool, api, shared.clone());
+    (s, shared)
+}
+
+#[test]
+fn without_the_api_nothing_waits() {
+    let (s, shared) = service(
+        Catalog::from_parts(vec![msg(1, MessageKind::Email, "f")], vec![]),
+        None,
+        false,
+    );
+    assert!(!s.must_wait(&[Id(9)], "a"));
+    assert!(mapping::current(&shared).catalog.message(Id(1)).is_some());
+    assert_eq!(s.status().source, "files");
+    assert!(s.status().waiting.is_empty());
+}
+
+#[tokio::test]
+async fn unknown_message_waits_until_leanplum_answers() {
+    let (s, shared) = service(Catalog::empty(), None, true);
+    let g0 = s.generation();
+    assert!(s.must_wait(&[Id(7)], "20261101/export-1"));
+    assert!(s.must_wait(&[Id(7)], "20261101/export-2"));
+    let st = s.status();
+    assert_eq!(st.waiting.len(), 1);
+    assert_eq!(st.waiting[0].message_id, "7");
+    assert_eq!(
+        st.waiting[0].files,
+        vec!["20261101/export-1", "20261101/export-2"]
+    );
+    assert_eq!(s.next_due_lookup(), Some(Id(7)));
+
+    // An outage: the file keeps waiting, the reason shows, the retry is scheduled later.
+    s.lookup_answered(
+        Id(7),
+        Err(crate::leanplum::api::ApiError::Transport(
+            "connection refused".into(),
+        )),
+    )
+    .await;
+    assert!(s.must_wait(&[Id(7)], "20261101/export-1"));
+    assert!(s.status().waiting[0].reason.contains("connection refused"));
+    assert_eq!(
+        s.next_due_lookup(),
+        None,
+        "retried with backoff, not at once"
+    );
+    assert_eq!(s.generation(), g0);
+
+    // The answer: published, the generation moves, nothing waits any more.
+    s.lookup_answered(Id(7), Ok(Some(msg(7, MessageKind::Push, "p"))))
+        .await;
+    assert!(s.generation() > g0);
+    let m = mapping::current(&shared);
+    assert_eq!(m.catalog.message(Id(7)).unwrap().channel, MessageKind::Push);
+    assert!(s.status().waiting.is_empty());
+    // A reader still holding the old catalog is told to look again.
+    assert!(s.must_wait(&[Id(7)], "20261101/export-1"));
+    assert!(mapping::session_unknown_messages(&Default::default(), &m.catalog).is_empty());
+}
+
+#[tokio::test]
+async fn a_message_leanplum_does_not_know_maps_as_unknown() {
+    let (s, _) = service(Catalog::empty(), None, true);
+    assert!(s.must_wait(&[Id(8)], "f"));
+    let g = s.generation();
+    s.lookup_answered(Id(8), Ok(None)).await;
+    assert!(s.generation() > g, "waiting readers must look again");
+    assert!(!s.must_wait(&[Id(8)], "f"));
+    assert!(s.status().waiting.is_empty());
+    assert_eq!(
+        s.show(Some(Id(8)))["lookup"],
+        "Leanplum says this message does not exist"
+    );
+}
+
+#[tokio::test]
+async fn files_override_the_api_and_the_cache_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path(), 8 << 20).unwrap());
+    let files = Catalog::from_parts(vec![msg(2, MessageKind::Email, "from file")], vec![]);
+    let (s, shared) = service(files.clone(), Some(spool.clone()), true);
+    assert_eq!(s.status().source, "files (API not reached yet)");
+    assert!(s.must_wait(&[Id(2), Id(3)], "f"), "3 is unknown");
+    s.lookup_answered(Id(3), Ok(Some(msg(3, MessageKind::Push, "api"))))
+        .await;
+    {
+        let mut st = s.lock();
+        st.api
+            .insert_message(msg(2, MessageKind::Push, "api says push"));
+        s.publish(&st);
+    }
+    s.persist();
+    let m = mapping::current(&shared);
+    assert_eq!(
+        m.catalog.message(Id(2)).unwrap().name.as_deref(),
+        Some("from file")
+    );
+    let shown = s.show(Some(Id(2)));
+    assert_eq!(shown["entries"][0]["source"], "files");
+    assert_eq!(s.show(Some(Id(3)))["entries"][0]["source"], "api");
+    drop((s, m));
+
+    // A restart with Leanplum unreachable: the cache maps.
+    let (s, shared) = service(files, Some(spool.clone()), true);
+    let st = s.status();
+    assert_eq!(st.source, "files+cache");
+    assert_eq!(st.messages, 2);
+    assert!(st.fetched_at.is_some());
+    assert_eq!(
+        mapping::current(&shared)
+            .catalog
+            .message(Id(3))
+            .unwrap()
+            .channel,
+        MessageKind::Push
+    );
+    assert_eq!(s.show(Some(Id(3)))["entries"][0]["source"], "cache");
+    // `catalog show` with no agent: the same view.
+    let offline = offline_show(Catalog::empty(), Some(&spool), true, None);
+    assert_eq!(offline["entries"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn a_damaged_cache_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path(), 8 << 20).unwrap());
+    spool.store_catalog_cache(b"{not json").unwrap();
+    let (s, _) = service(Catalog::empty(), Some(spool), true);
+    assert_eq!(s.status().messages, 0);
+    assert_eq!(s.status().source, "files (API not reached yet)");
+}
+
+#[test]
+fn show_renders_entries_and_unknown_ids() {
+    let files = Catalog::from_parts(
+        vec![Message {
+            subject: Some("Hi".into()),
+            campaign_id: Some(Id(5)),
+            campaign_name: Some("Launch".into()),
+            ..msg(1, MessageKind::Email, "Spring")
+        }],
+        vec![],
+    );
+    let (s, _) = service(files, None, false);
+    let text = render_show(&s.show(Some(Id(1))), Some("1"));
+    assert!(
+        text.contains(r#"message 1 [files] email "Spring": subject "Hi" campaign 5 "Launch""#),
+        "{text}"
+    );
+    let text = render_show(&s.show(Some(Id(2))), Some("2"));
+    assert!(
+        text.contains("2: neither a message nor an A/B test in the catalog"),
+        "{text}"
+    );
+    assert_eq!(
+        handle_request("catalog show x", &s).unwrap()["error"],
+        "\"x\" is not a message or A/B test id (an integer)"
+    );
+    assert!(handle_request("dead-letter list", &s).is_none());
+}

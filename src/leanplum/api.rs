@@ -1,0 +1,228 @@
+//! Leanplum's content API, read-only: `getMessages`, `getAbTests` and `getMessage`.
+//!
+//! Calls are `GET {api_base}/api?appId=..&clientKey=..&apiVersion=1.0.6&action=..`, the form
+//! Leanplum documents (and the one `curl` users save as `messages.json`). The content key travels
+//! in the query string, so every error this module returns is built without the URL (reqwest's
+//! `without_url`) and with the key scrubbed from any text the server sent back: a failed call
+//! can be logged and shown in `status` as it is.
+
+use std::time::Duration;
+
+use super::Id;
+use super::catalog::{AbTest, Catalog, LookupError, Message};
+use crate::config::Secret;
+
+/// The API version the requests name; the response shapes parsed here are this version's.
+pub const API_VERSION: &str = "1.0.6";
+
+/// Why a call gave nothing usable. The text never holds the content key or the URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// No answer: connection refused or reset, DNS, TLS, timeout.
+    #[error("cannot reach Leanplum: {0}")]
+    Transport(String),
+    /// An HTTP status other than 2xx, with Leanplum's error message when it sent one.
+    #[error("Leanplum answered HTTP {status}: {message}")]
+    Http { status: u16, message: String },
+    /// `"success": false`, with Leanplum's `error.message`.
+    #[error("Leanplum says: {0}")]
+    Leanplum(String),
+    /// A 2xx whose body is not the expected response.
+    #[error("malformed Leanplum response: {0}")]
+    Malformed(String),
+}
+
+/// A client for one app.
+pub struct LeanplumApi {
+    http: reqwest::Client,
+    url: String,
+    app_id: String,
+    key: Secret,
+}
+
+impl std::fmt::Debug for LeanplumApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeanplumApi")
+            .field("url", &self.url)
+            .field("app_id", &self.app_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeanplumApi {
+    pub fn new(
+        api_base: &str,
+        app_id: &str,
+        key: Secret,
+        timeout: Duration,
+    ) -> Result<LeanplumApi, ApiError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!(
+                "leanplum-segment-agent/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| ApiError::Transport(e.without_url().to_string()))?;
+        Ok(LeanplumApi {
+            http,
+            url: format!("{}/api", api_base.trim_end_matches('/')),
+            app_id: app_id.to_owned(),
+            key,
+        })
+    }
+
+    /// Every message, finished ones included (`recent=false`).
+    pub async fn messages(&self) -> Result<Vec<Message>, ApiError> {
+        let body = self.call("getMessages", &[("recent", "false")]).await?;
+        Catalog::parse_messages(&body).map_err(|e| self.classify(e))
+    }
+
+    /// Every A/B test, finished ones included.
+    pub async fn abtests(&self) -> Result<Vec<AbTest>, ApiError> {
+        let body = self.call("getAbTests", &[("recent", "false")]).await?;
+        Catalog::parse_abtests(&body).map_err(|e| self.classify(e))
+    }
+
+    /// One message; `Ok(None)` when Leanplum says it does not exist.
+    pub async fn message(&self, id: Id) -> Result<Option<Message>, ApiError> {
+        let id = id.to_string();
+        let body = self.call("getMessage", &[("id", &id)]).await?;
+        Catalog::parse_message_lookup(&body).map_err(|e| match e {
+            LookupError::Leanplum(m) => ApiError::Leanplum(self.scrub(&m)),
+            LookupError::Malformed(m) => ApiError::Malformed(self.scrub(&m)),
+        })
+    }
+
+    async fn call(&self, action: &str, extra: &[(&str, &str)]) -> Result<Vec<u8>, ApiError> {
+        let mut query: Vec<(&str, &str)> = vec![
+            ("appId", &self.app_id),
+            ("clientKey", self.key.expose()),
+            ("apiVersion", API_VERSION),
+            ("action", action),
+        ];
+        query.extend_from_slice(extra);
+        let transport = |e: reqwest::Error| ApiError::Transport(self.scrub(&describe(e)));
+        let response = self
+            .http
+            .get(&self.url)
+            .query(&query)
+            .send()
+            .await
+            .map_err(transport)?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(transport)?;
+        if !status.is_success() {
+            let message = error_message(&body).unwrap_or_else(|| {
+                status
+                    .canonical_reason()
+                    .unwrap_or("no reason given")
+                    .to_owned()
+            });
+            return Err(ApiError::Http {
+                status: status.as_u16(),
+                message: self.scrub(&message),
+            });
+        }
+        Ok(body.to_vec())
+    }
+
+    /// `Catalog`'s parse errors for a 2xx body: Leanplum's own failure, or a malformed body.
+    fn classify(&self, e: String) -> ApiError {
+        const FAILURE: &str = "Leanplum API response reports failure: ";
+        match e.strip_prefix(FAILURE) {
+            Some(m) => ApiError::Leanplum(self.scrub(m)),
+            None => ApiError::Malformed(self.scrub(&e)),
+        }
+    }
+
+    /// Removes the key from text the server or a library produced (a proxy's error page might
+    /// echo the request line).
+    fn scrub(&self, text: &str) -> String {
+        let key = self.key.expose();
+        let mut text: String = text.chars().take(300).collect();
+        if !key.is_empty() {
+            text = text.replace(key, "<redacted>");
+        }
+        text
+    }
+}
+
+/// reqwest's error without the URL (which holds the key), with its cause chain: "error sending
+/// request" alone does not say "connection refused".
+fn describe(e: reqwest::Error) -> String {
+    let kind = if e.is_timeout() { "timed out: " } else { "" };
+    let e = e.without_url();
+    let mut text = format!("{kind}{e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Leanplum's `{"response": [{"success": false, "error": {"message": ...}}]}`, or `{"error":
+/// {"message"}}`, from an error body.
+fn error_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let error = v
+        .get("response")
+        .and_then(|r| r.get(0))
+        .and_then(|r| r.get("error"))
+        .or_else(|| v.get("error"))?;
+    match error {
+        serde_json::Value::String(s) => Some(s.clone()),
+        e => e.get("message").and_then(|m| m.as_str()).map(str::to_owned),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_give_leanplum_message() {
+        let body = br#"{"response":[{"success":false,"error":{"message":"Invalid clientKey"}}]}"#;
+        assert_eq!(error_message(body).as_deref(), Some("Invalid clientKey"));
+        assert_eq!(
+            error_message(br#"{"error":"quota"}"#).as_deref(),
+            Some("quota")
+        );
+        assert_eq!(error_message(b"<html>bad gateway</html>"), None);
+    }
+
+    #[test]
+    fn scrub_removes_the_key() {
+        let api = LeanplumApi::new(
+            "http://127.0.0.1:9",
+            "app",
+            Secret::new("K3yK3y"),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(
+            api.scrub("GET /api?clientKey=K3yK3y failed"),
+            "GET /api?clientKey=<redacted> failed"
+        );
+    }
+
+    #[tokio::test]
+    async fn transport_errors_hold_neither_url_nor_key() {
+        // Port 9 (discard) is closed on loopback: connection refused.
+        let api = LeanplumApi::new(
+            "http://127.0.0.1:9",
+            "app",
+            Secret::new("S3cretContentKey"),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let e = api.messages().await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, ApiError::Transport(_)), "{text}");
+        assert!(!text.contains("S3cretContentKey"), "{text}");
+        assert!(!text.contains("clientKey"), "{text}");
+    }
+}

@@ -1,0 +1,563 @@
+//! The catalog from Leanplum's API (SPEC sections 3 and 5): a Leanplum-compatible server on
+//! `127.0.0.1:0` answering `getMessages`, `getAbTests` and `getMessage` in the real API's
+//! envelope, and the agent fetching, caching, refreshing and looking up against it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::events::{assert_same_events, expected_shard_0};
+use crate::util::{
+    PATIENCE, SHARD_0, TestEnv, copy_into, repo_path, run_cli, toml_str, wait_until,
+};
+
+const APP_ID: &str = "app_5629499534213120";
+/// A content key recognizable in any output, so a leak is easy to grep for.
+const CONTENT_KEY: &str = "ck_CONTENT_SECRET_8d21e";
+
+/// One request the fake Leanplum server received.
+#[derive(Debug, Clone)]
+struct LpRequest {
+    action: String,
+    params: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct LpState {
+    /// What `getMessages` lists, in the API's shape.
+    listed: Vec<Value>,
+    /// What `getMessage` knows beyond the list (created since the last refresh).
+    unlisted: Vec<Value>,
+    abtests: Vec<Value>,
+    /// Answer 503 to everything, with a body that echoes the key (a careless proxy).
+    down: bool,
+    requests: Vec<LpRequest>,
+}
+
+/// A Leanplum API stand-in: `GET /api?appId&clientKey&apiVersion&action[&id]`.
+struct LeanplumServer {
+    url: String,
+    state: Arc<Mutex<LpState>>,
+    stop: Arc<AtomicBool>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl LeanplumServer {
+    fn start(listed: Vec<Value>, abtests: Vec<Value>) -> LeanplumServer {
+        let http = tiny_http::Server::http("127.0.0.1:0").expect("bind the fake Leanplum server");
+        let url = format!(
+            "http://{}",
+            http.server_addr().to_ip().expect("an IP address")
+        );
+        let state = Arc::new(Mutex::new(LpState {
+            listed,
+            abtests,
+            ..LpState::default()
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (state, stop) = (state.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if let Ok(Some(request)) = http.recv_timeout(Duration::from_millis(100)) {
+                        let (status, body) = answer(&state, request.url());
+                        let response = tiny_http::Response::from_string(body)
+                            .with_status_code(status)
+                            .with_header(
+                                "Content-Type: application/json"
+                                    .parse::<tiny_http::Header>()
+                                    .expect("a header"),
+                            );
+                        let _ = request.respond(response);
+                    }
+                }
+            })
+        };
+        LeanplumServer {
+            url,
+            state,
+            stop,
+            worker: Some(worker),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LpState> {
+        self.state.lock().expect("fake Leanplum lock")
+    }
+
+    fn requests(&self, action: &str) -> Vec<LpRequest> {
+        self.state()
+            .requests
+            .iter()
+            .filter(|r| r.action == action)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for LeanplumServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn envelope(result: Value) -> String {
+    json!({ "response": [result] }).to_string()
+}
+
+/// What Leanplum answers to `url`.
+fn answer(state: &Mutex<LpState>, url: &str) -> (u16, String) {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let params: BTreeMap<String, String> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut st = state.lock().expect("fake Leanplum lock");
+    let action = params.get("action").cloned().unwrap_or_default();
+    st.requests.push(LpRequest {
+        action: action.clone(),
+        params: params.clone(),
+    });
+    if st.down {
+        let echoed = params.get("clientKey").cloned().unwrap_or_default();
+        return (
+            503,
+            envelope(
+                json!({"success": false, "error": {"message": format!("maintenance (request had clientKey={echoed})")}}),
+            ),
+        );
+    }
+    if params.get("appId").map(String::as_str) != Some(APP_ID)
+        || params.get("clientKey").map(String::as_str) != Some(CONTENT_KEY)
+    {
+        return (
+            401,
+            envelope(
+                json!({"success": false, "error": {"message": "Invalid appId or clientKey."}}),
+            ),
+        );
+    }
+    match action.as_str() {
+        "getMessages" => (
+            200,
+            envelope(json!({"success": true, "messages": st.listed})),
+        ),
+        "getAbTests" => (
+            200,
+            envelope(json!({"success": true, "abTests": st.abtests})),
+        ),
+        "getMessage" => {
+            let id = params.get("id").cloned().unwrap_or_default();
+            let found = st
+                .listed
+                .iter()
+                .chain(&st.unlisted)
+                .find(|m| m["id"].to_string().trim_matches('"') == id);
+            match found {
+                Some(m) => (200, envelope(json!({"success": true, "message": m}))),
+                None => (
+                    200,
+                    envelope(json!({"success": false, "error": {"message": "Message not found."}})),
+                ),
+            }
+        }
+        _ => (
+            400,
+            envelope(json!({"success": false, "error": {"message": "Unknown action"}})),
+        ),
+    }
+}
+
+/// The shipped catalog (flat form) in the API's shape: `messageType`, `campaignID`,
+/// `campaignName`; ids as strings, as Leanplum writes those beyond 2^53.
+fn api_messages() -> Vec<Value> {
+    let text = std::fs::read_to_string(repo_path("examples/catalog/messages.json")).unwrap();
+    let flat: Vec<Value> = serde_json::from_str(&text).unwrap();
+    flat.into_iter()
+        .map(|m| {
+            let kind = match m["channel"].as_str() {
+                Some("email") => "Email",
+                Some("push") => "Push Notification",
+                _ => "In-App Message",
+            };
+            let mut api = json!({
+                "id": m["id"].to_string(),
+                "name": m["name"],
+                "messageType": kind,
+                "subject": m.get("subject").cloned().unwrap_or(Value::Null),
+            });
+            if let Some(c) = m.get("campaign_id") {
+                api["campaignID"] = json!(c.to_string());
+                api["campaignName"] = m["campaign_name"].clone();
+            }
+            api
+        })
+        .collect()
+}
+
+fn api_abtests() -> Vec<Value> {
+    let text = std::fs::read_to_string(repo_path("examples/catalog/abtests.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A test world whose catalog comes from `lp` alone (an empty `catalog_dir`), with the content
+/// key in a file.
+fn env_with_api(lp_url: &str) -> TestEnv {
+    let mut env = TestEnv::new();
+    let empty = env.root().join("catalog");
+    std::fs::create_dir_all(&empty).unwrap();
+    let key_file = env.root().join("content_key");
+    std::fs::write(&key_file, format!("{CONTENT_KEY}\n")).unwrap();
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    env.config.catalog_dir = empty;
+    env.config = env
+        .config
+        .clone()
+        .with_extra("leanplum", &format!("app_id = {}", toml_str(APP_ID)))
+        .with_extra(
+            "leanplum",
+            &format!(
+                "content_key_file = {}",
+                toml_str(key_file.to_str().unwrap())
+            ),
+        )
+        .with_extra("leanplum", &format!("api_base = {}", toml_str(lp_url)))
+        .with_extra("leanplum", "refresh_interval_secs = 10")
+        .with_extra("leanplum", "request_timeout_secs = 2");
+    env
+}
+
+fn status_json(config: &Path) -> Value {
+    let out = run_cli(
+        &[
+            "status".as_ref(),
+            "--json".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        PATIENCE,
+    );
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {out:?}"))
+}
+
+fn catalog_show(config: &Path, id: &str) -> crate::util::CmdOutput {
+    run_cli(
+        &[
+            "catalog".as_ref(),
+            "show".as_ref(),
+            id.as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        PATIENCE,
+    )
+}
+
+fn assert_no_content_key(what: &str, text: &str) {
+    assert!(
+        !text.contains(CONTENT_KEY),
+        "{what} holds the content key:\n{text}"
+    );
+}
+
+fn shard_path(env: &TestEnv) -> std::path::PathBuf {
+    env.watch_dir()
+        .join(Path::new(SHARD_0).strip_prefix("examples/export").unwrap())
+}
+
+/// Drops the sample shard in and checks that its events arrive, exactly as expected.
+fn deliver_the_sample(env: &TestEnv, agent: &crate::util::Agent, what: &str) {
+    copy_into(SHARD_0, &shard_path(env));
+    expect_the_sample(env, agent, what);
+}
+
+/// Waits for the sample shard's events and checks they arrived exactly as expected.
+fn expect_the_sample(env: &TestEnv, agent: &crate::util::Agent, what: &str) {
+    let expected = expected_shard_0();
+    assert!(
+        env.server.wait_for_accepted(expected.len(), PATIENCE),
+        "{}",
+        agent.log_tail(30)
+    );
+    env.server.wait_for_quiet(Duration::from_secs(1), PATIENCE);
+    assert_same_events(&env.server.accepted_events(), &expected, what);
+}
+
+/// The whole catalog from the API, none from files: the sample maps exactly as with the
+/// shipped files, and status and `catalog show` say where it came from.
+#[test]
+fn catalog_fetched_from_the_api_maps_the_sample_exactly() {
+    let lp = LeanplumServer::start(api_messages(), api_abtests());
+    let env = env_with_api(&lp.url);
+    let config = env.write_config();
+    let check = run_cli(
+        &[
+            "check-config".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        PATIENCE,
+    );
+    assert_eq!(check.code(), 0, "{check:?}");
+    assert!(check.stdout.contains("content key from file"), "{check:?}");
+
+    let agent = env.start_agent();
+    assert!(
+        agent.wait_for_log("catalog fetched from Leanplum", PATIENCE),
+        "{}",
+        agent.log_tail(30)
+    );
+    deliver_the_sample(&env, &agent, "API catalog");
+
+    let req = &lp.requests("getMessages")[0];
+    assert_eq!(req.params["appId"], APP_ID);
+    assert_eq!(
+        req.params["recent"], "false",
+        "finished messages are included"
+    );
+    assert!(
+        lp.requests("getMessage").is_empty(),
+        "every message was known"
+    );
+
+    let status = status_json(&config);
+    assert_eq!(status["catalog"]["source"], "files+api", "{status}");
+    assert_eq!(status["catalog"]["messages"], 40, "{status}");
+    assert!(status["catalog"]["last_error"].is_null(), "{status}");
+
+    let shown = catalog_show(&config, "5175843646007627");
+    assert_eq!(shown.code(), 0, "{shown:?}");
+    assert!(
+        shown
+            .stdout
+            .contains(r#"message 5175843646007627 [api] push "Message 2""#),
+        "{shown:?}"
+    );
+    let missing = catalog_show(&config, "42");
+    assert_eq!(missing.code(), 1, "{missing:?}");
+    for (what, text) in [
+        ("logs", agent.logs()),
+        ("status", status.to_string()),
+        ("catalog show", shown.all_output()),
+    ] {
+        assert_no_content_key(what, &text);
+    }
+}
+
+/// A message created after the last refresh is looked up with `getMessage` before its
+/// engagements are mapped; one the API says does not exist maps with `unknown_message_channel`;
+/// the periodic refresh picks up a message added to the list.
+#[test]
+fn unknown_messages_are_looked_up_and_refresh_picks_up_new_ones() {
+    let mut listed = api_messages();
+    // The push message the shard opens is not listed yet, but getMessage knows it. Guessing
+    // with unknown_message_channel = email would make its Open an "Email Opened".
+    let pos = listed
+        .iter()
+        .position(|m| m["id"] == "5738448816825687")
+        .unwrap();
+    let unlisted = listed.remove(pos);
+    let lp = LeanplumServer::start(listed, api_abtests());
+    lp.state().unlisted.push(unlisted);
+    let mut env = env_with_api(&lp.url);
+    env.config.unknown_message_channel = Some("email".into());
+    let agent = env.start_agent();
+    assert!(agent.wait_for_log("catalog fetched from Leanplum", PATIENCE));
+
+    copy_into(SHARD_0, &shard_path(&env));
+    // An engagement naming a message Leanplum never had.
+    std::fs::write(
+        env.watch_dir().join("engagements.jsonl"),
+        r#"{"event":"Open","user_id":"u-1","device_id":"d-1","timestamp":"2026-11-01T10:00:00Z","message_id":"9000000000000000001","event_id":"77"}"#.to_string() + "\n",
+    )
+    .unwrap();
+    let expected = expected_shard_0();
+    assert!(
+        env.server.wait_for_accepted(expected.len() + 1, PATIENCE),
+        "{}",
+        agent.log_tail(40)
+    );
+    env.server.wait_for_quiet(Duration::from_secs(1), PATIENCE);
+    let events = env.server.accepted_events();
+    let (ghost, shard): (Vec<Value>, Vec<Value>) = events
+        .into_iter()
+        .partition(|e| e["messageId"] == "lp-e-77");
+    assert_same_events(&shard, &expected, "shard with a looked-up message");
+    assert_eq!(ghost.len(), 1);
+    assert_eq!(
+        ghost[0]["event"], "Email Opened",
+        "unknown_message_channel = email"
+    );
+    let looked_up: Vec<String> = lp
+        .requests("getMessage")
+        .iter()
+        .map(|r| r.params["id"].clone())
+        .collect();
+    assert!(
+        looked_up.contains(&"5738448816825687".to_string()),
+        "{looked_up:?}"
+    );
+    assert!(
+        looked_up.contains(&"9000000000000000001".to_string()),
+        "{looked_up:?}"
+    );
+    let config = env.config_path.clone();
+    let shown = catalog_show(&config, "9000000000000000001");
+    assert!(
+        shown
+            .stdout
+            .contains("Leanplum says this message does not exist"),
+        "{shown:?}"
+    );
+
+    // A message added to the list shows up at the next refresh (every 10 s here).
+    let fetches = lp.requests("getMessages").len();
+    lp.state()
+        .listed
+        .push(json!({"id": "123456789", "name": "Brand new", "messageType": "Email"}));
+    assert!(
+        wait_until(Duration::from_secs(25), || lp.requests("getMessages").len()
+            > fetches),
+        "no refresh within 25 s"
+    );
+    assert!(wait_until(PATIENCE, || catalog_show(&config, "123456789")
+        .code()
+        == 0));
+    assert_no_content_key("logs", &agent.logs());
+}
+
+/// Leanplum unreachable at start, with the catalog cached by an earlier run: mapping is right
+/// from the first event, and status says where the catalog came from and what failed.
+#[test]
+fn api_down_at_start_with_a_warm_cache_maps_from_the_cache() {
+    let lp = LeanplumServer::start(api_messages(), api_abtests());
+    let mut env = env_with_api(&lp.url);
+    let mut agent = env.start_agent();
+    assert!(agent.wait_for_log("catalog fetched from Leanplum", PATIENCE));
+    assert!(agent.stop().is_some_and(|s| s.success()));
+    drop(lp);
+
+    // Nothing listens there any more: connection refused.
+    let extra: Vec<(String, String)> = env
+        .config
+        .extra
+        .iter()
+        .filter(|(_, l)| !l.starts_with("api_base"))
+        .cloned()
+        .collect();
+    env.config.extra = extra;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    env.config = env
+        .config
+        .clone()
+        .with_extra("leanplum", &format!("api_base = {}", toml_str(&dead_url)));
+    let agent = env.start_agent();
+    assert!(
+        agent.wait_for_log("loaded from the cache", PATIENCE),
+        "{}",
+        agent.log_tail(20)
+    );
+    deliver_the_sample(&env, &agent, "cached catalog");
+    let status = status_json(&env.config_path);
+    assert_eq!(status["catalog"]["source"], "files+cache", "{status}");
+    assert!(
+        status["catalog"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot reach Leanplum")),
+        "{status}"
+    );
+    assert_no_content_key("logs", &agent.logs());
+}
+
+/// Leanplum down and nothing cached: reading waits on the first record that needs the
+/// catalog (nothing dropped, nothing guessed), status says why; once Leanplum answers, every
+/// event arrives exactly once.
+#[test]
+fn api_down_with_a_cold_cache_waits_then_delivers_everything_once() {
+    let lp = LeanplumServer::start(api_messages(), api_abtests());
+    lp.state().down = true;
+    let env = env_with_api(&lp.url);
+    let agent = env.start_agent();
+    copy_into(SHARD_0, &shard_path(&env));
+    let config = env.config_path.clone();
+    assert!(
+        wait_until(PATIENCE, || {
+            let s = status_json(&config);
+            s["catalog"]["waiting"]
+                .as_array()
+                .is_some_and(|w| !w.is_empty())
+        }),
+        "{}",
+        agent.log_tail(30)
+    );
+    let status = status_json(&config);
+    let waiting = &status["catalog"]["waiting"][0];
+    assert!(
+        waiting["files"][0].as_str().unwrap().contains("output-0"),
+        "{status}"
+    );
+    assert!(
+        waiting["reason"].as_str().unwrap().contains("HTTP 503"),
+        "{status}"
+    );
+    // The server echoed the key in its error body: scrubbed.
+    assert!(
+        waiting["reason"].as_str().unwrap().contains("<redacted>"),
+        "{status}"
+    );
+    assert_no_content_key("status", &status.to_string());
+    thread::sleep(Duration::from_secs(3));
+    let early = env.server.accepted_count();
+    assert!(
+        early < expected_shard_0().len(),
+        "the file waits: {early} events sent"
+    );
+    assert_eq!(status["files_done"], 0, "{status}");
+
+    lp.state().down = false;
+    expect_the_sample(&env, &agent, "after the outage");
+    assert!(wait_until(PATIENCE, || {
+        status_json(&config)["catalog"]["waiting"]
+            .as_array()
+            .is_some_and(|w| w.is_empty())
+    }));
+    assert_no_content_key("logs", &agent.logs());
+}
+
+/// `check-config` verifies the section: a missing content key and a bad base URL are named.
+#[test]
+fn check_config_verifies_the_leanplum_section() {
+    let env = env_with_api("ftp://nowhere");
+    let mut config = env.config.clone();
+    config
+        .extra
+        .retain(|(_, l)| !l.starts_with("content_key_file"));
+    config.write(&env.config_path);
+    let out = run_cli(
+        &[
+            "check-config".as_ref(),
+            "--config".as_ref(),
+            env.config_path.as_os_str(),
+        ],
+        PATIENCE,
+    );
+    assert_eq!(out.code(), crate::util::EX_CONFIG, "{out:?}");
+    let text = out.all_output();
+    assert!(text.contains("leanplum.content_key_file"), "{text}");
+    assert!(text.contains("leanplum.api_base"), "{text}");
+}
