@@ -5,7 +5,9 @@
 //!    `refresh_interval_secs` (and at SIGHUP), plus a `getMessage` lookup for each message an
 //!    export names that the catalog does not know yet. What the API said is cached in the spool
 //!    (`meta/catalog_cache`), so a restart while Leanplum is unreachable maps as before; until
-//!    the first fetch of a run succeeds, this layer's source is `cache`.
+//!    the first fetch of a run succeeds, this layer's source is `cache`. A refresh adds and
+//!    updates entries but drops none: a message Leanplum no longer lists may still be named by
+//!    exports not read yet.
 //! 2. **Files**: `catalog_dir/messages.json` and `abtests.json`, read at start and at SIGHUP.
 //!    An id in both takes the file's entry: the operator's word outranks the API's.
 //!
@@ -86,6 +88,8 @@ struct State {
     fetched_ms: Option<u64>,
     last_attempt_ms: Option<u64>,
     last_error: Option<String>,
+    /// The last lookup error logged (each distinct one is logged once).
+    last_lookup_error: Option<String>,
     lookups: HashMap<Id, Lookup>,
     refresh_requested: bool,
     opts: MappingOptions,

@@ -68,7 +68,7 @@ pub async fn run(
 }
 
 /// One full refresh; errors are recorded (and logged when new).
-async fn refresh(service: &Arc<CatalogService>, api: &LeanplumApi) -> Result<(), ()> {
+pub(super) async fn refresh(service: &Arc<CatalogService>, api: &LeanplumApi) -> Result<(), ()> {
     service.lock().last_attempt_ms = Some(now_ms());
     let fetched = async { Ok::<_, ApiError>((api.messages().await?, api.abtests().await?)) }.await;
     match fetched {
@@ -173,6 +173,7 @@ impl CatalogService {
                 tracing::info!(message_id = %id, channel = message.channel.as_str(), "message found in Leanplum");
                 {
                     let mut st = self.lock();
+                    st.last_lookup_error = None;
                     st.lookups.remove(&id);
                     st.api.insert_message(message);
                     if st.api_source.is_none() {
@@ -185,6 +186,7 @@ impl CatalogService {
             Ok(None) => {
                 tracing::warn!(message_id = %id, "Leanplum says this message does not exist; its events map with mapping.unknown_message_channel");
                 let mut st = self.lock();
+                st.last_lookup_error = None;
                 st.lookups.insert(
                     id,
                     Lookup::Missing {
@@ -196,6 +198,11 @@ impl CatalogService {
             Err(e) => {
                 let text = e.to_string();
                 let mut st = self.lock();
+                // Once per distinct error, not once per message: an outage fails them all.
+                if st.last_lookup_error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(message_id = %id, error = %text, "cannot look the message up in Leanplum; reading its file waits; retrying with backoff");
+                    st.last_lookup_error = Some(text.clone());
+                }
                 if let Some(Lookup::Pending {
                     failures,
                     next_at,
@@ -203,9 +210,6 @@ impl CatalogService {
                     ..
                 }) = st.lookups.get_mut(&id)
                 {
-                    if error.as_deref() != Some(text.as_str()) {
-                        tracing::warn!(message_id = %id, error = %text, "cannot look the message up in Leanplum; reading its file waits; retrying with backoff");
-                    }
                     let mut b = Backoff::new(LOOKUP_RETRY_INITIAL, LOOKUP_RETRY_MAX);
                     for _ in 0..*failures {
                         b.next_delay(None);

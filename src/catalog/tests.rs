@@ -180,3 +180,61 @@ fn show_renders_entries_and_unknown_ids() {
     );
     assert!(handle_request("dead-letter list", &s).is_none());
 }
+
+#[tokio::test]
+async fn a_failed_refresh_keeps_the_catalog_and_a_good_one_replaces_it() {
+    use crate::leanplum::api::{LeanplumApi, test_server::serve_one_answer};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path(), 8 << 20).unwrap());
+    let (s, shared) = service(Catalog::empty(), Some(spool.clone()), true);
+    {
+        let mut st = s.lock();
+        st.api.insert_message(msg(1, MessageKind::Email, "cached"));
+        st.api_source = Some(Source::Cache);
+        s.publish(&st);
+    }
+    let api = |url: &str| {
+        LeanplumApi::new(
+            url,
+            "app",
+            crate::config::Secret::new("k"),
+            Duration::from_secs(2),
+        )
+        .unwrap()
+    };
+    for (status, body) in [
+        (200, "{\"response\": ["),
+        (
+            200,
+            r#"{"response":[{"success":false,"error":{"message":"Quota"}}]}"#,
+        ),
+        (503, "down"),
+    ] {
+        let url = serve_one_answer(status, body, Duration::ZERO);
+        assert!(refresh::refresh(&s, &api(&url)).await.is_err());
+        let m = mapping::current(&shared);
+        assert_eq!(
+            m.catalog.message(Id(1)).unwrap().name.as_deref(),
+            Some("cached")
+        );
+        assert!(s.status().last_error.is_some());
+        assert_eq!(s.status().source, "files+cache");
+    }
+    // getMessages and getAbTests both answer this (the lists are read by key).
+    let url = serve_one_answer(
+        200,
+        r#"{"response":[{"success":true,"messages":[{"id":"2","messageType":"Push Notification"}],"abTests":[]}]}"#,
+        Duration::ZERO,
+    );
+    assert!(refresh::refresh(&s, &api(&url)).await.is_ok());
+    let st = s.status();
+    assert_eq!((st.source.as_str(), st.last_error), ("files+api", None));
+    let m = mapping::current(&shared);
+    assert!(m.catalog.message(Id(2)).is_some());
+    // Kept: a message no list names any more may still be in old exports.
+    assert!(m.catalog.message(Id(1)).is_some());
+    // And cached for the next start.
+    let (again, shared) = service(Catalog::empty(), Some(spool), true);
+    assert!(mapping::current(&shared).catalog.message(Id(2)).is_some());
+    assert_eq!(again.status().source, "files+cache");
+}

@@ -179,6 +179,26 @@ fn error_message(body: &[u8]) -> Option<String> {
     }
 }
 
+/// A stand-in for Leanplum in unit tests.
+#[cfg(test)]
+pub(crate) mod test_server {
+    use std::time::Duration;
+
+    /// A server on loopback answering every request with `status` and `body` after `delay`.
+    pub(crate) fn serve_one_answer(status: u16, body: &'static str, delay: Duration) -> String {
+        let http = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", http.server_addr().to_ip().unwrap());
+        std::thread::spawn(move || {
+            for request in http.incoming_requests() {
+                std::thread::sleep(delay);
+                let _ = request
+                    .respond(tiny_http::Response::from_string(body).with_status_code(status));
+            }
+        });
+        url
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,5 +244,49 @@ mod tests {
         assert!(matches!(e, ApiError::Transport(_)), "{text}");
         assert!(!text.contains("S3cretContentKey"), "{text}");
         assert!(!text.contains("clientKey"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn each_kind_of_failure_is_told_apart_without_the_key() {
+        let key = "K_s3cret_content";
+        let rows: &[(u16, &'static str, u64, &str)] = &[
+            (
+                200,
+                r#"{"response":[{"success":false,"error":{"message":"Quota exceeded"}}]}"#,
+                0,
+                "Leanplum says: Quota exceeded",
+            ),
+            (
+                401,
+                r#"{"response":[{"success":false,"error":{"message":"Invalid clientKey K_s3cret_content"}}]}"#,
+                0,
+                "Leanplum answered HTTP 401: Invalid clientKey <redacted>",
+            ),
+            (
+                502,
+                "<html>bad gateway</html>",
+                0,
+                "Leanplum answered HTTP 502: Bad Gateway",
+            ),
+            (200, "{\"response\": [", 0, "malformed Leanplum response"),
+            (
+                200,
+                r#"{"response":[{"success":true}]}"#,
+                0,
+                "malformed Leanplum response",
+            ),
+            (200, "[]", 3, "cannot reach Leanplum: timed out"),
+        ];
+        for (status, body, delay, want) in rows {
+            let url = test_server::serve_one_answer(*status, body, Duration::from_secs(*delay));
+            let api =
+                LeanplumApi::new(&url, "app", Secret::new(key), Duration::from_secs(1)).unwrap();
+            let text = api.messages().await.unwrap_err().to_string();
+            assert!(text.starts_with(want), "{status} {body}: {text}");
+            assert!(
+                !text.contains(key) && !text.contains("clientKey="),
+                "{text}"
+            );
+        }
     }
 }

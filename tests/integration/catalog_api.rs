@@ -529,6 +529,23 @@ fn api_down_with_a_cold_cache_waits_then_delivers_everything_once() {
     );
     assert_eq!(status["files_done"], 0, "{status}");
 
+    // Logged once each, though retried all along.
+    let logs = agent.logs();
+    assert!(lp.requests("getMessages").len() >= 2, "retried");
+    assert!(lp.requests("getMessage").len() >= 2, "retried");
+    assert_eq!(
+        logs.matches("cannot fetch the catalog from Leanplum")
+            .count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("cannot look the message up in Leanplum")
+            .count(),
+        1,
+        "{logs}"
+    );
+
     lp.state().down = false;
     expect_the_sample(&env, &agent, "after the outage");
     assert!(wait_until(PATIENCE, || {
