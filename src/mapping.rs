@@ -193,6 +193,23 @@ pub fn session_unknown_messages(s: &Session, catalog: &Catalog) -> Vec<Id> {
     ids
 }
 
+/// The A/B tests a session's impressions name that `catalog` does not know (their Experiment
+/// Viewed events would go without names); none when Experiment Viewed is not sent.
+pub fn session_unknown_abtests(s: &Session, catalog: &Catalog, opts: &MappingOptions) -> Vec<Id> {
+    if !opts.send_experiment_viewed {
+        return Vec::new();
+    }
+    let mut ids: Vec<Id> = s
+        .experiments
+        .iter()
+        .filter(|x| x.impressed != Some(false) && catalog.abtest(x.id).is_none())
+        .map(|x| x.id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 /// The message an engagement record names, when it would be sent and `catalog` does not know
 /// it. A record that names its channel still waits: the catalog gives its subject and campaign.
 pub fn engagement_unknown_message(e: &Engagement, catalog: &Catalog) -> Option<Id> {

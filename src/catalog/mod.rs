@@ -16,7 +16,10 @@
 //! answers: the file's offset stays before that record (events before it are committed), and the
 //! ingest worker offers the file again when the catalog changes ([`CatalogService::generation`]).
 //! Only when Leanplum says the message does not exist does `unknown_message_channel` apply; that
-//! answer is remembered for [`MISSING_TTL`], then asked again. Lookups run one at a time, at most
+//! answer is remembered for [`MISSING_TTL`], then asked again. An A/B test the catalog does not
+//! know (its Experiment Viewed would go without names) makes the record wait for the next full
+//! refresh, asked for at once; a test that refresh does not list either is taken as unknown
+//! for [`MISSING_TTL`] and its events go without names. Lookups run one at a time, at most
 //! [`LOOKUPS_PER_SEC`] a second; a failed one is retried with backoff, per id. Errors are logged
 //! when they first appear and when they change, not at every retry.
 
@@ -91,6 +94,8 @@ struct State {
     /// The last lookup error logged (each distinct one is logged once).
     last_lookup_error: Option<String>,
     lookups: HashMap<Id, Lookup>,
+    /// A/B tests waited for: `Pending` until a full refresh, then `Missing` if not listed.
+    abtest_waits: HashMap<Id, Lookup>,
     refresh_requested: bool,
     opts: MappingOptions,
 }
@@ -180,46 +185,38 @@ impl CatalogService {
         self.wake.notify_one();
     }
 
-    /// Whether a record naming `ids` (messages the reader's catalog does not know) must wait.
-    /// Starts a lookup for each id not asked yet; `file` is named in status as waiting.
-    pub fn must_wait(&self, ids: &[Id], file: &str) -> bool {
-        if !self.api_enabled || ids.is_empty() {
+    /// Whether a record naming `messages` and `abtests` (ids the reader's catalog does not know)
+    /// must wait. Starts a lookup for each message not asked yet, and a refresh for an A/B test;
+    /// `file` is named in status as waiting.
+    pub fn must_wait(&self, messages: &[Id], abtests: &[Id], file: &str) -> bool {
+        if !self.api_enabled || (messages.is_empty() && abtests.is_empty()) {
             return false;
         }
         let now = Instant::now();
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let mut wait = false;
         let mut asked = false;
-        for &id in ids {
-            if st.api.message(id).is_some() || st.files.message(id).is_some() {
-                // Known since the reader took its catalog: it looks again with the new one.
-                wait = true;
-                continue;
+        for &id in messages {
+            let known = st.api.message(id).is_some() || st.files.message(id).is_some();
+            let (w, a) = wait_on(&mut st.lookups, id, known, file, now);
+            if a {
+                tracing::info!(message_id = %id, path = %file, "message not in the catalog; asking Leanplum before reading on");
             }
-            match st.lookups.get_mut(&id) {
-                Some(Lookup::Missing { until }) if *until > now => {}
-                Some(Lookup::Pending { files, .. }) => {
-                    files.insert(file.to_owned());
-                    wait = true;
-                }
-                _ => {
-                    st.lookups.insert(
-                        id,
-                        Lookup::Pending {
-                            since_ms: now_ms(),
-                            files: BTreeSet::from([file.to_owned()]),
-                            failures: 0,
-                            next_at: now,
-                            error: None,
-                        },
-                    );
-                    tracing::info!(message_id = %id, path = %file, "message not in the catalog; asking Leanplum before reading on");
-                    wait = true;
-                    asked = true;
-                }
-            }
+            wait |= w;
+            asked |= a;
         }
-        drop(st);
+        for &id in abtests {
+            let known = st.api.abtest(id).is_some() || st.files.abtest(id).is_some();
+            let (w, a) = wait_on(&mut st.abtest_waits, id, known, file, now);
+            if a {
+                tracing::info!(abtest_id = %id, path = %file, "A/B test not in the catalog; refreshing from Leanplum before reading on");
+                st.refresh_requested = true;
+            }
+            wait |= w;
+            asked |= a;
+        }
+        drop(guard);
         if asked {
             self.wake.notify_one();
         }
@@ -251,6 +248,40 @@ impl CatalogService {
         };
         if let Err(e) = spool.store_catalog_cache(&bytes) {
             tracing::warn!(error = %e, "cannot cache the Leanplum catalog in the spool");
+        }
+    }
+}
+
+/// One id's part of [`CatalogService::must_wait`]: (must wait, newly asked).
+fn wait_on(
+    waits: &mut HashMap<Id, Lookup>,
+    id: Id,
+    known: bool,
+    file: &str,
+    now: Instant,
+) -> (bool, bool) {
+    if known {
+        // Known since the reader took its catalog: it looks again with the new one.
+        return (true, false);
+    }
+    match waits.get_mut(&id) {
+        Some(Lookup::Missing { until }) if *until > now => (false, false),
+        Some(Lookup::Pending { files, .. }) => {
+            files.insert(file.to_owned());
+            (true, false)
+        }
+        _ => {
+            waits.insert(
+                id,
+                Lookup::Pending {
+                    since_ms: now_ms(),
+                    files: BTreeSet::from([file.to_owned()]),
+                    failures: 0,
+                    next_at: now,
+                    error: None,
+                },
+            );
+            (true, true)
         }
     }
 }
@@ -325,7 +356,9 @@ pub struct CatalogStatus {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WaitingLookup {
-    pub message_id: String,
+    /// `message` (looked up with `getMessage`) or `abtest` (waiting for `getAbTests`).
+    pub kind: String,
+    pub id: String,
     pub since: String,
     pub files: Vec<String>,
     /// Why it has no answer yet: the last error, or "asking Leanplum".
@@ -343,27 +376,33 @@ fn status_of(st: &State, api_enabled: bool) -> CatalogStatus {
         (true, None) => "files (API not reached yet)".to_owned(),
         (false, _) => "files".to_owned(),
     };
-    let mut waiting: Vec<WaitingLookup> = st
-        .lookups
-        .iter()
-        .filter_map(|(id, l)| match l {
-            Lookup::Pending {
-                since_ms,
-                files,
-                error,
-                ..
-            } => Some(WaitingLookup {
-                message_id: id.to_string(),
-                since: rfc3339(*since_ms),
-                files: files.iter().cloned().collect(),
-                reason: error
-                    .clone()
-                    .unwrap_or_else(|| "asking Leanplum (getMessage)".to_owned()),
-            }),
-            Lookup::Missing { .. } => None,
-        })
-        .collect();
-    waiting.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+    let pending = |kind: &'static str, waits: &HashMap<Id, Lookup>, default: &str| {
+        waits
+            .iter()
+            .filter_map(|(id, l)| match l {
+                Lookup::Pending {
+                    since_ms,
+                    files,
+                    error,
+                    ..
+                } => Some(WaitingLookup {
+                    kind: kind.to_owned(),
+                    id: id.to_string(),
+                    since: rfc3339(*since_ms),
+                    files: files.iter().cloned().collect(),
+                    reason: error.clone().unwrap_or_else(|| default.to_owned()),
+                }),
+                Lookup::Missing { .. } => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let refresh_reason = match &st.last_error {
+        Some(e) => e.clone(),
+        None => "waiting for Leanplum's A/B tests (getAbTests)".to_owned(),
+    };
+    let mut waiting = pending("message", &st.lookups, "asking Leanplum (getMessage)");
+    waiting.extend(pending("abtest", &st.abtest_waits, &refresh_reason));
+    waiting.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
     CatalogStatus {
         source,
         messages: merged_messages.len_messages() as u64,
@@ -480,8 +519,9 @@ pub fn render_show(answer: &Value, id: Option<&str>) -> String {
     }
     for w in &status.waiting {
         out.push_str(&format!(
-            "waiting: message {} since {} ({}); files: {}\n",
-            w.message_id,
+            "waiting: {} {} since {} ({}); files: {}\n",
+            w.kind,
+            w.id,
             w.since,
             w.reason,
             w.files.join(", ")

@@ -119,11 +119,27 @@ pub(super) async fn refresh(service: &Arc<CatalogService>, api: &LeanplumApi) ->
 }
 
 /// Drops the pending lookups the API layer now answers, and asks the others again now: the
-/// API just answered, so their backoff is out of date.
+/// API just answered, so their backoff is out of date. A/B tests waited for and still not
+/// listed are taken as unknown for a while.
 fn resolve_known(st: &mut State) {
-    let State { api, lookups, .. } = st;
-    lookups.retain(|id, l| !(matches!(l, Lookup::Pending { .. }) && api.message(*id).is_some()));
+    let State {
+        api,
+        lookups,
+        abtest_waits,
+        ..
+    } = st;
     let now = Instant::now();
+    abtest_waits
+        .retain(|id, l| !(matches!(l, Lookup::Pending { .. }) && api.abtest(*id).is_some()));
+    for (id, l) in abtest_waits.iter_mut() {
+        if matches!(l, Lookup::Pending { .. }) {
+            tracing::warn!(abtest_id = %id, "Leanplum does not list this A/B test; its Experiment Viewed events go without names");
+            *l = Lookup::Missing {
+                until: now + MISSING_TTL,
+            };
+        }
+    }
+    lookups.retain(|id, l| !(matches!(l, Lookup::Pending { .. }) && api.message(*id).is_some()));
     for l in lookups.values_mut() {
         if let Lookup::Pending { next_at, .. } = l {
             *next_at = now;

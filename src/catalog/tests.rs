@@ -30,7 +30,7 @@ fn without_the_api_nothing_waits() {
         None,
         false,
     );
-    assert!(!s.must_wait(&[Id(9)], "a"));
+    assert!(!s.must_wait(&[Id(9)], &[], "a"));
     assert!(mapping::current(&shared).catalog.message(Id(1)).is_some());
     assert_eq!(s.status().source, "files");
     assert!(s.status().waiting.is_empty());
@@ -40,11 +40,14 @@ fn without_the_api_nothing_waits() {
 async fn unknown_message_waits_until_leanplum_answers() {
     let (s, shared) = service(Catalog::empty(), None, true);
     let g0 = s.generation();
-    assert!(s.must_wait(&[Id(7)], "20261101/export-1"));
-    assert!(s.must_wait(&[Id(7)], "20261101/export-2"));
+    assert!(s.must_wait(&[Id(7)], &[], "20261101/export-1"));
+    assert!(s.must_wait(&[Id(7)], &[], "20261101/export-2"));
     let st = s.status();
     assert_eq!(st.waiting.len(), 1);
-    assert_eq!(st.waiting[0].message_id, "7");
+    assert_eq!(
+        (st.waiting[0].kind.as_str(), st.waiting[0].id.as_str()),
+        ("message", "7")
+    );
     assert_eq!(
         st.waiting[0].files,
         vec!["20261101/export-1", "20261101/export-2"]
@@ -59,7 +62,7 @@ async fn unknown_message_waits_until_leanplum_answers() {
         )),
     )
     .await;
-    assert!(s.must_wait(&[Id(7)], "20261101/export-1"));
+    assert!(s.must_wait(&[Id(7)], &[], "20261101/export-1"));
     assert!(s.status().waiting[0].reason.contains("connection refused"));
     assert_eq!(
         s.next_due_lookup(),
@@ -76,18 +79,18 @@ async fn unknown_message_waits_until_leanplum_answers() {
     assert_eq!(m.catalog.message(Id(7)).unwrap().channel, MessageKind::Push);
     assert!(s.status().waiting.is_empty());
     // A reader still holding the old catalog is told to look again.
-    assert!(s.must_wait(&[Id(7)], "20261101/export-1"));
+    assert!(s.must_wait(&[Id(7)], &[], "20261101/export-1"));
     assert!(mapping::session_unknown_messages(&Default::default(), &m.catalog).is_empty());
 }
 
 #[tokio::test]
 async fn a_message_leanplum_does_not_know_maps_as_unknown() {
     let (s, _) = service(Catalog::empty(), None, true);
-    assert!(s.must_wait(&[Id(8)], "f"));
+    assert!(s.must_wait(&[Id(8)], &[], "f"));
     let g = s.generation();
     s.lookup_answered(Id(8), Ok(None)).await;
     assert!(s.generation() > g, "waiting readers must look again");
-    assert!(!s.must_wait(&[Id(8)], "f"));
+    assert!(!s.must_wait(&[Id(8)], &[], "f"));
     assert!(s.status().waiting.is_empty());
     assert_eq!(
         s.show(Some(Id(8)))["lookup"],
@@ -102,7 +105,7 @@ async fn files_override_the_api_and_the_cache_survives_a_restart() {
     let files = Catalog::from_parts(vec![msg(2, MessageKind::Email, "from file")], vec![]);
     let (s, shared) = service(files.clone(), Some(spool.clone()), true);
     assert_eq!(s.status().source, "files (API not reached yet)");
-    assert!(s.must_wait(&[Id(2), Id(3)], "f"), "3 is unknown");
+    assert!(s.must_wait(&[Id(2), Id(3)], &[], "f"), "3 is unknown");
     s.lookup_answered(Id(3), Ok(Some(msg(3, MessageKind::Push, "api"))))
         .await;
     {
@@ -237,4 +240,33 @@ async fn a_failed_refresh_keeps_the_catalog_and_a_good_one_replaces_it() {
     let (again, shared) = service(Catalog::empty(), Some(spool), true);
     assert!(mapping::current(&shared).catalog.message(Id(2)).is_some());
     assert_eq!(again.status().source, "files+cache");
+}
+
+#[tokio::test]
+async fn an_unknown_abtest_waits_for_the_next_refresh() {
+    use crate::leanplum::api::{LeanplumApi, test_server::serve_one_answer};
+    let (s, shared) = service(Catalog::empty(), None, true);
+    assert!(s.must_wait(&[], &[Id(50), Id(60)], "f"));
+    assert!(s.lock().refresh_requested, "a refresh is asked for at once");
+    let st = s.status();
+    assert_eq!(st.waiting.len(), 2);
+    assert_eq!(st.waiting[0].kind, "abtest");
+    // The refresh lists 50 but not 60.
+    let url = serve_one_answer(
+        200,
+        r#"{"response":[{"success":true,"messages":[],"abTests":[{"id":"50","name":"T","variants":[{"id":"51","name":"A"}]}]}]}"#,
+        Duration::ZERO,
+    );
+    let api = LeanplumApi::new(
+        &url,
+        "app",
+        crate::config::Secret::new("k"),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    refresh::refresh(&s, &api).await.unwrap();
+    assert!(mapping::current(&shared).catalog.abtest(Id(50)).is_some());
+    assert!(s.status().waiting.is_empty());
+    // 60 is not Leanplum's: no more waiting for it.
+    assert!(!s.must_wait(&[], &[Id(60)], "f"));
 }

@@ -35,7 +35,7 @@
 //! | `current_backoff_ms` | integer or null | the retry wait in force now; null when not waiting |
 //! | `last_rejected_status` | integer or null | HTTP status of the last request Segment refused for good (`rejected`, `auth_failed`) |
 //! | `notes` | array of strings | facts the operator should know, in plain words (e.g. a corrupt spool moved aside) |
-//! | `catalog` | object or null | the message and A/B-test catalog (null when stopped): `source` (`files`, `files+api`, `files+cache`), `messages`, `abtests`, `fetched_at` and `age_secs` (when the API part was fetched), `last_refresh` (last attempt), `last_error`, and `waiting`: the messages being looked up in Leanplum, each with `message_id`, `since`, `files` (whose reading waits on it) and `reason` |
+//! | `catalog` | object or null | the message and A/B-test catalog (null when stopped): `source` (`files`, `files+api`, `files+cache`), `messages`, `abtests`, `fetched_at` and `age_secs` (when the API part was fetched), `last_refresh` (last attempt), `last_error`, and `waiting`: what reading waits for from Leanplum, each with `kind` (`message`: a `getMessage` lookup; `abtest`: the next `getAbTests`), `id`, `since`, `files` (whose reading waits on it) and `reason` |
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -194,8 +194,9 @@ impl StatusReport {
                 rows.push((
                     "waiting",
                     format!(
-                        "message {} since {} ({}): {}",
-                        w.message_id,
+                        "{} {} since {} ({}): {}",
+                        w.kind,
+                        w.id,
                         w.since,
                         one_line_text(&w.reason, 200),
                         w.files.join(", ")
@@ -510,7 +511,8 @@ mod tests {
                 last_refresh: Some("2024-05-01T12:00:00Z".into()),
                 last_error: Some("cannot reach Leanplum: connection refused".into()),
                 waiting: vec![crate::catalog::WaitingLookup {
-                    message_id: "77".into(),
+                    kind: "message".into(),
+                    id: "77".into(),
                     since: "2024-05-01T11:59:00Z".into(),
                     files: vec!["20240501/export-1".into()],
                     reason: "cannot reach Leanplum: connection refused".into(),

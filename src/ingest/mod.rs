@@ -257,8 +257,14 @@ impl Ingestor {
                 break;
             }
             if let (Some(catalog), Ok(record)) = (&self.catalog, &item.result) {
-                let unknown = unknown_messages(record, &mapping.catalog);
-                if catalog.must_wait(&unknown, &shown) {
+                let messages = unknown_messages(record, &mapping.catalog);
+                let abtests = match record {
+                    Record::Session(s) => {
+                        crate::mapping::session_unknown_abtests(s, &mapping.catalog, &mapping.opts)
+                    }
+                    Record::Engagement(_) => Vec::new(),
+                };
+                if catalog.must_wait(&messages, &abtests, &shown) {
                     // The offset stays before this record; what came before is committed.
                     waiting = true;
                     break;

@@ -530,9 +530,12 @@ fn api_down_with_a_cold_cache_waits_then_delivers_everything_once() {
     assert_eq!(status["files_done"], 0, "{status}");
 
     // Logged once each, though retried all along.
+    assert!(
+        wait_until(PATIENCE, || lp.requests("getMessages").len() >= 2
+            && lp.requests("getMessage").len() >= 3),
+        "retried"
+    );
     let logs = agent.logs();
-    assert!(lp.requests("getMessages").len() >= 2, "retried");
-    assert!(lp.requests("getMessage").len() >= 2, "retried");
     assert_eq!(
         logs.matches("cannot fetch the catalog from Leanplum")
             .count(),
