@@ -1,7 +1,7 @@
 //! The durable spool: a sled 0.34.7 database holding the events not yet accepted by Segment, the
 //! read position of every input file, the dedupe index, and the quarantine and dead letters.
 //!
-//! # On-disk format (version 1)
+//! # On-disk format (version 2)
 //!
 //! Under `spool.dir`: `CURRENT` names the current generation, `gen-<n>/` is a sled database
 //! (sled's own files: `db`, `conf`, `blobs/`, `snap.*`), and `corrupt-<unix time>/` holds a
@@ -10,13 +10,19 @@
 //! | tree | key | value |
 //! | --- | --- | --- |
 //! | `meta` | ASCII name | `format_version` u32 BE (= 1); `live_bytes`, `depth`, `next_id` u64 BE; `catalog_cache` JSON (the Leanplum catalog last fetched) |
-//! | `queue` | seq, u64 BE (FIFO: sled iterates keys in byte order) | `[1u8][enqueued_ms u64 BE][file_id u64 BE][event JSON]` |
+//! | `queue` | key of the packet's first event, u64 BE (FIFO: sled iterates keys in byte order) | a packet of consecutive events of one file, see `packet.rs` |
+//! | `acked` | packet key, u64 BE | bitmap of its events already delivered or dead-lettered, while others remain |
 //! | `files` | file id, u64 BE | [`FileRecord`] as JSON |
 //! | `paths` | path bytes (relative to `watch.dir`) | file id u64 BE |
 //! | `heads` | head hash (32 hex ASCII) + file id u64 BE | empty: files by content |
-//! | `dedupe` | Segment `messageId` bytes | first spooled at, ms u64 BE |
+//! | `dedupe` | partition, u16 BE (of SHA-256 of the `messageId`) | sorted `[hash u64 BE][day u16 BE]` entries, see `dedupe.rs` |
 //! | `quarantine` | id u64 BE | [`QuarantineEntry`] as JSON (bad input) |
 //! | `dead` | id u64 BE | [`DeadLetter`] as JSON (events Segment will never take) |
+//!
+//! Version 1 kept one queue key per event and one dedupe key per `messageId`: sled's memory
+//! grows with the number of keys, so a backlog of millions grew the agent by tens of MB per
+//! million. Version 2 reads version 1 queue values as packets of one, and an agent opening a
+//! version 1 spool moves its dedupe keys into partitions first.
 //!
 //! `live_bytes` and `depth` are kept by us, not taken from `size_on_disk`: sled 0.34 does not
 //! shrink its files when keys are removed, so the file size says nothing about the backlog.
@@ -25,13 +31,14 @@
 //!
 //! # Transactions
 //!
-//! 1. [`Spool::commit_file_chunk`]: the events of one chunk of a file (new ones into `queue` and
-//!    `dedupe`, duplicates skipped, oversize ones into `dead`), its bad lines into `quarantine`,
+//! 1. [`Spool::commit_file_chunk`]: the events of one chunk of a file (new ones into `queue`
+//!    packets and their `dedupe` partitions, duplicates skipped, oversize ones into `dead`), its bad lines into `quarantine`,
 //!    the file's new offset into `files`, and `live_bytes`/`depth` into `meta`: one sled
 //!    transaction over all those trees, then `Db::flush` and an fsync of sled's data file. The
 //!    offset counts as durable only once that returns.
-//! 2. [`Spool::ack`]: after a 2xx, the batch's keys leave `queue`, `meta` and the files'
-//!    `pending` counts go down; one transaction, not flushed here (sled writes its buffers out
+//! 2. [`Spool::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
+//!    events are all marked leaves `queue` and `acked`), `meta` and the files' `pending` counts
+//!    go down; one transaction, not flushed here (sled writes its buffers out
 //!    every 200 ms, see `store.rs`). A crash that loses it re-sends that batch: Segment dedupes
 //!    by `messageId`.
 //! 3. [`Spool::dead_letter`]: events Segment rejected for good move from `queue` to `dead`.
@@ -63,6 +70,8 @@
 //! [`Spool::watermark`], the first key not yet committed, so it never skips a key that a
 //! transaction was still writing.
 
+mod dedupe;
+mod packet;
 mod records;
 mod store;
 
@@ -82,11 +91,9 @@ use crate::segment::MAX_EVENT_BYTES;
 /// The file id of events that belong to no file record (quarantined records retried by hand).
 pub const NO_FILE: u64 = u64::MAX;
 
-/// Bumped when the layout above changes; an older binary refuses a newer spool.
-pub const FORMAT_VERSION: u32 = 1;
-
-const HEADER_LEN: usize = 17;
-const HEADER_VERSION: u8 = 1;
+/// Bumped when the layout above changes; an older binary refuses a newer spool, a newer one
+/// upgrades an older spool when an agent opens it (see [`Spool::open`]).
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -173,6 +180,11 @@ pub struct Queued {
     pub enqueued_ms: u64,
     /// The event JSON (no header).
     pub json: IVec,
+    /// The packet holding the event (its first event's key), the event's place in it, and
+    /// the packet's number of events (see `packet.rs`).
+    pub packet: u64,
+    pub index: u16,
+    pub packet_len: u16,
 }
 
 /// What a compaction gave back.
@@ -208,6 +220,8 @@ pub struct Spool {
     writer: Mutex<u64>,
     /// First queue key not yet committed.
     watermark: AtomicU64,
+    /// The day dedupe entries were last pruned below (see [`Spool::prune_dedupe`]).
+    pruned_day: std::sync::atomic::AtomicU32,
     /// What `open` had to repair, for status.
     recovered: Option<String>,
     /// Our flock on `spool.dir/LOCK`, held as long as an agent has the spool open (`None` for
@@ -237,6 +251,13 @@ impl Spool {
         // waits out.)
         let lock = store::lock(dir)?;
         let (store, recovered) = store::open_current(dir, cache_bytes)?;
+        if store.format_version()? == 1 {
+            let moved = store.upgrade_from_v1()?;
+            tracing::info!(
+                dedupe_ids = moved,
+                "spool upgraded from format version 1 to {FORMAT_VERSION}"
+            );
+        }
         Spool::from_store(dir, cache_bytes, store, recovered, Some(lock))
     }
 
@@ -270,6 +291,7 @@ impl Spool {
             store: RwLock::new(store),
             writer: Mutex::new(next),
             watermark: AtomicU64::new(next),
+            pruned_day: Default::default(),
             recovered,
             _lock: lock,
         })
@@ -305,6 +327,7 @@ impl Spool {
         let mut next = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let first_key = *next;
         let now = now_ms();
+        let today = dedupe::day(now);
         let q_ids = (0..chunk.quarantine.len())
             .map(|_| s.new_id())
             .collect::<Result<Vec<_>, _>>()?;
@@ -313,33 +336,86 @@ impl Spool {
             .iter()
             .map(|q| serde_json::to_vec(q).unwrap_or_default())
             .collect();
-        let oversize: Vec<usize> = chunk
-            .events
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.json.len() > MAX_EVENT_BYTES)
-            .map(|(i, _)| i)
-            .collect();
-        let dead_ids = oversize
-            .iter()
-            .map(|_| s.new_id())
-            .collect::<Result<Vec<_>, _>>()?;
 
         // Duplicates are found before the transaction: only this writer (holding `writer`)
-        // adds dedupe entries, so what a plain read sees cannot change under us, and the
-        // transaction is left with writes only (sled's transactional reads are slow).
-        let mut seen_here = std::collections::HashSet::with_capacity(chunk.events.len());
-        let duplicate: Vec<bool> = chunk
+        // changes the dedupe index (pruning takes the same lock), so what a plain read sees
+        // cannot change under us, and each partition is read once.
+        let fingerprints: Vec<dedupe::Fingerprint> = chunk
             .events
             .iter()
-            .map(|ev| {
-                Ok(!seen_here.insert(ev.message_id.as_str())
-                    || s.dedupe
-                        .contains_key(ev.message_id.as_bytes())
-                        .map_err(|e| s.sled_err(e))?)
-            })
-            .collect::<Result<_, Error>>()?;
-        let result = (
+            .map(|e| dedupe::fingerprint(&e.message_id))
+            .collect();
+        let mut partitions: std::collections::BTreeMap<u16, (IVec, Vec<(u64, u16)>)> =
+            std::collections::BTreeMap::new();
+        let mut duplicate = vec![false; chunk.events.len()];
+        for (i, f) in fingerprints.iter().enumerate() {
+            let entry = match partitions.entry(f.partition) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    let value = s
+                        .dedupe
+                        .get(dedupe::key(f.partition))
+                        .map_err(|e| s.sled_err(e))?
+                        .unwrap_or_default();
+                    if !dedupe::is_valid(&value) {
+                        return Err(s.corrupt(format!("dedupe partition {}", f.partition)));
+                    }
+                    v.insert((value, Vec::new()))
+                }
+            };
+            let (value, added) = entry;
+            if dedupe::contains(value, f.hash) || added.iter().any(|(h, _)| *h == f.hash) {
+                duplicate[i] = true;
+            } else {
+                added.push((f.hash, today));
+            }
+        }
+        let merged: Vec<([u8; 2], Vec<u8>)> = partitions
+            .into_iter()
+            .filter(|(_, (_, added))| !added.is_empty())
+            .map(|(p, (value, mut added))| (dedupe::key(p), dedupe::merge(&value, &mut added)))
+            .collect();
+
+        // New events: oversize ones become dead letters, the rest go into packets.
+        let mut out = ChunkOutcome::default();
+        let mut letters = Vec::new();
+        let mut fresh: Vec<&[u8]> = Vec::with_capacity(chunk.events.len());
+        for (i, ev) in chunk.events.iter().enumerate() {
+            if duplicate[i] {
+                out.duplicates += 1;
+            } else if ev.json.len() > MAX_EVENT_BYTES {
+                let letter = DeadLetter {
+                    reason: format!(
+                        "event is {} bytes, over Segment's {} byte limit",
+                        ev.json.len(),
+                        MAX_EVENT_BYTES
+                    ),
+                    status: None,
+                    file_id: Some(chunk.file_id),
+                    time_ms: now,
+                    message_id: ev.message_id.clone(),
+                    event: String::from_utf8_lossy(&ev.json).into_owned(),
+                };
+                letters.push((s.new_id()?, serde_json::to_vec(&letter).unwrap_or_default()));
+                out.dead_lettered += 1;
+            } else {
+                fresh.push(&ev.json);
+            }
+        }
+        let bytes: u64 = fresh.iter().map(|j| j.len() as u64).sum();
+        out.spooled = fresh.len() as u64;
+        let mut packets = Vec::new();
+        let mut key = first_key;
+        for events in packet::split(&fresh, |j| j.len()) {
+            packets.push((
+                key,
+                packet::encode(now, chunk.file_id, events.iter().copied()),
+            ));
+            key += events.len() as u64;
+        }
+        out.quarantined = chunk.quarantine.len() as u64;
+
+        (
             &s.queue,
             &s.files,
             &s.dedupe,
@@ -348,46 +424,17 @@ impl Spool {
             &s.dead,
         )
             .transaction(|(queue, files, dedupe, meta, quarantine, dead)| {
-                let mut out = ChunkOutcome::default();
-                let mut key = first_key;
-                let mut bytes = 0u64;
-                let mut dead_i = 0;
-                for (i, ev) in chunk.events.iter().enumerate() {
-                    if duplicate[i] {
-                        out.duplicates += 1;
-                        continue;
-                    }
-                    dedupe.insert(ev.message_id.as_bytes(), &now.to_be_bytes())?;
-                    if oversize.binary_search(&i).is_ok() {
-                        let letter = DeadLetter {
-                            reason: format!(
-                                "event is {} bytes, over Segment's {} byte limit",
-                                ev.json.len(),
-                                MAX_EVENT_BYTES
-                            ),
-                            status: None,
-                            file_id: Some(chunk.file_id),
-                            time_ms: now,
-                            message_id: ev.message_id.clone(),
-                            event: String::from_utf8_lossy(&ev.json).into_owned(),
-                        };
-                        let v = serde_json::to_vec(&letter).unwrap_or_default();
-                        dead.insert(&dead_ids[dead_i].to_be_bytes(), v)?;
-                        dead_i += 1;
-                        out.dead_lettered += 1;
-                        continue;
-                    }
-                    queue.insert(
-                        &key.to_be_bytes(),
-                        encode_queued(now, chunk.file_id, &ev.json),
-                    )?;
-                    key += 1;
-                    bytes += ev.json.len() as u64;
-                    out.spooled += 1;
+                for (k, v) in &packets {
+                    queue.insert(&k.to_be_bytes(), v.as_slice())?;
+                }
+                for (k, v) in &merged {
+                    dedupe.insert(k, v.as_slice())?;
+                }
+                for (id, v) in &letters {
+                    dead.insert(&id.to_be_bytes(), v.as_slice())?;
                 }
                 for (id, q) in q_ids.iter().zip(&quarantine_json) {
                     quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
-                    out.quarantined += 1;
                 }
                 let fkey = chunk.file_id.to_be_bytes();
                 let mut rec = match files.get(fkey)? {
@@ -411,9 +458,9 @@ impl Spool {
                 }
                 add_meta(meta, "live_bytes", bytes as i64)?;
                 add_meta(meta, "depth", out.spooled as i64)?;
-                Ok((out, key))
-            });
-        let (out, key) = result.map_err(|e| s.tx_err(e))?;
+                Ok(())
+            })
+            .map_err(|e| s.tx_err(e))?;
         self.flush()?;
         *next = key;
         self.watermark.store(key, Ordering::Release);
@@ -438,17 +485,48 @@ impl Spool {
         if start >= end {
             return Ok(out);
         }
+        // The packet holding `start` begins at or before it.
+        let from = match s
+            .queue
+            .range(..=start.to_be_bytes())
+            .next_back()
+            .transpose()
+            .map_err(|e| s.sled_err(e))?
+        {
+            Some((k, _)) => decode_u64(&k).unwrap_or(start),
+            None => start,
+        };
         let mut bytes = 0usize;
-        for item in s.queue.range(start.to_be_bytes()..end.to_be_bytes()) {
+        'packets: for item in s.queue.range(from.to_be_bytes()..end.to_be_bytes()) {
             let (k, v) = item.map_err(|e| s.sled_err(e))?;
-            let q = s.decode_queued(&k, &v)?;
-            let size = q.json.len() + 1;
-            if !out.items.is_empty() && (out.items.len() >= max_events || bytes + size > budget) {
-                out.full = true;
-                break;
+            let (first, p) = s.decode_packet(&k, &v)?;
+            let acked = s
+                .acked
+                .get(k)
+                .map_err(|e| s.sled_err(e))?
+                .map(|b| b.to_vec());
+            for (i, range) in p.events.iter().enumerate() {
+                let key = first + i as u64;
+                if key < start || acked.as_deref().is_some_and(|b| packet::is_set(b, i)) {
+                    continue;
+                }
+                let size = range.len() + 1;
+                if !out.items.is_empty() && (out.items.len() >= max_events || bytes + size > budget)
+                {
+                    out.full = true;
+                    break 'packets;
+                }
+                bytes += size;
+                out.items.push(Queued {
+                    key,
+                    file_id: p.file_id,
+                    enqueued_ms: p.enqueued_ms,
+                    json: v.subslice(range.start, range.len()),
+                    packet: first,
+                    index: i as u16,
+                    packet_len: p.len() as u16,
+                });
             }
-            bytes += size;
-            out.items.push(q);
         }
         if out.items.len() >= max_events {
             out.full = true;
@@ -504,24 +582,57 @@ impl Spool {
                 })
                 .collect::<Result<_, Error>>()?,
         };
-        let done = (&s.queue, &s.files, &s.meta, &s.dead)
-            .transaction(|(queue, files, meta, dead)| {
+        // Items by packet, in the order given.
+        let mut by_packet: Vec<(u64, u16, Vec<usize>)> = Vec::new();
+        for (i, q) in items.iter().enumerate() {
+            match by_packet.iter_mut().find(|(p, _, _)| *p == q.packet) {
+                Some((_, _, list)) => list.push(i),
+                None => by_packet.push((q.packet, q.packet_len, vec![i])),
+            }
+        }
+        let done = (&s.queue, &s.acked, &s.files, &s.meta, &s.dead)
+            .transaction(|(queue, acked, files, meta, dead)| {
                 let mut removed = 0i64;
                 let mut bytes = 0i64;
                 let mut removed_per_file = per_file.clone();
-                for (i, q) in items.iter().enumerate() {
-                    if queue.remove(&q.key.to_be_bytes())?.is_some() {
+                for (first, len, list) in &by_packet {
+                    let pkey = first.to_be_bytes();
+                    let mut bitmap = match acked.get(pkey)? {
+                        Some(b) => b.to_vec(),
+                        None if queue.get(pkey)?.is_some() => {
+                            packet::empty_bitmap(usize::from(*len))
+                        }
+                        // The whole packet was delivered (or dead-lettered) before.
+                        None => Vec::new(),
+                    };
+                    for &i in list {
+                        let q = &items[i];
+                        let index = usize::from(q.index);
+                        if bitmap.is_empty() || packet::is_set(&bitmap, index) {
+                            // Already gone: not counted again, and not dead-lettered: it is
+                            // not ours any more.
+                            if let Some((_, n)) =
+                                removed_per_file.iter_mut().find(|(f, _)| *f == q.file_id)
+                            {
+                                *n -= 1;
+                            }
+                            continue;
+                        }
+                        packet::set(&mut bitmap, index);
                         removed += 1;
                         bytes += q.json.len() as i64;
                         if let Some((id, v)) = letters.get(i) {
                             dead.insert(&id.to_be_bytes(), v.as_slice())?;
                         }
-                    } else if let Some((_, n)) =
-                        removed_per_file.iter_mut().find(|(f, _)| *f == q.file_id)
-                    {
-                        // Already gone (acked or dead-lettered before): not counted again,
-                        // and not dead-lettered: it is not ours any more.
-                        *n -= 1;
+                    }
+                    if bitmap.is_empty() {
+                        continue;
+                    }
+                    if packet::count(&bitmap) >= usize::from(*len) {
+                        queue.remove(&pkey)?;
+                        acked.remove(&pkey)?;
+                    } else {
+                        acked.insert(&pkey, bitmap)?;
                     }
                 }
                 let mut done = Vec::new();
@@ -583,7 +694,7 @@ impl Spool {
     pub fn oldest_enqueued_ms(&self) -> Result<Option<u64>, Error> {
         let s = self.store();
         match s.queue.first().map_err(|e| s.sled_err(e))? {
-            Some((k, v)) => Ok(Some(s.decode_queued(&k, &v)?.enqueued_ms)),
+            Some((k, v)) => Ok(Some(s.decode_packet(&k, &v)?.1.enqueued_ms)),
             None => Ok(None),
         }
     }
@@ -730,18 +841,28 @@ impl Spool {
             .collect();
         let first_key = *next;
         let now = now_ms();
-        let key = (&s.queue, &s.dead, &s.meta, &s.files)
+        // Packets of letters of one file each, in id order.
+        let mut packets: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut key = first_key;
+        for group in letters.chunk_by(|a, b| a.1.file_id == b.1.file_id) {
+            let file_id = group[0].1.file_id.unwrap_or(NO_FILE);
+            for part in packet::split(group, |(_, l)| l.event.len()) {
+                packets.push((
+                    key,
+                    packet::encode(now, file_id, part.iter().map(|(_, l)| l.event.as_bytes())),
+                ));
+                key += part.len() as u64;
+            }
+        }
+        (&s.queue, &s.dead, &s.meta, &s.files)
             .transaction(|(queue, dead, meta, files)| {
-                let mut key = first_key;
+                for (k, v) in &packets {
+                    queue.insert(&k.to_be_bytes(), v.as_slice())?;
+                }
                 let mut bytes = 0i64;
                 for (id, letter) in &letters {
                     let file_id = letter.file_id.unwrap_or(NO_FILE);
-                    queue.insert(
-                        &key.to_be_bytes(),
-                        encode_queued(now, file_id, letter.event.as_bytes()),
-                    )?;
                     dead.remove(&id.to_be_bytes())?;
-                    key += 1;
                     bytes += letter.event.len() as i64;
                     if let Some(v) = files.get(file_id.to_be_bytes())? {
                         let mut rec = decode_file(&v)?;
@@ -751,7 +872,7 @@ impl Spool {
                 }
                 add_meta(meta, "live_bytes", bytes)?;
                 add_meta(meta, "depth", letters.len() as i64)?;
-                Ok(key)
+                Ok(())
             })
             .map_err(|e: TransactionError<String>| s.tx_err(e))?;
         s.flush()?;
@@ -800,20 +921,43 @@ impl Spool {
         s.json_entries(&s.files, "file record")
     }
 
-    /// Forgets dedupe entries spooled before `cutoff_ms`, so the index does not grow forever.
-    /// Returns how many went.
+    /// Forgets dedupe entries from days before the day of `cutoff_ms`, so the index does not
+    /// grow forever. Returns how many went. Works through the partitions a slice at a time under
+    /// the writer lock, so commits go on in between; a day already pruned is not walked again.
     pub fn prune_dedupe(&self, cutoff_ms: u64) -> Result<u64, Error> {
-        let s = self.store();
-        let mut removed = 0;
-        let mut batch = sled::Batch::default();
-        for item in s.dedupe.iter() {
-            let (k, v) = item.map_err(|e| s.sled_err(e))?;
-            if decode_u64(&v).is_some_and(|t| t < cutoff_ms) {
-                batch.remove(k);
-                removed += 1;
-            }
+        let min_day = dedupe::day(cutoff_ms);
+        if self.pruned_day.load(Ordering::Relaxed) == u32::from(min_day) {
+            return Ok(0);
         }
-        s.dedupe.apply_batch(batch).map_err(|e| s.sled_err(e))?;
+        let mut removed = 0;
+        let mut from = 0usize;
+        while from < dedupe::PARTITIONS {
+            let to = (from + 4096).min(dedupe::PARTITIONS);
+            let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let s = self.store();
+            let mut batch = sled::Batch::default();
+            let range = dedupe::key(from as u16)..;
+            for item in s.dedupe.range(range) {
+                let (k, v) = item.map_err(|e| s.sled_err(e))?;
+                if k.len() != 2 {
+                    continue;
+                }
+                if usize::from(u16::from_be_bytes([k[0], k[1]])) >= to {
+                    break;
+                }
+                if let Some(kept) = dedupe::prune(&v, min_day) {
+                    removed += ((v.len() - kept.len()) / 10) as u64;
+                    if kept.is_empty() {
+                        batch.remove(k);
+                    } else {
+                        batch.insert(k, kept);
+                    }
+                }
+            }
+            s.dedupe.apply_batch(batch).map_err(|e| s.sled_err(e))?;
+            from = to;
+        }
+        self.pruned_day.store(u32::from(min_day), Ordering::Relaxed);
         Ok(removed)
     }
 
@@ -913,15 +1057,6 @@ fn add_meta(meta: &sled::transaction::TransactionalTree, name: &str, delta: i64)
     };
     meta.insert(name, &new.to_be_bytes())?;
     Ok(())
-}
-
-fn encode_queued(enqueued_ms: u64, file_id: u64, json: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HEADER_LEN + json.len());
-    v.push(HEADER_VERSION);
-    v.extend_from_slice(&enqueued_ms.to_be_bytes());
-    v.extend_from_slice(&file_id.to_be_bytes());
-    v.extend_from_slice(json);
-    v
 }
 
 fn encode_file(rec: &FileRecord) -> Vec<u8> {

@@ -457,9 +457,20 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     "step {}: a clean reopen",
                     step
                 );
+                // Keys continue past the last queued packet: past the last queued event, or
+                // further when that packet's last events were delivered (0 when the queue was
+                // emptied).
+                let next = reopened.watermark();
+                let last = model.queue.back().map_or(0, |i| i.key + 1);
+                prop_assert!(
+                    next >= last && (next == 0) == model.queue.is_empty(),
+                    "step {}: next key {} after the last queued {}",
+                    step,
+                    next,
+                    last
+                );
+                model.next_key = next;
                 spool = Some(reopened);
-                // Keys continue past the last queued one (reused when the queue was emptied).
-                model.next_key = model.queue.back().map_or(0, |i| i.key + 1);
                 cursor = None;
                 batches.clear();
             }

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use sled::transaction::TransactionError;
 use sled::{IVec, Tree};
 
-use super::{Error, FORMAT_VERSION, HEADER_LEN, HEADER_VERSION, Queued, decode_u64, now_ms};
+use super::packet::{self, Packet};
+use super::{Error, FORMAT_VERSION, decode_u64, now_ms};
 
 const CURRENT: &str = "CURRENT";
 /// sled's background flush of its write buffers into its files. Commits flush (and fsync)
@@ -23,10 +24,11 @@ const CURRENT: &str = "CURRENT";
 /// batches, which would otherwise be re-sent after a restart). The page cache survives a killed
 /// process, so no fsync is needed for that.
 const SLED_FLUSH_EVERY_MS: u64 = 200;
-/// The trees of format version 1, copied by compaction.
-pub(super) const TREES: [&str; 8] = [
+/// The trees of the current format, copied by compaction.
+pub(super) const TREES: [&str; 9] = [
     "meta",
     "queue",
+    "acked",
     "files",
     "paths",
     "heads",
@@ -43,6 +45,8 @@ pub(super) struct Store {
     pub data_file: File,
     pub meta: Tree,
     pub queue: Tree,
+    /// Delivered events of packets not yet wholly delivered (see `packet.rs`).
+    pub acked: Tree,
     pub files: Tree,
     pub paths: Tree,
     pub heads: Tree,
@@ -234,6 +238,7 @@ impl Store {
         let store = Store {
             meta: tree("meta")?,
             queue: tree("queue")?,
+            acked: tree("acked")?,
             files: tree("files")?,
             paths: tree("paths")?,
             heads: tree("heads")?,
@@ -258,7 +263,8 @@ impl Store {
                         path: path.to_owned(),
                         what: "format_version".into(),
                     })?);
-                if found != FORMAT_VERSION {
+                // Version 1 differs in the dedupe tree only; `Spool::open` upgrades it.
+                if found != FORMAT_VERSION && found != 1 {
                     return Err(Error::Version {
                         path: path.to_owned(),
                         found,
@@ -316,9 +322,14 @@ impl Store {
         })
     }
 
+    /// The key after the last event of the last packet. With an empty queue, 0: keys are only
+    /// compared within one run of the agent's drain, never stored elsewhere.
     pub(super) fn next_queue_key(&self) -> Result<u64, Error> {
         Ok(match self.queue.last().map_err(|e| self.sled_err(e))? {
-            Some((k, _)) => decode_u64(&k).map_or(0, |k| k + 1),
+            Some((k, v)) => {
+                let (first, p) = self.decode_packet(&k, &v)?;
+                first + p.len() as u64
+            }
             None => 0,
         })
     }
@@ -362,21 +373,82 @@ impl Store {
         to.flush()
     }
 
-    pub(super) fn decode_queued(&self, k: &[u8], v: &IVec) -> Result<Queued, Error> {
-        let corrupt = || Error::Corrupt {
-            path: self.path.clone(),
-            what: format!("queue entry {k:?}"),
-        };
+    /// A queue entry: its first event key and its packet.
+    pub(super) fn decode_packet(&self, k: &[u8], v: &IVec) -> Result<(u64, Packet), Error> {
+        let corrupt = || self.corrupt(format!("queue entry {k:?}"));
         let key = decode_u64(k).ok_or_else(corrupt)?;
-        if v.len() < HEADER_LEN || v[0] != HEADER_VERSION {
-            return Err(corrupt());
+        let p = packet::decode(v).ok_or_else(corrupt)?;
+        Ok((key, p))
+    }
+
+    pub(super) fn corrupt(&self, what: String) -> Error {
+        Error::Corrupt {
+            path: self.path.clone(),
+            what,
         }
-        Ok(Queued {
-            key,
-            enqueued_ms: decode_u64(&v[1..9]).ok_or_else(corrupt)?,
-            file_id: decode_u64(&v[9..17]).ok_or_else(corrupt)?,
-            json: v.subslice(HEADER_LEN, v.len() - HEADER_LEN),
-        })
+    }
+
+    /// The format version stored in `meta`.
+    pub(super) fn format_version(&self) -> Result<u32, Error> {
+        Ok(self
+            .meta
+            .get("format_version")
+            .map_err(|e| self.sled_err(e))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes))
+            .unwrap_or(FORMAT_VERSION))
+    }
+
+    /// Version 1 -> 2: the dedupe index from a key per `messageId` to partitions (see
+    /// `dedupe.rs`), a slice of old keys at a time; then the version. A crash half way leaves
+    /// version 1 with some ids moved: the next open moves the rest.
+    pub(super) fn upgrade_from_v1(&self) -> Result<u64, Error> {
+        use super::dedupe;
+        let mut moved = 0u64;
+        loop {
+            let mut slice: Vec<(IVec, u64)> = Vec::new();
+            for item in self.dedupe.iter() {
+                let (k, v) = item.map_err(|e| self.sled_err(e))?;
+                if k.len() != 2 {
+                    slice.push((k, decode_u64(&v).unwrap_or_else(now_ms)));
+                    if slice.len() >= 100_000 {
+                        break;
+                    }
+                }
+            }
+            if slice.is_empty() {
+                break;
+            }
+            let mut partitions: std::collections::BTreeMap<u16, Vec<(u64, u16)>> =
+                std::collections::BTreeMap::new();
+            for (k, ms) in &slice {
+                let f = dedupe::fingerprint(&String::from_utf8_lossy(k));
+                partitions
+                    .entry(f.partition)
+                    .or_default()
+                    .push((f.hash, dedupe::day(*ms)));
+            }
+            let mut batch = sled::Batch::default();
+            for (p, mut added) in partitions {
+                let old = self
+                    .dedupe
+                    .get(dedupe::key(p))
+                    .map_err(|e| self.sled_err(e))?
+                    .unwrap_or_default();
+                batch.insert(&dedupe::key(p), dedupe::merge(&old, &mut added));
+            }
+            for (k, _) in &slice {
+                batch.remove(k);
+            }
+            self.dedupe
+                .apply_batch(batch)
+                .map_err(|e| self.sled_err(e))?;
+            moved += slice.len() as u64;
+        }
+        self.meta
+            .insert("format_version", &FORMAT_VERSION.to_be_bytes())
+            .map_err(|e| self.sled_err(e))?;
+        self.flush()?;
+        Ok(moved)
     }
 
     pub(super) fn json_entries<T: serde::de::DeserializeOwned>(

@@ -20,6 +20,21 @@ fn event(id: &str) -> SpoolEvent {
     }
 }
 
+/// A new file `name` and one chunk of `events` in it; the file's id.
+fn file_with(spool: &Spool, name: &str, events: Vec<SpoolEvent>) -> u64 {
+    let fid = spool
+        .begin_file(Path::new(name), &file_record(name))
+        .unwrap();
+    spool
+        .commit_file_chunk(&Chunk {
+            file_id: fid,
+            events,
+            ..Chunk::default()
+        })
+        .unwrap();
+    fid
+}
+
 fn ids(items: &[Queued]) -> Vec<String> {
     items.iter().map(|q| message_id_of(&q.json)).collect()
 }
@@ -142,14 +157,7 @@ fn oversize_events_are_dead_lettered_not_queued() {
 fn dead_lettering_from_the_queue_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
-    spool
-        .commit_file_chunk(&Chunk {
-            file_id: fid,
-            events: vec![event("a"), event("b"), event("c")],
-            ..Chunk::default()
-        })
-        .unwrap();
+    file_with(&spool, "f", vec![event("a"), event("b"), event("c")]);
     let q = spool.peek(None, 10, usize::MAX).unwrap().items;
     spool
         .dead_letter(&q[1..2], "400 from Segment", Some(400))
@@ -317,19 +325,24 @@ fn a_spool_sled_cannot_open_is_moved_aside_and_replaced() {
 
 #[test]
 fn dedupe_entries_older_than_the_window_are_pruned() {
+    // Entries carry the day they were spooled; pruning drops whole days.
+    const DAY: u64 = 86_400_000;
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
     fill(&spool, fid, 3, "old");
-    let cutoff = now_ms() + 1;
-    std::thread::sleep(std::time::Duration::from_millis(5));
-    fill(&spool, fid, 2, "new");
-    assert_eq!(spool.prune_dedupe(cutoff).unwrap(), 3);
-    // Pruned ids are new again; kept ones are still duplicates.
-    let before = spool.depth().unwrap().events;
+    assert_eq!(spool.prune_dedupe(now_ms()).unwrap(), 0, "today is kept");
     fill(&spool, fid, 3, "old");
-    fill(&spool, fid, 2, "new");
-    assert_eq!(spool.depth().unwrap().events, before + 3);
+    assert_eq!(spool.depth().unwrap().events, 3, "still duplicates");
+    assert_eq!(spool.prune_dedupe(now_ms() + DAY).unwrap(), 3);
+    assert_eq!(
+        spool.prune_dedupe(now_ms() + DAY).unwrap(),
+        0,
+        "a day is pruned once"
+    );
+    // Pruned ids are new again.
+    fill(&spool, fid, 3, "old");
+    assert_eq!(spool.depth().unwrap().events, 6);
 }
 
 #[test]
@@ -377,4 +390,95 @@ fn ids_handed_out_after_a_compaction_never_reuse_live_ones() {
     let spool = open(dir.path());
     let d = spool.begin_file(Path::new("d"), &file_record("d")).unwrap();
     assert!(d > c);
+}
+
+#[test]
+fn events_of_a_packet_are_acked_out_of_order_and_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        file_with(
+            &spool,
+            "f",
+            (0..10).map(|i| event(&format!("e{i}"))).collect(),
+        );
+        let all = spool.peek(None, 100, 1 << 20).unwrap().items;
+        assert_eq!(all.len(), 10);
+        assert!(all.iter().all(|q| q.packet == all[0].packet), "one packet");
+        // The middle, then the end, delivered first (concurrent batches).
+        spool.ack(&all[4..6]).unwrap();
+        spool.ack(&all[8..]).unwrap();
+        // Acking again changes nothing.
+        spool.ack(&all[4..5]).unwrap();
+        assert_eq!(spool.depth().unwrap().events, 6);
+        spool.flush().unwrap();
+    }
+    let spool = open(dir.path());
+    let left = spool.peek(None, 100, 1 << 20).unwrap().items;
+    assert_eq!(ids(&left), ["e0", "e1", "e2", "e3", "e6", "e7"]);
+    // Peeking after a key inside the packet starts there.
+    let after = spool.peek(Some(left[1].key), 100, 1 << 20).unwrap().items;
+    assert_eq!(ids(&after), ["e2", "e3", "e6", "e7"]);
+    let fid = left[0].file_id;
+    let done = spool.ack(&left).unwrap();
+    assert_eq!(spool.depth().unwrap().events, 0);
+    assert_eq!(spool.file(fid).unwrap().unwrap().pending, 0);
+    assert!(done.is_empty(), "the file is not read to its end");
+    let s = spool.store();
+    assert!(
+        s.queue.is_empty() && s.acked.is_empty(),
+        "packet and bitmap gone"
+    );
+}
+
+#[test]
+fn a_format_1_spool_is_upgraded_when_an_agent_opens_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let spool = open(dir.path());
+        let s = spool.store();
+        // What version 1 wrote: one event per queue key, one dedupe key per messageId.
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+        v1.extend_from_slice(&NO_FILE.to_be_bytes());
+        v1.extend_from_slice(br#"{"messageId":"old-1"}"#);
+        s.queue.insert(7u64.to_be_bytes(), v1).unwrap();
+        s.dedupe.insert("old-1", &now_ms().to_be_bytes()).unwrap();
+        s.meta
+            .insert("format_version", &1u32.to_be_bytes())
+            .unwrap();
+        s.meta.insert("depth", &1u64.to_be_bytes()).unwrap();
+        s.flush().unwrap();
+    }
+    let spool = open(dir.path());
+    assert_eq!(spool.store().format_version().unwrap(), FORMAT_VERSION);
+    assert!(
+        spool
+            .store()
+            .dedupe
+            .iter()
+            .keys()
+            .all(|k| k.unwrap().len() == 2)
+    );
+    let q = spool.peek(None, 10, 1 << 20).unwrap().items;
+    assert_eq!(ids(&q), ["old-1"]);
+    assert_eq!(q[0].enqueued_ms, 1_700_000_000_000);
+    // New events go after it; the old id is still a duplicate.
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let out = spool
+        .commit_file_chunk(&Chunk {
+            file_id: fid,
+            events: vec![event("old-1"), event("new-1")],
+            ..Chunk::default()
+        })
+        .unwrap();
+    assert_eq!((out.spooled, out.duplicates), (1, 1));
+    let q = spool.peek(None, 10, 1 << 20).unwrap().items;
+    assert_eq!(ids(&q), ["old-1", "new-1"]);
+    assert!(q[1].key > q[0].key);
+    spool.ack(&q[..1]).unwrap();
+    assert_eq!(
+        ids(&spool.peek(None, 10, 1 << 20).unwrap().items),
+        ["new-1"]
+    );
 }
