@@ -16,6 +16,12 @@ use leanplum_segment_agent::ingest;
 use leanplum_segment_agent::leanplum::catalog::Catalog;
 use leanplum_segment_agent::spool::{self, Spool};
 
+/// jemalloc instead of glibc's malloc: the agent allocates and frees small buffers at a high
+/// rate (parsed records, mapped events, sled's pages), where glibc spent a quarter of the
+/// ingest's CPU time (see BENCHMARKS.md). Its options are in `.cargo/config.toml`.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// sysexits.h EX_CONFIG.
 const EX_CONFIG: u8 = 78;
 /// LSB: program is not running.

@@ -122,7 +122,7 @@ pub fn map_session(
     out: &mut Output,
 ) -> Result<(), MapError> {
     let who = Identity::new(s.user_id.as_deref(), s.device_id.as_deref())?;
-    let context = session_context(s);
+    let context = Arc::new(session_context(s));
     // Built apart and appended at the end, so a failing record leaves no partial output.
     let mut local = Output::default();
     if opts.send_experiment_viewed {
@@ -172,7 +172,7 @@ pub fn map_engagement(
         event.name(),
         e.timestamp_ms,
         properties(event, &facts),
-        engagement_context(e),
+        Arc::new(engagement_context(e)),
     ));
     Ok(())
 }
@@ -392,7 +392,7 @@ fn resolve(
 fn session_event(
     event: &Event,
     who: &Identity,
-    context: &Map<String, Value>,
+    context: &Arc<Map<String, Value>>,
     catalog: &Catalog,
     opts: &MappingOptions,
     out: &mut Output,
@@ -427,7 +427,7 @@ fn experiment_viewed(
     x: &Experiment,
     session_time: Option<LpTime>,
     who: &Identity,
-    context: &Map<String, Value>,
+    context: &Arc<Map<String, Value>>,
     catalog: &Catalog,
     out: &mut Output,
 ) {
@@ -509,7 +509,7 @@ fn track(
     event: &str,
     timestamp_ms: i64,
     properties: Map<String, Value>,
-    context: Map<String, Value>,
+    context: Arc<Map<String, Value>>,
 ) -> TrackEvent {
     TrackEvent {
         kind: "track",
@@ -1301,7 +1301,7 @@ mod tests {
         let mut out = Output::default();
         map_session(&session, &catalog(), &opts(UnknownChannel::Skip), &mut out).unwrap();
         assert_eq!(
-            out.events[0].context,
+            *out.events[0].context,
             props(json!({
                 "library": {"name": LIBRARY_NAME, "version": env!("CARGO_PKG_VERSION")},
                 "device": {"id": "d-1", "model": "iPhone15,2"},
@@ -1324,7 +1324,7 @@ mod tests {
         let mut out = Output::default();
         map_session(&session, &catalog(), &opts(UnknownChannel::Skip), &mut out).unwrap();
         assert_eq!(
-            out.events[0].context,
+            *out.events[0].context,
             props(json!({
                 "library": {"name": LIBRARY_NAME, "version": env!("CARGO_PKG_VERSION")},
                 "location": {"country": "FR"}
@@ -1689,7 +1689,7 @@ mod tests {
         assert_eq!(event.user_id.as_deref(), Some("user-7"));
         assert_eq!(event.anonymous_id.as_deref(), Some("dev-7"));
         assert_eq!(
-            event.context,
+            *event.context,
             props(json!({
                 "library": {"name": LIBRARY_NAME, "version": env!("CARGO_PKG_VERSION")},
                 "device": {"id": "dev-7"}

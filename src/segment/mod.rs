@@ -24,7 +24,8 @@ pub struct TrackEvent {
     /// RFC 3339, UTC, milliseconds: `2026-11-01T12:08:19.612Z`.
     pub timestamp: String,
     pub properties: Map<String, Value>,
-    pub context: Map<String, Value>,
+    /// Shared by every event of one session: built once, never copied.
+    pub context: std::sync::Arc<Map<String, Value>>,
 }
 
 /// Events larger than this (serialized) are dead-lettered, never sent: Segment rejects them.
