@@ -226,7 +226,6 @@ impl Ingestor {
             tracing::debug!(path = %shown, offset, "reading on from the committed offset");
         }
 
-        let mut totals = (0u64, 0u64, 0u64);
         let mut chunk = Chunk {
             file_id,
             offset,
@@ -241,68 +240,75 @@ impl Ingestor {
         let mut stream_error = None;
         let mut held = false;
         let mut waiting = false;
-        loop {
-            let item = match reader.next_item() {
-                None => break,
-                Some(Ok(item)) => item,
-                Some(Err(e)) => {
-                    stream_error = Some(e);
-                    break;
-                }
-            };
-            if !item.complete && !gzip && item.result.is_err() && self.may_still_grow(&meta) {
-                // A last line with no newline that does not parse: the writer is most likely
-                // mid-line. Keep it out of the commit and look again later.
-                held = true;
-                break;
-            }
-            if let (Some(catalog), Ok(record)) = (&self.catalog, &item.result) {
-                let messages = unknown_messages(record, &mapping.catalog);
-                let abtests = match record {
-                    Record::Session(s) => {
-                        crate::mapping::session_unknown_abtests(s, &mapping.catalog, &mapping.opts)
+        // Chunks are committed on a thread of their own while the next one is parsed.
+        let committed = std::thread::scope(|scope| {
+            let committer = Committer::start(scope, self, cancel);
+            loop {
+                let item = match reader.next_item() {
+                    None => break,
+                    Some(Ok(item)) => item,
+                    Some(Err(e)) => {
+                        stream_error = Some(e);
+                        break;
                     }
-                    Record::Engagement(_) => Vec::new(),
                 };
-                if catalog.must_wait(&messages, &abtests, &shown) {
-                    // The offset stays before this record; what came before is committed.
-                    waiting = true;
+                if !item.complete && !gzip && item.result.is_err() && self.may_still_grow(&meta) {
+                    // A last line with no newline that does not parse: the writer is most
+                    // likely mid-line. Keep it out of the commit and look again later.
+                    held = true;
                     break;
                 }
-            }
-            records += 1;
-            self.add_item(&mapping, &shown, item, &mut chunk, &mut output);
-            if chunk.events.len() >= CHUNK_EVENTS || records >= CHUNK_RECORDS {
-                if cancel.is_cancelled() {
-                    return Ok(Outcome::Cancelled);
+                if let (Some(catalog), Ok(record)) = (&self.catalog, &item.result) {
+                    let messages = unknown_messages(record, &mapping.catalog);
+                    let abtests = match record {
+                        Record::Session(s) => crate::mapping::session_unknown_abtests(
+                            s,
+                            &mapping.catalog,
+                            &mapping.opts,
+                        ),
+                        Record::Engagement(_) => Vec::new(),
+                    };
+                    if catalog.must_wait(&messages, &abtests, &shown) {
+                        // The offset stays before this record; what came before is committed.
+                        waiting = true;
+                        break;
+                    }
                 }
-                self.seal(&mut chunk, &file, gzip);
-                let Some(t) = self.commit_counted(&mut chunk, &mut output, cancel)? else {
-                    return Ok(Outcome::Cancelled);
-                };
-                totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);
-                records = 0;
+                records += 1;
+                self.add_item(&mapping, &shown, item, &mut chunk, &mut output);
+                if chunk.events.len() >= CHUNK_EVENTS || records >= CHUNK_RECORDS {
+                    if cancel.is_cancelled() {
+                        // The rest is read again at the next start.
+                        return committer.finish().map(|_| None);
+                    }
+                    self.seal(&mut chunk, &file, gzip);
+                    if !committer.send(&mut chunk, &mut output) {
+                        // A commit failed or was cancelled: nothing after it may commit.
+                        return committer.finish();
+                    }
+                    records = 0;
+                }
             }
-        }
-
-        if let Some(e) = &stream_error {
-            // Keep what was read before the damage, and a pointer to where it is.
-            chunk.quarantine.push(QuarantineEntry {
-                reason: e.to_string(),
-                file: shown.clone(),
-                line: chunk.line + 1,
-                time_ms: now_ms(),
-                raw: String::new(),
-            });
-        } else if !held && !waiting {
-            chunk.offset = reader.offset();
-            chunk.file_done = true;
-        }
-        self.seal(&mut chunk, &file, gzip);
-        let Some(t) = self.commit_counted(&mut chunk, &mut output, cancel)? else {
+            if let Some(e) = &stream_error {
+                // Keep what was read before the damage, and a pointer to where it is.
+                chunk.quarantine.push(QuarantineEntry {
+                    reason: e.to_string(),
+                    file: shown.clone(),
+                    line: chunk.line + 1,
+                    time_ms: now_ms(),
+                    raw: String::new(),
+                });
+            } else if !held && !waiting {
+                chunk.offset = reader.offset();
+                chunk.file_done = true;
+            }
+            self.seal(&mut chunk, &file, gzip);
+            committer.send(&mut chunk, &mut output);
+            committer.finish()
+        });
+        let Some(totals) = committed? else {
             return Ok(Outcome::Cancelled);
         };
-        totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);
 
         if let Some(e) = stream_error {
             let reason = e.to_string();
@@ -513,14 +519,14 @@ impl Ingestor {
         }
     }
 
-    /// Commits the chunk, updates the counters, and starts the next chunk where this one ended.
-    /// `None` when shutdown came while waiting for spool space.
+    /// Commits the chunk and updates the counters. `None` when shutdown came while waiting for
+    /// spool space.
     fn commit_counted(
         &self,
-        chunk: &mut Chunk,
-        output: &mut Output,
+        chunk: &Chunk,
+        skipped: &Skipped,
         cancel: &CancellationToken,
-    ) -> Result<Option<(u64, u64, u64)>, spool::Error> {
+    ) -> Committed {
         let Some(out) = self.commit(chunk, cancel)? else {
             return Ok(None);
         };
@@ -531,14 +537,7 @@ impl Ingestor {
         Stats::add(&self.stats.duplicates_skipped, out.duplicates);
         Stats::add(&self.stats.quarantined, out.quarantined);
         Stats::add(&self.stats.dead_lettered, out.dead_lettered);
-        self.stats.add_skipped(&output.skipped);
-        output.skipped.clear();
-        *chunk = Chunk {
-            file_id: chunk.file_id,
-            offset: chunk.offset,
-            line: chunk.line,
-            ..Chunk::default()
-        };
+        self.stats.add_skipped(skipped);
         Ok(Some((out.spooled, out.duplicates, out.quarantined)))
     }
 
@@ -609,6 +608,67 @@ impl Ingestor {
             }
             paused = paused.or(why);
             std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// Commits the chunks of one file in order on a thread of its own, while the reader parses the
+/// next chunk: parsing and committing each take a good part of the time, and a host has more
+/// than one core. One chunk waits at most (two are in memory). A commit that fails, or that
+/// shutdown interrupts, ends the thread: the chunks after it are never committed, since their
+/// offsets lie past it, and the reader is told at its next [`Committer::send`].
+struct Committer<'scope> {
+    tx: std::sync::mpsc::SyncSender<(Chunk, Skipped)>,
+    handle: std::thread::ScopedJoinHandle<'scope, Committed>,
+}
+
+/// A chunk's skipped engagements by action, counted once the chunk is committed.
+type Skipped = std::collections::BTreeMap<String, u64>;
+/// Events spooled, duplicates and quarantined records of a file's chunks; `None` when shutdown
+/// interrupted a commit.
+type Committed = Result<Option<(u64, u64, u64)>, spool::Error>;
+
+impl<'scope> Committer<'scope> {
+    fn start<'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        ingestor: &'env Ingestor,
+        cancel: &'env CancellationToken,
+    ) -> Committer<'scope> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Chunk, Skipped)>(1);
+        let handle = scope.spawn(move || {
+            let mut totals = (0u64, 0u64, 0u64);
+            for (chunk, skipped) in rx {
+                let Some(t) = ingestor.commit_counted(&chunk, &skipped, cancel)? else {
+                    return Ok(None);
+                };
+                totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);
+            }
+            Ok(Some(totals))
+        });
+        Committer { tx, handle }
+    }
+
+    /// Hands the chunk over and starts the next one where it ends. False when the committer
+    /// has stopped (a failed or cancelled commit).
+    fn send(&self, chunk: &mut Chunk, output: &mut Output) -> bool {
+        let next = Chunk {
+            file_id: chunk.file_id,
+            offset: chunk.offset,
+            line: chunk.line,
+            ..Chunk::default()
+        };
+        let full = std::mem::replace(chunk, next);
+        self.tx
+            .send((full, std::mem::take(&mut output.skipped)))
+            .is_ok()
+    }
+
+    /// Waits for every chunk sent: the file's totals, `None` if shutdown interrupted a commit.
+    fn finish(self) -> Committed {
+        drop(self.tx);
+        match self.handle.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
         }
     }
 }
