@@ -129,6 +129,10 @@ fn resolve_known(st: &mut State) {
         ..
     } = st;
     let now = Instant::now();
+    // Answers that expired are forgotten (asked again if an export names the id again).
+    let live = |l: &Lookup| !matches!(l, Lookup::Missing { until } if *until <= now);
+    lookups.retain(|_, l| live(l));
+    abtest_waits.retain(|_, l| live(l));
     abtest_waits
         .retain(|id, l| !(matches!(l, Lookup::Pending { .. }) && api.abtest(*id).is_some()));
     for (id, l) in abtest_waits.iter_mut() {
