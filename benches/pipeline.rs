@@ -569,8 +569,15 @@ fn main() {
         println!("  {events:>10} -> {}", rss / 1024);
     }
 
-    // 3. Restart-to-ready with the backlog spooled.
+    // 3. Restart-to-ready with the backlog spooled (and the stop before it: the agent
+    // checkpoints the spool on its way out).
+    let t = Instant::now();
     agent.stop();
+    println!(
+        "stop (SIGTERM to exit) with {} events spooled: {:.2?}",
+        spooled,
+        t.elapsed()
+    );
     let notify_path = root.join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify

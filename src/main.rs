@@ -91,6 +91,7 @@ fn run(path: &Path, daemon: Option<(PathBuf, Option<PathBuf>)>) -> ExitCode {
     let Some((key, source)) = loaded.key else {
         return ExitCode::from(EX_CONFIG);
     };
+    let spool_dir = loaded.config.spool.dir.clone();
     let content_key = loaded.content_key.map(|(k, s)| {
         tracing::info!(key_source = %s, "Leanplum content key found");
         k
@@ -116,7 +117,21 @@ fn run(path: &Path, daemon: Option<(PathBuf, Option<PathBuf>)>) -> ExitCode {
             })
         });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            // Every task and the runtime are gone, so the spool is closed: open it once more
+            // so the next start is fast (see `Spool::checkpoint`).
+            let t = std::time::Instant::now();
+            match Spool::checkpoint(&spool_dir) {
+                Ok(()) => tracing::info!(
+                    took_ms = t.elapsed().as_millis() as u64,
+                    "spool checkpointed for a fast start"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot checkpoint the spool; the next start reads its whole log")
+                }
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE

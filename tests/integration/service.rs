@@ -85,6 +85,13 @@ fn sigterm_exits_0_quickly() {
         took < GRACE,
         "idle agent took {took:?} to exit after SIGTERM"
     );
+    // On its way out the agent opens the closed spool once, so sled snapshots its log and the
+    // next start does not scan it.
+    assert!(
+        agent.logs().contains("spool checkpointed for a fast start"),
+        "{}",
+        agent.log_tail(10)
+    );
 
     // A batch in flight that Segment holds for 30 s: abandoned after the grace, kept spooled.
     let slow = SegmentServer::start();
