@@ -85,6 +85,8 @@ enum Lookup {
 struct State {
     files: Catalog,
     api: Catalog,
+    /// `api` overlaid with `files`: what the mapping uses, rebuilt at each publish.
+    merged: Arc<Catalog>,
     /// `None` until the API (or its cache) gave something.
     api_source: Option<Source>,
     /// When the API layer was fetched (for a cache: when it was fetched originally).
@@ -146,7 +148,7 @@ impl CatalogService {
             spool,
             api_enabled,
         });
-        service.publish(&service.lock());
+        service.publish(&mut service.lock());
         service
     }
 
@@ -154,14 +156,19 @@ impl CatalogService {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Merges the layers into the mapping's catalog, then bumps the generation (in that order:
+    /// Merges the layers into the mapping's catalog, then tells waiting readers (in that order:
     /// a reader that saw the old generation is sure to see the change).
-    fn publish(&self, st: &State) {
-        let merged = st.api.overlaid(&st.files);
+    fn publish(&self, st: &mut State) {
+        st.merged = Arc::new(st.api.overlaid(&st.files));
         *self.mapping.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(MappingState {
-            catalog: Arc::new(merged),
+            catalog: st.merged.clone(),
             opts: st.opts,
         });
+        self.wake_readers();
+    }
+
+    /// Moves the generation, so readers waiting on the catalog look again.
+    fn wake_readers(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -180,7 +187,7 @@ impl CatalogService {
         st.files = files;
         st.opts = opts;
         st.refresh_requested = true;
-        self.publish(&st);
+        self.publish(&mut st);
         drop(st);
         self.wake.notify_one();
     }
@@ -198,7 +205,7 @@ impl CatalogService {
         let mut wait = false;
         let mut asked = false;
         for &id in messages {
-            let known = st.api.message(id).is_some() || st.files.message(id).is_some();
+            let known = st.merged.message(id).is_some();
             let (w, a) = wait_on(&mut st.lookups, id, known, file, now);
             if a {
                 tracing::info!(message_id = %id, path = %file, "message not in the catalog; asking Leanplum before reading on");
@@ -207,7 +214,7 @@ impl CatalogService {
             asked |= a;
         }
         for &id in abtests {
-            let known = st.api.abtest(id).is_some() || st.files.abtest(id).is_some();
+            let known = st.merged.abtest(id).is_some();
             let (w, a) = wait_on(&mut st.abtest_waits, id, known, file, now);
             if a {
                 tracing::info!(abtest_id = %id, path = %file, "A/B test not in the catalog; refreshing from Leanplum before reading on");
@@ -239,11 +246,17 @@ impl CatalogService {
         let bytes = {
             let st = self.lock();
             let (messages, abtests) = st.api.to_flat_json();
-            serde_json::to_vec(&json!({
-                "fetched_ms": st.fetched_ms.unwrap_or_else(now_ms),
-                "messages": serde_json::from_slice::<Value>(&messages).unwrap_or_default(),
-                "abtests": serde_json::from_slice::<Value>(&abtests).unwrap_or_default(),
-            }))
+            let raw = |json: Vec<u8>| {
+                serde_json::value::RawValue::from_string(
+                    String::from_utf8(json).expect("serde_json writes UTF-8"),
+                )
+                .expect("serde_json writes JSON")
+            };
+            serde_json::to_vec(&Cached {
+                fetched_ms: st.fetched_ms.unwrap_or_else(now_ms),
+                messages: raw(messages),
+                abtests: raw(abtests),
+            })
             .expect("plain data serializes")
         };
         if let Err(e) = spool.store_catalog_cache(&bytes) {
@@ -333,6 +346,7 @@ pub fn offline_show(
     if let Some(spool) = spool {
         load_cache(spool, &mut st);
     }
+    st.merged = Arc::new(st.api.overlaid(&st.files));
     show_of(&st, api_enabled, id)
 }
 
@@ -370,7 +384,6 @@ fn rfc3339(ms: u64) -> String {
 }
 
 fn status_of(st: &State, api_enabled: bool) -> CatalogStatus {
-    let merged_messages = st.api.overlaid(&st.files);
     let source = match (api_enabled, st.api_source) {
         (true, Some(s)) => format!("files+{}", s.as_str()),
         (true, None) => "files (API not reached yet)".to_owned(),
@@ -405,8 +418,8 @@ fn status_of(st: &State, api_enabled: bool) -> CatalogStatus {
     waiting.sort_by(|a, b| (&a.kind, &a.id).cmp(&(&b.kind, &b.id)));
     CatalogStatus {
         source,
-        messages: merged_messages.len_messages() as u64,
-        abtests: merged_messages.len_abtests() as u64,
+        messages: st.merged.len_messages() as u64,
+        abtests: st.merged.len_abtests() as u64,
         fetched_at: st.fetched_ms.map(rfc3339),
         age_secs: st.fetched_ms.map(|f| now_ms().saturating_sub(f) / 1000),
         last_refresh: st.last_attempt_ms.map(rfc3339),
@@ -448,21 +461,10 @@ fn abtest_json(t: &AbTest, source: Source) -> Value {
 fn show_of(st: &State, api_enabled: bool, id: Option<Id>) -> Value {
     let api_source = st.api_source.unwrap_or(Source::Api);
     let mut entries = Vec::new();
-    let merged = st.api.overlaid(&st.files);
-    let message_source = |mid: Id| {
-        if st.files.message(mid).is_some() {
-            Source::Files
-        } else {
-            api_source
-        }
-    };
-    let abtest_source = |tid: Id| {
-        if st.files.abtest(tid).is_some() {
-            Source::Files
-        } else {
-            api_source
-        }
-    };
+    let merged = &st.merged;
+    let source = |in_files: bool| if in_files { Source::Files } else { api_source };
+    let message_source = |mid: Id| source(st.files.message(mid).is_some());
+    let abtest_source = |tid: Id| source(st.files.abtest(tid).is_some());
     match id {
         Some(id) => {
             if let Some(m) = merged.message(id) {

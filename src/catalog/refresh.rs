@@ -57,8 +57,8 @@ pub async fn run(
             tokio::time::sleep(spacing).await;
         }
         let until = service
-            .next_lookup_at()
-            .map_or(next_refresh, |at| at.min(next_refresh));
+            .next_lookup()
+            .map_or(next_refresh, |(at, _)| at.min(next_refresh));
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = service.wake.notified() => {}
@@ -88,7 +88,7 @@ pub(super) async fn refresh(service: &Arc<CatalogService>, api: &LeanplumApi) ->
                 st.api_source = Some(Source::Api);
                 st.fetched_ms = Some(now_ms());
                 resolve_known(&mut st);
-                service.publish(&st);
+                service.publish(&mut st);
                 recovered
             };
             persist(service).await;
@@ -159,25 +159,18 @@ async fn persist(service: &Arc<CatalogService>) {
 impl CatalogService {
     /// The pending lookup due first, if one is due now.
     pub(super) fn next_due_lookup(&self) -> Option<Id> {
-        let now = Instant::now();
+        self.next_lookup()
+            .filter(|(at, _)| *at <= Instant::now())
+            .map(|(_, id)| id)
+    }
+
+    /// The pending lookup due first, and when.
+    fn next_lookup(&self) -> Option<(Instant, Id)> {
         let st = self.lock();
         st.lookups
             .iter()
             .filter_map(|(id, l)| match l {
-                Lookup::Pending { next_at, .. } if *next_at <= now => Some((*next_at, *id)),
-                _ => None,
-            })
-            .min()
-            .map(|(_, id)| id)
-    }
-
-    /// When the next pending lookup is due.
-    pub(super) fn next_lookup_at(&self) -> Option<Instant> {
-        let st = self.lock();
-        st.lookups
-            .values()
-            .filter_map(|l| match l {
-                Lookup::Pending { next_at, .. } => Some(*next_at),
+                Lookup::Pending { next_at, .. } => Some((*next_at, *id)),
                 Lookup::Missing { .. } => None,
             })
             .min()
@@ -199,7 +192,7 @@ impl CatalogService {
                     if st.api_source.is_none() {
                         st.api_source = Some(Source::Api);
                     }
-                    self.publish(&st);
+                    self.publish(&mut st);
                 }
                 persist(self).await;
             }
@@ -213,7 +206,8 @@ impl CatalogService {
                         until: Instant::now() + MISSING_TTL,
                     },
                 );
-                self.publish(&st);
+                // The catalog is unchanged; the readers waiting on this id go on without it.
+                self.wake_readers();
             }
             Err(e) => {
                 let text = e.to_string();
@@ -230,12 +224,11 @@ impl CatalogService {
                     ..
                 }) = st.lookups.get_mut(&id)
                 {
-                    let mut b = Backoff::new(LOOKUP_RETRY_INITIAL, LOOKUP_RETRY_MAX);
-                    for _ in 0..*failures {
-                        b.next_delay(None);
-                    }
-                    // The ceiling, not a jittered draw: one id, one caller, nothing to spread.
-                    *next_at = Instant::now() + b.ceiling();
+                    // Doubling, without jitter: one id, one caller, nothing to spread.
+                    let delay = LOOKUP_RETRY_INITIAL
+                        .saturating_mul(1 << (*failures).min(16))
+                        .min(LOOKUP_RETRY_MAX);
+                    *next_at = Instant::now() + delay;
                     *failures += 1;
                     *error = Some(text.clone());
                 }

@@ -112,7 +112,7 @@ async fn files_override_the_api_and_the_cache_survives_a_restart() {
         let mut st = s.lock();
         st.api
             .insert_message(msg(2, MessageKind::Push, "api says push"));
-        s.publish(&st);
+        s.publish(&mut st);
     }
     s.persist();
     let m = mapping::current(&shared);
@@ -194,7 +194,7 @@ async fn a_failed_refresh_keeps_the_catalog_and_a_good_one_replaces_it() {
         let mut st = s.lock();
         st.api.insert_message(msg(1, MessageKind::Email, "cached"));
         st.api_source = Some(Source::Cache);
-        s.publish(&st);
+        s.publish(&mut st);
     }
     let api = |url: &str| {
         LeanplumApi::new(

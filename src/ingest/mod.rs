@@ -52,13 +52,23 @@ pub fn map_record(
     }
 }
 
-/// Messages `record` names (in events that would be sent) that `catalog` does not know.
-pub fn unknown_messages(record: &Record, catalog: &Catalog) -> Vec<crate::leanplum::Id> {
+/// The messages and A/B tests `record` names (in events that would be sent) that the
+/// mapping's catalog does not know.
+fn unknown_ids(
+    record: &Record,
+    mapping: &MappingState,
+) -> (Vec<crate::leanplum::Id>, Vec<crate::leanplum::Id>) {
     match record {
-        Record::Session(s) => crate::mapping::session_unknown_messages(s, catalog),
-        Record::Engagement(e) => crate::mapping::engagement_unknown_message(e, catalog)
-            .into_iter()
-            .collect(),
+        Record::Session(s) => (
+            crate::mapping::session_unknown_messages(s, &mapping.catalog),
+            crate::mapping::session_unknown_abtests(s, &mapping.catalog, &mapping.opts),
+        ),
+        Record::Engagement(e) => (
+            crate::mapping::engagement_unknown_message(e, &mapping.catalog)
+                .into_iter()
+                .collect(),
+            Vec::new(),
+        ),
     }
 }
 
@@ -258,21 +268,10 @@ impl Ingestor {
                     held = true;
                     break;
                 }
-                if let (Some(catalog), Ok(record)) = (&self.catalog, &item.result) {
-                    let messages = unknown_messages(record, &mapping.catalog);
-                    let abtests = match record {
-                        Record::Session(s) => crate::mapping::session_unknown_abtests(
-                            s,
-                            &mapping.catalog,
-                            &mapping.opts,
-                        ),
-                        Record::Engagement(_) => Vec::new(),
-                    };
-                    if catalog.must_wait(&messages, &abtests, &shown) {
-                        // The offset stays before this record; what came before is committed.
-                        waiting = true;
-                        break;
-                    }
+                if self.must_wait_for_catalog(&item, &mapping, &shown) {
+                    // The offset stays before this record; what came before is committed.
+                    waiting = true;
+                    break;
                 }
                 records += 1;
                 self.add_item(&mapping, &shown, item, &mut chunk, &mut output);
@@ -501,6 +500,16 @@ impl Ingestor {
             }
             Err(BadRecord { reason, raw }) => chunk.quarantine.push(bad(reason, &raw)),
         }
+    }
+
+    /// With the Leanplum API configured: whether the record names a message or A/B test the
+    /// catalog is still finding out about (see `crate::catalog`).
+    fn must_wait_for_catalog(&self, item: &Item, mapping: &MappingState, shown: &str) -> bool {
+        let (Some(catalog), Ok(record)) = (&self.catalog, &item.result) else {
+            return false;
+        };
+        let (messages, abtests) = unknown_ids(record, mapping);
+        catalog.must_wait(&messages, &abtests, shown)
     }
 
     /// Whether the file changed recently enough that its writer may still finish the last line.

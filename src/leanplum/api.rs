@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use super::Id;
-use super::catalog::{AbTest, Catalog, LookupError, Message};
+use super::catalog::{API_FAILURE, AbTest, Catalog, LookupError, Message};
 use crate::config::Secret;
 
 /// The API version the requests name; the response shapes parsed here are this version's.
@@ -130,8 +130,7 @@ impl LeanplumApi {
 
     /// `Catalog`'s parse errors for a 2xx body: Leanplum's own failure, or a malformed body.
     fn classify(&self, e: String) -> ApiError {
-        const FAILURE: &str = "Leanplum API response reports failure: ";
-        match e.strip_prefix(FAILURE) {
+        match e.strip_prefix(API_FAILURE) {
             Some(m) => ApiError::Leanplum(self.scrub(m)),
             None => ApiError::Malformed(self.scrub(&e)),
         }

@@ -410,6 +410,10 @@ impl From<AbTestsResult> for ApiOutcome<AbTestEntry> {
     }
 }
 
+/// How a parse error for a response that reports `"success": false` begins; Leanplum's own
+/// message follows (the API client tells it apart from a malformed response by this).
+pub(crate) const API_FAILURE: &str = "Leanplum API response reports failure: ";
+
 /// Collects the lists of every result in an API response. A failed call saved to disk is an
 /// error quoting Leanplum's message, and so is a response without the expected list (for
 /// instance a `getAbTests` response saved as `messages.json`).
@@ -422,7 +426,7 @@ fn api_lists<R: Into<ApiOutcome<T>>, T>(results: Vec<R>, list_key: &str) -> Resu
         let outcome = result.into();
         if outcome.success == Some(false) {
             return Err(format!(
-                "Leanplum API response reports failure: {}",
+                "{API_FAILURE}{}",
                 api_error_message(outcome.error.as_ref())
             ));
         }

@@ -15,10 +15,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::util::{
-    Agent, DeliveryReport, PATIENCE, TestEnv, assert_exactly_once, count_log_lines,
-    dead_letter_cmd, dead_letter_list, gzip_bytes, lp_id, open_session_line, open_session_lines,
-    quarantine_list, running_as_root, status_json, status_u64, wait_for_status, wait_until,
-    write_atomically,
+    Agent, DeliveryReport, NOTHING_HAPPENS, PATIENCE, TestEnv, assert_exactly_once,
+    count_log_lines, dead_letter_cmd, dead_letter_list, gzip_bytes, lp_id, new_env,
+    open_session_line, open_session_lines, quarantine_list, running_as_root, status_json,
+    status_u64, wait_delivered, wait_for_status, wait_until, write_atomically,
 };
 
 /// eventIds of this module: `BASE + test * 1_000_000 + i`.
@@ -26,27 +26,6 @@ const BASE: u64 = 8_200_000_000_000_000_000;
 
 fn ids_base(test: u64) -> u64 {
     BASE + test * 1_000_000
-}
-
-/// See `input_files::NOTHING_HAPPENS`.
-const NOTHING_HAPPENS: Duration = Duration::from_secs(3);
-
-/// A test world whose agent logs its own debug lines but not sled's, so a failure's log tail
-/// shows what the agent did.
-fn new_env() -> TestEnv {
-    let mut env = TestEnv::new();
-    env.config.log_level = Some("info,leanplum_segment_agent=debug".into());
-    env
-}
-
-fn wait_delivered(env: &TestEnv, agent: &Agent, ids: &[String], what: &str) {
-    if !env.server.wait_for_ids(ids, PATIENCE) {
-        panic!(
-            "{what}: not delivered in time: {}\nagent log tail:\n{}",
-            DeliveryReport::of(&env.server, ids).summary(),
-            agent.log_tail(40)
-        );
-    }
 }
 
 /// Waits for a quarantine entry for `file` at `line` (None: a whole-file entry, line null) and

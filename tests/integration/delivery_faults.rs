@@ -12,8 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::util::{
-    DeliveryReport, PATIENCE, RecordedRequest, Reply, SegmentServer, TestEnv, assert_exactly_once,
-    count_log_lines, dead_letters, free_port, requests_between, session_export, write_atomically,
+    Agent, DeliveryReport, PATIENCE, RecordedRequest, Reply, SegmentServer, TestEnv,
+    assert_exactly_once, count_log_lines, dead_letters, free_port, requests_between,
+    session_export, write_atomically,
 };
 
 /// eventIds of this file's tests: one range per test, far from the other test files'.
@@ -266,23 +267,41 @@ fn unauthorized_stops_sending_keeps_everything_then_recovers() {
     );
 
     env.server.set_default(Reply::ok());
-    let arrived = env.server.wait_for_ids(&export.message_ids, PATIENCE);
-    env.server
-        .wait_for_quiet(Duration::from_millis(1500), PATIENCE);
-    let exit = agent.stop();
-    assert!(
-        arrived,
-        "after the key works again: {}\nagent log tail:\n{}",
-        DeliveryReport::of(&env.server, &export.message_ids).summary(),
-        agent.log_tail(40)
+    deliver_and_stop(
+        &env.server,
+        &mut agent,
+        &export.message_ids,
+        "after the key works again",
     );
-    assert!(exit.expect("exits after SIGTERM").success());
     assert_exactly_once(
         &env.server,
         &export.message_ids,
         &agent,
         "after a 401 period",
     );
+}
+
+/// Waits until every id in `ids` was accepted and the agent has gone quiet, stops it, and checks
+/// that it delivered them and exited 0 after SIGTERM. Every request the server saw.
+fn deliver_and_stop(
+    server: &SegmentServer,
+    agent: &mut Agent,
+    ids: &[String],
+    what: &str,
+) -> Vec<RecordedRequest> {
+    let arrived = server.wait_for_ids(ids, PATIENCE);
+    server.wait_for_quiet(Duration::from_millis(1500), PATIENCE);
+    let exit = agent.stop();
+    let requests = server.requests();
+    assert!(
+        arrived,
+        "{what}: {}\nstatuses {:?}\nagent log tail:\n{}",
+        DeliveryReport::of(server, ids).summary(),
+        statuses(&requests),
+        agent.log_tail(40)
+    );
+    assert!(exit.expect("exits after SIGTERM").success());
+    requests
 }
 
 /// Requests grouped into rounds: a new round starts after a pause of more than 500 ms.
@@ -363,17 +382,12 @@ fn outage_5xx_then_recovery_bounded_requests() {
     );
 
     env.server.set_default(Reply::ok());
-    let arrived = env.server.wait_for_ids(&export.message_ids, PATIENCE);
-    env.server
-        .wait_for_quiet(Duration::from_millis(1500), PATIENCE);
-    let exit = agent.stop();
-    assert!(
-        arrived,
-        "after the outage: {}\nagent log tail:\n{}",
-        DeliveryReport::of(&env.server, &export.message_ids).summary(),
-        agent.log_tail(40)
+    deliver_and_stop(
+        &env.server,
+        &mut agent,
+        &export.message_ids,
+        "after the outage",
     );
-    assert!(exit.expect("exits after SIGTERM").success());
     assert_exactly_once(
         &env.server,
         &export.message_ids,
@@ -402,16 +416,12 @@ fn connection_refused_then_server_appears() {
     assert!(agent.is_running());
 
     let server = SegmentServer::start_on(port);
-    let arrived = server.wait_for_ids(&export.message_ids, PATIENCE);
-    server.wait_for_quiet(Duration::from_millis(1500), PATIENCE);
-    let exit = agent.stop();
-    assert!(
-        arrived,
-        "once the server listens: {}\nagent log tail:\n{}",
-        DeliveryReport::of(&server, &export.message_ids).summary(),
-        agent.log_tail(40)
+    deliver_and_stop(
+        &server,
+        &mut agent,
+        &export.message_ids,
+        "once the server listens",
     );
-    assert!(exit.expect("exits after SIGTERM").success());
     assert_exactly_once(
         &server,
         &export.message_ids,
@@ -567,19 +577,7 @@ fn retry_after_http_date_is_honoured() {
     let export = session_export(BASE + 7_000, 20);
     write_atomically(&env.watch_dir().join("retry-after-1"), &export.bytes);
 
-    let arrived = env.server.wait_for_ids(&export.message_ids, PATIENCE);
-    env.server
-        .wait_for_quiet(Duration::from_millis(1500), PATIENCE);
-    let exit = agent.stop();
-    let requests = env.server.requests();
-    assert!(
-        arrived,
-        "{}\nstatuses {:?}\nagent log tail:\n{}",
-        DeliveryReport::of(&env.server, &export.message_ids).summary(),
-        statuses(&requests),
-        agent.log_tail(40)
-    );
-    assert!(exit.expect("exits after SIGTERM").success());
+    let requests = deliver_and_stop(&env.server, &mut agent, &export.message_ids, "after a 429");
     assert!(requests.len() >= 2);
     let (limited, next) = (&requests[0], &requests[1]);
     assert_eq!(limited.status, 429);
@@ -655,18 +653,7 @@ fn backoff_resets_after_success() {
 
     let second = session_export(BASE + 8_100, 20);
     write_atomically(&env.watch_dir().join("reset-2"), &second.bytes);
-    let arrived = env.server.wait_for_ids(&second.message_ids, PATIENCE);
-    env.server
-        .wait_for_quiet(Duration::from_millis(1500), PATIENCE);
-    let exit = agent.stop();
-    let requests = env.server.requests();
-    assert!(
-        arrived,
-        "second file: statuses {:?}\nagent log tail:\n{}",
-        statuses(&requests),
-        agent.log_tail(40)
-    );
-    assert!(exit.expect("exits after SIGTERM").success());
+    let requests = deliver_and_stop(&env.server, &mut agent, &second.message_ids, "second file");
 
     let mut want = vec![503; FIRST_OUTAGE];
     want.extend([200, 503, 200]);

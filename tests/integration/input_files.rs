@@ -13,9 +13,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::util::{
-    Agent, DeliveryReport, PATIENCE, Reply, TestEnv, assert_exactly_once, count_log_lines,
-    gzip_bytes, open_session_line, open_session_lines, quarantine_list, ready_lines, status_json,
-    status_u64, wait_for_status, wait_until, write_atomically, write_slowly,
+    Agent, DeliveryReport, NOTHING_HAPPENS, PATIENCE, Reply, TestEnv, assert_exactly_once,
+    count_log_lines, gzip_bytes, new_env, open_session_line, open_session_lines, quarantine_list,
+    ready_lines, status_json, status_u64, wait_delivered, wait_for_status, wait_until,
+    write_atomically, write_slowly,
 };
 
 /// eventIds of this module: `BASE + test * 1_000_000 + i`, above 2^53 as Leanplum's are.
@@ -23,29 +24,6 @@ const BASE: u64 = 8_100_000_000_000_000_000;
 
 fn ids_base(test: u64) -> u64 {
     BASE + test * 1_000_000
-}
-
-/// Long enough for a file to settle (1 s), be picked up (tick 250 ms, rescan 1 s), read and, if
-/// it were read, delivered (flush 200 ms): a window in which "nothing happens" means something.
-const NOTHING_HAPPENS: Duration = Duration::from_secs(3);
-
-/// A test world whose agent logs its own debug lines but not sled's, so a failure's log tail
-/// shows what the agent did.
-fn new_env() -> TestEnv {
-    let mut env = TestEnv::new();
-    env.config.log_level = Some("info,leanplum_segment_agent=debug".into());
-    env
-}
-
-/// Waits until every id in `ids` was accepted, or fails with the delivery report and log tail.
-fn wait_delivered(env: &TestEnv, agent: &Agent, ids: &[String], what: &str) {
-    if !env.server.wait_for_ids(ids, PATIENCE) {
-        panic!(
-            "{what}: not delivered in time: {}\nagent log tail:\n{}",
-            DeliveryReport::of(&env.server, ids).summary(),
-            agent.log_tail(40)
-        );
-    }
 }
 
 /// Sleeps [`NOTHING_HAPPENS`] and asserts that Segment accepted no event in the meantime.

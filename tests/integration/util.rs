@@ -38,6 +38,10 @@ pub const SHARD_1: &str = "examples/export/20261101/export-5629499534213120-06e7
 /// a loaded 2-core machine and a timeout only costs time when something is already broken.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Long enough for a file to settle (1 s), be picked up (tick 250 ms, rescan 1 s), read and, if
+/// it were read, delivered (flush 200 ms): a window in which "nothing happens" means something.
+pub const NOTHING_HAPPENS: Duration = Duration::from_secs(3);
+
 /// How long the agent may take to exit after SIGTERM: SPEC section 9 allows 10 s, plus slack.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -945,6 +949,25 @@ impl TestEnv {
     /// Writes the config and starts `run --config` on it.
     pub fn start_agent(&self) -> Agent {
         Agent::start(&self.write_config())
+    }
+}
+
+/// A test world whose agent logs its own debug lines but not sled's, so a failure's log tail
+/// shows what the agent did.
+pub fn new_env() -> TestEnv {
+    let mut env = TestEnv::new();
+    env.config.log_level = Some("info,leanplum_segment_agent=debug".into());
+    env
+}
+
+/// Waits until every id in `ids` was accepted, or fails with the delivery report and log tail.
+pub fn wait_delivered(env: &TestEnv, agent: &Agent, ids: &[String], what: &str) {
+    if !env.server.wait_for_ids(ids, PATIENCE) {
+        panic!(
+            "{what}: not delivered in time: {}\nagent log tail:\n{}",
+            DeliveryReport::of(&env.server, ids).summary(),
+            agent.log_tail(40)
+        );
     }
 }
 
