@@ -25,6 +25,7 @@ const CONTENT_KEY: &str = "ck_CONTENT_SECRET_8d21e";
 struct LpRequest {
     action: String,
     params: BTreeMap<String, String>,
+    at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -126,6 +127,7 @@ fn answer(state: &Mutex<LpState>, url: &str) -> (u16, String) {
     st.requests.push(LpRequest {
         action: action.clone(),
         params: params.clone(),
+        at: std::time::Instant::now(),
     });
     if st.down {
         let echoed = params.get("clientKey").cloned().unwrap_or_default();
@@ -535,6 +537,17 @@ fn api_down_with_a_cold_cache_waits_then_delivers_everything_once() {
             && lp.requests("getMessage").len() >= 3),
         "retried"
     );
+    // Lookups are rate-limited (5 a second), even when several ids wait at once.
+    let lookups = lp.requests("getMessage");
+    for pair in lookups.windows(2) {
+        let gap = pair[1].at.saturating_duration_since(pair[0].at);
+        assert!(
+            gap >= Duration::from_millis(180),
+            "getMessage {} then {} only {gap:?} apart",
+            pair[0].params["id"],
+            pair[1].params["id"]
+        );
+    }
     let logs = agent.logs();
     assert_eq!(
         logs.matches("cannot fetch the catalog from Leanplum")
