@@ -1,16 +1,18 @@
 //! The durable spool: a sled 0.34.7 database holding the events not yet accepted by Segment, the
 //! read position of every input file, the dedupe index, and the quarantine and dead letters.
 //!
-//! # On-disk format (version 2)
+//! # On-disk format (version 3)
 //!
 //! Under `spool.dir`: `CURRENT` names the current generation, `gen-<n>/` is a sled database
-//! (sled's own files: `db`, `conf`, `blobs/`, `snap.*`), and `corrupt-<unix time>/` holds a
-//! generation that could not be opened (see `store.rs` for the generation rules). Trees:
+//! (sled's own files: `db`, `conf`, `blobs/`, `snap.*`), `segments/` holds the events
+//! themselves in append-only files (see `segments.rs`), and `corrupt-<unix time>/` holds a
+//! generation that could not be opened, with its segments (see `store.rs` for the generation
+//! rules). Trees:
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `meta` | ASCII name | `format_version` u32 BE (= 1); `live_bytes`, `depth`, `next_id` u64 BE; `catalog_cache` JSON (the Leanplum catalog last fetched) |
-//! | `queue` | key of the packet's first event, u64 BE (FIFO: sled iterates keys in byte order) | a packet of consecutive events of one file, see `packet.rs` |
+//! | `meta` | ASCII name | `format_version` u32 BE (= 3); `live_bytes`, `depth`, `next_id` u64 BE; `segment_end` (segment u64, offset u64 BE); `catalog_cache` JSON (the Leanplum catalog last fetched) |
+//! | `queue` | key of the packet's first event, u64 BE (FIFO: sled iterates keys in byte order) | where the packet of consecutive events of one file is in the segments (see `segments.rs`), or, written by version 2, the packet itself (see `packet.rs`) |
 //! | `acked` | packet key, u64 BE | bitmap of its events already delivered or dead-lettered, while others remain |
 //! | `files` | file id, u64 BE | [`FileRecord`] as JSON |
 //! | `paths` | path bytes (relative to `watch.dir`) | file id u64 BE |
@@ -21,8 +23,11 @@
 //!
 //! Version 1 kept one queue key per event and one dedupe key per `messageId`: sled's memory
 //! grows with the number of keys, so a backlog of millions grew the agent by tens of MB per
-//! million. Version 2 reads version 1 queue values as packets of one, and an agent opening a
-//! version 1 spool moves its dedupe keys into partitions first.
+//! million. Version 2 packed events into packets kept in sled; sled's memory and the time it
+//! takes to open still grew with the bytes written, so version 3 keeps the packets in segment
+//! files. Version 3 reads version 1 queue values as packets of one and version 2 packets where
+//! they are (they drain first); an agent opening a version 1 spool moves its dedupe keys into
+//! partitions first.
 //!
 //! `live_bytes` and `depth` are kept by us, not taken from `size_on_disk`: sled 0.34 does not
 //! shrink its files when keys are removed, so the file size says nothing about the backlog.
@@ -31,11 +36,13 @@
 //!
 //! # Transactions
 //!
-//! 1. [`Spool::commit_file_chunk`]: the events of one chunk of a file (new ones into `queue`
-//!    packets and their `dedupe` partitions, duplicates skipped, oversize ones into `dead`), its bad lines into `quarantine`,
-//!    the file's new offset into `files`, and `live_bytes`/`depth` into `meta`: one sled
-//!    transaction over all those trees, then `Db::flush` and an fsync of sled's data file. The
-//!    offset counts as durable only once that returns.
+//! 1. [`Spool::commit_file_chunk`]: the chunk's new events are appended to the active segment
+//!    as packets and the segment is `fdatasync`ed; then one sled transaction takes the packets'
+//!    locations into `queue`, the segments' new end into `meta`, the events' `dedupe`
+//!    partitions (duplicates skipped, oversize events into `dead`), the bad lines into
+//!    `quarantine`, the file's new offset into `files`, and `live_bytes`/`depth` into `meta`;
+//!    then `Db::flush` and an fsync of sled's data file. The offset counts as durable only once
+//!    that returns.
 //! 2. [`Spool::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
 //!    events are all marked leaves `queue` and `acked`), `meta` and the files' `pending` counts
 //!    go down; one transaction, not flushed here (sled writes its buffers out
@@ -46,9 +53,10 @@
 //! # What a crash leaves
 //!
 //! - `kill -9` before transaction 1 is flushed: neither the events nor the offset; the chunk is
-//!   read again. After it: both. There is no state with the offset advanced but the events
-//!   missing, or the reverse: they are one transaction and sled recovers to a transaction
-//!   boundary.
+//!   read again (segment bytes it appended lie past the committed end and are cut off at the
+//!   next open). After it: both. There is no state with the offset advanced but the events
+//!   missing, or the reverse: they are one transaction, sled recovers to a transaction
+//!   boundary, and the segment bytes it points at were synced before it.
 //! - Between a 2xx and the flush of transaction 2: the batch is still queued and is sent again
 //!   (same `messageId`s).
 //! - During a compaction: either the old generation (the new one is debris, deleted at open) or
@@ -56,9 +64,10 @@
 //!
 //! # Power loss
 //!
-//! What a returned commit covers survives power loss: sled's flush writes its log, and our
-//! fsync of sled's data file pushes it and the file's metadata past the page cache and the
-//! disk's volatile cache (on disks that honour flushes). Not covered: writes after the last
+//! What a returned commit covers survives power loss: the segment was `fdatasync`ed before the
+//! transaction, sled's flush writes its log, and our fsync of sled's data file pushes it and
+//! the file's metadata past the page cache and the disk's volatile cache (on disks that honour
+//! flushes). A new segment's directory entry is fsynced when the segment is created. Not covered: writes after the last
 //! commit (ack removals, file status changes), which come back as re-sends or re-reads, never
 //! as loss. sled's blob files (values over its blob threshold, far above our 32 KB event cap)
 //! are not fsynced by us; we never write values that large.
@@ -73,6 +82,7 @@
 mod dedupe;
 mod packet;
 mod records;
+mod segments;
 mod store;
 
 use store::Store;
@@ -93,7 +103,7 @@ pub const NO_FILE: u64 = u64::MAX;
 
 /// Bumped when the layout above changes; an older binary refuses a newer spool, a newer one
 /// upgrades an older spool when an agent opens it (see [`Spool::open`]).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -216,8 +226,15 @@ pub struct Spool {
     /// The open generation. Read-locked by every operation; write-locked only to swap in a
     /// compacted generation.
     store: RwLock<Store>,
-    /// Next queue key; held for the whole of a commit so keys commit in order.
-    writer: Mutex<u64>,
+    /// Next queue key and the segment writer; held for the whole of a commit so keys commit
+    /// in order.
+    writer: Mutex<Writer>,
+    /// `spool.dir/segments` (see `segments.rs`).
+    segments_dir: PathBuf,
+    /// The segment being written (for deleting drained ones without the writer lock).
+    active_segment: AtomicU64,
+    /// Segments below this one are known to be deleted already.
+    segments_removed_below: AtomicU64,
     /// First queue key not yet committed.
     watermark: AtomicU64,
     /// The day dedupe entries were last pruned below (see [`Spool::prune_dedupe`]).
@@ -227,6 +244,39 @@ pub struct Spool {
     /// Our flock on `spool.dir/LOCK`, held as long as an agent has the spool open (`None` for
     /// a look by `status`).
     _lock: Option<File>,
+}
+
+/// What the writer lock guards.
+struct Writer {
+    /// The next queue key.
+    next: u64,
+    segments: segments::Writer,
+}
+
+/// Queue entries to commit: a packet's first key and its location.
+type QueueEntries = Vec<(u64, segments::LocationBytes)>;
+
+impl Writer {
+    /// Appends packets (encoded, with their numbers of events) to the segments, durably.
+    /// Returns the queue entries to commit (first key -> location), the segment end to commit
+    /// with them, and the key after the last event.
+    fn write_packets(
+        &mut self,
+        first_key: u64,
+        packets: &[(Vec<u8>, u16)],
+    ) -> Result<(QueueEntries, segments::End, u64), Error> {
+        let (locations, end) = self.segments.append(packets)?;
+        let mut key = first_key;
+        let entries = locations
+            .iter()
+            .map(|l| {
+                let k = key;
+                key += u64::from(l.events);
+                (k, l.encode())
+            })
+            .collect();
+        Ok((entries, end, key))
+    }
 }
 
 impl std::fmt::Debug for Spool {
@@ -251,11 +301,24 @@ impl Spool {
         // waits out.)
         let lock = store::lock(dir)?;
         let (store, recovered) = store::open_current(dir, cache_bytes)?;
-        if store.format_version()? == 1 {
-            let moved = store.upgrade_from_v1()?;
+        match store.format_version()? {
+            1 => {
+                let moved = store.upgrade_from_v1()?;
+                tracing::info!(
+                    dedupe_ids = moved,
+                    "spool upgraded from format version 1 to {FORMAT_VERSION}"
+                );
+            }
+            // Version 2 packets stay in sled's queue and drain from there; new ones go to
+            // segments.
+            2 => store.set_format_version()?,
+            _ => {}
+        }
+        let cut = segments::repair(&segments::dir(dir), store.segment_end()?)?;
+        if cut > 0 {
             tracing::info!(
-                dedupe_ids = moved,
-                "spool upgraded from format version 1 to {FORMAT_VERSION}"
+                bytes = cut,
+                "spool: cut off segment bytes of a commit that did not finish"
             );
         }
         Spool::from_store(dir, cache_bytes, store, recovered, Some(lock))
@@ -294,11 +357,19 @@ impl Spool {
         lock: Option<File>,
     ) -> Result<Spool, Error> {
         let next = store.next_queue_key()?;
+        let end = store.segment_end()?;
+        let segments_dir = segments::dir(dir);
         Ok(Spool {
             dir: dir.to_owned(),
             cache_bytes,
             store: RwLock::new(store),
-            writer: Mutex::new(next),
+            writer: Mutex::new(Writer {
+                next,
+                segments: segments::Writer::new(&segments_dir, end),
+            }),
+            segments_dir,
+            active_segment: AtomicU64::new(end.segment),
+            segments_removed_below: AtomicU64::new(0),
             watermark: AtomicU64::new(next),
             pruned_day: Default::default(),
             recovered,
@@ -333,8 +404,8 @@ impl Spool {
     /// Commits one chunk of a file in one transaction and flushes it (see the module doc).
     pub fn commit_file_chunk(&self, chunk: &Chunk) -> Result<ChunkOutcome, Error> {
         let s = self.store();
-        let mut next = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let first_key = *next;
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let first_key = w.next;
         let now = now_ms();
         let today = dedupe::day(now);
         let q_ids = (0..chunk.quarantine.len())
@@ -414,14 +485,13 @@ impl Spool {
         let bytes: u64 = fresh.iter().map(|j| j.len() as u64).sum();
         out.spooled = fresh.len() as u64;
         let mut packets = Vec::new();
-        let mut key = first_key;
         for events in packet::split(&fresh, |j| j.len()) {
             packets.push((
-                key,
                 packet::encode(now, chunk.file_id, events.iter().copied()),
+                events.len() as u16,
             ));
-            key += events.len() as u64;
         }
+        let (packets, end, key) = w.write_packets(first_key, &packets)?;
         out.quarantined = chunk.quarantine.len() as u64;
 
         (
@@ -436,6 +506,7 @@ impl Spool {
                 for (k, v) in &packets {
                     queue.insert(&k.to_be_bytes(), v.as_slice())?;
                 }
+                meta.insert(SEGMENT_END, &end.encode())?;
                 for (k, v) in &merged {
                     dedupe.insert(k, v.as_slice())?;
                 }
@@ -469,11 +540,63 @@ impl Spool {
                 add_meta(meta, "depth", out.spooled as i64)?;
                 Ok(())
             })
-            .map_err(|e| s.tx_err(e))?;
+            .map_err(|e| s.tx_err(e))
+            .inspect_err(|_| w.segments.abandon(end))?;
         self.flush()?;
-        *next = key;
-        self.watermark.store(key, Ordering::Release);
+        self.committed(&mut w, key, end);
         Ok(out)
+    }
+
+    /// After a commit's flush: its keys and segment bytes are the spool's; the drain may read
+    /// up to `next`.
+    fn committed(&self, w: &mut Writer, next: u64, end: segments::End) {
+        w.segments.committed(end);
+        w.next = next;
+        self.active_segment.store(end.segment, Ordering::Release);
+        self.watermark.store(next, Ordering::Release);
+    }
+
+    /// A queue entry's first key, packet bytes and decoded packet: read from its segment, or
+    /// the value itself for a version 2 packet kept in sled.
+    fn load_packet(
+        &self,
+        s: &Store,
+        reader: &mut segments::Reader,
+        k: &[u8],
+        v: IVec,
+    ) -> Result<(u64, IVec, packet::Packet), Error> {
+        let corrupt = || s.corrupt(format!("queue entry {k:?}"));
+        let first = decode_u64(k).ok_or_else(corrupt)?;
+        let bytes = match segments::Location::decode(&v) {
+            Some(loc) => reader.read(&self.segments_dir, &loc)?.ok_or_else(|| {
+                s.corrupt(format!(
+                    "queue entry {first}: its packet (segment {}, offset {}) is missing or damaged",
+                    loc.segment, loc.offset
+                ))
+            })?,
+            None => v,
+        };
+        let p = packet::decode(&bytes).ok_or_else(corrupt)?;
+        Ok((first, bytes, p))
+    }
+
+    /// Deletes the segments whose packets are all gone: those below the segment of the first
+    /// packet still queued (below the one being written when nothing is).
+    fn remove_drained_segments(&self, s: &Store) -> Result<(), Error> {
+        let first_live = match s.queue.first().map_err(|e| s.sled_err(e))? {
+            Some((_, v)) => match segments::Location::decode(&v) {
+                Some(l) => l.segment,
+                // A version 2 packet kept in sled: older than any segment.
+                None => return Ok(()),
+            },
+            None => self.active_segment.load(Ordering::Acquire),
+        };
+        if first_live > self.segments_removed_below.load(Ordering::Relaxed) {
+            segments::remove_below(&self.segments_dir, first_live);
+            self.segments_removed_below
+                .fetch_max(first_live, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Up to `max_events` queued events with keys in `(after, watermark)`, oldest first, whose
@@ -506,9 +629,10 @@ impl Spool {
             None => start,
         };
         let mut bytes = 0usize;
+        let mut reader = segments::Reader::default();
         'packets: for item in s.queue.range(from.to_be_bytes()..end.to_be_bytes()) {
             let (k, v) = item.map_err(|e| s.sled_err(e))?;
-            let (first, p) = s.decode_packet(&k, &v)?;
+            let (first, v, p) = self.load_packet(&s, &mut reader, &k, v)?;
             let acked = s
                 .acked
                 .get(k)
@@ -661,6 +785,7 @@ impl Spool {
                 Ok(done)
             })
             .map_err(|e| s.tx_err(e))?;
+        self.remove_drained_segments(&s)?;
         Ok(done)
     }
 
@@ -703,7 +828,12 @@ impl Spool {
     pub fn oldest_enqueued_ms(&self) -> Result<Option<u64>, Error> {
         let s = self.store();
         match s.queue.first().map_err(|e| s.sled_err(e))? {
-            Some((k, v)) => Ok(Some(s.decode_packet(&k, &v)?.1.enqueued_ms)),
+            Some((k, v)) => {
+                let mut reader = segments::Reader::default();
+                Ok(Some(
+                    self.load_packet(&s, &mut reader, &k, v)?.2.enqueued_ms,
+                ))
+            }
             None => Ok(None),
         }
     }
@@ -841,33 +971,33 @@ impl Spool {
     /// Puts dead letters back in the queue (after the operator fixed what Segment refused),
     /// at the end, in id order. `ids` empty means all. Returns how many went back.
     pub fn requeue_dead(&self, ids: &[u64]) -> Result<u64, Error> {
-        let mut next = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let s = self.store();
         let letters: Vec<(u64, DeadLetter)> = s
             .json_entries(&s.dead, "dead letter")?
             .into_iter()
             .filter(|(id, _)| ids.is_empty() || ids.contains(id))
             .collect();
-        let first_key = *next;
         let now = now_ms();
         // Packets of letters of one file each, in id order.
-        let mut packets: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut key = first_key;
+        let mut packets = Vec::new();
         for group in letters.chunk_by(|a, b| a.1.file_id == b.1.file_id) {
             let file_id = group[0].1.file_id.unwrap_or(NO_FILE);
             for part in packet::split(group, |(_, l)| l.event.len()) {
                 packets.push((
-                    key,
                     packet::encode(now, file_id, part.iter().map(|(_, l)| l.event.as_bytes())),
+                    part.len() as u16,
                 ));
-                key += part.len() as u64;
             }
         }
+        let first_key = w.next;
+        let (packets, end, key) = w.write_packets(first_key, &packets)?;
         (&s.queue, &s.dead, &s.meta, &s.files)
             .transaction(|(queue, dead, meta, files)| {
                 for (k, v) in &packets {
                     queue.insert(&k.to_be_bytes(), v.as_slice())?;
                 }
+                meta.insert(SEGMENT_END, &end.encode())?;
                 let mut bytes = 0i64;
                 for (id, letter) in &letters {
                     let file_id = letter.file_id.unwrap_or(NO_FILE);
@@ -883,10 +1013,10 @@ impl Spool {
                 add_meta(meta, "depth", letters.len() as i64)?;
                 Ok(())
             })
-            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
+            .map_err(|e: TransactionError<String>| s.tx_err(e))
+            .inspect_err(|_| w.segments.abandon(end))?;
         s.flush()?;
-        *next = key;
-        self.watermark.store(key, Ordering::Release);
+        self.committed(&mut w, key, end);
         Ok(letters.len() as u64)
     }
 
@@ -982,13 +1112,14 @@ impl Spool {
         };
         // sled logs every removal and moves live pages when it cleans segments, so draining
         // a large spool needs room too: a quarter of sled's files on top of the floor.
-        let reserve = (total / 20).clamp(1 << 20, 256 << 20) + self.disk_bytes() / 4;
+        let reserve = (total / 20).clamp(1 << 20, 256 << 20) + self.store().size_on_disk() / 4;
         free < reserve.saturating_add(incoming.saturating_mul(2))
     }
 
-    /// Bytes sled's files take on disk. Not the backlog (see [`Spool::depth`]).
+    /// Bytes the spool takes on disk: sled's files and the segments. Not the backlog (see
+    /// [`Spool::depth`]).
     pub fn disk_bytes(&self) -> u64 {
-        self.store().size_on_disk()
+        self.store().size_on_disk() + segments::disk_bytes(&self.segments_dir)
     }
 
     /// Whether sled's files are so much larger than the live data that [`Spool::compact`] is
@@ -1056,6 +1187,8 @@ fn abort<T>(what: String) -> TxResult<T> {
 
 /// The `meta` key of the cached Leanplum catalog (JSON, see `crate::catalog`).
 const CATALOG_CACHE: &str = "catalog_cache";
+/// The `meta` key of the segments' committed end (see `segments.rs`).
+const SEGMENT_END: &str = "segment_end";
 
 fn add_meta(meta: &sled::transaction::TransactionalTree, name: &str, delta: i64) -> TxResult<()> {
     let cur = meta.get(name)?.and_then(|v| decode_u64(&v)).unwrap_or(0);

@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use sled::transaction::TransactionError;
 use sled::{IVec, Tree};
 
-use super::packet::{self, Packet};
-use super::{Error, FORMAT_VERSION, decode_u64, now_ms};
+use super::packet;
+use super::segments::{self, End, Location};
+use super::{Error, FORMAT_VERSION, SEGMENT_END, decode_u64, now_ms};
 
 const CURRENT: &str = "CURRENT";
 /// sled's background flush of its write buffers into its files. Commits flush (and fsync)
@@ -120,6 +121,11 @@ pub(super) fn open_current(dir: &Path, cache_bytes: u64) -> Result<(Store, Optio
         Err(e) => {
             let aside = dir.join(format!("corrupt-{}", now_ms() / 1000));
             fs::rename(&path, &aside).map_err(io_err(&path))?;
+            // The segments' index was in the damaged database: they go with it.
+            let segs = segments::dir(dir);
+            if segs.exists() {
+                fs::rename(&segs, aside.join("segments")).map_err(io_err(&segs))?;
+            }
             let next = next_generation(&current);
             set_current(dir, &next)?;
             let store = Store::open(&dir.join(&next), cache_bytes)?;
@@ -263,8 +269,9 @@ impl Store {
                         path: path.to_owned(),
                         what: "format_version".into(),
                     })?);
-                // Version 1 differs in the dedupe tree only; `Spool::open` upgrades it.
-                if found != FORMAT_VERSION && found != 1 {
+                // Version 1 differs in the dedupe tree, version 2 in keeping packets in the
+                // queue tree, which version 3 still reads; `Spool::open` upgrades both.
+                if !(1..=FORMAT_VERSION).contains(&found) {
                     return Err(Error::Version {
                         path: path.to_owned(),
                         found,
@@ -327,11 +334,32 @@ impl Store {
     pub(super) fn next_queue_key(&self) -> Result<u64, Error> {
         Ok(match self.queue.last().map_err(|e| self.sled_err(e))? {
             Some((k, v)) => {
-                let (first, p) = self.decode_packet(&k, &v)?;
-                first + p.len() as u64
+                let corrupt = || self.corrupt(format!("queue entry {k:?}"));
+                let first = decode_u64(&k).ok_or_else(corrupt)?;
+                let events = match Location::decode(&v) {
+                    Some(l) => usize::from(l.events),
+                    None => packet::decode(&v).ok_or_else(corrupt)?.len(),
+                };
+                first + events as u64
             }
             None => 0,
         })
+    }
+
+    /// The segments' committed end (`meta/segment_end`; none yet: segment 0).
+    pub(super) fn segment_end(&self) -> Result<End, Error> {
+        match self.meta.get(SEGMENT_END).map_err(|e| self.sled_err(e))? {
+            Some(v) => End::decode(&v).ok_or_else(|| self.corrupt("segment_end".into())),
+            None => Ok(End::default()),
+        }
+    }
+
+    /// Records the current format version (an older spool needing no data moved).
+    pub(super) fn set_format_version(&self) -> Result<(), Error> {
+        self.meta
+            .insert("format_version", &FORMAT_VERSION.to_be_bytes())
+            .map_err(|e| self.sled_err(e))?;
+        self.flush()
     }
 
     /// Bytes sled's files take on disk (never the backlog: sled does not shrink them).
@@ -371,14 +399,6 @@ impl Store {
             dest.apply_batch(batch).map_err(|e| to.sled_err(e))?;
         }
         to.flush()
-    }
-
-    /// A queue entry: its first event key and its packet.
-    pub(super) fn decode_packet(&self, k: &[u8], v: &IVec) -> Result<(u64, Packet), Error> {
-        let corrupt = || self.corrupt(format!("queue entry {k:?}"));
-        let key = decode_u64(k).ok_or_else(corrupt)?;
-        let p = packet::decode(v).ok_or_else(corrupt)?;
-        Ok((key, p))
     }
 
     pub(super) fn corrupt(&self, what: String) -> Error {

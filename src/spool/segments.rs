@@ -1,0 +1,456 @@
+//! Event payloads outside sled: append-only segment files (format version 3).
+//!
+//! sled 0.34 keeps in memory, and rescans at every open, bookkeeping that grows with the bytes
+//! it has written; with the events inside sled that made the agent's memory and its restart
+//! time grow with the backlog. So the packets (see `packet.rs`) go to plain files, and sled's
+//! `queue` tree keeps only where each one is: a few dozen bytes per packet instead of the
+//! packet.
+//!
+//! Layout under `spool.dir/segments/`: `<id>.seg` (20 decimal digits), ids from 1 up. A segment
+//! is a run of records `[crc32 u32 BE][packet]`, each packet encoded as in `packet.rs`; the
+//! writer starts a new segment once the current one is past [`SEGMENT_BYTES`].
+//!
+//! # Commit and crash
+//!
+//! A commit appends its packets at the active segment's committed end, `fdatasync`s the
+//! segment, and only then runs the sled transaction that adds the packets' locations to
+//! `queue` and moves the committed end (`meta/segment_end`: segment id, offset). So a location
+//! sled has committed always points at bytes already on disk. Bytes past the committed end
+//! belong to a commit that did not finish; the next commit writes over them, and an agent
+//! opening the spool cuts them off and deletes segments past the committed one.
+//!
+//! # Reclaiming disk
+//!
+//! Packets are appended in key order and the drain removes them mostly in order, so a segment
+//! is deleted once every packet in it is gone, which is when the first packet still queued
+//! lies in a later segment (or nothing is queued and a later segment is being written).
+
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::Error;
+
+/// A segment is closed once it holds this much; the next commit starts a new one. (Unit tests
+/// use small ones, to see segments roll over and go.)
+#[cfg(not(test))]
+pub const SEGMENT_BYTES: u64 = 32 << 20;
+#[cfg(test)]
+pub const SEGMENT_BYTES: u64 = 1 << 20;
+/// The drain reads ahead this much at a time (whole packets are sliced out of it).
+const READ_AHEAD: usize = 256 << 10;
+/// Marks a `queue` value holding a location rather than a packet (packets start with 1 or 2).
+pub const LOCATION: u8 = 3;
+const LOCATION_LEN: usize = 1 + 8 + 8 + 4 + 2;
+/// A [`Location`] as stored in the `queue` tree.
+pub type LocationBytes = [u8; LOCATION_LEN];
+const RECORD_HEADER: u64 = 4;
+
+/// Where a packet is: segment, offset of its record, packet bytes (without the record header),
+/// and its number of events (so the next key is known without reading the packet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub events: u16,
+}
+
+impl Location {
+    pub fn encode(&self) -> LocationBytes {
+        let mut v = [0u8; LOCATION_LEN];
+        v[0] = LOCATION;
+        v[1..9].copy_from_slice(&self.segment.to_be_bytes());
+        v[9..17].copy_from_slice(&self.offset.to_be_bytes());
+        v[17..21].copy_from_slice(&self.len.to_be_bytes());
+        v[21..23].copy_from_slice(&self.events.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<Location> {
+        if v.len() != LOCATION_LEN || v[0] != LOCATION {
+            return None;
+        }
+        Some(Location {
+            segment: u64::from_be_bytes(v[1..9].try_into().ok()?),
+            offset: u64::from_be_bytes(v[9..17].try_into().ok()?),
+            len: u32::from_be_bytes(v[17..21].try_into().ok()?),
+            events: u16::from_be_bytes(v[21..23].try_into().ok()?),
+        })
+    }
+}
+
+/// The committed end of the segments: the active segment and the offset past its last
+/// committed record. `segment == 0`: nothing written yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct End {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl End {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&self.segment.to_be_bytes());
+        v[8..].copy_from_slice(&self.offset.to_be_bytes());
+        v
+    }
+
+    pub fn decode(v: &[u8]) -> Option<End> {
+        Some(End {
+            segment: u64::from_be_bytes(v.get(..8)?.try_into().ok()?),
+            offset: u64::from_be_bytes(v.get(8..16)?.try_into().ok()?),
+        })
+    }
+}
+
+/// The directory of segments under `spool.dir`.
+pub fn dir(spool_dir: &Path) -> PathBuf {
+    spool_dir.join("segments")
+}
+
+fn path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.seg"))
+}
+
+fn segment_id(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// Ids of the segments present, ascending.
+fn list(dir: &Path) -> Vec<u64> {
+    let mut ids: Vec<u64> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| segment_id(&e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort_unstable();
+    ids
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Bytes the segment files take.
+pub fn disk_bytes(dir: &Path) -> u64 {
+    list(dir)
+        .into_iter()
+        .filter_map(|id| fs::metadata(path(dir, id)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Cuts off what an unfinished commit left past the committed `end`, and deletes segments past
+/// it (an agent opening the spool; the caller holds the lock). Returns the bytes cut.
+pub fn repair(dir: &Path, end: End) -> Result<u64, Error> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut cut = 0;
+    for id in list(dir) {
+        let p = path(dir, id);
+        if id > end.segment {
+            cut += fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&p).map_err(io_err(&p))?;
+        } else if id == end.segment {
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(io_err(&p))?;
+            let len = f.metadata().map_err(io_err(&p))?.len();
+            if len > end.offset {
+                f.set_len(end.offset).map_err(io_err(&p))?;
+                f.sync_all().map_err(io_err(&p))?;
+                cut += len - end.offset;
+            }
+        }
+    }
+    sync_dir(dir)?;
+    Ok(cut)
+}
+
+/// Deletes the segments below `first_live` (their packets are all gone). Returns how many.
+pub fn remove_below(dir: &Path, first_live: u64) -> usize {
+    let mut n = 0;
+    for id in list(dir).into_iter().take_while(|id| *id < first_live) {
+        let p = path(dir, id);
+        match fs::remove_file(&p) {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove a drained spool segment");
+            }
+        }
+    }
+    n
+}
+
+/// Appends packets to the active segment. Owned by the spool's writer (under its lock).
+#[derive(Debug)]
+pub struct Writer {
+    dir: PathBuf,
+    /// The committed end.
+    end: End,
+    /// The active segment, open for writing (`None` until the first append).
+    file: Option<File>,
+}
+
+impl Writer {
+    /// A writer continuing at the committed `end` (after [`repair`], or on a look-only spool
+    /// that never writes).
+    pub fn new(dir: &Path, end: End) -> Writer {
+        Writer {
+            dir: dir.to_owned(),
+            end,
+            file: None,
+        }
+    }
+
+    /// Writes `packets` after the committed end and makes them durable (`fdatasync`). Returns
+    /// each packet's location and the end to commit; nothing counts as written until
+    /// [`Writer::committed`] is called with it, after sled's transaction. Nothing to write:
+    /// no I/O, the current end.
+    pub fn append(&mut self, packets: &[(Vec<u8>, u16)]) -> Result<(Vec<Location>, End), Error> {
+        if packets.is_empty() {
+            return Ok((Vec::new(), self.end));
+        }
+        let mut at = self.end;
+        if at.segment == 0 || at.offset >= SEGMENT_BYTES {
+            // A new segment; a leftover of an unfinished commit under that id is overwritten.
+            at = End {
+                segment: at.segment + 1,
+                offset: 0,
+            };
+            let p = path(&self.dir, at.segment);
+            fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&p)
+                .map_err(io_err(&p))?;
+            sync_dir(&self.dir)?;
+            self.file = Some(f);
+        } else if self.file.is_none() {
+            let p = path(&self.dir, at.segment);
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(io_err(&p))?;
+            self.file = Some(f);
+        }
+        let total: usize = packets
+            .iter()
+            .map(|(p, _)| p.len() + RECORD_HEADER as usize)
+            .sum();
+        let mut buf = Vec::with_capacity(total);
+        let mut locations = Vec::with_capacity(packets.len());
+        for (p, events) in packets {
+            locations.push(Location {
+                segment: at.segment,
+                offset: at.offset + buf.len() as u64,
+                len: p.len() as u32,
+                events: *events,
+            });
+            buf.extend_from_slice(&crc32fast::hash(p).to_be_bytes());
+            buf.extend_from_slice(p);
+        }
+        let p = path(&self.dir, at.segment);
+        let file = self.file.as_ref().expect("opened above");
+        let written = file
+            .write_all_at(&buf, at.offset)
+            .and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            // Reopen next time: the error may have left the handle unusable.
+            self.file = None;
+            return Err(io_err(&p)(e));
+        }
+        at.offset += buf.len() as u64;
+        Ok((locations, at))
+    }
+
+    /// Records that sled committed the locations [`Writer::append`] returned with `end`.
+    pub fn committed(&mut self, end: End) {
+        if end.segment != self.end.segment {
+            // A new segment was started by the append: its handle is the one kept.
+            self.end = end;
+        } else {
+            self.end.offset = end.offset;
+        }
+    }
+
+    /// After a failed commit whose append started a new segment: the handle points at a
+    /// segment the committed end does not know; drop it so the next append starts it again.
+    pub fn abandon(&mut self, attempted: End) {
+        if attempted.segment != self.end.segment {
+            self.file = None;
+        }
+    }
+}
+
+/// Reads packets, with a read-ahead buffer: the drain reads consecutive packets of a segment,
+/// so one `pread` serves many. One per `peek`.
+#[derive(Default)]
+pub struct Reader {
+    /// Segment, offset of the buffer's first byte, and the bytes.
+    buf: Option<(u64, u64, sled::IVec)>,
+    file: Option<(u64, File)>,
+}
+
+impl Reader {
+    /// The packet at `loc`, checked against its checksum. `Ok(None)`: missing or damaged.
+    pub fn read(&mut self, dir: &Path, loc: &Location) -> Result<Option<sled::IVec>, Error> {
+        let need = RECORD_HEADER + u64::from(loc.len);
+        let covered = self.buf.as_ref().is_some_and(|(seg, off, b)| {
+            *seg == loc.segment && loc.offset >= *off && loc.offset + need <= off + b.len() as u64
+        });
+        if !covered {
+            let p = path(dir, loc.segment);
+            if self.file.as_ref().is_none_or(|(id, _)| *id != loc.segment) {
+                match File::open(&p) {
+                    Ok(f) => self.file = Some((loc.segment, f)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(io_err(&p)(e)),
+                }
+            }
+            let (_, f) = self.file.as_ref().expect("opened above");
+            let want = (need as usize).max(READ_AHEAD);
+            let mut v = vec![0u8; want];
+            let mut got = 0;
+            while got < want {
+                match f.read_at(&mut v[got..], loc.offset + got as u64) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io_err(&p)(e)),
+                }
+            }
+            if (got as u64) < need {
+                return Ok(None);
+            }
+            v.truncate(got);
+            self.buf = Some((loc.segment, loc.offset, sled::IVec::from(v)));
+        }
+        let (_, off, b) = self.buf.as_ref().expect("filled above");
+        let at = (loc.offset - off) as usize;
+        let crc = u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        let packet = b.subslice(at + 4, loc.len as usize);
+        Ok((crc32fast::hash(&packet) == crc).then_some(packet))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packets(sizes: &[usize]) -> Vec<(Vec<u8>, u16)> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (vec![i as u8; *n], 1))
+            .collect()
+    }
+
+    #[test]
+    fn locations_round_trip() {
+        let l = Location {
+            segment: 7,
+            offset: 1 << 40,
+            len: 4100,
+            events: 64,
+        };
+        assert_eq!(Location::decode(&l.encode()), Some(l));
+        assert_eq!(Location::decode(&l.encode()[..22]), None);
+        let e = End {
+            segment: 3,
+            offset: 99,
+        };
+        assert_eq!(End::decode(&e.encode()), Some(e));
+    }
+
+    #[test]
+    fn appended_packets_read_back_and_damage_is_seen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = dir(tmp.path());
+        let mut w = Writer::new(&dir, End::default());
+        let (locs, end) = w.append(&packets(&[10, 300_000, 5])).unwrap();
+        w.committed(end);
+        assert_eq!(end.segment, 1);
+        assert_eq!(end.offset, 10 + 300_000 + 5 + 12);
+        let mut r = Reader::default();
+        for (i, l) in locs.iter().enumerate() {
+            let p = r.read(&dir, l).unwrap().unwrap();
+            assert!(p.iter().all(|b| *b == i as u8) && p.len() == l.len as usize);
+        }
+        // A flipped byte fails the checksum.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(path(&dir, 1))
+            .unwrap();
+        f.write_all_at(&[0xff], locs[2].offset + 6).unwrap();
+        assert_eq!(Reader::default().read(&dir, &locs[2]).unwrap(), None);
+        // A missing segment reads as nothing.
+        let gone = Location {
+            segment: 9,
+            ..locs[0]
+        };
+        assert_eq!(Reader::default().read(&dir, &gone).unwrap(), None);
+    }
+
+    #[test]
+    fn uncommitted_bytes_are_cut_and_later_segments_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = dir(tmp.path());
+        let mut w = Writer::new(&dir, End::default());
+        let (_, end) = w.append(&packets(&[100])).unwrap();
+        w.committed(end);
+        // Appended, never committed (the sled transaction did not happen).
+        let (_, lost) = w.append(&packets(&[50])).unwrap();
+        assert!(lost.offset > end.offset);
+        fs::write(path(&dir, 2), b"debris").unwrap();
+        assert_eq!(repair(&dir, end).unwrap(), 54 + 6);
+        assert_eq!(list(&dir), vec![1]);
+        assert_eq!(fs::metadata(path(&dir, 1)).unwrap().len(), end.offset);
+        // The next writer continues at the committed end.
+        let mut w = Writer::new(&dir, end);
+        let (locs, end2) = w.append(&packets(&[7])).unwrap();
+        assert_eq!(locs[0].offset, end.offset);
+        assert_eq!(end2.offset, end.offset + 11);
+    }
+
+    #[test]
+    fn a_full_segment_rolls_over_and_drained_ones_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = dir(tmp.path());
+        let mut w = Writer::new(
+            &dir,
+            End {
+                segment: 0,
+                offset: 0,
+            },
+        );
+        let (_, end) = w.append(&packets(&[10])).unwrap();
+        w.committed(end);
+        w.end.offset = SEGMENT_BYTES; // as if full
+        let (locs, end) = w.append(&packets(&[10])).unwrap();
+        w.committed(end);
+        assert_eq!((locs[0].segment, locs[0].offset), (2, 0));
+        assert_eq!(list(&dir), vec![1, 2]);
+        assert_eq!(remove_below(&dir, 2), 1);
+        assert_eq!(list(&dir), vec![2]);
+        assert_eq!(disk_bytes(&dir), 14);
+    }
+}
