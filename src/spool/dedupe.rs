@@ -1,26 +1,59 @@
 //! The dedupe index: which `messageId`s were spooled within `spool.dedupe_window_days`.
 //!
-//! A key per `messageId` made the index, like the queue, cost sled's per-page memory for every
-//! event of the window (see `packet.rs`). Instead, ids are hashed (SHA-256) into
-//! [`PARTITIONS`] partitions by their first 16 bits; a partition's value is the sorted list of
-//! its entries, each the next 64 bits of the hash and the day it was spooled:
-//! `[hash u64 BE][day u16 BE]`, 10 bytes. The tree never holds more than [`PARTITIONS`] keys,
-//! whatever the window's volume.
+//! Ids are hashed (SHA-256); an entry keeps 80 bits of the hash and the day it was spooled.
+//! Two ids are taken for the same when those 80 bits agree: with 14 million ids in the window,
+//! the chance that a new id is wrongly skipped is about 1 in 10^17.
 //!
-//! Two ids are taken for the same when 80 bits of their SHA-256 agree: with 14 million ids in
-//! the window, the chance that a new id is wrongly skipped is about 1 in 10^17.
+//! # Where the entries live (format version 3)
 //!
-//! A commit reads each partition its events fall in once, under the spool's writer lock (the
-//! only writer of this tree besides pruning, which takes the same lock), and writes the merged
-//! partitions in its transaction. Pruning drops entries older than the window, day by day.
+//! Version 2 kept the entries in 65,536 sled values, each a sorted list rewritten whole by
+//! every commit that added to it: at a few million ids every commit rewrote megabytes, four
+//! fifths of the commit's time, and sled's memory and open time grew with what it wrote. Now:
+//!
+//! - **`spool.dir/dedupe.tab`**, a hash table in a plain file: a header page, then pages of
+//!   4 KiB, each [`SLOTS`] slots of `[hash u64][partition u16][day u16]` (little-endian; day 0
+//!   is an empty slot). An id lives in the page its hash picks, in any free slot; a slot older
+//!   than the window counts as free. Lookups and inserts are one `pread` (and one `pwrite`)
+//!   of a page the page cache usually holds: no memory of ours grows with the window. When the
+//!   table is three quarters full, or a page has no free slot, it is rebuilt twice as large
+//!   into a new file that replaces it by `rename`.
+//! - **The sled `dedupe` tree is its log**: each commit adds one value, its new entries, under
+//!   a sequence number, in the same transaction as its events; after sled's flush the entries
+//!   go into the table. The table is not synced at every commit: its header records the last
+//!   sequence number it holds durably, and a checkpoint (every [`CHECKPOINT_ENTRIES`] entries,
+//!   at the maintenance tick, and when the spool closes) fsyncs it, writes that number, and
+//!   deletes the log values it covers. Opening the spool applies the values past it again.
+//!
+//! So an entry is in the table only once its events are committed (an id is never skipped
+//! for events that were not spooled), and a committed entry is in the table or in the log. A
+//! table lost or damaged (power loss in the middle of a page write, a deleted file) loses at
+//! worst entries, never events: a re-exported event would be sent again, and Segment dedupes
+//! by `messageId` too.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-pub const PARTITIONS: usize = 1 << 16;
-const ENTRY: usize = 10;
+use super::Error;
+
+/// An entry of a version 2 partition (sled keys of 2 bytes), read once to move it here.
+const PARTITION_ENTRY: usize = 10;
+
+const PAGE: usize = 4096;
+const SLOT: usize = 12;
+pub const SLOTS: usize = PAGE / SLOT;
+const MAGIC: &[u8; 8] = b"LSADEDUP";
+const TABLE_VERSION: u32 = 1;
+const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 8;
+const MIN_PAGES: u64 = 256;
+/// A checkpoint once the log holds this many entries (about 10 MB of sled values).
+pub const CHECKPOINT_ENTRIES: u64 = 1_000_000;
 
 /// Where an id goes and what is stored for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Fingerprint {
     pub partition: u16,
     pub hash: u64,
@@ -39,102 +72,458 @@ pub fn day(ms: u64) -> u16 {
     u16::try_from(ms / 86_400_000).unwrap_or(u16::MAX)
 }
 
-pub fn key(partition: u16) -> [u8; 2] {
-    partition.to_be_bytes()
+/// The table file under `spool.dir`.
+pub fn path(spool_dir: &Path) -> PathBuf {
+    spool_dir.join("dedupe.tab")
 }
 
-fn hash_at(value: &[u8], i: usize) -> u64 {
-    u64::from_be_bytes(value[i * ENTRY..i * ENTRY + 8].try_into().expect("8 bytes"))
-}
-
-fn day_at(value: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes(
-        value[i * ENTRY + 8..i * ENTRY + 10]
-            .try_into()
-            .expect("2 bytes"),
-    )
-}
-
-/// Whether a partition value is well formed.
-pub fn is_valid(value: &[u8]) -> bool {
-    value.len().is_multiple_of(ENTRY)
-}
-
-/// Whether the partition holds `hash`.
-pub fn contains(value: &[u8], hash: u64) -> bool {
-    let n = value.len() / ENTRY;
-    let (mut lo, mut hi) = (0, n);
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        match hash_at(value, mid).cmp(&hash) {
-            std::cmp::Ordering::Less => lo = mid + 1,
-            std::cmp::Ordering::Greater => hi = mid,
-            std::cmp::Ordering::Equal => return true,
-        }
+/// A log value: the entries one commit added, `[partition u16 BE][hash u64 BE][day u16 BE]`.
+pub fn encode_log(entries: &[(Fingerprint, u16)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(entries.len() * 12);
+    for (f, day) in entries {
+        v.extend_from_slice(&f.partition.to_be_bytes());
+        v.extend_from_slice(&f.hash.to_be_bytes());
+        v.extend_from_slice(&day.to_be_bytes());
     }
-    false
+    v
 }
 
-/// The partition with `new` entries merged in (`new` need not be sorted; a hash already there
-/// keeps its older day).
-pub fn merge(value: &[u8], new: &mut [(u64, u16)]) -> Vec<u8> {
-    new.sort_unstable();
-    let n = value.len() / ENTRY;
-    let mut out = Vec::with_capacity(value.len() + new.len() * ENTRY);
-    let (mut i, mut j) = (0, 0);
-    let mut last: Option<u64> = None;
-    let mut push = |out: &mut Vec<u8>, hash: u64, day: u16| {
-        if last != Some(hash) {
-            out.extend_from_slice(&hash.to_be_bytes());
-            out.extend_from_slice(&day.to_be_bytes());
-            last = Some(hash);
-        }
-    };
-    while i < n || j < new.len() {
-        let take_old = j >= new.len() || (i < n && hash_at(value, i) <= new[j].0);
-        if take_old {
-            push(&mut out, hash_at(value, i), day_at(value, i));
-            i += 1;
-        } else {
-            push(&mut out, new[j].0, new[j].1);
-            j += 1;
-        }
-    }
-    out
-}
-
-/// The partition without entries from before `min_day`; `None` when nothing would go.
-pub fn prune(value: &[u8], min_day: u16) -> Option<Vec<u8>> {
-    let n = value.len() / ENTRY;
-    if (0..n).all(|i| day_at(value, i) >= min_day) {
+pub fn decode_log(v: &[u8]) -> Option<Vec<(Fingerprint, u16)>> {
+    if !v.len().is_multiple_of(12) {
         return None;
     }
     Some(
-        value
-            .chunks_exact(ENTRY)
-            .filter(|e| u16::from_be_bytes([e[8], e[9]]) >= min_day)
-            .flatten()
-            .copied()
+        v.chunks_exact(12)
+            .map(|e| {
+                (
+                    Fingerprint {
+                        partition: u16::from_be_bytes([e[0], e[1]]),
+                        hash: u64::from_be_bytes(e[2..10].try_into().expect("8 bytes")),
+                    },
+                    u16::from_be_bytes([e[10], e[11]]),
+                )
+            })
             .collect(),
     )
+}
+
+/// The entries of a version 2 partition value (`None`: damaged).
+pub fn decode_partition(partition: u16, v: &[u8]) -> Option<Vec<(Fingerprint, u16)>> {
+    if !v.len().is_multiple_of(PARTITION_ENTRY) {
+        return None;
+    }
+    Some(
+        v.chunks_exact(PARTITION_ENTRY)
+            .map(|e| {
+                (
+                    Fingerprint {
+                        partition,
+                        hash: u64::from_be_bytes(e[..8].try_into().expect("8 bytes")),
+                    },
+                    u16::from_be_bytes([e[8], e[9]]),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn slot_at(page: &[u8], i: usize) -> (Fingerprint, u16) {
+    let s = &page[i * SLOT..(i + 1) * SLOT];
+    (
+        Fingerprint {
+            hash: u64::from_le_bytes(s[..8].try_into().expect("8 bytes")),
+            partition: u16::from_le_bytes([s[8], s[9]]),
+        },
+        u16::from_le_bytes([s[10], s[11]]),
+    )
+}
+
+fn set_slot(page: &mut [u8], i: usize, f: Fingerprint, day: u16) {
+    let s = &mut page[i * SLOT..(i + 1) * SLOT];
+    s[..8].copy_from_slice(&f.hash.to_le_bytes());
+    s[8..10].copy_from_slice(&f.partition.to_le_bytes());
+    s[10..12].copy_from_slice(&day.to_le_bytes());
+}
+
+/// The table (see the module doc). Owned by the spool's writer.
+pub struct Table {
+    path: PathBuf,
+    file: File,
+    /// Data pages (the header page not counted).
+    pages: u64,
+    /// Slots not empty (expired ones included until a prune clears them).
+    used: u64,
+    /// The last log sequence number whose entries are all in the table.
+    applied: u64,
+    /// `applied` as the header on disk says (what a checkpoint made durable).
+    durable: u64,
+    /// Entries committed but not yet in the table (a write to it failed): looked up here, and
+    /// applied again at the next commit.
+    pending: Vec<(u64, Vec<(Fingerprint, u16)>)>,
+    pending_set: HashSet<Fingerprint>,
+    /// Entries of days before this one count as absent.
+    pub min_day: u16,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("path", &self.path)
+            .field("pages", &self.pages)
+            .field("used", &self.used)
+            .field("applied", &self.applied)
+            .finish()
+    }
+}
+
+impl Table {
+    /// Opens the table at `path`, or starts an empty one when it is missing or its header is
+    /// damaged (saying so: ids spooled before may be spooled again).
+    pub fn open(path: &Path) -> Result<Table, Error> {
+        // Temporary tables of a rebuild that did not finish.
+        if let (Some(dir), Some(stem)) = (path.parent(), path.file_stem()) {
+            let prefix = format!("{}.", stem.to_string_lossy());
+            for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) && name.ends_with(".tmp") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        match Table::open_existing(path)? {
+            Some(t) => Ok(t),
+            None => {
+                if path.exists() {
+                    tracing::warn!(path = %path.display(), "dedupe table damaged; starting an empty one (events re-exported by Leanplum may be sent again; Segment dedupes them by messageId)");
+                }
+                Table::create(path, MIN_PAGES, 0)
+            }
+        }
+    }
+
+    fn open_existing(path: &Path) -> Result<Option<Table>, Error> {
+        let file = match fs::OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let mut h = [0u8; HEADER_LEN + 4];
+        if file.read_exact_at(&mut h, 0).is_err() {
+            return Ok(None);
+        }
+        let crc = u32::from_le_bytes(h[HEADER_LEN..].try_into().expect("4 bytes"));
+        if &h[..8] != MAGIC || crc32fast::hash(&h[..HEADER_LEN]) != crc {
+            return Ok(None);
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().expect("8 bytes"));
+        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        let (pages, applied, used) = (u64_at(12), u64_at(20), u64_at(28));
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if version != TABLE_VERSION || pages == 0 || len < (pages + 1) * PAGE as u64 {
+            return Ok(None);
+        }
+        Ok(Some(Table {
+            path: path.to_owned(),
+            file,
+            pages,
+            used,
+            applied,
+            durable: applied,
+            pending: Vec::new(),
+            pending_set: HashSet::new(),
+            min_day: 0,
+        }))
+    }
+
+    /// Writes an empty table of `pages` at `path` (through a temporary file and a rename).
+    fn create(path: &Path, pages: u64, applied: u64) -> Result<Table, Error> {
+        let mut t = Table::create_tmp(path, pages, applied, 0)?;
+        let tmp = std::mem::replace(&mut t.path, path.to_owned());
+        t.write_header(&tmp)?;
+        t.install(&tmp)?;
+        Ok(t)
+    }
+
+    fn write_header(&self, path: &Path) -> Result<(), Error> {
+        let mut h = Vec::with_capacity(HEADER_LEN + 4);
+        h.extend_from_slice(MAGIC);
+        h.extend_from_slice(&TABLE_VERSION.to_le_bytes());
+        h.extend_from_slice(&self.pages.to_le_bytes());
+        h.extend_from_slice(&self.applied.to_le_bytes());
+        h.extend_from_slice(&self.used.to_le_bytes());
+        h.extend_from_slice(&crc32fast::hash(&h).to_le_bytes());
+        self.file
+            .write_all_at(&h, 0)
+            .and_then(|()| self.file.sync_data())
+            .map_err(io_err(path))
+    }
+
+    /// Moves a fully written and synced table from `tmp` to its place, durably.
+    fn install(&self, tmp: &Path) -> Result<(), Error> {
+        fs::rename(tmp, &self.path).map_err(io_err(tmp))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))
+    }
+
+    fn page_of(&self, f: &Fingerprint) -> u64 {
+        // The hash bits are uniform; the partition's mix in for tables past 2^64 / 2^16 pages.
+        1 + (f.hash ^ (u64::from(f.partition) << 48)) % self.pages
+    }
+
+    fn read_page(&self, page: u64, buf: &mut [u8; PAGE]) -> Result<(), Error> {
+        self.file
+            .read_exact_at(buf, page * PAGE as u64)
+            .map_err(io_err(&self.path))
+    }
+
+    fn write_page(&self, page: u64, buf: &[u8; PAGE]) -> Result<(), Error> {
+        self.file
+            .write_all_at(buf, page * PAGE as u64)
+            .map_err(io_err(&self.path))
+    }
+
+    fn live(&self, day: u16) -> bool {
+        day != 0 && day >= self.min_day
+    }
+
+    /// Which of `ids` the table (or the pending entries) holds within the window.
+    pub fn contains(&self, ids: &[Fingerprint]) -> Result<Vec<bool>, Error> {
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_unstable_by_key(|&i| self.page_of(&ids[i]));
+        let mut out = vec![false; ids.len()];
+        let mut buf = [0u8; PAGE];
+        let mut loaded = None;
+        for i in order {
+            let f = ids[i];
+            if self.pending_set.contains(&f) {
+                out[i] = true;
+                continue;
+            }
+            let page = self.page_of(&f);
+            if loaded != Some(page) {
+                self.read_page(page, &mut buf)?;
+                loaded = Some(page);
+            }
+            out[i] = (0..SLOTS).any(|s| {
+                let (g, day) = slot_at(&buf, s);
+                g == f && self.live(day)
+            });
+        }
+        Ok(out)
+    }
+
+    /// Takes the entries of the committed log value `seq` (and any still pending). A failure
+    /// to write the table keeps them pending (looked up from memory) and is returned for the
+    /// caller to log; the commit stands.
+    pub fn apply(&mut self, seq: u64, entries: Vec<(Fingerprint, u16)>) -> Result<(), Error> {
+        self.pending.push((seq, entries));
+        let result = self.apply_pending();
+        self.pending_set = self
+            .pending
+            .iter()
+            .flat_map(|(_, e)| e.iter().map(|(f, _)| *f))
+            .collect();
+        result
+    }
+
+    fn apply_pending(&mut self) -> Result<(), Error> {
+        while !self.pending.is_empty() {
+            let (seq, entries) = self.pending.remove(0);
+            if let Err(e) = self.insert(&entries) {
+                self.pending.insert(0, (seq, entries));
+                return Err(e);
+            }
+            self.applied = self.applied.max(seq);
+        }
+        Ok(())
+    }
+
+    /// Puts entries of an older format in and syncs them (before their old form is deleted).
+    pub fn insert_durably(&mut self, entries: &[(Fingerprint, u16)]) -> Result<(), Error> {
+        self.insert(entries)?;
+        self.file.sync_data().map_err(io_err(&self.path))?;
+        self.write_header(&self.path.clone())
+    }
+
+    /// Puts entries into their pages; grows the table first when it would be too full.
+    fn insert(&mut self, entries: &[(Fingerprint, u16)]) -> Result<(), Error> {
+        if (self.used + entries.len() as u64) * 4 > self.pages * SLOTS as u64 * 3 {
+            self.grow()?;
+        }
+        let mut sorted: Vec<&(Fingerprint, u16)> = entries.iter().collect();
+        sorted.sort_unstable_by_key(|(f, _)| self.page_of(f));
+        let mut buf = [0u8; PAGE];
+        let mut at = 0;
+        while at < sorted.len() {
+            let page = self.page_of(&sorted[at].0);
+            let end = at
+                + sorted[at..]
+                    .iter()
+                    .take_while(|(f, _)| self.page_of(f) == page)
+                    .count();
+            self.read_page(page, &mut buf)?;
+            let mut added = 0;
+            let mut full = false;
+            for (f, day) in &sorted[at..end] {
+                if (0..SLOTS).any(|s| {
+                    let (g, d) = slot_at(&buf, s);
+                    g == *f && self.live(d)
+                }) {
+                    continue;
+                }
+                match (0..SLOTS).find(|&s| !self.live(slot_at(&buf, s).1)) {
+                    Some(s) => {
+                        if slot_at(&buf, s).1 == 0 {
+                            added += 1;
+                        }
+                        set_slot(&mut buf, s, *f, *day);
+                    }
+                    None => {
+                        full = true;
+                        break;
+                    }
+                }
+            }
+            self.write_page(page, &buf)?;
+            self.used += added;
+            if full {
+                // A page with no free slot: grow (which rehashes everything, this page's
+                // entries included) and put the rest of this batch in the new table.
+                self.grow()?;
+                return self.insert(&entries_from(&sorted[at..]));
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the table twice as large (live entries only) and swaps it in.
+    fn grow(&mut self) -> Result<(), Error> {
+        let live = self.used;
+        let mut pages = self.pages * 2;
+        while live * 2 > pages * SLOTS as u64 {
+            pages *= 2;
+        }
+        self.rebuild(pages)
+    }
+
+    fn rebuild(&mut self, pages: u64) -> Result<(), Error> {
+        let mut new = Table::create_tmp(&self.path, pages, self.applied, self.min_day)?;
+        let mut buf = [0u8; PAGE];
+        let mut batch = Vec::new();
+        for page in 1..=self.pages {
+            self.read_page(page, &mut buf)?;
+            batch.extend(
+                (0..SLOTS)
+                    .map(|s| slot_at(&buf, s))
+                    .filter(|(_, d)| self.live(*d)),
+            );
+            if batch.len() >= 100_000 {
+                new.insert(&std::mem::take(&mut batch))?;
+            }
+        }
+        new.insert(&batch)?;
+        new.file.sync_data().map_err(io_err(&new.path))?;
+        let tmp = new.path.clone();
+        new.path.clone_from(&self.path);
+        new.write_header(&tmp)?;
+        new.install(&tmp)?;
+        new.durable = new.applied;
+        new.pending = std::mem::take(&mut self.pending);
+        new.pending_set = std::mem::take(&mut self.pending_set);
+        *self = new;
+        Ok(())
+    }
+
+    /// An empty table at a temporary name beside `path` (installed by the caller).
+    fn create_tmp(path: &Path, pages: u64, applied: u64, min_day: u16) -> Result<Table, Error> {
+        let tmp = path.with_extension(format!("{pages}.tmp"));
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        file.set_len((pages + 1) * PAGE as u64)
+            .map_err(io_err(&tmp))?;
+        Ok(Table {
+            path: tmp,
+            file,
+            pages,
+            used: 0,
+            applied,
+            durable: applied,
+            pending: Vec::new(),
+            pending_set: HashSet::new(),
+            min_day,
+        })
+    }
+
+    /// Makes the table durable up to `applied` and returns it: the log values up to it can go.
+    pub fn checkpoint(&mut self) -> Result<u64, Error> {
+        if self.durable == self.applied {
+            return Ok(self.durable);
+        }
+        self.file.sync_data().map_err(io_err(&self.path))?;
+        self.write_header(&self.path.clone())?;
+        self.durable = self.applied;
+        Ok(self.durable)
+    }
+
+    /// The last log sequence number the table holds, durably or not.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Clears the slots of days before `min_day` in pages `[from, to)` (1-based, clamped) and
+    /// returns how many. From then on such entries count as absent anyway.
+    pub fn prune_pages(&mut self, from: u64, to: u64) -> Result<u64, Error> {
+        let mut cleared = 0;
+        let mut buf = [0u8; PAGE];
+        for page in from.max(1)..to.min(self.pages + 1) {
+            self.read_page(page, &mut buf)?;
+            let mut n = 0;
+            for s in 0..SLOTS {
+                let (_, d) = slot_at(&buf, s);
+                if d != 0 && d < self.min_day {
+                    buf[s * SLOT..(s + 1) * SLOT].fill(0);
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                self.write_page(page, &buf)?;
+                cleared += n;
+            }
+        }
+        self.used = self.used.saturating_sub(cleared);
+        Ok(cleared)
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+}
+
+fn entries_from(sorted: &[&(Fingerprint, u16)]) -> Vec<(Fingerprint, u16)> {
+    sorted.iter().map(|e| **e).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn merge_contains_prune() {
-        let mut v = merge(&[], &mut [(5, 10), (1, 10), (9, 11)]);
-        assert!(contains(&v, 1) && contains(&v, 5) && contains(&v, 9));
-        assert!(!contains(&v, 2) && !contains(&v, 0) && !contains(&v, u64::MAX));
-        v = merge(&v, &mut [(5, 12), (7, 12), (7, 12), (0, 12)]);
-        assert_eq!(v.len(), 5 * ENTRY, "5 kept its first day, 7 once");
-        assert!(contains(&v, 0) && contains(&v, 7));
-        let pruned = prune(&v, 11).unwrap();
-        assert!(!contains(&pruned, 1) && !contains(&pruned, 5) && contains(&pruned, 9));
-        assert!(contains(&pruned, 7) && contains(&pruned, 0));
-        assert_eq!(prune(&pruned, 11), None);
+    fn fp(i: u64) -> Fingerprint {
+        fingerprint(&format!("id-{i}"))
     }
 
     #[test]
@@ -146,5 +535,77 @@ mod tests {
         assert_eq!(f.partition, u16::from_be_bytes([d[0], d[1]]));
         assert_ne!(f, fingerprint("lp-e-9178288208762825811"));
         assert_eq!(day(86_400_000 * 20_000 + 5), 20_000);
+    }
+
+    #[test]
+    fn log_values_and_partitions_decode() {
+        let e = vec![(fp(1), 20_000), (fp(2), 20_001)];
+        assert_eq!(decode_log(&encode_log(&e)), Some(e));
+        assert_eq!(decode_log(&[0; 13]), None);
+        let mut v = 5u64.to_be_bytes().to_vec();
+        v.extend_from_slice(&20_000u16.to_be_bytes());
+        let p = decode_partition(7, &v).unwrap();
+        assert_eq!(
+            p,
+            vec![(
+                Fingerprint {
+                    partition: 7,
+                    hash: 5
+                },
+                20_000
+            )]
+        );
+        assert_eq!(decode_partition(7, &v[..9]), None);
+    }
+
+    #[test]
+    fn the_table_holds_ids_across_growth_reopen_and_pruning() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = path(tmp.path());
+        let mut t = Table::open(&path).unwrap();
+        assert_eq!(t.pages(), MIN_PAGES);
+        // Enough ids to grow the table several times, in commit-sized batches.
+        let n = 150_000u64;
+        for (seq, start) in (0..n).step_by(2000).enumerate() {
+            let batch: Vec<_> = (start..start + 2000)
+                .map(|i| (fp(i), 20_000 + (i % 3) as u16))
+                .collect();
+            t.apply(seq as u64 + 1, batch).unwrap();
+        }
+        assert!(t.pages() > MIN_PAGES, "grew to {} pages", t.pages());
+        assert_eq!(t.used, n);
+        let probe: Vec<_> = (n - 5..n + 5).map(fp).collect();
+        let found = t.contains(&probe).unwrap();
+        assert_eq!(found, [[true; 5], [false; 5]].concat());
+        // An id already there is not stored twice, nor does its day change.
+        t.apply(999, vec![(fp(0), 20_005)]).unwrap();
+        assert_eq!(t.used, n);
+        assert_eq!(t.checkpoint().unwrap(), 999);
+        drop(t);
+        let mut t = Table::open(&path).unwrap();
+        assert_eq!((t.applied(), t.used), (999, n));
+        assert_eq!(t.contains(&[fp(7), fp(n + 7)]).unwrap(), [true, false]);
+        // Days before the window count as absent, then are cleared.
+        t.min_day = 20_001;
+        let days: Vec<bool> = t.contains(&[fp(3), fp(4), fp(5)]).unwrap();
+        assert_eq!(days, [false, true, true], "id-3 was spooled on day 20000");
+        let cleared = t.prune_pages(1, u64::MAX).unwrap();
+        assert_eq!(cleared, n.div_ceil(3));
+        assert_eq!(t.used, n - cleared);
+    }
+
+    #[test]
+    fn a_damaged_header_starts_an_empty_table() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = path(tmp.path());
+        let mut t = Table::open(&path).unwrap();
+        t.apply(1, vec![(fp(1), 20_000)]).unwrap();
+        t.checkpoint().unwrap();
+        drop(t);
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"X", 3).unwrap();
+        let t = Table::open(&path).unwrap();
+        assert_eq!((t.applied(), t.used), (0, 0));
+        assert_eq!(t.contains(&[fp(1)]).unwrap(), [false]);
     }
 }

@@ -251,6 +251,11 @@ struct Writer {
     /// The next queue key.
     next: u64,
     segments: segments::Writer,
+    /// The dedupe table, opened at the first commit (at open for an agent).
+    dedupe: Option<dedupe::Table>,
+    /// The next dedupe log sequence number, and the entries logged since the last checkpoint.
+    log_seq: u64,
+    unsynced: u64,
 }
 
 /// Queue entries to commit: a packet's first key and its location.
@@ -301,19 +306,6 @@ impl Spool {
         // waits out.)
         let lock = store::lock(dir)?;
         let (store, recovered) = store::open_current(dir, cache_bytes)?;
-        match store.format_version()? {
-            1 => {
-                let moved = store.upgrade_from_v1()?;
-                tracing::info!(
-                    dedupe_ids = moved,
-                    "spool upgraded from format version 1 to {FORMAT_VERSION}"
-                );
-            }
-            // Version 2 packets stay in sled's queue and drain from there; new ones go to
-            // segments.
-            2 => store.set_format_version()?,
-            _ => {}
-        }
         let cut = segments::repair(&segments::dir(dir), store.segment_end()?)?;
         if cut > 0 {
             tracing::info!(
@@ -321,7 +313,25 @@ impl Spool {
                 "spool: cut off segment bytes of a commit that did not finish"
             );
         }
-        Spool::from_store(dir, cache_bytes, store, recovered, Some(lock))
+        let version = store.format_version()?;
+        if version < FORMAT_VERSION {
+            // Version 1 and 2 packets stay in sled's queue and drain from there; their dedupe
+            // entries move into the table.
+            let mut table = dedupe::Table::open(&dedupe::path(dir))?;
+            let moved = store.migrate_dedupe(version, &mut table)?;
+            store.set_format_version()?;
+            tracing::info!(
+                dedupe_ids = moved,
+                "spool upgraded from format version {version} to {FORMAT_VERSION}"
+            );
+        }
+        let spool = Spool::from_store(dir, cache_bytes, store, recovered, Some(lock))?;
+        {
+            // Open the dedupe table now (replaying its log), not at the first commit.
+            let mut w = spool.writer();
+            spool.table(&mut w, &spool.store())?;
+        }
+        Ok(spool)
     }
 
     /// Opens an existing spool to look at it (no agent running): repairs, deletes and creates
@@ -366,6 +376,9 @@ impl Spool {
             writer: Mutex::new(Writer {
                 next,
                 segments: segments::Writer::new(&segments_dir, end),
+                dedupe: None,
+                log_seq: 0,
+                unsynced: 0,
             }),
             segments_dir,
             active_segment: AtomicU64::new(end.segment),
@@ -379,6 +392,44 @@ impl Spool {
 
     fn store(&self) -> RwLockReadGuard<'_, Store> {
         self.store.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The dedupe table, opened (and its log replayed) on first use.
+    fn table<'w>(&self, w: &'w mut Writer, s: &Store) -> Result<&'w mut dedupe::Table, Error> {
+        if w.dedupe.is_none() {
+            let mut t = dedupe::Table::open(&dedupe::path(&self.dir))?;
+            t.min_day = self.pruned_day.load(Ordering::Relaxed) as u16;
+            let (next, replayed) = s.replay_dedupe_log(&mut t)?;
+            if replayed > 0 {
+                tracing::info!(
+                    entries = replayed,
+                    "dedupe log entries written since the last checkpoint applied to the table"
+                );
+            }
+            w.log_seq = next;
+            w.dedupe = Some(t);
+        }
+        Ok(w.dedupe.as_mut().expect("opened above"))
+    }
+
+    /// Makes the dedupe table durable and drops the log values it covers (see `dedupe.rs`).
+    pub fn checkpoint_dedupe(&self) -> Result<(), Error> {
+        let mut w = self.writer();
+        self.checkpoint_dedupe_with(&mut w, &self.store())
+    }
+
+    fn checkpoint_dedupe_with(&self, w: &mut Writer, s: &Store) -> Result<(), Error> {
+        let Some(t) = w.dedupe.as_mut() else {
+            return Ok(());
+        };
+        let upto = t.checkpoint()?;
+        s.trim_dedupe_log(upto)?;
+        w.unsynced = 0;
+        Ok(())
     }
 
     /// The open generation's directory.
@@ -404,7 +455,7 @@ impl Spool {
     /// Commits one chunk of a file in one transaction and flushes it (see the module doc).
     pub fn commit_file_chunk(&self, chunk: &Chunk) -> Result<ChunkOutcome, Error> {
         let s = self.store();
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.writer();
         let first_key = w.next;
         let now = now_ms();
         let today = dedupe::day(now);
@@ -418,43 +469,25 @@ impl Spool {
             .collect();
 
         // Duplicates are found before the transaction: only this writer (holding `writer`)
-        // changes the dedupe index (pruning takes the same lock), so what a plain read sees
-        // cannot change under us, and each partition is read once.
+        // changes the dedupe table.
         let fingerprints: Vec<dedupe::Fingerprint> = chunk
             .events
             .iter()
             .map(|e| dedupe::fingerprint(&e.message_id))
             .collect();
-        let mut partitions: std::collections::BTreeMap<u16, (IVec, Vec<(u64, u16)>)> =
-            std::collections::BTreeMap::new();
+        let seen = self.table(&mut w, &s)?.contains(&fingerprints)?;
         let mut duplicate = vec![false; chunk.events.len()];
+        let mut in_chunk = std::collections::HashSet::with_capacity(chunk.events.len());
+        let mut added = Vec::with_capacity(chunk.events.len());
         for (i, f) in fingerprints.iter().enumerate() {
-            let entry = match partitions.entry(f.partition) {
-                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    let value = s
-                        .dedupe
-                        .get(dedupe::key(f.partition))
-                        .map_err(|e| s.sled_err(e))?
-                        .unwrap_or_default();
-                    if !dedupe::is_valid(&value) {
-                        return Err(s.corrupt(format!("dedupe partition {}", f.partition)));
-                    }
-                    v.insert((value, Vec::new()))
-                }
-            };
-            let (value, added) = entry;
-            if dedupe::contains(value, f.hash) || added.iter().any(|(h, _)| *h == f.hash) {
+            if seen[i] || !in_chunk.insert(*f) {
                 duplicate[i] = true;
             } else {
-                added.push((f.hash, today));
+                added.push((*f, today));
             }
         }
-        let merged: Vec<([u8; 2], Vec<u8>)> = partitions
-            .into_iter()
-            .filter(|(_, (_, added))| !added.is_empty())
-            .map(|(p, (value, mut added))| (dedupe::key(p), dedupe::merge(&value, &mut added)))
-            .collect();
+        let log_seq = w.log_seq;
+        let log_value = dedupe::encode_log(&added);
 
         // New events: oversize ones become dead letters, the rest go into packets.
         let mut out = ChunkOutcome::default();
@@ -507,8 +540,8 @@ impl Spool {
                     queue.insert(&k.to_be_bytes(), v.as_slice())?;
                 }
                 meta.insert(SEGMENT_END, &end.encode())?;
-                for (k, v) in &merged {
-                    dedupe.insert(k, v.as_slice())?;
+                if !log_value.is_empty() {
+                    dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
                 }
                 for (id, v) in &letters {
                     dead.insert(&id.to_be_bytes(), v.as_slice())?;
@@ -544,6 +577,20 @@ impl Spool {
             .inspect_err(|_| w.segments.abandon(end))?;
         self.flush()?;
         self.committed(&mut w, key, end);
+        if !added.is_empty() {
+            w.log_seq += 1;
+            w.unsynced += added.len() as u64;
+            let table = w.dedupe.as_mut().expect("opened for the lookup");
+            if let Err(e) = table.apply(log_seq, added) {
+                // The commit stands: the entries stay in memory and in the log.
+                tracing::warn!(error = %e, "cannot write the dedupe table; its new entries are kept in memory and retried");
+            }
+            if w.unsynced >= dedupe::CHECKPOINT_ENTRIES
+                && let Err(e) = self.checkpoint_dedupe_with(&mut w, &s)
+            {
+                tracing::warn!(error = %e, "dedupe checkpoint failed; retried later");
+            }
+        }
         Ok(out)
     }
 
@@ -971,7 +1018,7 @@ impl Spool {
     /// Puts dead letters back in the queue (after the operator fixed what Segment refused),
     /// at the end, in id order. `ids` empty means all. Returns how many went back.
     pub fn requeue_dead(&self, ids: &[u64]) -> Result<u64, Error> {
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.writer();
         let s = self.store();
         let letters: Vec<(u64, DeadLetter)> = s
             .json_entries(&s.dead, "dead letter")?
@@ -1060,43 +1107,32 @@ impl Spool {
         s.json_entries(&s.files, "file record")
     }
 
-    /// Forgets dedupe entries from days before the day of `cutoff_ms`, so the index does not
-    /// grow forever. Returns how many went. Works through the partitions a slice at a time under
-    /// the writer lock, so commits go on in between; a day already pruned is not walked again.
+    /// Forgets dedupe entries from days before the day of `cutoff_ms`: from now on they count
+    /// as absent, and their slots are cleared, a slice of the table at a time under the writer
+    /// lock so commits go on in between. A day already pruned is not walked again. Returns how
+    /// many entries went. Ends with a checkpoint of the table (this runs at every maintenance
+    /// tick).
     pub fn prune_dedupe(&self, cutoff_ms: u64) -> Result<u64, Error> {
         let min_day = dedupe::day(cutoff_ms);
-        if self.pruned_day.load(Ordering::Relaxed) == u32::from(min_day) {
-            return Ok(0);
-        }
         let mut removed = 0;
-        let mut from = 0usize;
-        while from < dedupe::PARTITIONS {
-            let to = (from + 4096).min(dedupe::PARTITIONS);
-            let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let s = self.store();
-            let mut batch = sled::Batch::default();
-            let range = dedupe::key(from as u16)..;
-            for item in s.dedupe.range(range) {
-                let (k, v) = item.map_err(|e| s.sled_err(e))?;
-                if k.len() != 2 {
-                    continue;
-                }
-                if usize::from(u16::from_be_bytes([k[0], k[1]])) >= to {
-                    break;
-                }
-                if let Some(kept) = dedupe::prune(&v, min_day) {
-                    removed += ((v.len() - kept.len()) / 10) as u64;
-                    if kept.is_empty() {
-                        batch.remove(k);
-                    } else {
-                        batch.insert(k, kept);
-                    }
-                }
+        if self.pruned_day.load(Ordering::Relaxed) != u32::from(min_day) {
+            let pages = {
+                let mut w = self.writer();
+                let t = self.table(&mut w, &self.store())?;
+                t.min_day = min_day;
+                t.pages()
+            };
+            let mut from = 1;
+            while from <= pages {
+                let mut w = self.writer();
+                removed += self
+                    .table(&mut w, &self.store())?
+                    .prune_pages(from, from + 4096)?;
+                from += 4096;
             }
-            s.dedupe.apply_batch(batch).map_err(|e| s.sled_err(e))?;
-            from = to;
+            self.pruned_day.store(u32::from(min_day), Ordering::Relaxed);
         }
-        self.pruned_day.store(u32::from(min_day), Ordering::Relaxed);
+        self.checkpoint_dedupe()?;
         Ok(removed)
     }
 
@@ -1112,14 +1148,19 @@ impl Spool {
         };
         // sled logs every removal and moves live pages when it cleans segments, so draining
         // a large spool needs room too: a quarter of sled's files on top of the floor.
-        let reserve = (total / 20).clamp(1 << 20, 256 << 20) + self.store().size_on_disk() / 4;
+        // And twice the dedupe table, which grows by rebuilding itself twice as large.
+        let reserve = (total / 20).clamp(1 << 20, 256 << 20)
+            + self.store().size_on_disk() / 4
+            + 2 * file_len(&dedupe::path(&self.dir));
         free < reserve.saturating_add(incoming.saturating_mul(2))
     }
 
     /// Bytes the spool takes on disk: sled's files and the segments. Not the backlog (see
     /// [`Spool::depth`]).
     pub fn disk_bytes(&self) -> u64 {
-        self.store().size_on_disk() + segments::disk_bytes(&self.segments_dir)
+        self.store().size_on_disk()
+            + segments::disk_bytes(&self.segments_dir)
+            + file_len(&dedupe::path(&self.dir))
     }
 
     /// Whether sled's files are so much larger than the live data that [`Spool::compact`] is
@@ -1154,7 +1195,7 @@ impl Spool {
     /// `store::compact`), so disk space comes back after a backlog drained: sled 0.34 never
     /// shrinks its files. Commits and the drain wait during the copy.
     pub fn compact(&self) -> Result<Compaction, Error> {
-        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let _writer = self.writer();
         let mut current = self.store.write().unwrap_or_else(|e| e.into_inner());
         let before = current.size_on_disk();
         let new = store::compact(&self.dir, &current, self.cache_bytes)?;
@@ -1179,6 +1220,19 @@ impl Spool {
         let s = self.store();
         s.json_entries(&s.dead, "dead letter")
     }
+}
+
+impl Drop for Spool {
+    /// Checkpoints the dedupe table, so the next open has no log to replay.
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint_dedupe() {
+            tracing::warn!(error = %e, "dedupe checkpoint at close failed; the next start replays its log");
+        }
+    }
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 fn abort<T>(what: String) -> TxResult<T> {

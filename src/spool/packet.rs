@@ -1,12 +1,13 @@
-//! Queue values: a packet of consecutive events of one file, under the key of its first event.
+//! Packets: runs of consecutive events of one file, under the queue key of their first event.
 //!
 //! sled 0.34 keeps bookkeeping in memory for every page of every tree, and its pages hold at
 //! most 16 keys: memory grows with the number of keys, not with the bytes stored. A key per
-//! event made the agent's memory grow about 45 bytes per queued event. Packing a few KiB of
-//! events under one key divides the keys (and that growth, and the per-key write cost) by the
-//! events per packet, while keeping every node sled writes small: a leaf of 16 packets stays
-//! under sled's blob threshold (a quarter of its 512 KiB segment), so no value ever goes to a
-//! blob file, which sled writes without fsync.
+//! event made the agent's memory grow about 45 bytes per queued event. Packing events under one
+//! key divides the keys (and that growth, and the per-key write cost) by the events per packet.
+//! Version 2 kept packets in sled, so they were small (4 KiB, 64 events: a leaf of 16 stayed
+//! under sled's blob threshold). Version 3 keeps them in segment files (see `segments.rs`) and
+//! sled only their locations, so they are large: up to [`PACKET_BYTES`], [`PACKET_EVENTS`]
+//! events; a backlog of 5 million events is about 15,000 keys.
 //!
 //! Event `i` of the packet under key `k` has the event key `k + i`: keys stay one per event, so
 //! the drain's view (a FIFO of keyed events) is unchanged. Delivered events of a packet that is
@@ -19,9 +20,9 @@
 //!   u64][JSON]`, read as a packet of one.
 
 /// Packets are filled up to this many bytes of event JSON (at least one event each).
-pub const PACKET_BYTES: usize = 4096;
-/// And hold at most this many events (the bitmap stays small; `n` fits its u16).
-pub const PACKET_EVENTS: usize = 64;
+pub const PACKET_BYTES: usize = 256 << 10;
+/// And hold at most this many events (the bitmap stays at 128 bytes; `n` fits its u16).
+pub const PACKET_EVENTS: usize = 1024;
 
 const V1: u8 = 1;
 const V2: u8 = 2;
@@ -182,20 +183,16 @@ mod tests {
 
     #[test]
     fn split_fills_packets_by_bytes_and_count() {
-        let sizes = [1000, 1000, 1000, 1000, 1000, 5000, 10, 10];
+        const K: usize = PACKET_BYTES / 4;
+        let sizes = [K, K, K, K, K, 5 * K, 10, 10];
         let packets: Vec<Vec<usize>> = split(&sizes, |s| *s).map(<[usize]>::to_vec).collect();
         assert_eq!(
             packets,
-            vec![
-                vec![1000, 1000, 1000, 1000],
-                vec![1000],
-                vec![5000],
-                vec![10, 10]
-            ]
+            vec![vec![K, K, K, K], vec![K], vec![5 * K], vec![10, 10]]
         );
-        let small = vec![1usize; 200];
+        let small = vec![1usize; 3 * PACKET_EVENTS + 8];
         let lens: Vec<usize> = split(&small, |s| *s).map(<[usize]>::len).collect();
-        assert_eq!(lens, vec![64, 64, 64, 8]);
+        assert_eq!(lens, vec![PACKET_EVENTS, PACKET_EVENTS, PACKET_EVENTS, 8]);
         assert_eq!(split(&[] as &[usize], |s| *s).count(), 0);
     }
 

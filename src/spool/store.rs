@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use sled::transaction::TransactionError;
 use sled::{IVec, Tree};
 
+use super::dedupe;
 use super::packet;
 use super::segments::{self, End, Location};
 use super::{Error, FORMAT_VERSION, SEGMENT_END, decode_u64, now_ms};
@@ -121,10 +122,16 @@ pub(super) fn open_current(dir: &Path, cache_bytes: u64) -> Result<(Store, Optio
         Err(e) => {
             let aside = dir.join(format!("corrupt-{}", now_ms() / 1000));
             fs::rename(&path, &aside).map_err(io_err(&path))?;
-            // The segments' index was in the damaged database: they go with it.
-            let segs = segments::dir(dir);
-            if segs.exists() {
-                fs::rename(&segs, aside.join("segments")).map_err(io_err(&segs))?;
+            // The segments' index and the dedupe log were in the damaged database: the segments
+            // and the dedupe table go with it (the table would skip the events of files read
+            // again, whose first reading is lost with the database).
+            for (from, to) in [
+                (segments::dir(dir), "segments"),
+                (dedupe::path(dir), "dedupe.tab"),
+            ] {
+                if from.exists() {
+                    fs::rename(&from, aside.join(to)).map_err(io_err(&from))?;
+                }
             }
             let next = next_generation(&current);
             set_current(dir, &next)?;
@@ -418,57 +425,87 @@ impl Store {
             .unwrap_or(FORMAT_VERSION))
     }
 
-    /// Version 1 -> 2: the dedupe index from a key per `messageId` to partitions (see
-    /// `dedupe.rs`), a slice of old keys at a time; then the version. A crash half way leaves
-    /// version 1 with some ids moved: the next open moves the rest.
-    pub(super) fn upgrade_from_v1(&self) -> Result<u64, Error> {
-        use super::dedupe;
+    /// Moves the dedupe entries of an older format into the table (see `dedupe.rs`): version
+    /// 1 kept a key per `messageId` (value: spooled at, ms), version 2 a sorted partition per
+    /// 2-byte key. A slice at a time: the entries go into the table and are synced, then the old
+    /// keys are deleted, so a crash half way only moves some entries twice. Returns how many.
+    pub(super) fn migrate_dedupe(
+        &self,
+        version: u32,
+        table: &mut dedupe::Table,
+    ) -> Result<u64, Error> {
         let mut moved = 0u64;
         loop {
-            let mut slice: Vec<(IVec, u64)> = Vec::new();
+            let mut keys: Vec<IVec> = Vec::new();
+            let mut entries = Vec::new();
             for item in self.dedupe.iter() {
                 let (k, v) = item.map_err(|e| self.sled_err(e))?;
-                if k.len() != 2 {
-                    slice.push((k, decode_u64(&v).unwrap_or_else(now_ms)));
-                    if slice.len() >= 100_000 {
-                        break;
-                    }
+                if k.len() == 2 {
+                    let p = u16::from_be_bytes([k[0], k[1]]);
+                    entries.extend(
+                        dedupe::decode_partition(p, &v)
+                            .ok_or_else(|| self.corrupt(format!("dedupe partition {p}")))?,
+                    );
+                } else if version == 1 {
+                    let ms = decode_u64(&v).unwrap_or_else(now_ms);
+                    let f = dedupe::fingerprint(&String::from_utf8_lossy(&k));
+                    entries.push((f, dedupe::day(ms)));
+                } else {
+                    continue;
+                }
+                keys.push(k);
+                if entries.len() >= 100_000 {
+                    break;
                 }
             }
-            if slice.is_empty() {
+            if keys.is_empty() {
                 break;
             }
-            let mut partitions: std::collections::BTreeMap<u16, Vec<(u64, u16)>> =
-                std::collections::BTreeMap::new();
-            for (k, ms) in &slice {
-                let f = dedupe::fingerprint(&String::from_utf8_lossy(k));
-                partitions
-                    .entry(f.partition)
-                    .or_default()
-                    .push((f.hash, dedupe::day(*ms)));
-            }
+            table.insert_durably(&entries)?;
             let mut batch = sled::Batch::default();
-            for (p, mut added) in partitions {
-                let old = self
-                    .dedupe
-                    .get(dedupe::key(p))
-                    .map_err(|e| self.sled_err(e))?
-                    .unwrap_or_default();
-                batch.insert(&dedupe::key(p), dedupe::merge(&old, &mut added));
-            }
-            for (k, _) in &slice {
+            for k in keys {
                 batch.remove(k);
             }
             self.dedupe
                 .apply_batch(batch)
                 .map_err(|e| self.sled_err(e))?;
-            moved += slice.len() as u64;
+            moved += entries.len() as u64;
         }
-        self.meta
-            .insert("format_version", &FORMAT_VERSION.to_be_bytes())
-            .map_err(|e| self.sled_err(e))?;
-        self.flush()?;
         Ok(moved)
+    }
+
+    /// Applies the dedupe log values the table does not hold yet (see `dedupe.rs`). Returns the
+    /// next sequence number and how many entries were applied.
+    pub(super) fn replay_dedupe_log(&self, table: &mut dedupe::Table) -> Result<(u64, u64), Error> {
+        let mut last = table.applied();
+        let mut applied = 0u64;
+        for item in self.dedupe.range((table.applied() + 1).to_be_bytes()..) {
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
+            let Some(seq) = decode_u64(&k) else { continue };
+            let entries = dedupe::decode_log(&v)
+                .ok_or_else(|| self.corrupt(format!("dedupe log value {seq}")))?;
+            applied += entries.len() as u64;
+            table.apply(seq, entries)?;
+            last = last.max(seq);
+        }
+        if let Some((k, _)) = self.dedupe.last().map_err(|e| self.sled_err(e))?
+            && let Some(seq) = decode_u64(&k)
+        {
+            last = last.max(seq);
+        }
+        Ok((last + 1, applied))
+    }
+
+    /// Deletes the dedupe log values up to `upto` (the table holds them durably).
+    pub(super) fn trim_dedupe_log(&self, upto: u64) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        for item in self.dedupe.range(..=upto.to_be_bytes()) {
+            let (k, _) = item.map_err(|e| self.sled_err(e))?;
+            if k.len() == 8 {
+                batch.remove(k);
+            }
+        }
+        self.dedupe.apply_batch(batch).map_err(|e| self.sled_err(e))
     }
 
     pub(super) fn json_entries<T: serde::de::DeserializeOwned>(

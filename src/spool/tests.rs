@@ -245,10 +245,6 @@ fn compaction_gives_disk_back_and_keeps_everything_live() {
     );
     let before = spool.disk_bytes();
     eprintln!("{before} bytes on disk, {segments} of them segments");
-    assert!(
-        spool.is_bloated(1 << 20, 4).unwrap(),
-        "{before} bytes on disk"
-    );
     // sled's own files now hold only the index, the dedupe entries and the records, so a
     // compaction of them gives back little at this size (a fresh database starts with a few
     // MB of segments): it must keep everything and not grow the spool past that.
@@ -467,7 +463,8 @@ fn a_format_1_spool_is_upgraded_when_an_agent_opens_it() {
             .dedupe
             .iter()
             .keys()
-            .all(|k| k.unwrap().len() == 2)
+            .all(|k| k.unwrap().len() == 8),
+        "only log values (none yet) are left in the dedupe tree"
     );
     let q = spool.peek(None, 10, 1 << 20).unwrap().items;
     assert_eq!(ids(&q), ["old-1"]);
@@ -539,4 +536,39 @@ fn a_format_2_spool_drains_its_packets_from_sled_then_from_segments() {
     let rest = spool.peek(None, 10_000, usize::MAX).unwrap().items;
     assert_eq!(rest.len(), 2000);
     assert_eq!(ids(&rest[..1]), ["new-4000"]);
+}
+
+#[test]
+fn dedupe_entries_the_table_lost_come_back_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dedupe::path(dir.path());
+    let saved = dir.path().join("saved.tab");
+    {
+        let spool = open(dir.path());
+        let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+        fill(&spool, fid, 3, "a");
+        spool.checkpoint_dedupe().unwrap();
+        std::fs::copy(&table, &saved).unwrap();
+        fill(&spool, fid, 3, "b");
+        // A crash: the table's writes since the checkpoint are lost (here: the file as it was
+        // at the checkpoint comes back), and no checkpoint runs at close.
+        spool.writer().dedupe = None;
+    }
+    std::fs::copy(&saved, &table).unwrap();
+    let spool = open(dir.path());
+    let fid = spool.files().unwrap()[0].0;
+    fill(&spool, fid, 3, "a");
+    fill(&spool, fid, 3, "b");
+    assert_eq!(
+        spool.depth().unwrap().events,
+        6,
+        "a-* and b-* are duplicates"
+    );
+    // After the close's checkpoint, the log is empty and the table has it all.
+    drop(spool);
+    let spool = open(dir.path());
+    assert_eq!(spool.store().dedupe.len(), 0, "log trimmed");
+    let fid = spool.files().unwrap()[0].0;
+    fill(&spool, fid, 3, "b");
+    assert_eq!(spool.depth().unwrap().events, 6);
 }
