@@ -246,6 +246,12 @@ pub struct Spool {
     _lock: Option<File>,
 }
 
+/// A queued packet whose bytes cannot be read (see [`Spool::set_aside_damaged`]).
+struct Damaged {
+    first: u64,
+    loc: segments::Location,
+}
+
 /// What the writer lock guards.
 struct Writer {
     /// The next queue key.
@@ -268,7 +274,7 @@ impl Writer {
     fn write_packets(
         &mut self,
         first_key: u64,
-        packets: &[(Vec<u8>, u16)],
+        packets: &[segments::Packet],
     ) -> Result<(QueueEntries, segments::End, u64), Error> {
         let (locations, end) = self.segments.append(packets)?;
         let mut key = first_key;
@@ -519,10 +525,11 @@ impl Spool {
         out.spooled = fresh.len() as u64;
         let mut packets = Vec::new();
         for events in packet::split(&fresh, |j| j.len()) {
-            packets.push((
-                packet::encode(now, chunk.file_id, events.iter().copied()),
-                events.len() as u16,
-            ));
+            packets.push(segments::Packet {
+                bytes: packet::encode(now, chunk.file_id, events.iter().copied()),
+                events: events.len() as u16,
+                file_id: chunk.file_id,
+            });
         }
         let (packets, end, key) = w.write_packets(first_key, &packets)?;
         out.quarantined = chunk.quarantine.len() as u64;
@@ -604,27 +611,92 @@ impl Spool {
     }
 
     /// A queue entry's first key, packet bytes and decoded packet: read from its segment, or
-    /// the value itself for a version 2 packet kept in sled.
+    /// the value itself for a version 2 packet kept in sled. `Err(Damaged)`: the segment's
+    /// bytes are missing or fail their checksum.
     fn load_packet(
         &self,
         s: &Store,
         reader: &mut segments::Reader,
         k: &[u8],
         v: IVec,
-    ) -> Result<(u64, IVec, packet::Packet), Error> {
+    ) -> Result<Result<(u64, IVec, packet::Packet), Damaged>, Error> {
         let corrupt = || s.corrupt(format!("queue entry {k:?}"));
         let first = decode_u64(k).ok_or_else(corrupt)?;
         let bytes = match segments::Location::decode(&v) {
-            Some(loc) => reader.read(&self.segments_dir, &loc)?.ok_or_else(|| {
-                s.corrupt(format!(
-                    "queue entry {first}: its packet (segment {}, offset {}) is missing or damaged",
-                    loc.segment, loc.offset
-                ))
-            })?,
+            Some(loc) => match reader.read(&self.segments_dir, &loc)? {
+                Some(b) if packet::decode(&b).is_some() => b,
+                _ => return Ok(Err(Damaged { first, loc })),
+            },
             None => v,
         };
         let p = packet::decode(&bytes).ok_or_else(corrupt)?;
-        Ok((first, bytes, p))
+        Ok(Ok((first, bytes, p)))
+    }
+
+    /// Takes a packet whose bytes are lost (damage on disk, a deleted segment) out of the
+    /// queue, so the drain goes on past it, and leaves a quarantine entry saying what was lost
+    /// and from which file. Its events are gone: the one case where the spool loses events,
+    /// and only because the disk did. The file keeps its pending count (it is never taken for
+    /// delivered, so `after_ingest` leaves it in place).
+    fn set_aside_damaged(&self, s: &Store, d: &Damaged) -> Result<(), Error> {
+        let pkey = d.first.to_be_bytes();
+        let acked = s
+            .acked
+            .get(pkey)
+            .map_err(|e| s.sled_err(e))?
+            .map_or(0, |b| packet::count(&b) as u64);
+        let lost = u64::from(d.loc.events).saturating_sub(acked);
+        let file = s
+            .files
+            .get(d.loc.file_id.to_be_bytes())
+            .map_err(|e| s.sled_err(e))?
+            .and_then(|v| serde_json::from_slice::<FileRecord>(&v).ok())
+            .map(|r| r.path)
+            .unwrap_or_default();
+        let reason = format!(
+            "spool damaged on disk: {lost} queued events (queue keys {} to {}) could not be read \
+             from segment {} at offset {} (missing, or failing their checksum) and are lost; \
+             they came from {}",
+            d.first,
+            d.first + u64::from(d.loc.events) - 1,
+            d.loc.segment,
+            d.loc.offset,
+            if file.is_empty() {
+                "an unknown file"
+            } else {
+                &file
+            }
+        );
+        tracing::error!(
+            file = %file,
+            events = lost,
+            segment = d.loc.segment,
+            offset = d.loc.offset,
+            "spool damaged on disk: events lost; see dead-letter list"
+        );
+        let entry = QuarantineEntry {
+            reason,
+            file,
+            line: 0,
+            time_ms: now_ms(),
+            raw: String::new(),
+        };
+        let id = s.new_id()?;
+        let value = serde_json::to_vec(&entry).unwrap_or_default();
+        // The events' JSON is unknown: the packet's bytes less its header, shared out.
+        let body = u64::from(d.loc.len).saturating_sub(19 + 4 * u64::from(d.loc.events));
+        let bytes = body * lost / u64::from(d.loc.events).max(1);
+        (&s.queue, &s.acked, &s.meta, &s.quarantine)
+            .transaction(|(queue, acked, meta, quarantine)| {
+                queue.remove(&pkey)?;
+                acked.remove(&pkey)?;
+                quarantine.insert(&id.to_be_bytes(), value.as_slice())?;
+                add_meta(meta, "depth", -(lost as i64))?;
+                add_meta(meta, "live_bytes", -(bytes as i64))?;
+                Ok(())
+            })
+            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
+        s.flush()
     }
 
     /// Deletes the segments whose packets are all gone: those below the segment of the first
@@ -679,7 +751,13 @@ impl Spool {
         let mut reader = segments::Reader::default();
         'packets: for item in s.queue.range(from.to_be_bytes()..end.to_be_bytes()) {
             let (k, v) = item.map_err(|e| s.sled_err(e))?;
-            let (first, v, p) = self.load_packet(&s, &mut reader, &k, v)?;
+            let (first, v, p) = match self.load_packet(&s, &mut reader, &k, v)? {
+                Ok(loaded) => loaded,
+                Err(damaged) => {
+                    self.set_aside_damaged(&s, &damaged)?;
+                    continue;
+                }
+            };
             let acked = s
                 .acked
                 .get(k)
@@ -877,9 +955,11 @@ impl Spool {
         match s.queue.first().map_err(|e| s.sled_err(e))? {
             Some((k, v)) => {
                 let mut reader = segments::Reader::default();
-                Ok(Some(
-                    self.load_packet(&s, &mut reader, &k, v)?.2.enqueued_ms,
-                ))
+                // A damaged packet is set aside by the drain's next read; no age meanwhile.
+                Ok(self
+                    .load_packet(&s, &mut reader, &k, v)?
+                    .ok()
+                    .map(|(_, _, p)| p.enqueued_ms))
             }
             None => Ok(None),
         }
@@ -1031,10 +1111,15 @@ impl Spool {
         for group in letters.chunk_by(|a, b| a.1.file_id == b.1.file_id) {
             let file_id = group[0].1.file_id.unwrap_or(NO_FILE);
             for part in packet::split(group, |(_, l)| l.event.len()) {
-                packets.push((
-                    packet::encode(now, file_id, part.iter().map(|(_, l)| l.event.as_bytes())),
-                    part.len() as u16,
-                ));
+                packets.push(segments::Packet {
+                    bytes: packet::encode(
+                        now,
+                        file_id,
+                        part.iter().map(|(_, l)| l.event.as_bytes()),
+                    ),
+                    events: part.len() as u16,
+                    file_id,
+                });
             }
         }
         let first_key = w.next;

@@ -41,19 +41,21 @@ pub const SEGMENT_BYTES: u64 = 1 << 20;
 const READ_AHEAD: usize = 256 << 10;
 /// Marks a `queue` value holding a location rather than a packet (packets start with 1 or 2).
 pub const LOCATION: u8 = 3;
-const LOCATION_LEN: usize = 1 + 8 + 8 + 4 + 2;
+const LOCATION_LEN: usize = 1 + 8 + 8 + 4 + 2 + 8;
 /// A [`Location`] as stored in the `queue` tree.
 pub type LocationBytes = [u8; LOCATION_LEN];
 const RECORD_HEADER: u64 = 4;
 
 /// Where a packet is: segment, offset of its record, packet bytes (without the record header),
-/// and its number of events (so the next key is known without reading the packet).
+/// its number of events (so the next key is known without reading the packet) and its file
+/// (so a packet lost to damage on disk can still be accounted to it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
     pub segment: u64,
     pub offset: u64,
     pub len: u32,
     pub events: u16,
+    pub file_id: u64,
 }
 
 impl Location {
@@ -64,6 +66,7 @@ impl Location {
         v[9..17].copy_from_slice(&self.offset.to_be_bytes());
         v[17..21].copy_from_slice(&self.len.to_be_bytes());
         v[21..23].copy_from_slice(&self.events.to_be_bytes());
+        v[23..31].copy_from_slice(&self.file_id.to_be_bytes());
         v
     }
 
@@ -76,6 +79,7 @@ impl Location {
             offset: u64::from_be_bytes(v[9..17].try_into().ok()?),
             len: u32::from_be_bytes(v[17..21].try_into().ok()?),
             events: u16::from_be_bytes(v[21..23].try_into().ok()?),
+            file_id: u64::from_be_bytes(v[23..31].try_into().ok()?),
         })
     }
 }
@@ -198,6 +202,13 @@ pub fn remove_below(dir: &Path, first_live: u64) -> usize {
     n
 }
 
+/// An encoded packet to append, with its number of events and its file.
+pub struct Packet {
+    pub bytes: Vec<u8>,
+    pub events: u16,
+    pub file_id: u64,
+}
+
 /// Appends packets to the active segment. Owned by the spool's writer (under its lock).
 #[derive(Debug)]
 pub struct Writer {
@@ -223,7 +234,7 @@ impl Writer {
     /// each packet's location and the end to commit; nothing counts as written until
     /// [`Writer::committed`] is called with it, after sled's transaction. Nothing to write:
     /// no I/O, the current end.
-    pub fn append(&mut self, packets: &[(Vec<u8>, u16)]) -> Result<(Vec<Location>, End), Error> {
+    pub fn append(&mut self, packets: &[Packet]) -> Result<(Vec<Location>, End), Error> {
         if packets.is_empty() {
             return Ok((Vec::new(), self.end));
         }
@@ -254,19 +265,20 @@ impl Writer {
         }
         let total: usize = packets
             .iter()
-            .map(|(p, _)| p.len() + RECORD_HEADER as usize)
+            .map(|p| p.bytes.len() + RECORD_HEADER as usize)
             .sum();
         let mut buf = Vec::with_capacity(total);
         let mut locations = Vec::with_capacity(packets.len());
-        for (p, events) in packets {
+        for p in packets {
             locations.push(Location {
                 segment: at.segment,
                 offset: at.offset + buf.len() as u64,
-                len: p.len() as u32,
-                events: *events,
+                len: p.bytes.len() as u32,
+                events: p.events,
+                file_id: p.file_id,
             });
-            buf.extend_from_slice(&crc32fast::hash(p).to_be_bytes());
-            buf.extend_from_slice(p);
+            buf.extend_from_slice(&crc32fast::hash(&p.bytes).to_be_bytes());
+            buf.extend_from_slice(&p.bytes);
         }
         let p = path(&self.dir, at.segment);
         let file = self.file.as_ref().expect("opened above");
@@ -356,11 +368,15 @@ impl Reader {
 mod tests {
     use super::*;
 
-    fn packets(sizes: &[usize]) -> Vec<(Vec<u8>, u16)> {
+    fn packets(sizes: &[usize]) -> Vec<Packet> {
         sizes
             .iter()
             .enumerate()
-            .map(|(i, n)| (vec![i as u8; *n], 1))
+            .map(|(i, n)| Packet {
+                bytes: vec![i as u8; *n],
+                events: 1,
+                file_id: 9,
+            })
             .collect()
     }
 
@@ -371,9 +387,10 @@ mod tests {
             offset: 1 << 40,
             len: 4100,
             events: 64,
+            file_id: u64::MAX,
         };
         assert_eq!(Location::decode(&l.encode()), Some(l));
-        assert_eq!(Location::decode(&l.encode()[..22]), None);
+        assert_eq!(Location::decode(&l.encode()[..30]), None);
         let e = End {
             segment: 3,
             offset: 99,

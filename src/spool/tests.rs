@@ -572,3 +572,44 @@ fn dedupe_entries_the_table_lost_come_back_from_the_log() {
     fill(&spool, fid, 3, "b");
     assert_eq!(spool.depth().unwrap().events, 6);
 }
+
+#[test]
+fn a_packet_damaged_on_disk_is_set_aside_and_the_drain_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool
+        .begin_file(Path::new("f.json"), &file_record("f.json"))
+        .unwrap();
+    fill(&spool, fid, 3000, "e");
+    // Flip a byte inside the second packet of the first segment.
+    let all = spool.peek(None, 10_000, usize::MAX).unwrap().items;
+    let second = all.iter().find(|q| q.packet != all[0].packet).unwrap();
+    let s = spool.store();
+    let loc =
+        segments::Location::decode(&s.queue.get(second.packet.to_be_bytes()).unwrap().unwrap())
+            .unwrap();
+    drop(s);
+    let seg = segments::dir(dir.path()).join(format!("{:020}.seg", loc.segment));
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"\xff", loc.offset + 100).unwrap();
+    let lost = u64::from(loc.events);
+    // The drain reads past it; its events are gone, the others all there, in order.
+    let left = spool.peek(None, 10_000, usize::MAX).unwrap().items;
+    assert_eq!(left.len() as u64, 3000 - lost);
+    assert!(left.iter().all(|q| q.packet != second.packet));
+    assert!(left.windows(2).all(|w| w[0].key < w[1].key));
+    assert_eq!(spool.depth().unwrap().events, 3000 - lost);
+    let q = spool.quarantine_entries().unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].1.file, "f.json");
+    assert!(
+        q[0].1.reason.contains(&format!("{lost} queued events"))
+            && q[0].1.reason.contains("f.json"),
+        "{}",
+        q[0].1.reason
+    );
+    // Delivering the rest empties the queue; the file is not taken for delivered.
+    spool.ack(&left).unwrap();
+    assert_eq!(spool.depth().unwrap().events, 0);
+    assert_eq!(spool.file(fid).unwrap().unwrap().pending, lost);
+}
