@@ -5,9 +5,9 @@
 //!
 //! Under `spool.dir`: `CURRENT` names the current generation, `gen-<n>/` is a sled database
 //! (sled's own files: `db`, `conf`, `blobs/`, `snap.*`), `segments/` holds the events
-//! themselves in append-only files (see `segments.rs`), and `corrupt-<unix time>/` holds a
-//! generation that could not be opened, with its segments (see `store.rs` for the generation
-//! rules). Trees:
+//! themselves in append-only files (see `segments.rs`), `dedupe.tab` the dedupe index (see
+//! `dedupe.rs`), and `corrupt-<unix time>/` holds a generation that could not be opened, with
+//! its segments and dedupe table (see `store.rs` for the generation rules). Trees:
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
@@ -17,7 +17,7 @@
 //! | `files` | file id, u64 BE | [`FileRecord`] as JSON |
 //! | `paths` | path bytes (relative to `watch.dir`) | file id u64 BE |
 //! | `heads` | head hash (32 hex ASCII) + file id u64 BE | empty: files by content |
-//! | `dedupe` | partition, u16 BE (of SHA-256 of the `messageId`) | sorted `[hash u64 BE][day u16 BE]` entries, see `dedupe.rs` |
+//! | `dedupe` | log sequence number, u64 BE | the dedupe entries one commit added, not yet in `dedupe.tab` durably (see `dedupe.rs`) |
 //! | `quarantine` | id u64 BE | [`QuarantineEntry`] as JSON (bad input) |
 //! | `dead` | id u64 BE | [`DeadLetter`] as JSON (events Segment will never take) |
 //!
@@ -26,8 +26,8 @@
 //! million. Version 2 packed events into packets kept in sled; sled's memory and the time it
 //! takes to open still grew with the bytes written, so version 3 keeps the packets in segment
 //! files. Version 3 reads version 1 queue values as packets of one and version 2 packets where
-//! they are (they drain first); an agent opening a version 1 spool moves its dedupe keys into
-//! partitions first.
+//! they are (they drain first); an agent opening a version 1 or 2 spool moves its dedupe
+//! entries into `dedupe.tab`.
 //!
 //! `live_bytes` and `depth` are kept by us, not taken from `size_on_disk`: sled 0.34 does not
 //! shrink its files when keys are removed, so the file size says nothing about the backlog.
@@ -38,11 +38,11 @@
 //!
 //! 1. [`Spool::commit_file_chunk`]: the chunk's new events are appended to the active segment
 //!    as packets and the segment is `fdatasync`ed; then one sled transaction takes the packets'
-//!    locations into `queue`, the segments' new end into `meta`, the events' `dedupe`
-//!    partitions (duplicates skipped, oversize events into `dead`), the bad lines into
-//!    `quarantine`, the file's new offset into `files`, and `live_bytes`/`depth` into `meta`;
-//!    then `Db::flush` and an fsync of sled's data file. The offset counts as durable only once
-//!    that returns.
+//!    locations into `queue`, the segments' new end into `meta`, the new events' dedupe
+//!    entries into the `dedupe` log (duplicates skipped, oversize events into `dead`), the bad
+//!    lines into `quarantine`, the file's new offset into `files`, and `live_bytes`/`depth` into
+//!    `meta`; then `Db::flush` and an fsync of sled's data file. The offset counts as durable
+//!    only once that returns. Then the dedupe entries go into `dedupe.tab` (see `dedupe.rs`).
 //! 2. [`Spool::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
 //!    events are all marked leaves `queue` and `acked`), `meta` and the files' `pending` counts
 //!    go down; one transaction, not flushed here (sled writes its buffers out
