@@ -460,8 +460,9 @@ impl Spool {
 
     /// Commits one chunk of a file in one transaction and flushes it (see the module doc).
     pub fn commit_file_chunk(&self, chunk: &Chunk) -> Result<ChunkOutcome, Error> {
-        let s = self.store();
+        // The writer lock before the store lock, as everywhere (compaction takes both).
         let mut w = self.writer();
+        let s = self.store();
         let first_key = w.next;
         let now = now_ms();
         let today = dedupe::day(now);
@@ -610,6 +611,19 @@ impl Spool {
         self.watermark.store(next, Ordering::Release);
     }
 
+    /// With nothing queued (checked under the writer lock, so no commit is adding to it),
+    /// retires the segment being written so it can be deleted. Returns the first segment that
+    /// may still hold something.
+    fn retire_active_segment(&self, w: &mut Writer, s: &Store) -> Result<u64, Error> {
+        if !s.queue.is_empty() {
+            return Ok(0);
+        }
+        Ok(match w.segments.retire() {
+            Some(id) => id + 1,
+            None => self.active_segment.load(Ordering::Acquire),
+        })
+    }
+
     /// A queue entry's first key, packet bytes and decoded packet: read from its segment, or
     /// the value itself for a version 2 packet kept in sled. `Err(Damaged)`: the segment's
     /// bytes are missing or fail their checksum.
@@ -700,7 +714,8 @@ impl Spool {
     }
 
     /// Deletes the segments whose packets are all gone: those below the segment of the first
-    /// packet still queued (below the one being written when nothing is).
+    /// packet still queued. When nothing is queued, the one being written goes too (unless a
+    /// commit is writing it right now: then at the next ack or maintenance tick).
     fn remove_drained_segments(&self, s: &Store) -> Result<(), Error> {
         let first_live = match s.queue.first().map_err(|e| s.sled_err(e))? {
             Some((_, v)) => match segments::Location::decode(&v) {
@@ -708,14 +723,21 @@ impl Spool {
                 // A version 2 packet kept in sled: older than any segment.
                 None => return Ok(()),
             },
-            None => self.active_segment.load(Ordering::Acquire),
+            None => match self.writer.try_lock() {
+                Ok(mut w) => self.retire_active_segment(&mut w, s)?,
+                Err(_) => self.active_segment.load(Ordering::Acquire),
+            },
         };
+        self.remove_segments_below(first_live);
+        Ok(())
+    }
+
+    fn remove_segments_below(&self, first_live: u64) {
         if first_live > self.segments_removed_below.load(Ordering::Relaxed) {
             segments::remove_below(&self.segments_dir, first_live);
             self.segments_removed_below
                 .fetch_max(first_live, Ordering::Relaxed);
         }
-        Ok(())
     }
 
     /// Up to `max_events` queued events with keys in `(after, watermark)`, oldest first, whose
@@ -1218,6 +1240,8 @@ impl Spool {
             self.pruned_day.store(u32::from(min_day), Ordering::Relaxed);
         }
         self.checkpoint_dedupe()?;
+        let first_live = self.retire_active_segment(&mut self.writer(), &self.store())?;
+        self.remove_segments_below(first_live);
         Ok(removed)
     }
 

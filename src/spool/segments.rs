@@ -257,11 +257,15 @@ impl Writer {
             self.file = Some(f);
         } else if self.file.is_none() {
             let p = path(&self.dir, at.segment);
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .map_err(io_err(&p))?;
-            self.file = Some(f);
+            match fs::OpenOptions::new().write(true).open(&p) {
+                Ok(f) => self.file = Some(f),
+                // Retired (see `Writer::retire`) before a restart: start the next one.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.end.offset = SEGMENT_BYTES;
+                    return self.append(packets);
+                }
+                Err(e) => return Err(io_err(&p)(e)),
+            }
         }
         let total: usize = packets
             .iter()
@@ -302,6 +306,18 @@ impl Writer {
         } else {
             self.end.offset = end.offset;
         }
+    }
+
+    /// Lets go of the segment being written when everything in it is delivered (the caller
+    /// checked that nothing is queued, holding the writer lock): the next append starts a new
+    /// segment, and the returned one can be deleted. `None` when no segment holds anything.
+    pub fn retire(&mut self) -> Option<u64> {
+        if self.end.segment == 0 || self.end.offset == 0 {
+            return None;
+        }
+        self.file = None;
+        self.end.offset = self.end.offset.max(SEGMENT_BYTES);
+        Some(self.end.segment)
     }
 
     /// After a failed commit whose append started a new segment: the handle points at a
@@ -469,5 +485,15 @@ mod tests {
         assert_eq!(remove_below(&dir, 2), 1);
         assert_eq!(list(&dir), vec![2]);
         assert_eq!(disk_bytes(&dir), 14);
+        // Retired with all its packets delivered: deleted, and the next append starts anew,
+        // also in a writer that only knows the committed end (a restart).
+        assert_eq!(w.retire(), Some(2));
+        assert_eq!(w.retire(), Some(2), "again: the same one");
+        assert_eq!(remove_below(&dir, 3), 1);
+        let mut restarted = Writer::new(&dir, end);
+        let (locs, end) = restarted.append(&packets(&[10])).unwrap();
+        assert_eq!((locs[0].segment, end.segment), (3, 3));
+        let (locs, _) = w.append(&packets(&[10])).unwrap();
+        assert_eq!(locs[0].segment, 3);
     }
 }

@@ -613,3 +613,38 @@ fn a_packet_damaged_on_disk_is_set_aside_and_the_drain_goes_on() {
     assert_eq!(spool.depth().unwrap().events, 0);
     assert_eq!(spool.file(fid).unwrap().unwrap().pending, lost);
 }
+
+#[test]
+fn a_drained_spool_keeps_no_segment_and_writes_on_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let segs = segments::dir(dir.path());
+    {
+        let spool = open(dir.path());
+        let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+        fill(&spool, fid, 6000, "a");
+        assert!(segments::disk_bytes(&segs) > segments::SEGMENT_BYTES);
+        let all = spool.peek(None, 10_000, usize::MAX).unwrap().items;
+        spool.ack(&all).unwrap();
+        // Everything delivered: the segment being written went too.
+        assert_eq!(segments::disk_bytes(&segs), 0);
+        fill(&spool, fid, 10, "b");
+        assert_eq!(
+            ids(&spool.peek(None, 100, usize::MAX).unwrap().items)[0],
+            "b-0"
+        );
+        let all = spool.peek(None, 100, usize::MAX).unwrap().items;
+        spool.ack(&all).unwrap();
+        assert_eq!(segments::disk_bytes(&segs), 0);
+    }
+    // The committed end names a segment that is gone: the next commit starts a new one.
+    let spool = open(dir.path());
+    let fid = spool.files().unwrap()[0].0;
+    fill(&spool, fid, 10, "c");
+    assert_eq!(spool.depth().unwrap().events, 10);
+    drop(spool);
+    let spool = open(dir.path());
+    assert_eq!(
+        ids(&spool.peek(None, 100, usize::MAX).unwrap().items),
+        (0..10).map(|i| format!("c-{i}")).collect::<Vec<_>>()
+    );
+}
