@@ -1,6 +1,7 @@
 //! `leanplum-segment-agent`: watches a directory of Leanplum exports, turns each message
-//! engagement and A/B-test impression into a Segment `track` event, spools the events durably in
-//! sled, and drains the spool to Segment's HTTP Tracking API in batches, with backoff.
+//! engagement and A/B-test impression into a Segment `track` event, spools the events durably
+//! (append-only segment files indexed by sled), and drains the spool to Segment's HTTP
+//! Tracking API in batches, with backoff.
 //!
 //! Data flows one way:
 //!
@@ -23,7 +24,8 @@
 //!   spool, refreshed, looked up on demand while the reader waits).
 //! - [`mapping`]: Leanplum record -> Segment events; pure, no I/O.
 //! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk.
-//! - [`spool`]: the sled store; its module doc is the on-disk format.
+//! - [`spool`]: segment files for the events, sled for where they are, read offsets and the rest,
+//!   a hash table file for dedupe; its module doc is the on-disk format.
 //! - [`segment`]: event type, batch budget, HTTP client, retry policy.
 //! - [`deadletter`]: `dead-letter list | retry | purge` over the quarantine and dead letters.
 //! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
