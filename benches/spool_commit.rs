@@ -37,6 +37,8 @@ fn main() {
     );
     let pad = "x".repeat(580);
     let t = Instant::now();
+    // The slowest single commit, and where: a growth of the dedupe table happens inside one.
+    let mut slowest = (std::time::Duration::ZERO, 0usize);
     for start in (0..n).step_by(2000) {
         let events = (start..(start + 2000).min(n))
             .map(|i| SpoolEvent {
@@ -44,6 +46,7 @@ fn main() {
                 json: format!("{{\"messageId\":\"lp-e-{i}\",\"pad\":\"{pad}\"}}").into_bytes(),
             })
             .collect();
+        let one = Instant::now();
         spool
             .commit_file_chunk(&Chunk {
                 file_id: fid,
@@ -51,16 +54,21 @@ fn main() {
                 ..Chunk::default()
             })
             .unwrap();
+        if one.elapsed() > slowest.0 {
+            slowest = (one.elapsed(), start);
+        }
         if start % (n / 5).max(2000) == 0 {
             println!("  {start:>9} spooled, RSS {} MB", rss_mb());
         }
     }
     let d = t.elapsed();
     println!(
-        "commit: {:.0} events/s ({n} in {d:.2?}); RSS {} MB; {} MB on disk",
+        "commit: {:.0} events/s ({n} in {d:.2?}); RSS {} MB; {} MB on disk; slowest commit {:.2?} at {} events",
         n as f64 / d.as_secs_f64(),
         rss_mb(),
-        spool.disk_bytes() >> 20
+        spool.disk_bytes() >> 20,
+        slowest.0,
+        slowest.1
     );
     let t = Instant::now();
     let mut drained = 0;

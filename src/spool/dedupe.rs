@@ -595,6 +595,40 @@ mod tests {
     }
 
     #[test]
+    fn entries_the_table_cannot_take_stay_pending_and_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = path(tmp.path());
+        let mut t = Table::open(&path).unwrap();
+        t.apply(1, vec![(fp(1), 20_000)]).unwrap();
+        // Writes fail (a read-only handle stands in for a full or failing disk).
+        t.file = File::open(&path).unwrap();
+        assert!(t.apply(2, vec![(fp(2), 20_000)]).is_err());
+        assert!(t.apply(3, vec![(fp(3), 20_000)]).is_err());
+        assert_eq!(t.applied(), 1, "nothing past 1 is in the table");
+        assert_eq!(
+            t.contains(&[fp(1), fp(2), fp(3), fp(4)]).unwrap(),
+            [true, true, true, false],
+            "pending entries count as seen"
+        );
+        // The disk is back: the next commit's apply takes the pending ones too, in order.
+        t.file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        t.apply(4, vec![(fp(4), 20_000)]).unwrap();
+        assert_eq!(t.applied(), 4);
+        assert!(t.pending.is_empty() && t.pending_set.is_empty());
+        assert_eq!(t.checkpoint().unwrap(), 4);
+        drop(t);
+        let t = Table::open(&path).unwrap();
+        assert_eq!(
+            t.contains(&[fp(1), fp(2), fp(3), fp(4)]).unwrap(),
+            [true; 4]
+        );
+    }
+
+    #[test]
     fn a_damaged_header_starts_an_empty_table() {
         let tmp = tempfile::tempdir().unwrap();
         let path = path(tmp.path());

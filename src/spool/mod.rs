@@ -581,8 +581,7 @@ impl Spool {
                 add_meta(meta, "depth", out.spooled as i64)?;
                 Ok(())
             })
-            .map_err(|e| s.tx_err(e))
-            .inspect_err(|_| w.segments.abandon(end))?;
+            .map_err(|e| s.tx_err(e))?;
         self.flush()?;
         self.committed(&mut w, key, end);
         if !added.is_empty() {
@@ -1167,8 +1166,7 @@ impl Spool {
                 add_meta(meta, "depth", letters.len() as i64)?;
                 Ok(())
             })
-            .map_err(|e: TransactionError<String>| s.tx_err(e))
-            .inspect_err(|_| w.segments.abandon(end))?;
+            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
         s.flush()?;
         self.committed(&mut w, key, end);
         Ok(letters.len() as u64)

@@ -299,13 +299,12 @@ impl Writer {
     }
 
     /// Records that sled committed the locations [`Writer::append`] returned with `end`.
+    ///
+    /// A commit that fails leaves the committed end where it was, and the next append writes
+    /// over what it appended: at the same offset, or, when it had started a new segment, by
+    /// starting that segment again (a full or retired end always starts a new one).
     pub fn committed(&mut self, end: End) {
-        if end.segment != self.end.segment {
-            // A new segment was started by the append: its handle is the one kept.
-            self.end = end;
-        } else {
-            self.end.offset = end.offset;
-        }
+        self.end = end;
     }
 
     /// Lets go of the segment being written when everything in it is delivered (the caller
@@ -318,14 +317,6 @@ impl Writer {
         self.file = None;
         self.end.offset = self.end.offset.max(SEGMENT_BYTES);
         Some(self.end.segment)
-    }
-
-    /// After a failed commit whose append started a new segment: the handle points at a
-    /// segment the committed end does not know; drop it so the next append starts it again.
-    pub fn abandon(&mut self, attempted: End) {
-        if attempted.segment != self.end.segment {
-            self.file = None;
-        }
     }
 }
 
@@ -462,6 +453,28 @@ mod tests {
         let (locs, end2) = w.append(&packets(&[7])).unwrap();
         assert_eq!(locs[0].offset, end.offset);
         assert_eq!(end2.offset, end.offset + 11);
+    }
+
+    #[test]
+    fn a_failed_commit_of_a_new_segment_starts_it_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = dir(tmp.path());
+        let mut w = Writer::new(&dir, End::default());
+        let (_, end) = w.append(&packets(&[10])).unwrap();
+        w.committed(end);
+        w.end.offset = SEGMENT_BYTES; // as if full
+        // The append starts segment 2; sled's transaction then fails.
+        let (locs, attempted) = w.append(&packets(&[500])).unwrap();
+        assert_eq!(locs[0].segment, 2);
+        assert_eq!(attempted.segment, 2);
+        // Nothing committed: the retry writes segment 2 from its start, over what the failed
+        // one left.
+        let (locs, end) = w.append(&packets(&[20])).unwrap();
+        w.committed(end);
+        assert_eq!((locs[0].segment, locs[0].offset), (2, 0));
+        assert_eq!(fs::metadata(path(&dir, 2)).unwrap().len(), 24);
+        let p = Reader::default().read(&dir, &locs[0]).unwrap().unwrap();
+        assert_eq!(p.len(), 20);
     }
 
     #[test]
