@@ -572,8 +572,8 @@ impl Ingestor {
             let why = if depth >= self.max_spool_bytes {
                 Some("spool full (spool.max_bytes); reading paused until the drain catches up")
             } else if self.spool.disk_nearly_full(incoming) {
-                // sled never gives the room of delivered events back to the filesystem; a
-                // compaction does, once the drain has emptied most of the spool.
+                // Delivered events give their room back as the drain deletes their segments;
+                // sled's own files never shrink, and a compaction gives back what they grew by.
                 let due =
                     last_compaction_check.is_none_or(|t| t.elapsed() > Duration::from_secs(30));
                 if due {
