@@ -1,5 +1,6 @@
-//! The durable spool: a sled 0.34.7 database holding the events not yet accepted by Segment, the
-//! read position of every input file, the dedupe index, and the quarantine and dead letters.
+//! The durable spool: segment files holding the events not yet accepted by Segment, a sled
+//! 0.34.7 database holding where they are, the read position of every input file, the dedupe
+//! log, the quarantine and the dead letters, and a hash table file for the dedupe index.
 //!
 //! # On-disk format (version 3)
 //!
@@ -29,10 +30,11 @@
 //! they are (they drain first); an agent opening a version 1 or 2 spool moves its dedupe
 //! entries into `dedupe.tab`.
 //!
-//! `live_bytes` and `depth` are kept by us, not taken from `size_on_disk`: sled 0.34 does not
-//! shrink its files when keys are removed, so the file size says nothing about the backlog.
-//! [`Spool::compact`] copies the live data into a fresh generation when the files have grown
-//! far past it, which is how disk space comes back after an outage.
+//! `live_bytes` and `depth` are kept by us, not taken from the files' sizes: a segment holds
+//! delivered events until all of it is delivered, and sled 0.34 does not shrink its files when
+//! keys are removed. Disk space comes back after an outage as the drain deletes the segments it
+//! has passed; [`Spool::compact`] copies sled's live data into a fresh generation when its
+//! files have grown far past it.
 //!
 //! # Transactions
 //!
@@ -62,14 +64,23 @@
 //! - During a compaction: either the old generation (the new one is debris, deleted at open) or
 //!   the complete new one.
 //!
+//! # Damage
+//!
+//! A packet whose bytes are missing or fail their checksum (a damaged disk, a deleted segment)
+//! is taken out of the queue with a quarantine entry naming its file and the events lost, so the
+//! drain goes on (see [`Spool::peek`]). A database sled cannot open is moved aside (see
+//! `store.rs`).
+//!
 //! # Power loss
 //!
 //! What a returned commit covers survives power loss: the segment was `fdatasync`ed before the
 //! transaction, sled's flush writes its log, and our fsync of sled's data file pushes it and
 //! the file's metadata past the page cache and the disk's volatile cache (on disks that honour
-//! flushes). A new segment's directory entry is fsynced when the segment is created. Not covered: writes after the last
-//! commit (ack removals, file status changes), which come back as re-sends or re-reads, never
-//! as loss. sled's blob files (values over its blob threshold, far above our 32 KB event cap)
+//! flushes). A new segment's directory entry is fsynced when the segment is created. Not
+//! covered: writes after the last commit (ack removals, file status changes), which come back
+//! as re-sends or re-reads, never as loss; and `dedupe.tab`'s pages, synced only at its
+//! checkpoints: what a power loss takes of them comes back from the `dedupe` log, or at worst
+//! (a torn page) costs dedupe entries, never events. sled's blob files (values over its blob threshold, far above our 32 KB event cap)
 //! are not fsynced by us; we never write values that large.
 //!
 //! # Ordering
