@@ -416,22 +416,38 @@ impl Table {
         self.rebuild(pages)
     }
 
+    /// Copies the live entries into a new table of `pages` (a multiple of the current count)
+    /// and swaps it in. An entry's page is `1 + x % pages`, so old page `p` splits into new
+    /// pages `p`, `p + P`, `p + 2P`, ... (`P` the old count): each old page is read once and its
+    /// entries written straight into those, never more than a page's worth, so no new page can
+    /// overflow and nothing is read back.
     fn rebuild(&mut self, pages: u64) -> Result<(), Error> {
+        debug_assert!(pages.is_multiple_of(self.pages));
+        let split = (pages / self.pages) as usize;
         let mut new = Table::create_tmp(&self.path, pages, self.applied, self.min_day)?;
         let mut buf = [0u8; PAGE];
-        let mut batch = Vec::new();
+        let mut out = vec![[0u8; PAGE]; split];
+        let mut filled = vec![0usize; split];
         for page in 1..=self.pages {
             self.read_page(page, &mut buf)?;
-            batch.extend(
-                (0..SLOTS)
-                    .map(|s| slot_at(&buf, s))
-                    .filter(|(_, d)| self.live(*d)),
-            );
-            if batch.len() >= 100_000 {
-                new.insert(&std::mem::take(&mut batch))?;
+            for s in 0..SLOTS {
+                let (f, day) = slot_at(&buf, s);
+                // (An entry not of this page can only be debris, say of a torn write.)
+                if self.live(day) && self.page_of(&f) == page {
+                    let i = ((new.page_of(&f) - page) / self.pages) as usize;
+                    set_slot(&mut out[i], filled[i], f, day);
+                    filled[i] += 1;
+                }
+            }
+            for i in 0..split {
+                if filled[i] > 0 {
+                    new.write_page(page + i as u64 * self.pages, &out[i])?;
+                    new.used += filled[i] as u64;
+                    out[i] = [0u8; PAGE];
+                    filled[i] = 0;
+                }
             }
         }
-        new.insert(&batch)?;
         new.file.sync_data().map_err(io_err(&new.path))?;
         let tmp = new.path.clone();
         new.path.clone_from(&self.path);
@@ -574,6 +590,11 @@ mod tests {
         }
         assert!(t.pages() > MIN_PAGES, "grew to {} pages", t.pages());
         assert_eq!(t.used, n);
+        let every: Vec<_> = (0..n).map(fp).collect();
+        assert!(
+            t.contains(&every).unwrap().iter().all(|found| *found),
+            "every id survived the growths"
+        );
         let probe: Vec<_> = (n - 5..n + 5).map(fp).collect();
         let found = t.contains(&probe).unwrap();
         assert_eq!(found, [[true; 5], [false; 5]].concat());
