@@ -125,8 +125,9 @@ pub(super) async fn after_ingest_worker(
     }
 }
 
-/// How often the spool is tidied: dedupe entries past the window pruned, and the files
-/// compacted when sled has grown far past the live data.
+/// How often the spool is tidied: dedupe entries past the window pruned (and the table
+/// checkpointed), drained segments deleted, and sled's files compacted when they have grown far
+/// past the live data.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(300);
 /// Compaction pauses commits and the drain for the copy, so only when it gives back a lot.
 const COMPACT_MIN_DISK_BYTES: u64 = 256 << 20;
@@ -143,6 +144,7 @@ pub(super) async fn maintenance(spool: Arc<Spool>, dedupe_window: Duration) {
             if pruned > 0 {
                 tracing::info!(pruned, "dedupe entries older than the window removed");
             }
+            spool.remove_drained_segments()?;
             if spool.is_bloated(COMPACT_MIN_DISK_BYTES, COMPACT_RATIO)? {
                 let c = spool.compact()?;
                 tracing::info!(

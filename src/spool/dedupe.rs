@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::Error;
+use super::{Error, io_err, sync_dir};
 
 /// An entry of a version 2 partition (sled keys of 2 bytes), read once to move it here.
 const PARTITION_ENTRY: usize = 10;
@@ -125,13 +125,6 @@ pub fn decode_partition(partition: u16, v: &[u8]) -> Option<Vec<(Fingerprint, u1
             })
             .collect(),
     )
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 fn slot_at(page: &[u8], i: usize) -> (Fingerprint, u16) {
@@ -268,10 +261,7 @@ impl Table {
     /// Moves a fully written and synced table from `tmp` to its place, durably.
     fn install(&self, tmp: &Path) -> Result<(), Error> {
         fs::rename(tmp, &self.path).map_err(io_err(tmp))?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir))
+        sync_dir(self.path.parent().unwrap_or(Path::new(".")))
     }
 
     fn page_of(&self, f: &Fingerprint) -> u64 {
@@ -313,12 +303,17 @@ impl Table {
                 self.read_page(page, &mut buf)?;
                 loaded = Some(page);
             }
-            out[i] = (0..SLOTS).any(|s| {
-                let (g, day) = slot_at(&buf, s);
-                g == f && self.live(day)
-            });
+            out[i] = self.holds(&buf, f);
         }
         Ok(out)
+    }
+
+    /// Whether `page` holds `f` within the window.
+    fn holds(&self, page: &[u8], f: Fingerprint) -> bool {
+        (0..SLOTS).any(|s| {
+            let (g, day) = slot_at(page, s);
+            g == f && self.live(day)
+        })
     }
 
     /// Takes the entries of the committed log value `seq` (and any still pending). A failure
@@ -359,25 +354,18 @@ impl Table {
         if (self.used + entries.len() as u64) * 4 > self.pages * SLOTS as u64 * 3 {
             self.grow()?;
         }
-        let mut sorted: Vec<&(Fingerprint, u16)> = entries.iter().collect();
-        sorted.sort_unstable_by_key(|(f, _)| self.page_of(f));
+        let mut by_page: Vec<(u64, (Fingerprint, u16))> =
+            entries.iter().map(|e| (self.page_of(&e.0), *e)).collect();
+        by_page.sort_unstable_by_key(|(page, _)| *page);
         let mut buf = [0u8; PAGE];
-        let mut at = 0;
-        while at < sorted.len() {
-            let page = self.page_of(&sorted[at].0);
-            let end = at
-                + sorted[at..]
-                    .iter()
-                    .take_while(|(f, _)| self.page_of(f) == page)
-                    .count();
+        let mut rest = &by_page[..];
+        while let Some(&(page, _)) = rest.first() {
+            let (group, tail) = rest.split_at(rest.iter().take_while(|(p, _)| *p == page).count());
             self.read_page(page, &mut buf)?;
             let mut added = 0;
             let mut full = false;
-            for (f, day) in &sorted[at..end] {
-                if (0..SLOTS).any(|s| {
-                    let (g, d) = slot_at(&buf, s);
-                    g == *f && self.live(d)
-                }) {
+            for &(_, (f, day)) in group {
+                if self.holds(&buf, f) {
                     continue;
                 }
                 match (0..SLOTS).find(|&s| !self.live(slot_at(&buf, s).1)) {
@@ -385,7 +373,7 @@ impl Table {
                         if slot_at(&buf, s).1 == 0 {
                             added += 1;
                         }
-                        set_slot(&mut buf, s, *f, *day);
+                        set_slot(&mut buf, s, f, day);
                     }
                     None => {
                         full = true;
@@ -399,9 +387,10 @@ impl Table {
                 // A page with no free slot: grow (which rehashes everything, this page's
                 // entries included) and put the rest of this batch in the new table.
                 self.grow()?;
-                return self.insert(&entries_from(&sorted[at..]));
+                let left: Vec<_> = rest.iter().map(|(_, e)| *e).collect();
+                return self.insert(&left);
             }
-            at = end;
+            rest = tail;
         }
         Ok(())
     }
@@ -528,10 +517,6 @@ impl Table {
     pub fn pages(&self) -> u64 {
         self.pages
     }
-}
-
-fn entries_from(sorted: &[&(Fingerprint, u16)]) -> Vec<(Fingerprint, u16)> {
-    sorted.iter().map(|e| **e).collect()
 }
 
 #[cfg(test)]

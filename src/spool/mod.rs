@@ -242,8 +242,6 @@ pub struct Spool {
     writer: Mutex<Writer>,
     /// `spool.dir/segments` (see `segments.rs`).
     segments_dir: PathBuf,
-    /// The segment being written (for deleting drained ones without the writer lock).
-    active_segment: AtomicU64,
     /// Segments below this one are known to be deleted already.
     segments_removed_below: AtomicU64,
     /// First queue key not yet committed.
@@ -314,10 +312,7 @@ impl Spool {
     /// A spool sled cannot open (or panics opening) is moved aside and replaced by an empty one;
     /// [`Spool::recovered`] then says so. A spool from a newer agent is an error, never moved.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Spool, Error> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         // Only agents take LOCK, so a held one means another agent: refuse at once. (`status`
         // on a stopped agent holds sled's own lock for a moment instead, which `open_current`
         // waits out.)
@@ -330,11 +325,11 @@ impl Spool {
                 "spool: cut off segment bytes of a commit that did not finish"
             );
         }
+        let mut table = dedupe::Table::open(&dedupe::path(dir))?;
         let version = store.format_version()?;
         if version < FORMAT_VERSION {
             // Version 1 and 2 packets stay in sled's queue and drain from there; their dedupe
             // entries move into the table.
-            let mut table = dedupe::Table::open(&dedupe::path(dir))?;
             let moved = store.migrate_dedupe(version, &mut table)?;
             store.set_format_version()?;
             tracing::info!(
@@ -344,9 +339,9 @@ impl Spool {
         }
         let spool = Spool::from_store(dir, cache_bytes, store, recovered, Some(lock))?;
         {
-            // Open the dedupe table now (replaying its log), not at the first commit.
+            // The table's log is replayed now, not at the first commit.
             let mut w = spool.writer();
-            spool.table(&mut w, &spool.store())?;
+            spool.install_table(&mut w, &spool.store(), table)?;
         }
         Ok(spool)
     }
@@ -398,7 +393,6 @@ impl Spool {
                 unsynced: 0,
             }),
             segments_dir,
-            active_segment: AtomicU64::new(end.segment),
             segments_removed_below: AtomicU64::new(0),
             watermark: AtomicU64::new(next),
             pruned_day: Default::default(),
@@ -415,22 +409,28 @@ impl Spool {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The dedupe table, opened (and its log replayed) on first use.
+    /// The dedupe table, opened on first use (an agent's `open` installs it at once).
     fn table<'w>(&self, w: &'w mut Writer, s: &Store) -> Result<&'w mut dedupe::Table, Error> {
         if w.dedupe.is_none() {
-            let mut t = dedupe::Table::open(&dedupe::path(&self.dir))?;
-            t.min_day = self.pruned_day.load(Ordering::Relaxed) as u16;
-            let (next, replayed) = s.replay_dedupe_log(&mut t)?;
-            if replayed > 0 {
-                tracing::info!(
-                    entries = replayed,
-                    "dedupe log entries written since the last checkpoint applied to the table"
-                );
-            }
-            w.log_seq = next;
-            w.dedupe = Some(t);
+            let t = dedupe::Table::open(&dedupe::path(&self.dir))?;
+            self.install_table(w, s, t)?;
         }
-        Ok(w.dedupe.as_mut().expect("opened above"))
+        Ok(w.dedupe.as_mut().expect("installed above"))
+    }
+
+    /// Replays the log values the table lacks into it and makes it the writer's.
+    fn install_table(&self, w: &mut Writer, s: &Store, mut t: dedupe::Table) -> Result<(), Error> {
+        t.min_day = self.pruned_day.load(Ordering::Relaxed) as u16;
+        let (next, replayed) = s.replay_dedupe_log(&mut t)?;
+        if replayed > 0 {
+            tracing::info!(
+                entries = replayed,
+                "dedupe log entries written since the last checkpoint applied to the table"
+            );
+        }
+        w.log_seq = next;
+        w.dedupe = Some(t);
+        Ok(())
     }
 
     /// Makes the dedupe table durable and drops the log values it covers (see `dedupe.rs`).
@@ -494,27 +494,21 @@ impl Spool {
             .map(|e| dedupe::fingerprint(&e.message_id))
             .collect();
         let seen = self.table(&mut w, &s)?.contains(&fingerprints)?;
-        let mut duplicate = vec![false; chunk.events.len()];
         let mut in_chunk = std::collections::HashSet::with_capacity(chunk.events.len());
         let mut added = Vec::with_capacity(chunk.events.len());
-        for (i, f) in fingerprints.iter().enumerate() {
-            if seen[i] || !in_chunk.insert(*f) {
-                duplicate[i] = true;
-            } else {
-                added.push((*f, today));
-            }
-        }
-        let log_seq = w.log_seq;
-        let log_value = dedupe::encode_log(&added);
 
-        // New events: oversize ones become dead letters, the rest go into packets.
+        // New events: oversize ones become dead letters, the rest go into packets; both are
+        // remembered as seen.
         let mut out = ChunkOutcome::default();
         let mut letters = Vec::new();
         let mut fresh: Vec<&[u8]> = Vec::with_capacity(chunk.events.len());
-        for (i, ev) in chunk.events.iter().enumerate() {
-            if duplicate[i] {
+        for ((ev, f), seen) in chunk.events.iter().zip(&fingerprints).zip(seen) {
+            if seen || !in_chunk.insert(*f) {
                 out.duplicates += 1;
-            } else if ev.json.len() > MAX_EVENT_BYTES {
+                continue;
+            }
+            added.push((*f, today));
+            if ev.json.len() > MAX_EVENT_BYTES {
                 let letter = DeadLetter {
                     reason: format!(
                         "event is {} bytes, over Segment's {} byte limit",
@@ -533,6 +527,8 @@ impl Spool {
                 fresh.push(&ev.json);
             }
         }
+        let log_seq = w.log_seq;
+        let log_value = dedupe::encode_log(&added);
         let bytes: u64 = fresh.iter().map(|j| j.len() as u64).sum();
         out.spooled = fresh.len() as u64;
         let mut packets = Vec::new();
@@ -593,7 +589,7 @@ impl Spool {
                 Ok(())
             })
             .map_err(|e| s.tx_err(e))?;
-        self.flush()?;
+        s.flush()?;
         self.committed(&mut w, key, end);
         if !added.is_empty() {
             w.log_seq += 1;
@@ -617,21 +613,7 @@ impl Spool {
     fn committed(&self, w: &mut Writer, next: u64, end: segments::End) {
         w.segments.committed(end);
         w.next = next;
-        self.active_segment.store(end.segment, Ordering::Release);
         self.watermark.store(next, Ordering::Release);
-    }
-
-    /// With nothing queued (checked under the writer lock, so no commit is adding to it),
-    /// retires the segment being written so it can be deleted. Returns the first segment that
-    /// may still hold something.
-    fn retire_active_segment(&self, w: &mut Writer, s: &Store) -> Result<u64, Error> {
-        if !s.queue.is_empty() {
-            return Ok(0);
-        }
-        Ok(match w.segments.retire() {
-            Some(id) => id + 1,
-            None => self.active_segment.load(Ordering::Acquire),
-        })
     }
 
     /// A queue entry's first key, packet bytes and decoded packet: read from its segment, or
@@ -646,15 +628,15 @@ impl Spool {
     ) -> Result<Result<(u64, IVec, packet::Packet), Damaged>, Error> {
         let corrupt = || s.corrupt(format!("queue entry {k:?}"));
         let first = decode_u64(k).ok_or_else(corrupt)?;
-        let bytes = match segments::Location::decode(&v) {
-            Some(loc) => match reader.read(&self.segments_dir, &loc)? {
-                Some(b) if packet::decode(&b).is_some() => b,
-                _ => return Ok(Err(Damaged { first, loc })),
-            },
-            None => v,
+        let Some(loc) = segments::Location::decode(&v) else {
+            let p = packet::decode(&v).ok_or_else(corrupt)?;
+            return Ok(Ok((first, v, p)));
         };
-        let p = packet::decode(&bytes).ok_or_else(corrupt)?;
-        Ok(Ok((first, bytes, p)))
+        let read = reader.read(&self.segments_dir, &loc)?;
+        Ok(match read.as_deref().and_then(packet::decode) {
+            Some(p) => Ok((first, read.expect("decoded above"), p)),
+            None => Err(Damaged { first, loc }),
+        })
     }
 
     /// Takes a packet whose bytes are lost (damage on disk, a deleted segment) out of the
@@ -708,7 +690,8 @@ impl Spool {
         let id = s.new_id()?;
         let value = serde_json::to_vec(&entry).unwrap_or_default();
         // The events' JSON is unknown: the packet's bytes less its header, shared out.
-        let body = u64::from(d.loc.len).saturating_sub(19 + 4 * u64::from(d.loc.events));
+        let body =
+            (d.loc.len as usize).saturating_sub(packet::header_len(d.loc.events.into())) as u64;
         let bytes = body * lost / u64::from(d.loc.events).max(1);
         (&s.queue, &s.acked, &s.meta, &s.quarantine)
             .transaction(|(queue, acked, meta, quarantine)| {
@@ -724,30 +707,36 @@ impl Spool {
     }
 
     /// Deletes the segments whose packets are all gone: those below the segment of the first
-    /// packet still queued. When nothing is queued, the one being written goes too (unless a
-    /// commit is writing it right now: then at the next ack or maintenance tick).
-    fn remove_drained_segments(&self, s: &Store) -> Result<(), Error> {
+    /// packet still queued. When nothing is queued, the one being written goes too, if `w` (the
+    /// writer lock) is given: then no commit can be adding to it. Called after every ack
+    /// (with the lock only if it is free) and at the maintenance tick (see
+    /// [`Spool::remove_drained_segments`]).
+    fn delete_drained_segments(&self, s: &Store, w: Option<&mut Writer>) -> Result<(), Error> {
         let first_live = match s.queue.first().map_err(|e| s.sled_err(e))? {
             Some((_, v)) => match segments::Location::decode(&v) {
                 Some(l) => l.segment,
                 // A version 2 packet kept in sled: older than any segment.
                 None => return Ok(()),
             },
-            None => match self.writer.try_lock() {
-                Ok(mut w) => self.retire_active_segment(&mut w, s)?,
-                Err(_) => self.active_segment.load(Ordering::Acquire),
+            None => match w {
+                Some(w) => w.segments.retire().map_or(0, |id| id + 1),
+                // A commit holds the lock: the next ack or tick deletes what it may.
+                None => return Ok(()),
             },
         };
-        self.remove_segments_below(first_live);
-        Ok(())
-    }
-
-    fn remove_segments_below(&self, first_live: u64) {
         if first_live > self.segments_removed_below.load(Ordering::Relaxed) {
             segments::remove_below(&self.segments_dir, first_live);
             self.segments_removed_below
                 .fetch_max(first_live, Ordering::Relaxed);
         }
+        Ok(())
+    }
+
+    /// Deletes the segments the drain has emptied, the one being written included when
+    /// nothing is queued (the maintenance tick; acks do the same when the writer is free).
+    pub fn remove_drained_segments(&self) -> Result<(), Error> {
+        let mut w = self.writer();
+        self.delete_drained_segments(&self.store(), Some(&mut w))
     }
 
     /// Up to `max_events` queued events with keys in `(after, watermark)`, oldest first, whose
@@ -942,7 +931,7 @@ impl Spool {
                 Ok(done)
             })
             .map_err(|e| s.tx_err(e))?;
-        self.remove_drained_segments(&s)?;
+        self.delete_drained_segments(&s, self.writer.try_lock().ok().as_deref_mut())?;
         Ok(done)
     }
 
@@ -1249,8 +1238,6 @@ impl Spool {
             self.pruned_day.store(u32::from(min_day), Ordering::Relaxed);
         }
         self.checkpoint_dedupe()?;
-        let first_live = self.retire_active_segment(&mut self.writer(), &self.store())?;
-        self.remove_segments_below(first_live);
         Ok(removed)
     }
 
@@ -1347,6 +1334,21 @@ impl Drop for Spool {
             tracing::warn!(error = %e, "dedupe checkpoint at close failed; the next start replays its log");
         }
     }
+}
+
+/// Wraps an I/O error with the path it concerns.
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Makes the entries of `dir` (a created, renamed or deleted file) durable.
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 fn file_len(path: &Path) -> u64 {

@@ -70,6 +70,11 @@ pub fn split<'a, T>(
     })
 }
 
+/// Bytes of a (version 2) packet's header with `n` events: what precedes their JSON.
+pub fn header_len(n: usize) -> usize {
+    V2_HEADER + 4 * n
+}
+
 /// Encodes one packet.
 pub fn encode<'a>(
     enqueued_ms: u64,
@@ -78,7 +83,7 @@ pub fn encode<'a>(
 ) -> Vec<u8> {
     let n = events.len();
     let body: usize = events.clone().map(<[u8]>::len).sum();
-    let mut v = Vec::with_capacity(V2_HEADER + 4 * n + body);
+    let mut v = Vec::with_capacity(header_len(n) + body);
     v.push(V2);
     v.extend_from_slice(&enqueued_ms.to_be_bytes());
     v.extend_from_slice(&file_id.to_be_bytes());
@@ -103,7 +108,7 @@ pub fn decode(v: &[u8]) -> Option<Packet> {
         }),
         V2 if v.len() >= V2_HEADER => {
             let n = u16::from_be_bytes(v[17..19].try_into().ok()?) as usize;
-            let mut at = V2_HEADER + 4 * n;
+            let mut at = header_len(n);
             let mut events = Vec::with_capacity(n);
             for i in 0..n {
                 let p = V2_HEADER + 4 * i;

@@ -29,7 +29,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::Error;
+use super::{Error, io_err, sync_dir};
 
 /// A segment is closed once it holds this much; the next commit starts a new one. (Unit tests
 /// use small ones, to see segments roll over and go.)
@@ -135,19 +135,6 @@ fn list(dir: &Path) -> Vec<u64> {
         .unwrap_or_default();
     ids.sort_unstable();
     ids
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
 }
 
 /// Bytes the segment files take.

@@ -18,7 +18,7 @@ use sled::{IVec, Tree};
 use super::dedupe;
 use super::packet;
 use super::segments::{self, End, Location};
-use super::{Error, FORMAT_VERSION, SEGMENT_END, decode_u64, now_ms};
+use super::{Error, FORMAT_VERSION, SEGMENT_END, decode_u64, io_err, now_ms, sync_dir};
 
 const CURRENT: &str = "CURRENT";
 /// sled's background flush of its write buffers into its files. Commits flush (and fsync)
@@ -55,13 +55,6 @@ pub(super) struct Store {
     pub dedupe: Tree,
     pub quarantine: Tree,
     pub dead: Tree,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Takes `spool.dir/LOCK` (an flock, released when the process dies, even by `kill -9`), so a
@@ -167,9 +160,7 @@ fn set_current(dir: &Path, name: &str) -> Result<(), Error> {
     f.write_all(name.as_bytes()).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, dir.join(CURRENT)).map_err(io_err(&tmp))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    sync_dir(dir)
 }
 
 /// Deletes generations other than `current`: left by a compaction that did not finish (the new
