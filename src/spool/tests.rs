@@ -648,3 +648,26 @@ fn a_drained_spool_keeps_no_segment_and_writes_on_after_a_restart() {
         (0..10).map(|i| format!("c-{i}")).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn segments_an_ack_could_not_retire_go_at_the_maintenance_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let segs = segments::dir(dir.path());
+    let spool = open(dir.path());
+    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    fill(&spool, fid, 100, "a");
+    let all = spool.peek(None, 1000, usize::MAX).unwrap().items;
+    {
+        // A commit holds the writer lock while the last ack comes in.
+        let _busy = spool.writer();
+        spool.ack(&all).unwrap();
+    }
+    assert!(
+        segments::disk_bytes(&segs) > 0,
+        "the segment being written stays while a commit may be adding to it"
+    );
+    spool.remove_drained_segments().unwrap();
+    assert_eq!(segments::disk_bytes(&segs), 0);
+    fill(&spool, fid, 3, "b");
+    assert_eq!(spool.depth().unwrap().events, 3);
+}
