@@ -1,8 +1,8 @@
 //! Segment misbehaving (SPEC section 6): a 400 is bisected down to the bad events, an event over
 //! 32 KB never leaves the spool, a bad write key stops sending without losing anything, an
-//! outage or a dead endpoint is retried within `concurrency` and the backoff, slow answers time
-//! out and are retried, `Retry-After` as an HTTP date is honoured, and the backoff starts small
-//! again after a success. Every test ends with every good event accepted (exactly once, unless
+//! outage, connections reset or a dead endpoint are retried within `concurrency` and the
+//! backoff, slow answers time out and are retried, `Retry-After` as an HTTP date is honoured,
+//! and the backoff starts small again after a success. Every test ends with every good event accepted (exactly once, unless
 //! it says why not).
 
 use std::collections::{BTreeSet, HashSet};
@@ -393,6 +393,107 @@ fn outage_5xx_then_recovery_bounded_requests() {
         &export.message_ids,
         &agent,
         "after a 503 outage",
+    );
+}
+
+/// A front on its own port before the Segment server: while `resetting` holds, it resets every
+/// connection (it reads a few bytes of the request and closes the socket with the rest unread,
+/// which makes the kernel answer with RST); afterwards it passes connections through. It
+/// records when each reset happened.
+struct ResettingFront {
+    port: u16,
+    resetting: Arc<AtomicBool>,
+    resets: Arc<std::sync::Mutex<Vec<Instant>>>,
+}
+
+impl ResettingFront {
+    fn start(target: std::net::SocketAddr) -> ResettingFront {
+        use std::io::Read;
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the front");
+        let port = listener.local_addr().expect("front address").port();
+        let resetting = Arc::new(AtomicBool::new(true));
+        let resets = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (on, log) = (resetting.clone(), resets.clone());
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut client) = conn else { continue };
+                if on.load(Ordering::SeqCst) {
+                    let mut head = [0u8; 16];
+                    let _ = client.read(&mut head);
+                    log.lock().unwrap().push(Instant::now());
+                    drop(client);
+                    continue;
+                }
+                let Ok(upstream) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                };
+                let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else {
+                    continue;
+                };
+                pipe(client, upstream);
+                pipe(u2, c2);
+            }
+        });
+        ResettingFront {
+            port,
+            resetting,
+            resets,
+        }
+    }
+}
+
+#[test]
+fn connection_resets_are_retried_within_the_backoff() {
+    const OUTAGE: Duration = Duration::from_secs(6);
+    let mut env = TestEnv::new();
+    let front = ResettingFront::start(env.server.addr());
+    env.config.endpoint = format!("http://127.0.0.1:{}", front.port);
+    env.config.concurrency = Some(2);
+    env.config.initial_backoff_ms = Some(200);
+    env.config.max_backoff_secs = Some(2);
+    env.config.max_batch_events = Some(50);
+    let mut agent = env.start_agent();
+
+    let export = session_export(BASE + 5_500, 300);
+    write_atomically(&env.watch_dir().join("reset-conn-1"), &export.bytes);
+    assert!(
+        crate::util::wait_until(PATIENCE, || !front.resets.lock().unwrap().is_empty()),
+        "no connection reached the front\nagent log tail:\n{}",
+        agent.log_tail(40)
+    );
+    let t0 = front.resets.lock().unwrap()[0];
+    thread::sleep((t0 + OUTAGE).saturating_duration_since(Instant::now()));
+    front.resetting.store(false, Ordering::SeqCst);
+    let resets = front.resets.lock().unwrap().len();
+    // As for the 503 outage: two batches retried with full-jitter backoff from 200 ms to 2 s
+    // make about 10 rounds each in 6 s; a storm would be hundreds.
+    eprintln!("connection resets: {resets} connections reset in {OUTAGE:?}");
+    assert!(resets >= 2, "retried during the resets");
+    assert!(
+        resets <= 40,
+        "{resets} connections in {OUTAGE:?} of resets: not backing off"
+    );
+    assert!(agent.is_running());
+    assert_eq!(env.server.accepted_count(), 0, "nothing got through");
+
+    deliver_and_stop(
+        &env.server,
+        &mut agent,
+        &export.message_ids,
+        "after the resets",
+    );
+    assert_exactly_once(
+        &env.server,
+        &export.message_ids,
+        &agent,
+        "after connection resets",
     );
 }
 
