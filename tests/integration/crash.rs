@@ -261,21 +261,23 @@ fn resends(
     kills: &[Instant],
     flushes: &[(Instant, Instant)],
 ) -> Vec<Resend> {
-    let mut first: HashMap<String, Instant> = HashMap::new();
+    let mut first: HashMap<String, (Instant, Instant)> = HashMap::new();
     let mut out = Vec::new();
     let mut accepted: Vec<&RecordedRequest> = requests.iter().filter(|r| r.is_accepted()).collect();
     accepted.sort_by_key(|r| r.received_at);
     for r in accepted {
         let answered = r.answered_at.unwrap_or(r.received_at);
         for id in r.message_ids() {
-            let Some(&first_answered) = first.get(&id) else {
-                first.insert(id, answered);
+            let Some(&(first_sent, first_answered)) = first.get(&id) else {
+                first.insert(id, (r.received_at, answered));
                 continue;
             };
-            // The agent that got the first answer lived until the first kill after it.
+            // The agent that sent the first accepted request lived until the first kill after
+            // the server received it. (Not after the answer: a kill can land between the two,
+            // and then that agent never saw the 2xx.)
             let kill = kills
                 .iter()
-                .position(|&k| k >= first_answered)
+                .position(|&k| k >= first_sent)
                 .filter(|&i| kills[i] < r.received_at);
             let flushed_after = kill.and_then(|i| {
                 flushes
