@@ -201,6 +201,11 @@ impl Table {
         }
     }
 
+    /// Replaces the table at `path` with an empty one (its entries cannot be trusted).
+    pub fn reset(path: &Path) -> Result<Table, Error> {
+        Table::create(path, MIN_PAGES, 0)
+    }
+
     fn open_existing(path: &Path) -> Result<Option<Table>, Error> {
         let file = match fs::OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => f,

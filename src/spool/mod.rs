@@ -12,7 +12,7 @@
 //!
 //! | tree | key | value |
 //! | --- | --- | --- |
-//! | `meta` | ASCII name | `format_version` u32 BE (= 3); `live_bytes`, `depth`, `next_id` u64 BE; `segment_end` (segment u64, offset u64 BE); `catalog_cache` JSON (the Leanplum catalog last fetched) |
+//! | `meta` | ASCII name | `format_version` u32 BE (= 3); `live_bytes`, `depth`, `next_id`, `dedupe_next` u64 BE; `segment_end` (segment u64, offset u64 BE); `catalog_cache` JSON (the Leanplum catalog last fetched) |
 //! | `queue` | key of the packet's first event, u64 BE (FIFO: sled iterates keys in byte order) | where the packet of consecutive events of one file is in the segments (see `segments.rs`), or, written by version 2, the packet itself (see `packet.rs`) |
 //! | `acked` | packet key, u64 BE | bitmap of its events already delivered or dead-lettered, while others remain |
 //! | `files` | file id, u64 BE | [`FileRecord`] as JSON |
@@ -73,15 +73,41 @@
 //!
 //! # Power loss
 //!
-//! What a returned commit covers survives power loss: the segment was `fdatasync`ed before the
-//! transaction, sled's flush writes its log, and our fsync of sled's data file pushes it and
-//! the file's metadata past the page cache and the disk's volatile cache (on disks that honour
-//! flushes). A new segment's directory entry is fsynced when the segment is created. Not
-//! covered: writes after the last commit (ack removals, file status changes), which come back
-//! as re-sends or re-reads, never as loss; and `dedupe.tab`'s pages, synced only at its
-//! checkpoints: what a power loss takes of them comes back from the `dedupe` log, or at worst
-//! (a torn page) costs dedupe entries, never events. sled's blob files (values over its blob threshold, far above our 32 KB event cap)
-//! are not fsynced by us; we never write values that large.
+//! A power cut keeps what was fsynced and may drop anything else, including directory entries
+//! not synced through their directory. What each file of the spool relies on:
+//!
+//! | file | written by | made durable by |
+//! | --- | --- | --- |
+//! | `segments/<id>.seg` | our appends | `fdatasync` before the commit's transaction; a new segment's entry by an fsync of `segments/` at its creation; deletions only after a flush of the acks that emptied them |
+//! | `gen-<n>/db` (sled's log) | sled | `Db::flush` ends in `sync_file_range`, which is no sync (no metadata, no disk cache, and on FUSE nothing at all): our `fsync` of `db` after it |
+//! | `gen-<n>/blobs/*` | sled, for log items over 128 KiB | nothing in sled 0.34.7: we fsync every new blob file, then `blobs/`, *before* `db` (see `Store::flush`) |
+//! | `gen-<n>/conf`, `snap.*` | sled, at open | sled syncs neither `conf` nor the directory after the snapshot's rename: we fsync them and the directories once per open |
+//! | `dedupe.tab` | our page writes after each commit | fsync at its checkpoints and rebuilds; the header's `applied` is written after the pages are synced |
+//! | `CURRENT` | compaction | temp file, fsync, rename, fsync of `spool.dir` |
+//!
+//! The blob files were the hole (found with a file system that drops unsynced data at a
+//! "power cut", see `tests/integration/power_cut.rs`): sled writes a big node to a blob file
+//! and never syncs it; after a cut the file is empty, sled's recovery stops reading its log at
+//! the first item pointing at it, and every transaction after it is gone, flushed or not. The
+//! dedupe table, synced at a checkpoint after those transactions, then held ids whose events
+//! and offsets the database had lost, and the files read again from their older offsets had
+//! those events skipped as duplicates: committed events lost for good.
+//!
+//! Two rules keep the dedupe table from ever causing loss:
+//! - entries go into the table only after the commit that logs them is durable (the order
+//!   above), so the table never runs ahead of a database that keeps its promises;
+//! - every commit that logs entries also records `meta/dedupe_next`. A table whose `applied`
+//!   is not below it holds ids of transactions the database no longer has: at open it is
+//!   replaced by an empty one (logged as an error), and the log refills what it still holds.
+//!   Dedupe entries can be lost that way (a re-exported event may be sent again; Segment
+//!   dedupes by `messageId`), events cannot.
+//!
+//! Not covered: writes after the last commit (ack removals, file status changes), which come
+//! back as re-sends or re-reads, never as loss. Pages of `dedupe.tab` written after its last
+//! checkpoint are either lost (their entries come back from the log) or survive, and then
+//! belong to commits the database holds, by the first rule. The one case not caught: a
+//! database that loses transactions it flushed *after* the table's last checkpoint, while the
+//! page writes that followed them reach the disk; the first rule is what excludes it.
 //!
 //! # Ordering
 //!
@@ -248,6 +274,8 @@ pub struct Spool {
     watermark: AtomicU64,
     /// The day dedupe entries were last pruned below (see [`Spool::prune_dedupe`]).
     pruned_day: std::sync::atomic::AtomicU32,
+    /// The "no size" warning of [`Spool::disk_nearly_full`] was given.
+    unsized_fs_logged: std::sync::atomic::AtomicBool,
     /// What `open` had to repair, for status.
     recovered: Option<String>,
     /// Our flock on `spool.dir/LOCK`, held as long as an agent has the spool open (`None` for
@@ -396,6 +424,7 @@ impl Spool {
             segments_removed_below: AtomicU64::new(0),
             watermark: AtomicU64::new(next),
             pruned_day: Default::default(),
+            unsized_fs_logged: Default::default(),
             recovered,
             _lock: lock,
         })
@@ -420,8 +449,27 @@ impl Spool {
 
     /// Replays the log values the table lacks into it and makes it the writer's.
     fn install_table(&self, w: &mut Writer, s: &Store, mut t: dedupe::Table) -> Result<(), Error> {
+        let committed = s.dedupe_next()?;
+        if let Some(next) = committed
+            && t.applied() >= next
+        {
+            // The table holds entries of commits the database no longer has: sled came back
+            // from a power cut older than a state it had reported durable. Those ids' events
+            // are not spooled, so the table must not skip them when their files are read
+            // again: it starts empty, and the log refills what it still holds.
+            tracing::error!(
+                table_applied = t.applied(),
+                database_next = next,
+                "the dedupe table is ahead of the spool database (a power cut took committed \
+                 transactions); starting an empty table so re-read events are spooled again \
+                 (Segment dedupes them by messageId)"
+            );
+            drop(t);
+            t = dedupe::Table::reset(&dedupe::path(&self.dir))?;
+        }
         t.min_day = self.pruned_day.load(Ordering::Relaxed) as u16;
         let (next, replayed) = s.replay_dedupe_log(&mut t)?;
+        let next = next.max(committed.unwrap_or(0));
         if replayed > 0 {
             tracing::info!(
                 entries = replayed,
@@ -557,6 +605,8 @@ impl Spool {
                 meta.insert(SEGMENT_END, &end.encode())?;
                 if !log_value.is_empty() {
                     dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
+                    // What the table may hold at most (see `install_table`).
+                    meta.insert(DEDUPE_NEXT, &(log_seq + 1).to_be_bytes())?;
                 }
                 for (id, v) in &letters {
                     dead.insert(&id.to_be_bytes(), v.as_slice())?;
@@ -725,6 +775,10 @@ impl Spool {
             },
         };
         if first_live > self.segments_removed_below.load(Ordering::Relaxed) {
+            // The acks that emptied these segments become durable first: after a power cut
+            // that took them, the queue would point into deleted segments and take its
+            // delivered packets for damage.
+            s.flush()?;
             segments::remove_below(&self.segments_dir, first_live);
             self.segments_removed_below
                 .fetch_max(first_live, Ordering::Relaxed);
@@ -1251,6 +1305,18 @@ impl Spool {
         else {
             return false;
         };
+        if total == 0 {
+            // Some FUSE and network file systems report no sizes at all: unknown, not full.
+            // Running out of room then shows as ENOSPC, which commits handle.
+            if !self.unsized_fs_logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    "the file system under the spool reports no size; free space is not checked \
+                     ahead (a full disk still pauses reading when a write fails with ENOSPC)"
+                );
+            }
+            return false;
+        }
         // sled logs every removal and moves live pages when it cleans segments, so draining
         // a large spool needs room too: a quarter of sled's files on top of the floor.
         // And twice the dedupe table, which grows by rebuilding itself twice as large.
@@ -1363,6 +1429,9 @@ fn abort<T>(what: String) -> TxResult<T> {
 const CATALOG_CACHE: &str = "catalog_cache";
 /// The `meta` key of the segments' committed end (see `segments.rs`).
 const SEGMENT_END: &str = "segment_end";
+/// The dedupe log's next sequence number, committed with every log value: the table can never
+/// rightly hold a later one (see `Spool::install_table`).
+const DEDUPE_NEXT: &str = "dedupe_next";
 
 fn add_meta(meta: &sled::transaction::TransactionalTree, name: &str, delta: i64) -> TxResult<()> {
     let cur = meta.get(name)?.and_then(|v| decode_u64(&v)).unwrap_or(0);

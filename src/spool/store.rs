@@ -8,9 +8,12 @@
 //!   interrupted compaction and is deleted at open.
 //! - `corrupt-<unix time>/`: a generation sled could not open, kept for a post-mortem.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use sled::transaction::TransactionError;
 use sled::{IVec, Tree};
@@ -18,7 +21,9 @@ use sled::{IVec, Tree};
 use super::dedupe;
 use super::packet;
 use super::segments::{self, End, Location};
-use super::{Error, FORMAT_VERSION, SEGMENT_END, decode_u64, io_err, now_ms, sync_dir};
+use super::{
+    DEDUPE_NEXT, Error, FORMAT_VERSION, SEGMENT_END, decode_u64, io_err, now_ms, sync_dir,
+};
 
 const CURRENT: &str = "CURRENT";
 /// sled's background flush of its write buffers into its files. Commits flush (and fsync)
@@ -45,6 +50,8 @@ pub(super) struct Store {
     /// sled's data file, fsynced at commit points: `Db::flush` on Linux ends in
     /// `sync_file_range`, which neither flushes the disk's cache nor the file's metadata.
     pub data_file: File,
+    /// The files under sled's `blobs/` already fsynced (see [`Store::flush`]).
+    synced_blobs: Mutex<HashSet<OsString>>,
     pub meta: Tree,
     pub queue: Tree,
     /// Delivered events of packets not yet wholly delivered (see `packet.rs`).
@@ -250,9 +257,13 @@ impl Store {
             quarantine: tree("quarantine")?,
             dead: tree("dead")?,
             data_file: File::open(path.join("db")).map_err(io_err(&path.join("db")))?,
+            synced_blobs: Mutex::new(HashSet::new()),
             path: path.to_owned(),
             db,
         };
+        // What sled wrote while opening (a new `conf`, a snapshot, the directories) is made
+        // durable before anything is committed on top of it.
+        store.sync_sled_files()?;
         match store.meta.get("format_version").map_err(sled_err)? {
             None => {
                 store
@@ -297,11 +308,79 @@ impl Store {
         }
     }
 
+    /// Makes everything sled was given so far durable, in an order a power cut at any step
+    /// cannot turn into loss (see "Power loss" in the spool's `//!`): sled's flush (its log
+    /// written, ending in `sync_file_range`, which is no sync), then the blob files its log
+    /// points at, then the log itself (`db`, data and metadata).
     pub(super) fn flush(&self) -> Result<(), Error> {
         self.db.flush().map_err(|e| self.sled_err(e))?;
+        self.sync_blobs()?;
         self.data_file
             .sync_all()
             .map_err(io_err(&self.path.join("db")))
+    }
+
+    /// fsyncs the blob files sled wrote since the last call, and `blobs/` when its entries
+    /// changed. sled 0.34 writes a log item over a quarter of its 512 KiB segment (a large
+    /// node of ours: a leaf of big dedupe log values, a quarantined line) to a file of its
+    /// own and never syncs it. After a power cut such a file is empty, sled's recovery stops
+    /// reading its log at the item that points at it, and every later transaction is gone,
+    /// flushed or not; a missing one is skipped, and the node goes back to an older version.
+    fn sync_blobs(&self) -> Result<(), Error> {
+        let dir = self.path.join("blobs");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let present: HashSet<OsString> = entries.flatten().map(|e| e.file_name()).collect();
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = synced.len() != present.len();
+        for name in &present {
+            if synced.contains(name) {
+                continue;
+            }
+            let p = dir.join(name);
+            match File::open(&p).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                // Removed by sled since the listing: a rewritten node's old blob.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&p)(e)),
+            }
+            changed = true;
+        }
+        if changed {
+            sync_dir(&dir)?;
+            *synced = present;
+        }
+        Ok(())
+    }
+
+    /// fsyncs the files sled writes without syncing them or their directory entries: `conf`
+    /// (written once; sled rewrites a lost one from our settings, but says so at every start),
+    /// the snapshot it writes when it opens (its content is synced, its rename is not), the
+    /// blobs, and the generation's directory and its entry in `spool.dir`. Once per open.
+    fn sync_sled_files(&self) -> Result<(), Error> {
+        for e in fs::read_dir(&self.path)
+            .map_err(io_err(&self.path))?
+            .flatten()
+        {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name == "conf" || name.starts_with("snap.") {
+                let p = e.path();
+                match File::open(&p).and_then(|f| f.sync_all()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io_err(&p)(e));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.sync_blobs()?;
+        sync_dir(&self.path)?;
+        match self.path.parent() {
+            Some(parent) => sync_dir(parent),
+            None => Ok(()),
+        }
     }
 
     /// A new id for a file record, a quarantine entry or a dead letter. Kept in `meta` (not
@@ -485,6 +564,16 @@ impl Store {
             last = last.max(seq);
         }
         Ok((last + 1, applied))
+    }
+
+    /// The dedupe log's next sequence number as last committed (`None`: a spool from before
+    /// it was kept).
+    pub(super) fn dedupe_next(&self) -> Result<Option<u64>, Error> {
+        Ok(self
+            .meta
+            .get(DEDUPE_NEXT)
+            .map_err(|e| self.sled_err(e))?
+            .and_then(|v| decode_u64(&v)))
     }
 
     /// Deletes the dedupe log values up to `upto` (the table holds them durably).
