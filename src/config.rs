@@ -9,7 +9,7 @@ use serde::Deserialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::mapping::UnknownChannel;
+use crate::mapping::{EmailSubject, UnknownChannel};
 
 /// Where the config lives unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/leanplum-segment-agent/config.toml";
@@ -192,14 +192,17 @@ pub struct MappingConfig {
     pub catalog_dir: PathBuf,
     pub unknown_message_channel: UnknownChannel,
     pub send_experiment_viewed: bool,
+    /// `name` (as Leanplum's own Segment source) or `subject` (the catalog's, else the name).
+    pub email_subject: EmailSubject,
 }
 
 impl Default for MappingConfig {
     fn default() -> Self {
         MappingConfig {
             catalog_dir: PathBuf::from("/etc/leanplum-segment-agent/catalog"),
-            unknown_message_channel: UnknownChannel::Skip,
+            unknown_message_channel: UnknownChannel::Park,
             send_experiment_viewed: true,
+            email_subject: EmailSubject::Name,
         }
     }
 }
@@ -722,7 +725,8 @@ mod tests {
             c.mapping.catalog_dir,
             PathBuf::from("/etc/leanplum-segment-agent/catalog")
         );
-        assert_eq!(c.mapping.unknown_message_channel, UnknownChannel::Skip);
+        assert_eq!(c.mapping.unknown_message_channel, UnknownChannel::Park);
+        assert_eq!(c.mapping.email_subject, EmailSubject::Name);
         assert!(c.mapping.send_experiment_viewed);
         assert!(c.leanplum.is_none());
         assert_eq!(

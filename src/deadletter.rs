@@ -4,6 +4,11 @@
 //! The same operations run in the agent (asked over the control socket, since a running agent
 //! holds the spool) and in the CLI directly on the spool when no agent runs.
 //!
+//! Parked records (`unknown_message_channel = "park"`) are listed as kind `parked` with the
+//! message ids they wait for, and `purge` drops them; `retry` leaves them to the automatic
+//! pass of `crate::catalog::parking`, which maps them again whenever the catalog or the
+//! mapping options change.
+//!
 //! `retry` puts dead letters back in the queue. For a quarantined record it parses the kept
 //! line again with today's catalog and mapping: if it now gives events, they are spooled (the
 //! dedupe index still applies) and the entry goes; if not, the entry stays with the new reason.
@@ -15,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::input::{self, Format};
 use crate::leanplum::catalog::Catalog;
 use crate::mapping::{MappingOptions, Output};
-use crate::spool::{self, Chunk, NO_FILE, Spool, SpoolEvent};
+use crate::spool::{self, Chunk, NO_FILE, QuarantineKind, Spool, SpoolEvent};
 
 /// One line of `dead-letter list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,13 +54,16 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
         .into_iter()
         .map(|(id, q)| Entry {
             id,
-            kind: "quarantine".into(),
+            kind: match q.kind {
+                QuarantineKind::Bad => "quarantine".into(),
+                QuarantineKind::Parked => "parked".into(),
+            },
             time: crate::segment::rfc3339_millis(q.time_ms as i64),
             file: Some(q.file),
             line: (q.line > 0).then_some(q.line),
             reason: q.reason,
             status: None,
-            message_id: None,
+            message_id: (!q.message_ids.is_empty()).then(|| q.message_ids.join(",")),
         })
         .collect();
     out.extend(spool.dead_letters()?.into_iter().map(|(id, d)| {
@@ -90,6 +98,11 @@ pub fn retry(
     };
     for (id, mut q) in spool.quarantine_entries()? {
         if !ids.is_empty() && !ids.contains(&id) {
+            continue;
+        }
+        if q.kind == QuarantineKind::Parked {
+            // Parked records go again whenever the catalog changes; by hand, they map with
+            // the catalog and options of now, like the automatic pass.
             continue;
         }
         match reparse(q.raw.as_bytes(), catalog, opts) {
@@ -232,6 +245,7 @@ mod tests {
                         line: 2,
                         time_ms: 1,
                         raw: good_line.into(),
+                        ..QuarantineEntry::default()
                     },
                     QuarantineEntry {
                         reason: "malformed".into(),
@@ -239,6 +253,7 @@ mod tests {
                         line: 3,
                         time_ms: 2,
                         raw: "{oops".into(),
+                        ..QuarantineEntry::default()
                     },
                 ],
                 ..Chunk::default()

@@ -27,8 +27,11 @@ pub const SKIP_EXPERIMENT_NO_TIME: &str = "Experiment Viewed (no session time)";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UnknownChannel {
-    /// Count it as skipped: guessing wrong would put pushes into the email spec or vice versa.
+    /// Keep the record aside (the quarantine's `parked` kind) and map it again whenever the
+    /// catalog changes: a message created after the catalog was written is not lost.
     #[default]
+    Park,
+    /// Count it as skipped: guessing wrong would put pushes into the email spec or vice versa.
     Skip,
     Email,
     Push,
@@ -37,9 +40,30 @@ pub enum UnknownChannel {
 impl UnknownChannel {
     fn channel(self) -> Option<Channel> {
         match self {
-            UnknownChannel::Skip => None,
+            UnknownChannel::Park | UnknownChannel::Skip => None,
             UnknownChannel::Email => Some(Channel::Email),
             UnknownChannel::Push => Some(Channel::Push),
+        }
+    }
+}
+
+/// What `email_subject` holds (`[mapping] email_subject`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmailSubject {
+    /// The message name in Leanplum, as Leanplum's own Segment source defines it.
+    #[default]
+    Name,
+    /// The catalog's subject where known, else the name.
+    Subject,
+}
+
+impl EmailSubject {
+    /// `email_subject` from what is known of the message: the preferred one, else the other.
+    fn choose(self, name: Option<String>, subject: Option<String>) -> Option<String> {
+        match self {
+            EmailSubject::Name => name.or(subject),
+            EmailSubject::Subject => subject.or(name),
         }
     }
 }
@@ -49,14 +73,16 @@ impl UnknownChannel {
 pub struct MappingOptions {
     pub unknown_message_channel: UnknownChannel,
     pub send_experiment_viewed: bool,
+    pub email_subject: EmailSubject,
 }
 
 impl Default for MappingOptions {
     /// The config file's documented defaults.
     fn default() -> Self {
         MappingOptions {
-            unknown_message_channel: UnknownChannel::Skip,
+            unknown_message_channel: UnknownChannel::Park,
             send_experiment_viewed: true,
+            email_subject: EmailSubject::Name,
         }
     }
 }
@@ -85,6 +111,10 @@ pub struct Output {
     pub skipped: BTreeMap<String, u64>,
     /// Non-message session events (`"Add To Cart"`): not ours to send, only counted.
     pub app_events: u64,
+    /// With `unknown_message_channel = "park"`: the unknown messages whose engagements were
+    /// held back (one entry per engagement); the caller parks the record (see
+    /// [`parked_part`]).
+    pub parked: Vec<Id>,
 }
 
 impl Output {
@@ -98,6 +128,7 @@ impl Output {
             *self.skipped.entry(key).or_insert(0) += n;
         }
         self.app_events += other.app_events;
+        self.parked.extend(other.parked);
     }
 }
 
@@ -151,6 +182,17 @@ pub fn map_engagement(
         return Err(MapError::NoEvent);
     }
     let message = e.message_id.and_then(|id| catalog.message(id));
+    // Parked unless the record itself names the message: a record that does was written
+    // knowing what it sent, and needs nothing from the catalog.
+    if opts.unknown_message_channel == UnknownChannel::Park
+        && message.is_none()
+        && e.message_name.is_none()
+        && let Some(id) = e.message_id
+        && (SegmentEvent::from_name(name).is_some() || Action::parse(Some(name)).is_ok())
+    {
+        out.parked.push(id);
+        return Ok(());
+    }
     let event = match SegmentEvent::from_name(name) {
         Some(event) => event,
         None => match resolve(Some(name), e.channel, message, opts.unknown_message_channel) {
@@ -161,7 +203,7 @@ pub fn map_engagement(
             }
         },
     };
-    let facts = engagement_facts(e, message);
+    let facts = engagement_facts(e, message, opts.email_subject);
     let message_id = match e.event_id {
         Some(id) => format!("lp-e-{id}"),
         None => format!("lp-h-{}", e.canonical_hash),
@@ -191,6 +233,44 @@ pub fn session_unknown_messages(s: &Session, catalog: &Catalog) -> Vec<Id> {
     ids.sort();
     ids.dedup();
     ids
+}
+
+/// The part of `record` to park when mapping it gave `parked` ids: an engagement record whole;
+/// a session reduced to its identity, context and the events of those messages (its other
+/// events are spooled already, its impressions too), so what is kept is small and mapping it
+/// again later gives only what was held back, with the same `messageId`s, times and context.
+pub fn parked_part(record: &crate::input::Record, parked: &[Id]) -> crate::input::Record {
+    use crate::input::Record;
+    match record {
+        Record::Engagement(e) => Record::Engagement(e.clone()),
+        Record::Session(s) => {
+            let events = s
+                .states
+                .iter()
+                .flat_map(|state| &state.events)
+                .filter(|e| {
+                    parse_message_event(&e.name).is_some_and(|(id, _)| parked.contains(&id))
+                })
+                .cloned()
+                .collect();
+            Record::Session(Box::new(Session {
+                user_id: s.user_id.clone(),
+                device_id: s.device_id.clone(),
+                time: s.time,
+                locale: s.locale.clone(),
+                timezone: s.timezone.clone(),
+                country: s.country.clone(),
+                region: s.region.clone(),
+                city: s.city.clone(),
+                app_version: s.app_version.clone(),
+                system_name: s.system_name.clone(),
+                system_version: s.system_version.clone(),
+                device_model: s.device_model.clone(),
+                experiments: Vec::new(),
+                states: vec![crate::leanplum::State { events }],
+            }))
+        }
+    }
 }
 
 /// The A/B tests a session's impressions name that `catalog` does not know (their Experiment
@@ -402,6 +482,13 @@ fn session_event(
         return;
     };
     let message = catalog.message(message_id);
+    if message.is_none()
+        && opts.unknown_message_channel == UnknownChannel::Park
+        && Action::parse(action).is_ok()
+    {
+        out.parked.push(message_id);
+        return;
+    }
     match resolve(action, None, message, opts.unknown_message_channel) {
         Err(key) => out.skip(&key),
         Ok(segment) => {
@@ -409,7 +496,7 @@ fn session_event(
                 .parameters
                 .as_ref()
                 .and_then(|raw| serde_json::from_str::<Map<String, Value>>(raw.get()).ok());
-            let facts = session_facts(message_id, message, params.as_ref());
+            let facts = session_facts(message_id, message, params.as_ref(), opts.email_subject);
             out.events.push(track(
                 who,
                 format!("lp-e-{}", event.event_id),
@@ -541,12 +628,15 @@ fn session_facts(
     message_id: Id,
     message: Option<&Message>,
     params: Option<&Map<String, Value>>,
+    email_subject: EmailSubject,
 ) -> MessageFacts {
+    let name = message.and_then(|m| m.name.clone());
+    let subject = message.and_then(|m| m.subject.clone());
     MessageFacts {
         message_id: Some(message_id),
         email_id: param_text(params, &["email_id"]),
-        subject: message.and_then(|m| m.subject.clone()),
-        name: message.and_then(|m| m.name.clone()),
+        subject: email_subject.choose(name.clone(), subject),
+        name,
         campaign_id: message.and_then(|m| m.campaign_id),
         campaign_name: message.and_then(|m| m.campaign_name.clone()),
         link_url: param_text(params, &["url", "link_url"]),
@@ -555,13 +645,21 @@ fn session_facts(
 }
 
 /// The record's own fields win over the catalog's: a postback knows what it sent.
-fn engagement_facts(e: &Engagement, message: Option<&Message>) -> MessageFacts {
+/// A record's `email_subject` is the property itself, so it wins whatever
+/// `mapping.email_subject` says.
+fn engagement_facts(
+    e: &Engagement,
+    message: Option<&Message>,
+    email_subject: EmailSubject,
+) -> MessageFacts {
     let text = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+    let name = text(&e.message_name).or_else(|| message.and_then(|m| m.name.clone()));
+    let subject = message.and_then(|m| m.subject.clone());
     MessageFacts {
         message_id: e.message_id,
         email_id: text(&e.email_id),
-        subject: text(&e.email_subject).or_else(|| message.and_then(|m| m.subject.clone())),
-        name: text(&e.message_name).or_else(|| message.and_then(|m| m.name.clone())),
+        subject: text(&e.email_subject).or_else(|| email_subject.choose(name.clone(), subject)),
+        name,
         campaign_id: e
             .campaign_id
             .or_else(|| message.and_then(|m| m.campaign_id)),
@@ -613,11 +711,7 @@ fn email_properties(event: SegmentEvent, f: &MessageFacts) -> Map<String, Value>
         "email_id",
         f.email_id.clone().or(message_id.clone()),
     );
-    put(
-        &mut p,
-        "email_subject",
-        f.subject.clone().or(f.name.clone()),
-    );
+    put(&mut p, "email_subject", f.subject.clone());
     put(&mut p, "message_id", message_id);
     put(
         &mut p,
@@ -1066,14 +1160,28 @@ mod tests {
             Value::Null,
             UnknownChannel::Skip,
         );
+        // email_subject is the message name, as Leanplum's Segment source defines it.
         assert_eq!(
             out.events[0].properties,
             props(json!({
-                "email_id": id, "email_subject": "Hello", "message_id": id,
+                "email_id": id, "email_subject": "Spring", "message_id": id,
                 "campaign_id": CAMPAIGN.to_string(), "campaign_name": "Launch"
             }))
         );
-        // No subject: the message name stands in; no campaign: no campaign keys.
+        // mapping.email_subject = "subject": the catalog's subject.
+        let mut out = Output::default();
+        let session = session_with(&[(&format!(".m{EMAIL_FULL} Open"), Value::Null)]);
+        let subject_opts = MappingOptions {
+            email_subject: EmailSubject::Subject,
+            ..opts(UnknownChannel::Skip)
+        };
+        map_session(&session, &catalog(), &subject_opts, &mut out).unwrap();
+        assert_eq!(out.events[0].properties["email_subject"], json!("Hello"));
+        // No subject: the message name in both modes; no campaign: no campaign keys.
+        let mut out = Output::default();
+        let session = session_with(&[(&format!(".m{EMAIL_NAME_ONLY} Bounce"), Value::Null)]);
+        map_session(&session, &catalog(), &subject_opts, &mut out).unwrap();
+        assert_eq!(out.events[0].properties["email_subject"], json!("Digest"));
         let id = EMAIL_NAME_ONLY.to_string();
         let out = map_one(
             &format!(".m{EMAIL_NAME_ONLY} Bounce"),
@@ -1343,6 +1451,7 @@ mod tests {
         let opts = MappingOptions {
             unknown_message_channel: UnknownChannel::Skip,
             send_experiment_viewed: send,
+            email_subject: EmailSubject::Name,
         };
         let mut out = Output::default();
         map_session(session, &catalog(), &opts, &mut out).unwrap();
@@ -1625,7 +1734,7 @@ mod tests {
         assert_eq!(
             out.events[0].properties,
             props(json!({
-                "email_id": id, "email_subject": "Hello", "message_id": id,
+                "email_id": id, "email_subject": "Spring", "message_id": id,
                 "campaign_id": CAMPAIGN.to_string(), "campaign_name": "Launch"
             }))
         );

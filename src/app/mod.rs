@@ -56,6 +56,7 @@ pub struct Controls {
 pub fn mapping_options(c: &Config) -> MappingOptions {
     MappingOptions {
         unknown_message_channel: c.mapping.unknown_message_channel,
+        email_subject: c.mapping.email_subject,
         send_experiment_viewed: c.mapping.send_experiment_viewed,
     }
 }
@@ -247,6 +248,14 @@ pub async fn run(
         Duration::from_secs(config.spool.dedupe_window_days * 86_400),
     ));
     background.spawn(systemd::status_loop(report));
+    background.spawn(crate::catalog::parking::run(
+        spool.clone(),
+        catalog.clone(),
+        mapping.clone(),
+        stats.clone(),
+        handle.wake.clone(),
+        controls.shutdown.child_token(),
+    ));
     if let Some((api, interval)) = api {
         tracing::info!(api_base = %config.leanplum.as_ref().map(|l| l.api_base.as_str()).unwrap_or(""), "fetching the catalog from Leanplum");
         background.spawn(crate::catalog::run(

@@ -23,6 +23,7 @@
 //! [`LOOKUPS_PER_SEC`] a second; a failed one is retried with backoff, per id. Errors are logged
 //! when they first appear and when they change, not at every retry.
 
+pub mod parking;
 mod refresh;
 
 pub use refresh::run;

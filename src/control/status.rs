@@ -35,6 +35,8 @@
 //! | `current_backoff_ms` | integer or null | the retry wait in force now; null when not waiting |
 //! | `last_rejected_status` | integer or null | HTTP status of the last request Segment refused for good (`rejected`, `auth_failed`) |
 //! | `notes` | array of strings | facts the operator should know, in plain words (e.g. a corrupt spool moved aside) |
+//! | `parked` | integer | records parked until the catalog knows their message (`unknown_message_channel = "park"`), now |
+//! | `parked_messages` | array | the message ids most parked records wait for, most first (at most 5): `message_id`, `records` |
 //! | `catalog` | object or null | the message and A/B-test catalog (null when stopped): `source` (`files`, `files+api`, `files+cache`), `messages`, `abtests`, `fetched_at` and `age_secs` (when the API part was fetched), `last_refresh` (last attempt), `last_error`, and `waiting`: what reading waits for from Leanplum, each with `kind` (`message`: a `getMessage` lookup; `abtest`: the next `getAbTests`), `id`, `since`, `files` (whose reading waits on it) and `reason` |
 
 use std::collections::BTreeMap;
@@ -84,6 +86,9 @@ pub struct StatusReport {
     pub last_rejected_status: Option<u16>,
     pub notes: Vec<String>,
     pub catalog: Option<crate::catalog::CatalogStatus>,
+    /// Records parked until the catalog knows their messages, and the ids most wait for.
+    pub parked: u64,
+    pub parked_messages: Vec<crate::catalog::parking::ParkedMessage>,
 }
 
 impl StatusReport {
@@ -154,6 +159,21 @@ impl StatusReport {
                 self.quarantined, self.dead_lettered
             ),
         ));
+        if self.parked > 0 {
+            let ids: Vec<String> = self
+                .parked_messages
+                .iter()
+                .map(|m| format!("{} ({})", m.message_id, m.records))
+                .collect();
+            rows.push((
+                "parked",
+                format!(
+                    "{} records wait for messages not in the catalog: {}",
+                    self.parked,
+                    ids.join(", ")
+                ),
+            ));
+        }
         rows.push((
             "files",
             format!(
@@ -280,6 +300,10 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
         notes.push(format!("cannot read the files table: {e}"));
         FileCounts::default()
     });
+    let parked = crate::catalog::parking::summary(src.spool).unwrap_or_else(|e| {
+        notes.push(format!("cannot read the parked records: {e}"));
+        Default::default()
+    });
     let skipped_by_action = src
         .stats
         .skipped
@@ -314,6 +338,8 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
         last_rejected_status: src.drain.last_rejected_status,
         notes,
         catalog: src.catalog.clone(),
+        parked: parked.records,
+        parked_messages: parked.top,
     }
 }
 
@@ -324,15 +350,22 @@ pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spo
     let depth = spool.depth()?;
     let oldest = spool.oldest_enqueued_ms()?;
     let counts = file_counts(spool)?;
+    let parked = crate::catalog::parking::summary(spool)?;
     let now = now_ms();
     Ok(StatusReport {
+        parked: parked.records,
+        parked_messages: parked.top,
         state: STATE_STOPPED.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         endpoint: redact_endpoint(endpoint),
         spool_events: depth.events,
         spool_bytes: depth.bytes,
         oldest_event_age_secs: oldest.map(|t| now.saturating_sub(t) / 1000),
-        quarantined: spool.quarantine_entries()?.len() as u64,
+        quarantined: spool
+            .quarantine_entries()?
+            .iter()
+            .filter(|(_, q)| q.kind == spool::QuarantineKind::Bad)
+            .count() as u64,
         dead_lettered: spool.dead_letters()?.len() as u64,
         files_seen: counts.seen,
         files_in_progress: counts.in_progress,
@@ -518,6 +551,11 @@ mod tests {
                     reason: "cannot reach Leanplum: connection refused".into(),
                 }],
             }),
+            parked: 2,
+            parked_messages: vec![crate::catalog::parking::ParkedMessage {
+                message_id: "77".into(),
+                records: 2,
+            }],
         }
     }
 
@@ -553,6 +591,8 @@ mod tests {
             "last_rejected_status",
             "notes",
             "catalog",
+            "parked",
+            "parked_messages",
         ];
         expected.sort_unstable();
         assert_eq!(keys, expected);
@@ -574,7 +614,11 @@ mod tests {
         let text = sample().render_human_at(at("2024-05-01T12:00:12Z"));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("state:") && lines[0].ends_with(" backing_off"));
-        assert!((10..=15).contains(&lines.len()), "{text}");
+        assert!((10..=16).contains(&lines.len()), "{text}");
+        assert!(
+            text.contains("parked:        2 records wait for messages not in the catalog: 77 (2)"),
+            "{text}"
+        );
         let col = lines[0].find("backing_off").unwrap();
         for line in &lines {
             let colon = line.find(':').unwrap();
@@ -706,6 +750,7 @@ mod tests {
                     line: 4,
                     time_ms: 0,
                     raw: "{".into(),
+                    ..QuarantineEntry::default()
                 }],
                 ..Chunk::default()
             })

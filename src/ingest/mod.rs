@@ -72,6 +72,11 @@ fn unknown_ids(
     }
 }
 
+/// The file a chunk's quarantine entries name (for one log line per chunk).
+fn chunk_path(chunk: &Chunk) -> &str {
+    chunk.quarantine.first().map_or("", |q| q.file.as_str())
+}
+
 /// A mapped event as the spool stores it: its JSON, keyed for dedupe by its `messageId`.
 pub fn spool_event(ev: TrackEvent) -> SpoolEvent {
     SpoolEvent {
@@ -296,6 +301,7 @@ impl Ingestor {
                     line: chunk.line + 1,
                     time_ms: now_ms(),
                     raw: String::new(),
+                    ..QuarantineEntry::default()
                 });
             } else if !held && !waiting {
                 chunk.offset = reader.offset();
@@ -445,6 +451,7 @@ impl Ingestor {
             line: 0,
             time_ms: now_ms(),
             raw: String::new(),
+            ..QuarantineEntry::default()
         };
         let result = match file_id {
             Some(id) => {
@@ -487,14 +494,23 @@ impl Ingestor {
             line: item.line,
             time_ms: now_ms(),
             raw: String::from_utf8_lossy(&raw[..raw.len().min(QUARANTINE_RAW_BYTES)]).into_owned(),
+            ..QuarantineEntry::default()
         };
         match item.result {
             Ok(record) => {
                 let before = output.events.len();
                 match map_record(&record, &mapping.catalog, &mapping.opts, output) {
-                    Ok(()) => chunk
-                        .events
-                        .extend(output.events.drain(before..).map(spool_event)),
+                    Ok(()) => {
+                        chunk
+                            .events
+                            .extend(output.events.drain(before..).map(spool_event));
+                        if !output.parked.is_empty() {
+                            let ids = std::mem::take(&mut output.parked);
+                            chunk.quarantine.push(crate::catalog::parking::entry(
+                                &record, &ids, shown, item.line,
+                            ));
+                        }
+                    }
                     Err(e) => chunk.quarantine.push(bad(e.to_string(), b"")),
                 }
             }
@@ -539,12 +555,21 @@ impl Ingestor {
         let Some(out) = self.commit(chunk, cancel)? else {
             return Ok(None);
         };
+        let mut parked = 0;
         for q in &chunk.quarantine {
-            tracing::warn!(path = %q.file, line = q.line, reason = %q.reason, "bad record quarantined");
+            if q.kind == spool::QuarantineKind::Parked {
+                parked += 1;
+            } else {
+                tracing::warn!(path = %q.file, line = q.line, reason = %q.reason, "bad record quarantined");
+            }
+        }
+        if parked > 0 {
+            tracing::info!(path = %chunk_path(chunk), records = parked, "records parked until the catalog knows their messages (see dead-letter list)");
         }
         Stats::add(&self.stats.events_spooled, out.spooled);
         Stats::add(&self.stats.duplicates_skipped, out.duplicates);
-        Stats::add(&self.stats.quarantined, out.quarantined);
+        Stats::add(&self.stats.quarantined, out.quarantined - parked);
+        Stats::add(&self.stats.parked, parked);
         Stats::add(&self.stats.dead_lettered, out.dead_lettered);
         self.stats.add_skipped(skipped);
         Ok(Some((out.spooled, out.duplicates, out.quarantined)))
@@ -696,6 +721,8 @@ pub struct DryRunSummary {
     pub duplicates: u64,
     pub bad_records: u64,
     pub unreadable_files: u64,
+    /// Engagements of messages the catalog does not know, which the agent would park.
+    pub parked: u64,
 }
 
 /// Parses `paths` and writes the events they would produce as JSON lines to `out`; bad records
@@ -748,6 +775,18 @@ pub fn dry_run(
                 writeln!(err, "{shown}:{}: {e}", item.line)?;
                 summary.bad_records += 1;
                 continue;
+            }
+            if !mapped.parked.is_empty() {
+                let mut ids: Vec<String> = mapped.parked.iter().map(|i| i.to_string()).collect();
+                ids.dedup();
+                writeln!(
+                    err,
+                    "{shown}:{}: {} engagement(s) of message(s) not in the catalog ({}): the agent would park them",
+                    item.line,
+                    mapped.parked.len(),
+                    ids.join(", ")
+                )?;
+                summary.parked += mapped.parked.len() as u64;
             }
             for ev in mapped.events {
                 if !seen.insert(ev.message_id.clone()) {

@@ -63,8 +63,9 @@ impl std::fmt::Display for Format {
     }
 }
 
-/// One parsed record.
-#[derive(Debug, Clone)]
+/// One parsed record. Serialized only to park it (see `crate::catalog::parking`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[allow(
     clippy::large_enum_variant,
     reason = "records are made one at a time and moved once; boxing engagements too would add an allocation per row for nothing"

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use super::Id;
-use super::catalog::{API_FAILURE, AbTest, Catalog, LookupError, Message};
+use super::catalog::{API_FAILURE, AbTest, Catalog, LookupError, Message, says_not_found};
 use crate::config::Secret;
 
 /// The API version the requests name; the response shapes parsed here are this version's.
@@ -24,6 +24,10 @@ pub enum ApiError {
     /// An HTTP status other than 2xx, with Leanplum's error message when it sent one.
     #[error("Leanplum answered HTTP {status}: {message}")]
     Http { status: u16, message: String },
+    /// Leanplum refused the app id or content key (401, 403, or `Invalid clientKey`): a
+    /// configuration problem, shown in `status`; retried, since a fixed key needs no restart.
+    #[error("Leanplum refused the content key or app id: {0}")]
+    Auth(String),
     /// `"success": false`, with Leanplum's `error.message`.
     #[error("Leanplum says: {0}")]
     Leanplum(String),
@@ -85,11 +89,23 @@ impl LeanplumApi {
         Catalog::parse_abtests(&body).map_err(|e| self.classify(e))
     }
 
-    /// One message; `Ok(None)` when Leanplum says it does not exist.
+    /// One message; `Ok(None)` when Leanplum says it does not exist: HTTP 404 with its error
+    /// body (`{"response":[{"success":false,"error":{"message":"Message not found."}}]}`, what
+    /// the real API answers for a deleted message), or a 2xx with `success: false` and a "not
+    /// found" message. A 404 without Leanplum's word (a proxy, a wrong `api_base`) stays an
+    /// error: taking it for "does not exist" would map every message wrong.
     pub async fn message(&self, id: Id) -> Result<Option<Message>, ApiError> {
         let id = id.to_string();
-        let body = self.call("getMessage", &[("id", &id)]).await?;
+        let body = match self.call("getMessage", &[("id", &id)]).await {
+            Ok(body) => body,
+            Err(ApiError::Http {
+                status: 404,
+                message,
+            }) if says_not_found(&message) => return Ok(None),
+            Err(e) => return Err(e),
+        };
         Catalog::parse_message_lookup(&body).map_err(|e| match e {
+            LookupError::Leanplum(m) if is_auth_message(&m) => ApiError::Auth(self.scrub(&m)),
             LookupError::Leanplum(m) => ApiError::Leanplum(self.scrub(&m)),
             LookupError::Malformed(m) => ApiError::Malformed(self.scrub(&m)),
         })
@@ -114,7 +130,14 @@ impl LeanplumApi {
         let status = response.status();
         let body = response.bytes().await.map_err(transport)?;
         if !status.is_success() {
-            let message = error_message(&body).unwrap_or_else(|| {
+            let leanplum_said = error_message(&body);
+            if matches!(status.as_u16(), 401 | 403)
+                || leanplum_said.as_deref().is_some_and(is_auth_message)
+            {
+                let message = leanplum_said.unwrap_or_else(|| format!("HTTP {}", status.as_u16()));
+                return Err(ApiError::Auth(self.scrub(&message)));
+            }
+            let message = leanplum_said.unwrap_or_else(|| {
                 status
                     .canonical_reason()
                     .unwrap_or("no reason given")
@@ -131,6 +154,7 @@ impl LeanplumApi {
     /// `Catalog`'s parse errors for a 2xx body: Leanplum's own failure, or a malformed body.
     fn classify(&self, e: String) -> ApiError {
         match e.strip_prefix(API_FAILURE) {
+            Some(m) if is_auth_message(m) => ApiError::Auth(self.scrub(m)),
             Some(m) => ApiError::Leanplum(self.scrub(m)),
             None => ApiError::Malformed(self.scrub(&e)),
         }
@@ -161,6 +185,15 @@ fn describe(e: reqwest::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// Whether Leanplum's error message is about the credentials (`Invalid clientKey`, `Invalid
+/// appId`), not the request.
+fn is_auth_message(message: &str) -> bool {
+    let lower = message.to_lowercase();
+    ["clientkey", "client key", "appid", "app id", "unauthorized"]
+        .iter()
+        .any(|p| lower.contains(p))
 }
 
 /// Leanplum's `{"response": [{"success": false, "error": {"message": ...}}]}`, or `{"error":
@@ -259,7 +292,7 @@ mod tests {
                 401,
                 r#"{"response":[{"success":false,"error":{"message":"Invalid clientKey K_s3cret_content"}}]}"#,
                 0,
-                "Leanplum answered HTTP 401: Invalid clientKey <redacted>",
+                "Leanplum refused the content key or app id: Invalid clientKey <redacted>",
             ),
             (
                 502,

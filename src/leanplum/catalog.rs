@@ -193,18 +193,7 @@ impl Catalog {
         };
         if result.success == Some(false) {
             let message = api_error_message(result.error.as_ref());
-            let lower = message.to_ascii_lowercase();
-            let missing = [
-                "not found",
-                "does not exist",
-                "doesn't exist",
-                "no such",
-                "invalid message",
-                "invalid id",
-            ]
-            .iter()
-            .any(|p| lower.contains(p));
-            return if missing {
+            return if says_not_found(&message) {
                 Ok(None)
             } else {
                 Err(LookupError::Leanplum(message))
@@ -220,6 +209,22 @@ impl Catalog {
             None => Ok(None),
         }
     }
+}
+
+/// Whether Leanplum's error message says the asked message does not exist (any letter case):
+/// `Message not found.` is what the real API answers, with HTTP 404, for a deleted message.
+pub fn says_not_found(message: &str) -> bool {
+    let lower = message.to_lowercase();
+    [
+        "not found",
+        "does not exist",
+        "doesn't exist",
+        "no such",
+        "invalid message",
+        "invalid id",
+    ]
+    .iter()
+    .any(|p| lower.contains(p))
 }
 
 /// Why a `getMessage` answer could not be used.

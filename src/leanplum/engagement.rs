@@ -12,7 +12,8 @@ use super::{Channel, Id};
 
 /// One engagement record, already validated field by field. `event` is either a Segment event
 /// name (`"Email Opened"`) or a Leanplum action (`"Open"`), which the mapping resolves by channel.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Serialized only as a parked record (see `crate::catalog::parking`), read back as is.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Engagement {
     pub event: String,
     pub user_id: Option<String>,

@@ -30,6 +30,12 @@ impl std::str::FromStr for Id {
     }
 }
 
+impl serde::Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for Id {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -69,6 +75,14 @@ impl LpTime {
     /// source rounds, it does not truncate: 1793533949.8537455 is ...949.854).
     pub fn millis(self) -> i64 {
         (self.0 * 1000.0).round() as i64
+    }
+}
+
+/// As the number of seconds: serde_json writes the shortest text that reads back as the same
+/// f64, so a parked session keeps its exact times.
+impl serde::Serialize for LpTime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.0)
     }
 }
 
@@ -146,7 +160,7 @@ pub(crate) fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<S
 
 /// One line of a Leanplum session export (`exportData`, `exportFormat=json`). Only the fields
 /// the mapping uses are named; everything else is skipped by serde without being kept.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Session {
     #[serde(default, deserialize_with = "lenient_string")]
@@ -179,7 +193,7 @@ pub struct Session {
     pub states: Vec<State>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Experiment {
     pub id: Id,
@@ -188,7 +202,7 @@ pub struct Experiment {
     pub impressed: Option<bool>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
 pub struct State {
     #[serde(default)]
     pub events: Vec<Event>,
@@ -196,7 +210,7 @@ pub struct State {
 
 /// An event inside a session: an app event (`"Add To Cart"`) or a message event
 /// (`".m<messageId>"`, `".m<messageId> <Action>"`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Event {
     pub event_id: Id,

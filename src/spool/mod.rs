@@ -124,7 +124,7 @@ mod store;
 
 use store::Store;
 
-pub use records::{DeadLetter, FileRecord, FileStatus, QuarantineEntry};
+pub use records::{DeadLetter, FileRecord, FileStatus, QuarantineEntry, QuarantineKind};
 
 use sled::IVec;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -736,6 +736,7 @@ impl Spool {
             line: 0,
             time_ms: now_ms(),
             raw: String::new(),
+            ..QuarantineEntry::default()
         };
         let id = s.new_id()?;
         let value = serde_json::to_vec(&entry).unwrap_or_default();

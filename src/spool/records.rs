@@ -49,16 +49,34 @@ pub struct FileRecord {
     pub updated_ms: u64,
 }
 
-/// A bad record or a pointer to it (SPEC section 8).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a quarantine entry holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuarantineKind {
+    /// Bad input (SPEC section 8).
+    #[default]
+    Bad,
+    /// A record whose message the catalog does not know yet (`unknown_message_channel =
+    /// "park"`): mapped again each time the catalog changes.
+    Parked,
+}
+
+/// A bad record or a pointer to it (SPEC section 8), or a parked record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuarantineEntry {
+    #[serde(default)]
+    pub kind: QuarantineKind,
+    /// Parked: the message ids the catalog does not know (decimal).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub message_ids: Vec<String>,
     pub reason: String,
     /// Path relative to `watch.dir`.
     pub file: String,
     /// 1-based line, 0 when the problem is the whole file.
     pub line: u64,
     pub time_ms: u64,
-    /// The start of the offending line (lossy UTF-8, at most 4 KiB).
+    /// The start of the offending line (lossy UTF-8, at most 4 KiB); parked: the record itself,
+    /// as JSON (`input::Record`), holding only its events that wait on the catalog.
     pub raw: String,
 }
 

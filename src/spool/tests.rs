@@ -188,6 +188,7 @@ fn quarantine_entries_commit_with_the_chunk() {
                 line: 2,
                 time_ms: 1,
                 raw: "{oops".into(),
+                ..QuarantineEntry::default()
             }],
             ..Chunk::default()
         })

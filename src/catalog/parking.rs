@@ -1,0 +1,213 @@
+//! Parked records (`unknown_message_channel = "park"`, SPEC section 5): an engagement of a
+//! message the catalog does not know is neither guessed nor dropped. Its record (a session cut
+//! down to those engagements, or the engagement record) goes to the quarantine as kind
+//! `parked`, with the message ids it waits for; every time the catalog changes (a file
+//! reload, an API refresh, a lookup answer, a SIGHUP) each parked record is mapped again. What
+//! maps then is spooled, with the `messageId`s it would have had at first (the dedupe index
+//! keeps a record mapped twice from being sent twice); the rest stays parked, cut down to what
+//! still waits. `dead-letter list` shows parked records, `dead-letter purge` drops them, and
+//! `spool.keep_bad_days` bounds them like the rest of the quarantine.
+//!
+//! Crash story: a record's events are committed before its entry is removed or cut down, so a
+//! crash in between maps it again at the next change, and the dedupe index skips what was
+//! spooled.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::CatalogService;
+use crate::input::Record;
+use crate::leanplum::Id;
+use crate::mapping::{MappingState, Output, SharedMapping, parked_part};
+use crate::spool::{self, Chunk, NO_FILE, QuarantineEntry, QuarantineKind, Spool, now_ms};
+use crate::stats::Stats;
+
+/// How many message ids `status` names.
+const TOP_IDS: usize = 5;
+/// Events per spool commit when unparking.
+const COMMIT_EVENTS: usize = 2000;
+
+/// The quarantine entry that parks `record`, whose mapping held back engagements of `ids`.
+pub fn entry(record: &Record, ids: &[Id], file: &str, line: u64) -> QuarantineEntry {
+    let kept = parked_part(record, ids);
+    let names = id_names(ids);
+    QuarantineEntry {
+        kind: QuarantineKind::Parked,
+        reason: format!(
+            "parked: {} engagement(s) of message(s) {} not in the catalog; sent once the \
+             catalog knows them",
+            ids.len(),
+            names.join(", ")
+        ),
+        message_ids: names,
+        file: file.to_owned(),
+        line,
+        time_ms: now_ms(),
+        raw: serde_json::to_string(&kept).unwrap_or_default(),
+    }
+}
+
+/// What one pass over the parked records did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Remapped {
+    /// Records whose engagements all mapped: their entries are gone.
+    pub released: u64,
+    /// Events committed to the spool (before dedupe).
+    pub events: u64,
+    /// Records still waiting.
+    pub still_parked: u64,
+}
+
+/// Maps every parked record again with `mapping`; see the module doc.
+pub fn remap(spool: &Spool, mapping: &MappingState) -> Result<Remapped, spool::Error> {
+    let mut done = Remapped::default();
+    let mut events = Vec::new();
+    // Entry changes wait for the commit of the events they release.
+    let mut changes: Vec<(u64, Option<QuarantineEntry>)> = Vec::new();
+    let flush = |events: &mut Vec<_>, changes: &mut Vec<(u64, Option<QuarantineEntry>)>| {
+        if !events.is_empty() {
+            spool.commit_file_chunk(&Chunk {
+                file_id: NO_FILE,
+                events: std::mem::take(events),
+                ..Chunk::default()
+            })?;
+        }
+        for (id, change) in changes.drain(..) {
+            spool.set_quarantine(id, change.as_ref())?;
+        }
+        Ok::<(), spool::Error>(())
+    };
+    for (id, q) in spool.quarantine_entries()? {
+        if q.kind != QuarantineKind::Parked {
+            continue;
+        }
+        let Ok(record) = serde_json::from_str::<Record>(&q.raw) else {
+            // Written by this module, so only damage gets here: it stays, visible.
+            done.still_parked += 1;
+            continue;
+        };
+        let mut out = Output::default();
+        if crate::ingest::map_record(&record, &mapping.catalog, &mapping.opts, &mut out).is_err() {
+            done.still_parked += 1;
+            continue;
+        }
+        if out.events.is_empty() && id_names(&out.parked) == q.message_ids {
+            // Nothing changed for this record.
+            done.still_parked += 1;
+            continue;
+        }
+        done.events += out.events.len() as u64;
+        events.extend(out.events.into_iter().map(crate::ingest::spool_event));
+        if out.parked.is_empty() {
+            done.released += 1;
+            changes.push((id, None));
+        } else {
+            done.still_parked += 1;
+            let mut rest = entry(&record, &out.parked, &q.file, q.line);
+            rest.time_ms = q.time_ms;
+            changes.push((id, Some(rest)));
+        }
+        if events.len() >= COMMIT_EVENTS {
+            flush(&mut events, &mut changes)?;
+        }
+    }
+    flush(&mut events, &mut changes)?;
+    Ok(done)
+}
+
+/// `ids` as an entry lists them: decimal, sorted, once each.
+fn id_names(ids: &[Id]) -> Vec<String> {
+    let mut names: Vec<String> = ids.iter().map(Id::to_string).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Parked records in `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedSummary {
+    /// Records parked now.
+    pub records: u64,
+    /// The message ids most records wait for, with their counts, most first.
+    pub top: Vec<ParkedMessage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedMessage {
+    pub message_id: String,
+    pub records: u64,
+}
+
+/// Counts the parked records and their message ids (one walk of the quarantine).
+pub fn summary(spool: &Spool) -> Result<ParkedSummary, spool::Error> {
+    let mut by_id: BTreeMap<String, u64> = BTreeMap::new();
+    let mut records = 0;
+    for (_, q) in spool.quarantine_entries()? {
+        if q.kind == QuarantineKind::Parked {
+            records += 1;
+            for id in q.message_ids {
+                *by_id.entry(id).or_insert(0) += 1;
+            }
+        }
+    }
+    let mut top: Vec<ParkedMessage> = by_id
+        .into_iter()
+        .map(|(message_id, records)| ParkedMessage {
+            message_id,
+            records,
+        })
+        .collect();
+    top.sort_by(|a, b| {
+        b.records
+            .cmp(&a.records)
+            .then(a.message_id.cmp(&b.message_id))
+    });
+    top.truncate(TOP_IDS);
+    Ok(ParkedSummary { records, top })
+}
+
+/// Maps the parked records again each time the catalog (or the mapping options) change, until
+/// `stop`. A pass runs at start too: the catalog may have changed while the agent was down.
+pub async fn run(
+    spool: Arc<Spool>,
+    service: Arc<CatalogService>,
+    mapping: SharedMapping,
+    stats: Arc<Stats>,
+    drain_wake: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    let mut seen = None;
+    loop {
+        let generation = service.generation();
+        if seen != Some(generation) {
+            seen = Some(generation);
+            let (spool, state) = (spool.clone(), crate::mapping::current(&mapping));
+            match tokio::task::spawn_blocking(move || remap(&spool, &state)).await {
+                Ok(Ok(r)) => {
+                    if r.events > 0 || r.released > 0 {
+                        tracing::info!(
+                            released = r.released,
+                            events = r.events,
+                            still_parked = r.still_parked,
+                            "parked records mapped again after a catalog change"
+                        );
+                        Stats::add(&stats.unparked, r.released);
+                        drain_wake.notify_one();
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot map the parked records again; retried at the next catalog change");
+                }
+                Err(e) => tracing::error!(error = %e, "mapping the parked records again panicked"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
