@@ -28,6 +28,9 @@ pub enum ApiError {
     /// configuration problem, shown in `status`; retried, since a fixed key needs no restart.
     #[error("Leanplum refused the content key or app id: {0}")]
     Auth(String),
+    /// HTTP 404 with Leanplum's own "not found" (`getMessage` of a deleted message).
+    #[error("Leanplum says it does not exist: {0}")]
+    NotFound(String),
     /// `"success": false`, with Leanplum's `error.message`.
     #[error("Leanplum says: {0}")]
     Leanplum(String),
@@ -98,10 +101,7 @@ impl LeanplumApi {
         let id = id.to_string();
         let body = match self.call("getMessage", &[("id", &id)]).await {
             Ok(body) => body,
-            Err(ApiError::Http {
-                status: 404,
-                message,
-            }) if says_not_found(&message) => return Ok(None),
+            Err(ApiError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
         Catalog::parse_message_lookup(&body).map_err(|e| match e {
@@ -131,11 +131,16 @@ impl LeanplumApi {
         let body = response.bytes().await.map_err(transport)?;
         if !status.is_success() {
             let leanplum_said = error_message(&body);
-            if matches!(status.as_u16(), 401 | 403)
-                || leanplum_said.as_deref().is_some_and(is_auth_message)
-            {
+            if matches!(status.as_u16(), 401 | 403) {
                 let message = leanplum_said.unwrap_or_else(|| format!("HTTP {}", status.as_u16()));
                 return Err(ApiError::Auth(self.scrub(&message)));
+            }
+            // Leanplum's own word only: a 404 page from a proxy or a wrong `api_base` says
+            // nothing about the message.
+            if status.as_u16() == 404
+                && let Some(m) = leanplum_said.as_deref().filter(|m| says_not_found(m))
+            {
+                return Err(ApiError::NotFound(self.scrub(m)));
             }
             let message = leanplum_said.unwrap_or_else(|| {
                 status
@@ -191,9 +196,10 @@ fn describe(e: reqwest::Error) -> String {
 /// appId`), not the request.
 fn is_auth_message(message: &str) -> bool {
     let lower = message.to_lowercase();
-    ["clientkey", "client key", "appid", "app id", "unauthorized"]
-        .iter()
-        .any(|p| lower.contains(p))
+    lower.contains("invalid")
+        && ["clientkey", "client key", "appid", "app id"]
+            .iter()
+            .any(|p| lower.contains(p))
 }
 
 /// Leanplum's `{"response": [{"success": false, "error": {"message": ...}}]}`, or `{"error":
@@ -319,6 +325,62 @@ mod tests {
                 !text.contains(key) && !text.contains("clientKey="),
                 "{text}"
             );
+        }
+    }
+
+    /// `getMessage` answers, as the real API gives them, each told apart: "does not exist" is
+    /// an answer (`Ok(None)`), a refused key is `Auth`, an outage is retried (`Http`,
+    /// `Transport`), and a 404 without Leanplum's word is not taken for "does not exist".
+    #[tokio::test]
+    async fn get_message_answers_are_told_apart() {
+        const NOT_FOUND: &str =
+            r#"{"response":[{"success":false,"error":{"message":"Message not found."}}]}"#;
+        const FOUND: &str = r#"{"response":[{"success":true,"message":{"messageType":"Email","created":1.506018056324E9,"name":"Welcome","active":true,"id":5342363864268800}}]}"#;
+        let rows: &[(u16, &'static str, &str)] = &[
+            (404, NOT_FOUND, "none"),
+            (200, NOT_FOUND, "none"),
+            (
+                200,
+                r#"{"response":[{"success":false,"error":{"message":"MESSAGE NOT FOUND"}}]}"#,
+                "none",
+            ),
+            (200, FOUND, "found"),
+            (404, "<html>no such page</html>", "http"),
+            (
+                401,
+                r#"{"response":[{"success":false,"error":{"message":"Invalid clientKey"}}]}"#,
+                "auth",
+            ),
+            (403, "", "auth"),
+            (
+                200,
+                r#"{"response":[{"success":false,"error":{"message":"Invalid appId or clientKey."}}]}"#,
+                "auth",
+            ),
+            (
+                200,
+                r#"{"response":[{"success":false,"error":{"message":"Quota exceeded"}}]}"#,
+                "leanplum",
+            ),
+            (503, "maintenance", "http"),
+            (429, "", "http"),
+        ];
+        for (status, body, want) in rows {
+            let url = test_server::serve_one_answer(*status, body, Duration::ZERO);
+            let api =
+                LeanplumApi::new(&url, "app", Secret::new("k"), Duration::from_secs(2)).unwrap();
+            let got = match api.message(Id(5342363864268800)).await {
+                Ok(None) => "none",
+                Ok(Some(m)) => {
+                    assert_eq!(m.name.as_deref(), Some("Welcome"));
+                    "found"
+                }
+                Err(ApiError::Auth(_)) => "auth",
+                Err(ApiError::Http { .. }) => "http",
+                Err(ApiError::Leanplum(_)) => "leanplum",
+                Err(e) => panic!("{status} {body}: {e}"),
+            };
+            assert_eq!(got, *want, "{status} {body}");
         }
     }
 }

@@ -110,6 +110,11 @@ impl Drop for LeanplumServer {
     }
 }
 
+/// Leanplum's answer to `getMessage` for a message that does not exist, verbatim, with HTTP 404
+/// (as recorded from the real API in public client libraries' fixtures).
+const NOT_FOUND_BODY: &str =
+    r#"{"response":[{"success":false,"error":{"message":"Message not found."}}]}"#;
+
 fn envelope(result: Value) -> String {
     json!({ "response": [result] }).to_string()
 }
@@ -166,10 +171,8 @@ fn answer(state: &Mutex<LpState>, url: &str) -> (u16, String) {
                 .find(|m| m["id"].to_string().trim_matches('"') == id);
             match found {
                 Some(m) => (200, envelope(json!({"success": true, "message": m}))),
-                None => (
-                    200,
-                    envelope(json!({"success": false, "error": {"message": "Message not found."}})),
-                ),
+                // What the real API answers for a deleted message (or one of another app).
+                None => (404, NOT_FOUND_BODY.to_string()),
             }
         }
         _ => (
@@ -593,4 +596,161 @@ fn check_config_verifies_the_leanplum_section() {
     let text = out.all_output();
     assert!(text.contains("leanplum.content_key_file"), "{text}");
     assert!(text.contains("leanplum.api_base"), "{text}");
+}
+
+/// A `getMessages` entry in the shape the real API lists: `messageType`, a float `created`,
+/// `active`, a numeric id, and no campaign fields.
+fn real_message(id: u64, name: &str, kind: &str) -> Value {
+    json!({"messageType": kind, "created": 1.506018056324E9, "name": name, "active": true, "id": id})
+}
+
+/// Real-world catalog trouble at once: files naming messages deleted in Leanplum (`getMessage`
+/// answers 404 "Message not found.") and a message created after the last `getMessages` (found
+/// by `getMessage`). Every other event arrives exactly once, the late message maps with its
+/// name, the deleted ones are parked (the default), and every file ends done.
+#[test]
+fn deleted_and_late_messages_as_leanplum_answers_them() {
+    const KNOWN: u64 = 5342363864268800;
+    const LATE: u64 = 5342363864268801;
+    const DELETED: [u64; 2] = [5342363864268802, 5342363864268803];
+    let lp = LeanplumServer::start(
+        vec![real_message(KNOWN, "Welcome mail", "Email")],
+        Vec::new(),
+    );
+    lp.state()
+        .unlisted
+        .push(real_message(LATE, "Black Friday push", "Push Notification"));
+    let env = env_with_api(&lp.url);
+    let config = env.write_config();
+    let agent = env.start_agent();
+    assert!(agent.wait_for_log("catalog fetched from Leanplum", PATIENCE));
+
+    // Three shards; each session opens one message, in turn known, late, deleted, deleted.
+    let messages = [KNOWN, LATE, DELETED[0], DELETED[1]];
+    let mut expected = Vec::new();
+    let mut parked = 0;
+    for shard in 0..3u64 {
+        let mut lines = String::new();
+        for n in 0..40u64 {
+            let event_id = 6_000_000_000_000_000_000 + shard * 1000 + n;
+            let message = messages[(n % 4) as usize];
+            lines.push_str(
+                &json!({"deviceId": format!("D-{shard}-{n}"), "time": 1793534899.612,
+                        "states": [{"events": [{"eventId": event_id, "name": format!(".m{message} Open"), "time": 1793534900.5}]}]})
+                .to_string(),
+            );
+            lines.push('\n');
+            if DELETED.contains(&message) {
+                parked += 1;
+            } else {
+                expected.push((format!("lp-e-{event_id}"), message));
+            }
+        }
+        std::fs::write(
+            env.watch_dir()
+                .join(format!("export-{APP_ID}-job-output-{shard}")),
+            lines,
+        )
+        .unwrap();
+    }
+    let ids: Vec<String> = expected.iter().map(|(id, _)| id.clone()).collect();
+    assert!(
+        env.server.wait_for_ids(&ids, PATIENCE),
+        "{}",
+        agent.log_tail(40)
+    );
+    let status = crate::util::wait_for_status(&config, PATIENCE, |s| {
+        s["parked"] == parked && s["files_in_progress"] == 0 && s["files_done"] == 3
+    })
+    .unwrap_or_else(|| panic!("{}", agent.log_tail(40)));
+    env.server.wait_for_quiet(Duration::from_secs(1), PATIENCE);
+    assert!(
+        env.server.accepted_id_counts().values().all(|n| *n == 1),
+        "each event once"
+    );
+    assert_eq!(env.server.accepted_count(), expected.len());
+    for e in env.server.accepted_events() {
+        let (_, message) = expected
+            .iter()
+            .find(|(id, _)| e["messageId"] == id.as_str())
+            .expect("an expected event");
+        if *message == LATE {
+            assert_eq!(e["event"], "Push Notification Tapped", "{e}");
+            assert_eq!(
+                e["properties"]["campaign"]["message_name"],
+                "Black Friday push"
+            );
+        } else {
+            assert_eq!(e["event"], "Email Opened", "{e}");
+            assert_eq!(e["properties"]["email_subject"], "Welcome mail");
+        }
+    }
+    let mut parked_ids: Vec<String> = status["parked_messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_string())
+        .collect();
+    parked_ids.sort();
+    assert_eq!(parked_ids, DELETED.map(|d| d.to_string()), "{status}");
+    // Each deleted message was asked about once (the 404 is an answer, not an outage), the
+    // late one once, and status shows no catalog error.
+    let looked_up: Vec<String> = lp
+        .requests("getMessage")
+        .iter()
+        .map(|r| r.params["id"].clone())
+        .collect();
+    for id in [LATE, DELETED[0], DELETED[1]] {
+        assert_eq!(
+            looked_up.iter().filter(|l| **l == id.to_string()).count(),
+            1,
+            "{looked_up:?}"
+        );
+    }
+    assert!(status["catalog"]["last_error"].is_null(), "{status}");
+    assert!(
+        status["catalog"]["waiting"].as_array().unwrap().is_empty(),
+        "{status}"
+    );
+    assert_no_content_key("logs", &agent.logs());
+}
+
+/// A bad content key (401, `Invalid clientKey`) is a catalog error shown in status; files
+/// naming unknown messages wait for it, and nothing is guessed.
+#[test]
+fn a_refused_content_key_is_a_catalog_error_and_files_wait() {
+    let lp = LeanplumServer::start(
+        vec![real_message(5342363864268800, "Welcome mail", "Email")],
+        Vec::new(),
+    );
+    let mut env = env_with_api(&lp.url);
+    let key_file = env.root().join("content_key");
+    std::fs::write(&key_file, "ck_wrong_key\n").unwrap();
+    env.config.unknown_message_channel = Some("email".into());
+    let config = env.write_config();
+    let agent = env.start_agent();
+    std::fs::write(
+        env.watch_dir().join("export-1-job-output-0"),
+        json!({"deviceId": "D-1", "time": 1793534899.612,
+               "states": [{"events": [{"eventId": 42, "name": ".m5342363864268800 Open", "time": 1793534900.5}]}]})
+        .to_string() + "\n",
+    )
+    .unwrap();
+    let status = crate::util::wait_for_status(&config, PATIENCE, |s| {
+        s["catalog"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refused the content key"))
+            && s["catalog"]["waiting"]
+                .as_array()
+                .is_some_and(|w| !w.is_empty())
+    })
+    .unwrap_or_else(|| panic!("{}", agent.log_tail(40)));
+    assert_eq!(status["files_in_progress"], 1, "{status}");
+    assert_eq!(
+        env.server.accepted_count(),
+        0,
+        "nothing guessed while the key is refused"
+    );
+    assert!(!status.to_string().contains("ck_wrong_key"), "{status}");
+    assert!(!agent.logs().contains("ck_wrong_key"));
 }

@@ -21,6 +21,8 @@
 //!   records beside it arrive (SPEC section 8).
 //! - [`catalog_api`]: the catalog fetched from a Leanplum-compatible API, cached, refreshed,
 //!   looked up on demand; files waiting while Leanplum is down (SPEC sections 3 and 5).
+//! - [`parking`]: records of messages the catalog does not know are parked, delivered once it
+//!   learns them, listed and purged otherwise (SPEC section 5).
 //! - [`input_model`]: random file histories and restarts against a model of what must be
 //!   delivered, exactly once (SPEC section 7).
 #![deny(unsafe_code)]
@@ -35,6 +37,7 @@ mod end_to_end;
 mod events;
 mod input_files;
 mod input_model;
+mod parking;
 mod retries;
 mod service;
 mod spool_limits;
