@@ -3,7 +3,8 @@
 //! which is a secret and never printed.
 //!
 //! `check-config`, `run` and SIGHUP all go through [`Config::load_and_validate`], so what the
-//! check accepts is exactly what the daemon runs with.
+//! check accepts is exactly what the daemon runs with, the catalog files of
+//! `mapping.catalog_dir` included.
 
 use serde::Deserialize;
 use std::fmt;
@@ -360,6 +361,19 @@ impl Config {
         let key = (purpose == Purpose::Run).then(|| resolve(config.resolve_write_key()));
         let content_key = (purpose == Purpose::Run && config.leanplum.is_some())
             .then(|| resolve(config.resolve_content_key()));
+        // The catalog files are part of what `run` starts with: one that cannot be read or
+        // parsed is a config problem (exit 78), so systemd does not restart into it forever.
+        let catalog_dir = &config.mapping.catalog_dir;
+        let catalog = (purpose == Purpose::Run && catalog_dir.is_absolute()).then(|| {
+            crate::catalog::load_files(catalog_dir)
+                .map_err(|e| {
+                    problems.push(Problem {
+                        key: "mapping.catalog_dir".into(),
+                        message: e.to_string(),
+                    })
+                })
+                .ok()
+        });
         if !problems.is_empty() {
             return Err(Error::Invalid {
                 path: path.to_owned(),
@@ -370,6 +384,7 @@ impl Config {
             config,
             key: key.flatten(),
             content_key: content_key.flatten(),
+            catalog: catalog.flatten(),
         })
     }
 
@@ -584,13 +599,14 @@ impl Config {
     }
 }
 
-/// A validated config and, for `run`, its write key and (with a `[leanplum]` section) the
-/// Leanplum content key.
+/// A validated config and, for `run`, its write key, (with a `[leanplum]` section) the
+/// Leanplum content key, and the catalog files of `mapping.catalog_dir`.
 #[derive(Debug, Clone)]
 pub struct Loaded {
     pub config: Config,
     pub key: Option<(WriteKey, KeySource)>,
     pub content_key: Option<(Secret, KeySource)>,
+    pub catalog: Option<crate::catalog::LoadedFiles>,
 }
 
 /// A key from the environment variable `var`, else from the systemd credential `credential`
@@ -820,5 +836,60 @@ mod tests {
         let missing = Config::parse("[segment]\nwrite_key_file = \"/nonexistent/k\"\n").unwrap();
         let p = missing.resolve_write_key().unwrap_err();
         assert_eq!(p.key, "segment.write_key_file");
+    }
+
+    /// `check-config`, `run` and SIGHUP load the catalog files with the config: a file that
+    /// does not parse is a problem of `mapping.catalog_dir` naming the file (exit 78), and the
+    /// files that do parse come back with the config.
+    #[test]
+    fn the_catalog_files_are_loaded_and_checked_with_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = dir.path().join("catalog");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[segment]\nwrite_key = \"wk\"\n[watch]\ndir = \"/tmp/in\"\n\
+                 [mapping]\ncatalog_dir = {:?}\n",
+                catalog.to_str().unwrap()
+            ),
+        )
+        .unwrap();
+        // No directory yet: an empty catalog, as at start.
+        let loaded = Config::load_and_validate(&config, Purpose::Run).unwrap();
+        assert_eq!(loaded.catalog.unwrap().catalog.len_messages(), 0);
+
+        std::fs::create_dir(&catalog).unwrap();
+        std::fs::write(
+            catalog.join("messages.json"),
+            r#"[{"id": 1, "channel": "email"}]"#,
+        )
+        .unwrap();
+        let loaded = Config::load_and_validate(&config, Purpose::Run).unwrap();
+        assert_eq!(loaded.catalog.unwrap().catalog.len_messages(), 1);
+        assert!(
+            Config::load_and_validate(&config, Purpose::Inspect)
+                .unwrap()
+                .catalog
+                .is_none()
+        );
+
+        std::fs::write(
+            catalog.join("messages.json"),
+            "<html><title>500 Internal Server Error</title></html>",
+        )
+        .unwrap();
+        let err = Config::load_and_validate(&config, Purpose::Run).unwrap_err();
+        let Error::Invalid { problems, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(problems.len(), 1, "{err}");
+        assert_eq!(problems[0].key, "mapping.catalog_dir");
+        let text = err.to_string();
+        assert!(
+            text.contains(&*catalog.join("messages.json").to_string_lossy()),
+            "{text}"
+        );
+        assert!(!text.contains("Internal Server Error"), "{text}");
     }
 }

@@ -21,7 +21,10 @@
 //! - [`leanplum`]: Leanplum's record types, ids, times, the message / A/B-test catalog files,
 //!   and the read-only content API client.
 //! - [`catalog`]: the catalog the mapping uses: files over the API (fetched, cached in the
-//!   spool, refreshed, looked up on demand while the reader waits).
+//!   spool, refreshed, looked up on demand while the reader waits). The files are loaded with
+//!   the config and watched by a task of their own ([`catalog::files`]: inotify on
+//!   `catalog_dir` plus a periodic stat), reloaded when they change, refused when they do not
+//!   parse.
 //! - [`mapping`]: Leanplum record -> Segment events; pure, no I/O.
 //! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk.
 //! - [`spool`]: segment files for the events, sled for where they are, read offsets and the rest,

@@ -58,7 +58,20 @@ fn check_config(path: &Path) -> ExitCode {
                 ),
                 _ => String::new(),
             };
-            println!("{}: ok (write key from {source}{leanplum})", path.display());
+            let catalog = loaded
+                .catalog
+                .map(|f| {
+                    format!(
+                        "; catalog files: {} messages, {} A/B tests",
+                        f.catalog.len_messages(),
+                        f.catalog.len_abtests()
+                    )
+                })
+                .unwrap_or_default();
+            println!(
+                "{}: ok (write key from {source}{leanplum}{catalog})",
+                path.display()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -88,7 +101,7 @@ fn run(path: &Path, daemon: Option<(PathBuf, Option<PathBuf>)>) -> ExitCode {
         }
     }
     let set_log_level = init_logging(&loaded.config.log.level);
-    let Some((key, source)) = loaded.key else {
+    let (Some((key, source)), Some(catalog_files)) = (loaded.key, loaded.catalog) else {
         return ExitCode::from(EX_CONFIG);
     };
     let spool_dir = loaded.config.spool.dir.clone();
@@ -113,7 +126,15 @@ fn run(path: &Path, daemon: Option<(PathBuf, Option<PathBuf>)>) -> ExitCode {
                     ..Controls::default()
                 };
                 spawn_signal_handlers(&controls)?;
-                app::run(loaded.config, key, content_key, path.to_owned(), controls).await
+                app::run(
+                    loaded.config,
+                    key,
+                    content_key,
+                    catalog_files,
+                    path.to_owned(),
+                    controls,
+                )
+                .await
             })
         });
     match result {

@@ -1,9 +1,11 @@
 //! Wires the tasks together and owns the order of startup, reload and shutdown:
 //!
-//! 1. open the spool (moving a damaged one aside) and load the catalog (files, and with a
-//!    `[leanplum]` section the cached API catalog, refreshed by a task of its own);
-//! 2. start the drain, the control socket, the watcher and the ingest worker; `READY=1` once
-//!    the first scan of the watch directory is done;
+//! 1. open the spool (moving a damaged one aside) and load the catalog (the files, loaded and
+//!    checked with the config, and with a `[leanplum]` section the cached API catalog,
+//!    refreshed by a task of its own);
+//! 2. start the drain, the control socket, the watcher, the catalog files' watcher
+//!    ([`crate::catalog::files::watch`]) and the ingest worker; `READY=1` once the first scan
+//!    of the watch directory is done;
 //! 3. SIGHUP: load and validate the config again; if it is good, apply what can change live
 //!    (Segment endpoint and key, batch limits, timers, retry, log level, catalog and mapping
 //!    options) and say which changes need a restart; if not, keep the old one;
@@ -22,13 +24,12 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch as watch_channel};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::CatalogService;
+use crate::catalog::{CatalogService, LoadedFiles};
 use crate::config::{Config, Purpose, Secret, WriteKey};
 use crate::control;
 use crate::drain::{Drain, DrainConfig, DrainHandle, DrainSettings};
 use crate::ingest::Ingestor;
 use crate::leanplum::api::LeanplumApi;
-use crate::leanplum::catalog::Catalog;
 use crate::mapping::{MappingOptions, MappingState, SharedMapping};
 use crate::segment::client::Client;
 use crate::spool::{Spool, now_ms};
@@ -75,21 +76,22 @@ fn drain_config(config: &Config, key: &WriteKey) -> anyhow::Result<DrainConfig> 
     })
 }
 
-fn load_catalog(config: &Config) -> anyhow::Result<Catalog> {
-    crate::catalog::load_files(&config.mapping.catalog_dir).with_context(|| {
-        format!(
-            "cannot load the catalog from {}",
-            config.mapping.catalog_dir.display()
-        )
-    })
+fn log_files_loaded(files: &LoadedFiles) {
+    tracing::info!(
+        dir = %files.dir.display(),
+        messages = files.catalog.len_messages(),
+        abtests = files.catalog.len_abtests(),
+        "catalog files loaded"
+    );
 }
 
 /// Runs the agent until `controls.shutdown` is cancelled. `config_path` is read again on
-/// SIGHUP.
+/// SIGHUP. `catalog_files` are the catalog files loaded with the config.
 pub async fn run(
     config: Config,
     key: WriteKey,
     content_key: Option<Secret>,
+    catalog_files: LoadedFiles,
     config_path: PathBuf,
     controls: Controls,
 ) -> anyhow::Result<()> {
@@ -122,8 +124,11 @@ pub async fn run(
         )),
         _ => None,
     };
+    log_files_loaded(&catalog_files);
+    let (files_seen_tx, files_seen_rx) =
+        watch_channel::channel((catalog_files.dir.clone(), catalog_files.stamp.clone()));
     let catalog = CatalogService::new(
-        load_catalog(&config)?,
+        catalog_files.catalog,
         mapping_options(&config),
         Some(spool.clone()),
         api.is_some(),
@@ -212,6 +217,13 @@ pub async fn run(
         intake_stop.clone(),
     ));
 
+    let catalog_watch_task = tokio::spawn(crate::catalog::files::watch(
+        catalog.clone(),
+        files_seen_rx,
+        Duration::from_secs(config.watch.settle_secs),
+        controls.shutdown.child_token(),
+    ));
+
     let ingest_heartbeat = Arc::new(AtomicU64::new(now_ms()));
     let ingestor = Ingestor {
         spool: spool.clone(),
@@ -292,7 +304,7 @@ pub async fn run(
             }
             _ = controls.reload.notified() => {
                 systemd::reloading();
-                if let Some(new) = reload(&config_path, &current, &controls, &drain_config_tx, &catalog) {
+                if let Some(new) = reload(&config_path, &current, &controls, &drain_config_tx, &catalog, &files_seen_tx) {
                     current = new;
                 }
                 systemd::notify(&[sd_notify::NotifyState::Ready]);
@@ -304,6 +316,7 @@ pub async fn run(
     systemd::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: intake stopped, draining in-flight batches");
     let _ = watch_task.await;
+    let _ = catalog_watch_task.await;
     let _ = ingest_task.await;
     drain_stop.cancel();
     let _ = drain_task.await;
@@ -354,6 +367,7 @@ fn reload(
     controls: &Controls,
     drain_tx: &watch_channel::Sender<DrainConfig>,
     catalog: &CatalogService,
+    files_seen: &watch_channel::Sender<crate::catalog::files::FilesSeen>,
 ) -> Option<Config> {
     let loaded = match Config::load_and_validate(path, Purpose::Run) {
         Ok(l) => l,
@@ -364,16 +378,10 @@ fn reload(
     };
     let new = loaded.config;
     let (key, _) = loaded.key?;
+    let files = loaded.catalog?;
     // Build everything first, so a failure changes nothing.
     let drain = match drain_config(&new, &key) {
         Ok(d) => d,
-        Err(e) => {
-            tracing::error!("reload refused, the running config stays: {e:#}");
-            return None;
-        }
-    };
-    let files = match load_catalog(&new) {
-        Ok(c) => c,
         Err(e) => {
             tracing::error!("reload refused, the running config stays: {e:#}");
             return None;
@@ -387,7 +395,10 @@ fn reload(
     }
     let _ = drain_tx.send(drain);
     // The API catalog is fetched again too.
-    catalog.reload(files, mapping_options(&new));
+    log_files_loaded(&files);
+    catalog.reload(files.catalog, mapping_options(&new));
+    // The files' watcher follows a moved catalog_dir, and need not read what was just read.
+    files_seen.send_replace((files.dir, files.stamp));
     let restart_needed: Vec<&str> = [
         ("watch", old.watch != new.watch),
         ("spool", old.spool != new.spool),

@@ -8,8 +8,10 @@
 //!    the first fetch of a run succeeds, this layer's source is `cache`. A refresh adds and
 //!    updates entries but drops none: a message Leanplum no longer lists may still be named by
 //!    exports not read yet.
-//! 2. **Files**: `catalog_dir/messages.json` and `abtests.json`, read at start and at SIGHUP.
-//!    An id in both takes the file's entry: the operator's word outranks the API's.
+//! 2. **Files**: `catalog_dir/messages.json` and `abtests.json`, read at start, at SIGHUP, and
+//!    whenever they change ([`files::watch`]). An id in both takes the file's entry: the
+//!    operator's word outranks the API's. A rewrite that does not parse is refused: the last
+//!    good files stay in use and the error shows in `status` until a good file replaces it.
 //!
 //! **Waiting on a lookup.** When the API is configured, the reader asks [`CatalogService::must_wait`]
 //! before mapping a record that names an unknown message. The answer is "wait" until `getMessage`
@@ -23,13 +25,14 @@
 //! [`LOOKUPS_PER_SEC`] a second; a failed one is retried with backoff, per id. Errors are logged
 //! when they first appear and when they change, not at every retry.
 
+pub mod files;
 pub mod parking;
 mod refresh;
 
+pub use files::{LoadedFiles, load_files};
 pub use refresh::run;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -101,6 +104,11 @@ struct State {
     abtest_waits: HashMap<Id, Lookup>,
     refresh_requested: bool,
     opts: MappingOptions,
+    /// Why the catalog files on disk are not in use (the last good ones are), until good
+    /// files replace them.
+    files_error: Option<String>,
+    /// Moved by each SIGHUP reload, so a watcher's read that raced with one is dropped.
+    files_epoch: u64,
 }
 
 /// The catalog as the agent keeps it. One per agent, shared by the reader, the refresh task
@@ -188,9 +196,58 @@ impl CatalogService {
         st.files = files;
         st.opts = opts;
         st.refresh_requested = true;
+        st.files_epoch += 1;
+        clear_files_error(&mut st);
         self.publish(&mut st);
         drop(st);
         self.wake.notify_one();
+    }
+
+    /// Moves at each SIGHUP reload; see [`CatalogService::reload_files`].
+    pub fn files_epoch(&self) -> u64 {
+        self.lock().files_epoch
+    }
+
+    /// The catalog files changed and both parse: they become the files layer (mapping options
+    /// and the API layer stay as they are). Readers waiting on the catalog look again.
+    /// `epoch` is [`CatalogService::files_epoch`] from before the files were read: when a
+    /// SIGHUP reload came in between, it read them too, later, and this read is dropped.
+    /// A rewrite with the very same entries changes nothing (a debug line).
+    pub fn reload_files(&self, files: Catalog, epoch: u64) {
+        let mut st = self.lock();
+        if st.files_epoch != epoch {
+            return;
+        }
+        if st.files == files && st.files_error.is_none() {
+            tracing::debug!("catalog files rewritten with the same entries");
+            return;
+        }
+        tracing::info!(
+            messages = files.len_messages(),
+            abtests = files.len_abtests(),
+            "catalog files reloaded"
+        );
+        st.files = files;
+        clear_files_error(&mut st);
+        self.publish(&mut st);
+    }
+
+    /// The catalog files changed but cannot be used (`error` names the file and why, quoting
+    /// none of it): the last good files stay in use, and `status` shows the error until good
+    /// files replace them. Logged when it first appears and when it changes, not at each
+    /// check. `epoch`: as for [`CatalogService::reload_files`].
+    pub fn refuse_files(&self, error: String, epoch: u64) {
+        let mut st = self.lock();
+        if st.files_epoch != epoch {
+            return;
+        }
+        if st.files_error.as_ref() != Some(&error) {
+            tracing::error!(
+                error = %error,
+                "catalog file refused; the last good catalog stays in use"
+            );
+            st.files_error = Some(error);
+        }
     }
 
     /// Whether a record naming `messages` and `abtests` (ids the reader's catalog does not know)
@@ -263,6 +320,16 @@ impl CatalogService {
         if let Err(e) = spool.store_catalog_cache(&bytes) {
             tracing::warn!(error = %e, "cannot cache the Leanplum catalog in the spool");
         }
+    }
+}
+
+/// Good files are in use again: the error goes, with a line saying so.
+fn clear_files_error(st: &mut State) {
+    if let Some(previous) = st.files_error.take() {
+        tracing::info!(
+            previous_error = %previous,
+            "catalog files are good again; their error is cleared"
+        );
     }
 }
 
@@ -367,6 +434,10 @@ pub struct CatalogStatus {
     pub last_error: Option<String>,
     /// Messages being looked up, with the files that wait on them.
     pub waiting: Vec<WaitingLookup>,
+    /// Why the catalog files on disk were refused (a file that does not parse, naming it):
+    /// the last good ones are in use. Cleared when good files replace them.
+    #[serde(default)]
+    pub files_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -426,6 +497,7 @@ fn status_of(st: &State, api_enabled: bool) -> CatalogStatus {
         last_refresh: st.last_attempt_ms.map(rfc3339),
         last_error: st.last_error.clone(),
         waiting,
+        files_error: st.files_error.clone(),
     }
 }
 
@@ -517,6 +589,11 @@ pub fn render_show(answer: &Value, id: Option<&str>) -> String {
         out.push_str(&format!("; fetched {at} ({age} s ago)"));
     }
     out.push('\n');
+    if let Some(e) = &status.files_error {
+        out.push_str(&format!(
+            "catalog files refused: {e}; the last good catalog is in use\n"
+        ));
+    }
     if let Some(e) = &status.last_error {
         out.push_str(&format!("last error: {e}\n"));
     }
@@ -617,18 +694,6 @@ pub fn parse_id(word: Option<&str>) -> Result<Option<Id>, String> {
             .map(|v| Some(Id(v)))
             .map_err(|_| format!("{w:?} is not a message or A/B test id (an integer)")),
     }
-}
-
-/// Loads the catalog files for `dir`, logging what was found.
-pub fn load_files(dir: &Path) -> Result<Catalog, crate::leanplum::catalog::CatalogError> {
-    let catalog = Catalog::load_dir(dir)?;
-    tracing::info!(
-        dir = %dir.display(),
-        messages = catalog.len_messages(),
-        abtests = catalog.len_abtests(),
-        "catalog files loaded"
-    );
-    Ok(catalog)
 }
 
 #[cfg(test)]

@@ -270,3 +270,203 @@ async fn an_unknown_abtest_waits_for_the_next_refresh() {
     // 60 is not Leanplum's: no more waiting for it.
     assert!(!s.must_wait(&[], &[Id(60)], "f"));
 }
+
+#[test]
+fn reloaded_files_replace_the_files_layer_and_wake_readers() {
+    let (s, shared) = service(
+        Catalog::from_parts(vec![msg(1, MessageKind::Email, "old")], vec![]),
+        None,
+        false,
+    );
+    s.lock().opts.send_experiment_viewed = false;
+    let generation = s.generation();
+    let epoch = s.files_epoch();
+    s.reload_files(
+        Catalog::from_parts(vec![msg(2, MessageKind::Push, "new")], vec![]),
+        epoch,
+    );
+    assert!(s.generation() > generation, "readers waiting look again");
+    let m = mapping::current(&shared);
+    assert!(m.catalog.message(Id(1)).is_none());
+    assert_eq!(m.catalog.message(Id(2)).unwrap().channel, MessageKind::Push);
+    assert!(!m.opts.send_experiment_viewed, "mapping options untouched");
+    assert!(!s.lock().refresh_requested, "no API refresh forced");
+
+    // The same entries again (a cron job rewriting unchanged content): nothing to publish.
+    let generation = s.generation();
+    s.reload_files(
+        Catalog::from_parts(vec![msg(2, MessageKind::Push, "new")], vec![]),
+        epoch,
+    );
+    assert_eq!(s.generation(), generation);
+}
+
+#[test]
+fn refused_files_keep_the_last_good_ones_until_good_ones_come() {
+    let (s, shared) = service(
+        Catalog::from_parts(vec![msg(1, MessageKind::Email, "good")], vec![]),
+        None,
+        false,
+    );
+    let epoch = s.files_epoch();
+    let generation = s.generation();
+    let error = "bad catalog file /c/messages.json: expected a JSON array at line 1".to_owned();
+    s.refuse_files(error.clone(), epoch);
+    s.refuse_files(error.clone(), epoch);
+    assert_eq!(s.generation(), generation, "nothing new to map with");
+    let m = mapping::current(&shared);
+    assert_eq!(
+        m.catalog.message(Id(1)).unwrap().name.as_deref(),
+        Some("good")
+    );
+    assert_eq!(s.status().files_error.as_deref(), Some(error.as_str()));
+    let shown = s.show(None);
+    assert_eq!(shown["status"]["files_error"], error.as_str());
+    assert!(render_show(&shown, None).contains(&format!(
+        "catalog files refused: {error}; the last good catalog is in use"
+    )));
+
+    // Good files again, even with the same entries as before: the error goes.
+    s.reload_files(
+        Catalog::from_parts(vec![msg(1, MessageKind::Email, "good")], vec![]),
+        epoch,
+    );
+    assert_eq!(s.status().files_error, None);
+    // A SIGHUP reload also says the files are good.
+    s.refuse_files(error.clone(), epoch);
+    s.reload(Catalog::empty(), MappingOptions::default());
+    assert_eq!(s.status().files_error, None);
+}
+
+#[test]
+fn a_watcher_read_that_raced_with_a_sighup_is_dropped() {
+    let (s, shared) = service(Catalog::empty(), None, false);
+    let before = s.files_epoch();
+    s.reload(
+        Catalog::from_parts(vec![msg(2, MessageKind::Push, "sighup")], vec![]),
+        MappingOptions::default(),
+    );
+    s.reload_files(
+        Catalog::from_parts(vec![msg(1, MessageKind::Email, "stale")], vec![]),
+        before,
+    );
+    s.refuse_files("stale error".into(), before);
+    let m = mapping::current(&shared);
+    assert!(m.catalog.message(Id(2)).is_some() && m.catalog.message(Id(1)).is_none());
+    assert_eq!(s.status().files_error, None);
+}
+
+/// The watcher task itself, on a real directory: an atomic rename, an in-place rewrite, a
+/// broken file and its repair, each taken within the settle time without a signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_reloads_changed_files() {
+    use files::{MESSAGES_FILE, load_files};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(MESSAGES_FILE);
+    std::fs::write(&path, r#"[{"id": 1, "channel": "email", "name": "one"}]"#).unwrap();
+    let loaded = load_files(dir.path()).unwrap();
+    let (s, shared) = service(loaded.catalog, None, false);
+    let (_tx, rx) = tokio::sync::watch::channel((loaded.dir, loaded.stamp));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(files::watch(
+        s.clone(),
+        rx,
+        Duration::from_millis(300),
+        stop.clone(),
+    ));
+    let name_of = |id: u64| {
+        mapping::current(&shared)
+            .catalog
+            .message(Id(id))
+            .and_then(|m| m.name.clone())
+    };
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // Atomic: a temp file renamed over it.
+    let tmp = dir.path().join(".messages.json.tmp");
+    std::fs::write(&tmp, r#"[{"id": 2, "channel": "push", "name": "two"}]"#).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    until("the renamed file", || name_of(2).is_some()).await;
+    assert_eq!(name_of(1), None);
+
+    // In place, truncated first and written in two parts.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(br#"[{"id": 3, "channel": "email","#).unwrap();
+        f.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        f.write_all(br#" "name": "three"}]"#).unwrap();
+    }
+    until("the rewritten file", || name_of(3).is_some()).await;
+    assert_eq!(
+        s.status().files_error,
+        None,
+        "no error left from the partial file"
+    );
+
+    // Broken: refused, the last good catalog stays.
+    std::fs::write(&path, "<html><body>502 Bad Gateway</body></html>").unwrap();
+    until("the error", || s.status().files_error.is_some()).await;
+    let error = s.status().files_error.unwrap();
+    assert!(
+        error.contains("messages.json") && !error.contains("Gateway"),
+        "{error}"
+    );
+    assert_eq!(name_of(3).as_deref(), Some("three"));
+
+    // Repaired.
+    std::fs::write(&path, r#"[{"id": 4, "channel": "email", "name": "four"}]"#).unwrap();
+    until("the repair", || name_of(4).is_some()).await;
+    assert_eq!(s.status().files_error, None);
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the watcher stops when told")
+        .unwrap();
+}
+
+/// A `catalog_dir` missing at start is an empty catalog; the periodic check finds it when it
+/// appears (there was nothing for inotify to watch) and its files are loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_dir_created_later_is_found_and_loaded() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("catalog");
+    let loaded = files::load_files(&dir).unwrap();
+    assert_eq!(loaded.catalog.len_messages(), 0);
+    let (s, shared) = service(loaded.catalog, None, false);
+    let (_tx, rx) = tokio::sync::watch::channel((loaded.dir, loaded.stamp));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(files::watch(
+        s.clone(),
+        rx,
+        Duration::from_millis(200),
+        stop.clone(),
+    ));
+    // Give the watcher time for its first look at the missing directory (the outcome does not
+    // depend on it: a directory there at the first look is watched at once).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join(files::MESSAGES_FILE),
+        r#"[{"id": 5, "channel": "push", "name": "five"}]"#,
+    )
+    .unwrap();
+    let deadline = Instant::now() + files::POLL_INTERVAL * 5;
+    while mapping::current(&shared).catalog.message(Id(5)).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the new directory was never read"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+}

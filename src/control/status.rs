@@ -37,7 +37,7 @@
 //! | `notes` | array of strings | facts the operator should know, in plain words (e.g. a corrupt spool moved aside) |
 //! | `parked` | integer | records parked until the catalog knows their message (`unknown_message_channel = "park"`), now |
 //! | `parked_messages` | array | the message ids most parked records wait for, most first (at most 5): `message_id`, `records` |
-//! | `catalog` | object or null | the message and A/B-test catalog (null when stopped): `source` (`files`, `files+api`, `files+cache`), `messages`, `abtests`, `fetched_at` and `age_secs` (when the API part was fetched), `last_refresh` (last attempt), `last_error`, and `waiting`: what reading waits for from Leanplum, each with `kind` (`message`: a `getMessage` lookup; `abtest`: the next `getAbTests`), `id`, `since`, `files` (whose reading waits on it) and `reason` |
+//! | `catalog` | object or null | the message and A/B-test catalog (null when stopped): `source` (`files`, `files+api`, `files+cache`), `messages`, `abtests`, `fetched_at` and `age_secs` (when the API part was fetched), `last_refresh` (last attempt), `last_error`, `files_error` (why the catalog files on disk were refused, naming the file; the last good ones are in use; null when they are good), and `waiting`: what reading waits for from Leanplum, each with `kind` (`message`: a `getMessage` lookup; `abtest`: the next `getAbTests`), `id`, `since`, `files` (whose reading waits on it) and `reason` |
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -207,6 +207,15 @@ impl StatusReport {
                 let _ = write!(line, ", fetched {} ago", fmt_duration(age));
             }
             rows.push(("catalog", line));
+            if let Some(e) = &c.files_error {
+                rows.push((
+                    "catalog files",
+                    format!(
+                        "refused, the last good catalog is in use: {}",
+                        one_line_text(e, usize::MAX)
+                    ),
+                ));
+            }
             if let Some(e) = &c.last_error {
                 rows.push(("catalog error", one_line_text(e, usize::MAX)));
             }
@@ -550,6 +559,7 @@ mod tests {
                     files: vec!["20240501/export-1".into()],
                     reason: "cannot reach Leanplum: connection refused".into(),
                 }],
+                files_error: None,
             }),
             parked: 2,
             parked_messages: vec![crate::catalog::parking::ParkedMessage {
@@ -648,6 +658,24 @@ mod tests {
             text.contains("waiting:       message 77 since 2024-05-01T11:59:00Z (cannot reach Leanplum: connection refused): 20240501/export-1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn human_summary_shows_refused_catalog_files() {
+        let mut r = sample();
+        let error = "bad catalog file /etc/c/messages.json: expected a JSON array at line 1";
+        r.catalog.as_mut().unwrap().files_error = Some(error.into());
+        let text = r.render_human_at(at("2024-05-01T12:00:12Z"));
+        assert!(
+            text.contains(&format!(
+                "catalog files: refused, the last good catalog is in use: {error}"
+            )),
+            "{text}"
+        );
+        assert!(!sample().render_human().contains("catalog files"));
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["catalog"]["files_error"], error);
+        assert!(serde_json::to_value(sample()).unwrap()["catalog"]["files_error"].is_null());
     }
 
     #[test]

@@ -363,8 +363,70 @@ fn strip_bom(json: &[u8]) -> &[u8] {
 }
 
 fn from_json<'a, T: Deserialize<'a>>(json: &'a [u8]) -> Result<T, String> {
-    serde_json::from_slice(json).map_err(|e| e.to_string())
+    serde_json::from_slice(json).map_err(|e| describe_json_error(&e))
 }
+
+/// The longest value from a catalog file (or an API response) that an error message quotes. A
+/// catalog file may hold anything (an HTML error page a sync job saved, a blob): a longer value
+/// is named by its length only, so errors, logs and `status` never carry a file's content.
+const MAX_QUOTED_CHARS: usize = 40;
+
+/// serde_json's message for `e`, quoting at most [`MAX_QUOTED_CHARS`] of any value. Syntax and
+/// end-of-file errors quote nothing (serde_json says what it expected, and where); data errors
+/// quote the offending value (`invalid type: string "..."`, `id "..." is not an integer`), which
+/// is cut here when long.
+fn describe_json_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match e.classify() {
+        serde_json::error::Category::Data => elide_long_quotes(&text),
+        _ => text,
+    }
+}
+
+/// `text` with each double-quoted part (Rust's `{:?}` escaping, so one line) longer than
+/// [`MAX_QUOTED_CHARS`] replaced by `[N characters]`; an unclosed quote runs to the end.
+fn elide_long_quotes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(256));
+    let mut rest = text;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..open]);
+        let body = &rest[open + 1..];
+        let mut escaped = false;
+        let close = body.char_indices().find_map(|(i, c)| {
+            let end = !escaped && c == '"';
+            escaped = !escaped && c == '\\';
+            end.then_some(i)
+        });
+        let (quoted, after) = match close {
+            Some(i) => (&body[..i], &body[i + 1..]),
+            None => (body, ""),
+        };
+        let n = quoted.chars().count();
+        if n <= MAX_QUOTED_CHARS {
+            out.push('"');
+            out.push_str(quoted);
+            out.push('"');
+        } else {
+            out.push_str(&format!("[{n} characters]"));
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A value from a file for an error message: `{:?}`-quoted when short, else its length.
+fn quote_value(value: &str) -> String {
+    let n = value.chars().count();
+    if n <= MAX_QUOTED_CHARS {
+        format!("{value:?}")
+    } else {
+        format!("[{n} characters]")
+    }
+}
+
+/// The longest error message from Leanplum an error quotes (as one line).
+const MAX_API_MESSAGE_CHARS: usize = 200;
 
 /// Leanplum's API envelope: `{"response": [ {...}, ... ]}`, one result per API action.
 #[derive(Deserialize)]
@@ -454,7 +516,20 @@ fn api_error_message(error: Option<&Value>) -> String {
         Some(e) => e.get("message").and_then(Value::as_str),
         None => None,
     };
-    message.unwrap_or("no error message given").to_owned()
+    let message = message.unwrap_or("no error message given");
+    // One line, and not a page: a proxy's error text can end up here.
+    let flat: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let flat = flat.trim();
+    if flat.chars().count() <= MAX_API_MESSAGE_CHARS {
+        flat.to_owned()
+    } else {
+        let mut cut: String = flat.chars().take(MAX_API_MESSAGE_CHARS).collect();
+        cut.push('…');
+        cut
+    }
 }
 
 /// One message as either form writes it: the flat form's snake_case names and the API's
@@ -513,7 +588,8 @@ fn message_kind(
             "push" => Ok(MessageKind::Push),
             "in-app" | "inapp" | "in_app" | "in app" => Ok(MessageKind::InApp),
             other => Err(format!(
-                "message {id}: unknown channel {other:?} (expected \"email\", \"push\" or \"in-app\")"
+                "message {id}: unknown channel {} (expected \"email\", \"push\" or \"in-app\")",
+                quote_value(other)
             )),
         };
     }
@@ -723,6 +799,70 @@ mod tests {
         assert!(err.contains("line 2"), "{err}");
         let err = Catalog::parse_abtests(b"\"nope\"").unwrap_err();
         assert!(err.contains("flat form"), "{err}");
+    }
+
+    /// A file that is not a catalog (an HTML error page a sync job saved, JSON holding one)
+    /// is refused with an error that says what is wrong and where, and quotes none of it.
+    #[test]
+    fn parse_errors_never_quote_a_page() {
+        let page = "<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>\n\
+                    <body><h1>Bad Gateway</h1><p>upstream token=abc123</p></body></html>\n";
+        let long = "x".repeat(MAX_QUOTED_CHARS + 1);
+        let cases = [
+            page.to_owned(),
+            format!("  \n{page}"),
+            format!("[{page:?}]"),
+            format!("{{\"response\": {page:?}}}"),
+            format!("[{{\"id\": {page:?}, \"channel\": \"email\"}}]"),
+            format!("[{{\"id\": 1, \"channel\": {page:?}}}]"),
+            format!("[{{\"id\": 1, \"campaign_id\": {page:?}, \"channel\": \"email\"}}]"),
+            format!("[{{\"id\": 1, \"channel\": \"{long}\"}}]"),
+            "[{\"id\": 1, \"channel\": \"email\"}, <html>".to_owned(),
+        ];
+        for (i, json) in cases.iter().enumerate() {
+            for err in [
+                Catalog::parse_messages(json.as_bytes()).unwrap_err(),
+                Catalog::parse_abtests(json.as_bytes())
+                    .err()
+                    .unwrap_or_default(),
+            ] {
+                for needle in ["Bad Gateway", "token", "DOCTYPE", &long] {
+                    assert!(!err.contains(needle), "case {i}: {err}");
+                }
+                assert!(!err.contains('\n'), "case {i}: one line: {err}");
+            }
+        }
+        // Leanplum's own error message (a failed call saved to the file) is quoted, as one
+        // line and cut short.
+        let failed = format!(
+            "{{\"response\": [{{\"success\": false, \"error\": {{\"message\": {:?}}}}}]}}",
+            page.repeat(5)
+        );
+        let err = Catalog::parse_messages(failed.as_bytes()).unwrap_err();
+        assert!(err.starts_with(API_FAILURE), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert!(
+            err.chars().count() <= API_FAILURE.len() + MAX_API_MESSAGE_CHARS + 1,
+            "{err}"
+        );
+        // A short value is worth quoting: it is the typo to fix.
+        let err = Catalog::parse_messages(br#"[{"id": 1, "channel": "emial"}]"#).unwrap_err();
+        assert!(err.contains(r#""emial""#), "{err}");
+        let err = Catalog::parse_messages(br#"[{"id": "12x", "channel": "push"}]"#).unwrap_err();
+        assert!(err.contains(r#""12x""#), "{err}");
+    }
+
+    #[test]
+    fn long_quotes_are_cut_and_escapes_respected() {
+        let long = "y".repeat(50);
+        assert_eq!(
+            elide_long_quotes(&format!(r#"a "short" b "{long}" c "x\"y" d"#)),
+            r#"a "short" b [50 characters] c "x\"y" d"#
+        );
+        assert_eq!(
+            elide_long_quotes(&format!(r#"open "{long}"#)),
+            "open [50 characters]"
+        );
     }
 
     #[test]

@@ -21,6 +21,9 @@
 //!   records beside it arrive (SPEC section 8).
 //! - [`catalog_api`]: the catalog fetched from a Leanplum-compatible API, cached, refreshed,
 //!   looked up on demand; files waiting while Leanplum is down (SPEC sections 3 and 5).
+//! - [`catalog_files`]: the catalog files rewritten while running (by rename, in place) are
+//!   reloaded without a signal; a broken one is refused (exit 78 at start, the last good
+//!   catalog kept while running) and shown in `status` (SPEC section 5).
 //! - [`parking`]: records of messages the catalog does not know are parked, delivered once it
 //!   learns them, listed and purged otherwise (SPEC section 5).
 //! - [`input_model`]: random file histories and restarts against a model of what must be
@@ -30,6 +33,7 @@
 mod bad_input;
 mod batch_limits;
 mod catalog_api;
+mod catalog_files;
 mod cli;
 mod crash;
 mod delivery_faults;
