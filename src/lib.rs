@@ -12,6 +12,9 @@
 //! drain:  spool (FIFO) -> segment batches -> HTTP -> 2xx removes, else retry policy
 //! ```
 //!
+//! `ARCHITECTURE.md` at the top of the repository is the code map: each part, what it must
+//! never do, and the invariants.
+//!
 //! # Layout
 //! - [`cli`]: the command line (clap).
 //! - [`config`]: the TOML config, its defaults, `validate()`, and the write key (a secret).
