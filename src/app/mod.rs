@@ -295,8 +295,35 @@ pub async fn run(
 
     let mut first_scan = Some(first_scan_rx);
     let mut current = config;
-    loop {
+    // Supervision: every task runs until shutdown. One that ends or panics before stops the
+    // agent with an error naming it, so systemd restarts a whole process instead of leaving
+    // one that reads but never delivers (or the reverse).
+    let (mut drain_task, mut ingest_task) = (Some(drain_task), Some(ingest_task));
+    let (mut watch_task, mut catalog_watch_task) = (Some(watch_task), Some(catalog_watch_task));
+    let mut control_task = Some(control_task);
+    let failed: Option<String> = loop {
         tokio::select! {
+            r = async { drain_task.as_mut().expect("guarded").await }, if drain_task.is_some() => {
+                drain_task = None;
+                break Some(task_ended("drain", r));
+            }
+            r = async { ingest_task.as_mut().expect("guarded").await }, if ingest_task.is_some() => {
+                ingest_task = None;
+                break Some(task_ended("ingest", r));
+            }
+            r = async { watch_task.as_mut().expect("guarded").await }, if watch_task.is_some() => {
+                watch_task = None;
+                break Some(task_ended("watcher", r));
+            }
+            r = async { catalog_watch_task.as_mut().expect("guarded").await }, if catalog_watch_task.is_some() => {
+                catalog_watch_task = None;
+                break Some(task_ended("catalog file watcher", r));
+            }
+            r = async { control_task.as_mut().expect("guarded").await }, if control_task.is_some() => {
+                control_task = None;
+                break Some(task_ended("control socket", r));
+            }
+            Some(r) = background.join_next() => break Some(task_ended("background", r)),
             Ok(()) = async { first_scan.as_mut().expect("guarded").await }, if first_scan.is_some() => {
                 first_scan = None;
                 systemd::notify(&[sd_notify::NotifyState::Ready]);
@@ -309,31 +336,81 @@ pub async fn run(
                 }
                 systemd::notify(&[sd_notify::NotifyState::Ready]);
             }
-            _ = controls.shutdown.cancelled() => break,
+            _ = controls.shutdown.cancelled() => break None,
         }
+    };
+    // A task that ends because shutdown began is not a failure.
+    let failed = failed.filter(|_| !controls.shutdown.is_cancelled());
+    if let Some(why) = &failed {
+        tracing::error!(reason = %why, "a task stopped unexpectedly; shutting down so the service restarts");
+        controls.shutdown.cancel();
     }
 
     systemd::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: intake stopped, draining in-flight batches");
-    let _ = watch_task.await;
-    let _ = catalog_watch_task.await;
-    let _ = ingest_task.await;
-    drain_stop.cancel();
-    let _ = drain_task.await;
-    background.abort_all();
-    let spool_flush = spool.clone();
-    tokio::task::spawn_blocking(move || spool_flush.flush())
-        .await?
-        .context("cannot flush the spool")?;
-    control_stop.cancel();
-    let _ = control_task.await;
+    let shutdown = async {
+        for task in [watch_task, catalog_watch_task].into_iter().flatten() {
+            let _ = task.await;
+        }
+        if let Some(task) = ingest_task {
+            let _ = task.await;
+        }
+        drain_stop.cancel();
+        if let Some(task) = drain_task {
+            let _ = task.await;
+        }
+        background.abort_all();
+        let spool_flush = spool.clone();
+        tokio::task::spawn_blocking(move || spool_flush.flush())
+            .await?
+            .context("cannot flush the spool")?;
+        control_stop.cancel();
+        if let Some(task) = control_task {
+            let _ = task.await;
+        }
+        anyhow::Ok(())
+    };
+    // Inside the unit's TimeoutStopSec (30 s), so the exit is ours, not a SIGKILL: what is
+    // not flushed by then is re-read or re-sent at the next start.
+    match tokio::time::timeout(SHUTDOWN_DEADLINE, shutdown).await {
+        Ok(result) => result?,
+        Err(_) => anyhow::bail!(
+            "shutdown did not finish within {} s; exiting (the spool is crash-safe: what was not \
+             flushed is read or sent again at the next start)",
+            SHUTDOWN_DEADLINE.as_secs()
+        ),
+    }
     let depth = spool.depth()?;
     tracing::info!(
         queued = depth.events,
         delivered = Stats::get(&stats.events_delivered),
         "stopped"
     );
-    Ok(())
+    match failed {
+        Some(why) => anyhow::bail!("stopped because a task failed: {why}"),
+        None => Ok(()),
+    }
+}
+
+/// How long shutdown may take in all: the drain's grace for in-flight requests and the flush,
+/// inside the shipped unit's `TimeoutStopSec=30`.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(25);
+
+/// Why a supervised task ended before shutdown: its panic, or that it returned.
+fn task_ended<T>(name: &str, r: Result<T, tokio::task::JoinError>) -> String {
+    match r {
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let what = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "a panic".to_owned());
+            format!("the {name} task panicked: {what}")
+        }
+        Err(e) => format!("the {name} task was cancelled: {e}"),
+        Ok(_) => format!("the {name} task ended"),
+    }
 }
 
 /// Opens the spool; on a full disk, waits for room (logging once) instead of exiting into a

@@ -11,7 +11,8 @@ use crate::spool::now_ms;
 /// `STATUS=` for `systemctl status`, refreshed every few seconds (only under systemd).
 pub(super) async fn status_loop(report: control::ReportFn) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
+        // Nothing to do, but a supervised task ends only at shutdown (see `app::run`).
+        return std::future::pending().await;
     }
     let mut every = tokio::time::interval(Duration::from_secs(10));
     loop {
@@ -46,7 +47,7 @@ pub(super) fn reloading() {
 pub(super) async fn watchdog_loop(heartbeats: Vec<(&'static str, Arc<AtomicU64>)>) {
     let mut usec = 0u64;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
+        return std::future::pending().await;
     }
     let period = Duration::from_micros(usec);
     let mut every = tokio::time::interval(period / 2);
