@@ -208,13 +208,22 @@ impl<R: BufRead> LineReader<R> {
     }
 }
 
-/// Appends `content` to a record buffer, growing it by doubling but never past `limit`: a
-/// record just over half the limit must not reserve twice the limit.
+/// Appends `content` to a record buffer, never growing it past `limit`. Up to
+/// [`KEEP_BUFFER_BYTES`] it grows by doubling. A record longer than that is a long one (a
+/// session of megabytes): the buffer then reserves the whole limit at once, so it is never
+/// copied to grow again, since each copy would hold the record twice at its peak. The pages the
+/// record does not fill are never touched and cost no memory; the buffer is given back after
+/// the record (see [`LineReader::release_large_buffer`]). If the system refuses that much
+/// address space, growth goes on by doubling.
 fn store(buf: &mut Vec<u8>, limit: usize, content: &[u8]) {
     let needed = buf.len() + content.len();
     if needed > buf.capacity() {
-        let target = needed.max(buf.capacity() * 2).min(limit);
-        buf.reserve_exact(target - buf.len());
+        let at_once =
+            needed > KEEP_BUFFER_BYTES && buf.try_reserve_exact(limit - buf.len()).is_ok();
+        if !at_once {
+            let target = needed.max(buf.capacity() * 2).min(limit);
+            buf.reserve_exact(target - buf.len());
+        }
     }
     buf.extend_from_slice(content);
 }
