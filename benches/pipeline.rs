@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use leanplum_segment_agent::config::DEFAULT_MAX_LINE_BYTES;
 use leanplum_segment_agent::ingest::map_record;
 use leanplum_segment_agent::input::Reader;
 use leanplum_segment_agent::leanplum::catalog::Catalog;
@@ -455,7 +456,7 @@ fn parse_floor(paths: &[PathBuf]) -> (Duration, u64, u64) {
     let start = Instant::now();
     let (mut events, mut bytes) = (0u64, 0u64);
     for p in paths {
-        let mut r = Reader::open(p, 0).unwrap();
+        let mut r = Reader::open(p, 0, DEFAULT_MAX_LINE_BYTES).unwrap();
         let mut out = Output::default();
         while let Some(item) = r.next_item() {
             let item = item.unwrap();

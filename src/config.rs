@@ -15,6 +15,13 @@ use crate::mapping::{EmailSubject, UnknownChannel};
 /// Where the config lives unless `--config` says otherwise.
 pub const DEFAULT_PATH: &str = "/etc/leanplum-segment-agent/config.toml";
 
+/// `watch.max_line_bytes` unless set: 64 MiB.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
+/// The smallest `watch.max_line_bytes` accepted.
+pub const MIN_MAX_LINE_BYTES: usize = 1 << 10;
+/// The largest `watch.max_line_bytes` accepted: one line is held in memory whole.
+pub const MAX_MAX_LINE_BYTES: usize = 1 << 30;
+
 /// A config that cannot be used. `check-config` and `run` exit 78 (EX_CONFIG) on it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -145,6 +152,10 @@ pub struct WatchConfig {
     pub settle_secs: u64,
     /// Full scan beside inotify, which can overflow or miss events.
     pub rescan_interval_secs: u64,
+    /// The longest line (CSV: record) read; a longer one is quarantined with its size. One
+    /// session is one line, and an active user's is megabytes. At most this much of one line is
+    /// held in memory at a time.
+    pub max_line_bytes: usize,
     /// Leanplum shards wait for their job's `-output-manifest`.
     pub require_manifest: bool,
     pub after_ingest: AfterIngest,
@@ -159,6 +170,7 @@ impl Default for WatchConfig {
             exclude: vec!["**/*.tmp".into(), "**/.*".into(), "**/*.partial".into()],
             settle_secs: 5,
             rescan_interval_secs: 30,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
             require_manifest: false,
             after_ingest: AfterIngest::Keep,
             move_to: PathBuf::new(),
@@ -481,6 +493,15 @@ impl Config {
         if w.rescan_interval_secs == 0 {
             bad("watch.rescan_interval_secs", "must be at least 1".into());
         }
+        if !(MIN_MAX_LINE_BYTES..=MAX_MAX_LINE_BYTES).contains(&w.max_line_bytes) {
+            bad(
+                "watch.max_line_bytes",
+                format!(
+                    "{} is outside {MIN_MAX_LINE_BYTES}..={MAX_MAX_LINE_BYTES} (1 KiB to 1 GiB)",
+                    w.max_line_bytes
+                ),
+            );
+        }
         if w.after_ingest == AfterIngest::Move {
             if w.move_to.as_os_str().is_empty() {
                 bad(
@@ -729,6 +750,7 @@ mod tests {
         assert_eq!(c.watch.exclude, vec!["**/*.tmp", "**/.*", "**/*.partial"]);
         assert_eq!(c.watch.settle_secs, 5);
         assert_eq!(c.watch.rescan_interval_secs, 30);
+        assert_eq!(c.watch.max_line_bytes, 67_108_864);
         assert!(!c.watch.require_manifest);
         assert_eq!(c.watch.after_ingest, AfterIngest::Keep);
         assert_eq!(
@@ -797,6 +819,26 @@ mod tests {
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn max_line_bytes_is_bounded_and_named() {
+        let problems = |value: u64| {
+            Config::parse(&format!("{}max_line_bytes = {value}\n", minimal()))
+                .unwrap()
+                .validate(Purpose::DryRun)
+        };
+        for ok in [1024, 67_108_864, 1 << 30] {
+            assert_eq!(problems(ok), vec![], "{ok}");
+        }
+        for wrong in [0, 1023, (1 << 30) + 1] {
+            let p = problems(wrong);
+            assert_eq!(p.len(), 1, "{wrong}: {p:?}");
+            assert_eq!(p[0].key, "watch.max_line_bytes");
+            assert!(p[0].message.starts_with(&wrong.to_string()), "{}", p[0]);
+        }
+        let err = Config::parse("[watch]\nmax_line_bytes = -1\n").unwrap_err();
+        assert!(err.starts_with("watch.max_line_bytes"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! line again with today's catalog and mapping: if it now gives events, they are spooled (the
 //! dedupe index still applies) and the entry goes; if not, the entry stays with the new reason.
 //! Lines longer than the 4 KiB kept, CSV rows (their header is not kept), and whole-file
-//! problems cannot be retried this way: fix the source file and drop it in again.
+//! problems cannot be retried this way: fix the source file and drop it in again. A line that
+//! was over `watch.max_line_bytes` is never re-parsed from its kept start: the retry says
+//! whether the configured limit would take it now.
 
 use serde::{Deserialize, Serialize};
 
@@ -85,12 +87,14 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
     Ok(out)
 }
 
-/// Retries the entries `ids` (all when empty); see the module doc.
+/// Retries the entries `ids` (all when empty); see the module doc. `max_line_bytes` is the
+/// configured `watch.max_line_bytes`.
 pub fn retry(
     spool: &Spool,
     ids: &[u64],
     catalog: &Catalog,
     opts: &MappingOptions,
+    max_line_bytes: usize,
 ) -> Result<RetryOutcome, spool::Error> {
     let mut outcome = RetryOutcome {
         requeued: spool.requeue_dead(ids)?,
@@ -101,11 +105,14 @@ pub fn retry(
             continue;
         }
         if q.kind == QuarantineKind::Parked {
-            // Parked records go again whenever the catalog changes; by hand, they map with
-            // the catalog and options of now, like the automatic pass.
+            // Parked records go again whenever the catalog changes (`catalog::parking`).
             continue;
         }
-        match reparse(q.raw.as_bytes(), catalog, opts) {
+        let reparsed = match input::over_limit_size(&q.reason) {
+            Some(size) => Err(over_limit_advice(size, max_line_bytes)),
+            None => reparse(q.raw.as_bytes(), catalog, opts),
+        };
+        match reparsed {
             Ok(events) => {
                 spool.commit_file_chunk(&Chunk {
                     file_id: NO_FILE,
@@ -124,6 +131,23 @@ pub fn retry(
         }
     }
     Ok(outcome)
+}
+
+/// Why a line quarantined for its size cannot be retried, and what would read it.
+fn over_limit_advice(size: u64, max_line_bytes: usize) -> String {
+    if size > max_line_bytes as u64 {
+        format!(
+            "{}: only its first 4 KiB were kept; raise watch.max_line_bytes and drop the file in again",
+            input::over_limit_reason("line", size, max_line_bytes)
+        )
+    } else {
+        format!(
+            "line of {} bytes was over watch.max_line_bytes when it was read (the limit is {} now), \
+             and only its first 4 KiB were kept: drop the file in again",
+            input::thousands(size),
+            input::thousands(max_line_bytes as u64)
+        )
+    }
 }
 
 fn reparse(
@@ -152,11 +176,13 @@ fn reparse(
 
 /// Answers a control-socket request (`dead-letter list`, `dead-letter retry [ID...]`,
 /// `dead-letter purge [ID...]`) as one JSON value; `None` for a request that is not ours.
+/// `max_line_bytes` is the configured `watch.max_line_bytes`, for retries.
 pub fn handle_request(
     request: &str,
     spool: &Spool,
     catalog: &Catalog,
     opts: &MappingOptions,
+    max_line_bytes: usize,
 ) -> Option<serde_json::Value> {
     let mut words = request.split_whitespace();
     if words.next() != Some("dead-letter") {
@@ -169,7 +195,8 @@ pub fn handle_request(
     };
     let answer = match verb {
         "list" => list(spool).map(|e| serde_json::json!({ "entries": e })),
-        "retry" => retry(spool, &ids, catalog, opts).map(|o| serde_json::json!({ "retry": o })),
+        "retry" => retry(spool, &ids, catalog, opts, max_line_bytes)
+            .map(|o| serde_json::json!({ "retry": o })),
         "purge" => spool
             .purge(&ids)
             .map(|n| serde_json::json!({ "purged": n })),
@@ -212,6 +239,8 @@ mod tests {
     use super::*;
     use crate::spool::{FileRecord, QuarantineEntry};
     use std::path::Path;
+
+    const LIMIT: usize = crate::config::DEFAULT_MAX_LINE_BYTES;
 
     fn catalog() -> Catalog {
         Catalog::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/catalog")).unwrap()
@@ -269,7 +298,7 @@ mod tests {
         assert!(text.contains("dead-letter"), "{text}");
         assert!(text.contains("lp-e-1"), "{text}");
 
-        let out = retry(&spool, &[], &catalog(), &MappingOptions::default()).unwrap();
+        let out = retry(&spool, &[], &catalog(), &MappingOptions::default(), LIMIT).unwrap();
         assert_eq!(out.requeued, 1);
         assert_eq!(out.recovered, 1, "the quarantined line maps today");
         assert_eq!(out.still_bad.len(), 1);
@@ -297,12 +326,51 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 8 << 20).unwrap();
         let (c, o) = (catalog(), MappingOptions::default());
-        assert_eq!(handle_request("status", &spool, &c, &o), None);
-        let v = handle_request("dead-letter list", &spool, &c, &o).unwrap();
+        assert_eq!(handle_request("status", &spool, &c, &o, LIMIT), None);
+        let v = handle_request("dead-letter list", &spool, &c, &o, LIMIT).unwrap();
         assert_eq!(v["entries"].as_array().unwrap().len(), 0);
-        let v = handle_request("dead-letter purge x", &spool, &c, &o).unwrap();
+        let v = handle_request("dead-letter purge x", &spool, &c, &o, LIMIT).unwrap();
         assert!(v["error"].is_string());
-        let v = handle_request("dead-letter purge 5", &spool, &c, &o).unwrap();
+        let v = handle_request("dead-letter purge 5", &spool, &c, &o, LIMIT).unwrap();
         assert_eq!(v["purged"], 0);
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_not_reparsed_from_its_kept_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 8 << 20).unwrap();
+        // Its kept start happens to be a whole session: still not what the line held.
+        let start = r#"{"deviceId":"D1","time":1793534899.612,"states":[{"events":[{"eventId":78,"name":".m5680127476129675 Open","time":1793534900}]}]}"#;
+        spool
+            .quarantine(&QuarantineEntry {
+                reason: input::over_limit_reason("line", 3_000_000, 1 << 20),
+                file: "in/big".into(),
+                line: 1,
+                time_ms: 1,
+                raw: start.into(),
+                ..QuarantineEntry::default()
+            })
+            .unwrap();
+        let (c, o) = (catalog(), MappingOptions::default());
+        let out = retry(&spool, &[], &c, &o, 2 << 20).unwrap();
+        assert_eq!(out.recovered, 0);
+        assert_eq!(
+            out.still_bad[0].1,
+            "line of 3,000,000 bytes is over watch.max_line_bytes (2,097,152): only its first \
+             4 KiB were kept; raise watch.max_line_bytes and drop the file in again"
+        );
+        // Recognized again after a failed retry rewrote the reason.
+        let out = retry(&spool, &[], &c, &o, LIMIT).unwrap();
+        assert_eq!(out.recovered, 0);
+        assert!(
+            out.still_bad[0].1.starts_with(
+                "line of 3,000,000 bytes was over watch.max_line_bytes when it was read \
+                 (the limit is 67,108,864 now)"
+            ),
+            "{}",
+            out.still_bad[0].1
+        );
+        assert_eq!(spool.depth().unwrap().events, 0, "nothing spooled");
+        assert_eq!(list(&spool).unwrap().len(), 1);
     }
 }

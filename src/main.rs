@@ -282,6 +282,7 @@ fn dry_run(config: Option<&Path>, files: &[PathBuf]) -> ExitCode {
         files,
         &catalog,
         &app::mapping_options(&config),
+        config.watch.max_line_bytes,
         &mut out,
         &mut err,
     ) {
@@ -430,6 +431,7 @@ fn dead_letter(path: &Path, action: &DeadLetterAction) -> ExitCode {
                 &spool,
                 &catalog,
                 &app::mapping_options(&config),
+                config.watch.max_line_bytes,
             ) {
                 Some(v) => v,
                 None => return ExitCode::FAILURE,

@@ -3,6 +3,7 @@
 //! Pure: no I/O and no clock, so every rule is a table test below.
 
 use crate::leanplum::catalog::{Catalog, Message, MessageKind};
+pub use crate::leanplum::parse_message_event;
 use crate::leanplum::{Channel, Engagement, Event, Experiment, Id, LpTime, Session};
 use crate::segment::{TrackEvent, rfc3339_millis};
 use serde::{Deserialize, Serialize};
@@ -161,8 +162,12 @@ pub fn map_session(
             experiment_viewed(x, s.time, &who, &context, catalog, &mut local);
         }
     }
-    for event in s.states.iter().flat_map(|state| &state.events) {
-        session_event(event, &who, &context, catalog, opts, &mut local);
+    for state in &s.states {
+        // App events were counted and dropped as the line was parsed.
+        local.app_events += state.events.app_events;
+        for event in &state.events.messages {
+            session_event(event, &who, &context, catalog, opts, &mut local);
+        }
     }
     out.append(local);
     Ok(())
@@ -225,7 +230,7 @@ pub fn session_unknown_messages(s: &Session, catalog: &Catalog) -> Vec<Id> {
     let mut ids: Vec<Id> = s
         .states
         .iter()
-        .flat_map(|state| &state.events)
+        .flat_map(|state| &state.events.messages)
         .filter_map(|e| parse_message_event(&e.name))
         .filter(|(id, action)| Action::parse(*action).is_ok() && catalog.message(*id).is_none())
         .map(|(id, _)| id)
@@ -247,7 +252,7 @@ pub fn parked_part(record: &crate::input::Record, parked: &[Id]) -> crate::input
             let events = s
                 .states
                 .iter()
-                .flat_map(|state| &state.events)
+                .flat_map(|state| &state.events.messages)
                 .filter(|e| {
                     parse_message_event(&e.name).is_some_and(|(id, _)| parked.contains(&id))
                 })
@@ -267,7 +272,12 @@ pub fn parked_part(record: &crate::input::Record, parked: &[Id]) -> crate::input
                 system_version: s.system_version.clone(),
                 device_model: s.device_model.clone(),
                 experiments: Vec::new(),
-                states: vec![crate::leanplum::State { events }],
+                states: vec![crate::leanplum::State {
+                    events: crate::leanplum::Events {
+                        messages: events,
+                        app_events: 0,
+                    },
+                }],
             }))
         }
     }
@@ -297,23 +307,6 @@ pub fn engagement_unknown_message(e: &Engagement, catalog: &Catalog) -> Option<I
     let name = e.event.trim();
     let sent = SegmentEvent::from_name(name).is_some() || Action::parse(Some(name)).is_ok();
     (sent && catalog.message(id).is_none()).then_some(id)
-}
-
-/// Splits a message event name: `".m123"` -> `(123, None)`, `".m123 Open"` ->
-/// `(123, Some("Open"))`. Anything else (an app event) -> `None`.
-pub fn parse_message_event(name: &str) -> Option<(Id, Option<&str>)> {
-    let rest = name.strip_prefix(".m")?;
-    let digits_end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    let (digits, tail) = rest.split_at(digits_end);
-    // Also rejects ids too long for a u64: such a name is not one Leanplum writes.
-    let id = digits.parse::<u64>().ok().map(Id)?;
-    if tail.is_empty() {
-        return Some((id, None));
-    }
-    let action = tail.strip_prefix(' ')?.trim();
-    Some((id, (!action.is_empty()).then_some(action)))
 }
 
 /// The nine Segment events a message engagement can become.
@@ -468,7 +461,7 @@ fn resolve(
         .ok_or_else(|| SKIP_UNKNOWN_MESSAGE.to_owned())
 }
 
-/// A session's message event or app event.
+/// A session's message event (an app event is only counted).
 fn session_event(
     event: &Event,
     who: &Identity,

@@ -8,6 +8,7 @@
 
 mod common;
 
+use leanplum_segment_agent::config::DEFAULT_MAX_LINE_BYTES;
 use leanplum_segment_agent::input::{Format, Reader, Record};
 use leanplum_segment_agent::leanplum::Engagement;
 use leanplum_segment_agent::mapping::{Output, map_engagement};
@@ -35,7 +36,8 @@ fuzz_target!(|data: &[u8]| {
 
     let path = common::scratch_path("engagement.csv");
     std::fs::write(&path, [HEADER, data].concat()).expect("write scratch file");
-    let mut reader = Reader::open(&path, 0).expect("a file with an `event` header opens");
+    let mut reader = Reader::open(&path, 0, DEFAULT_MAX_LINE_BYTES)
+        .expect("a file with an `event` header opens");
     assert_eq!(reader.format(), Format::EngagementCsv);
     let mut items = 0usize;
     while let Some(item) = reader.next_item() {

@@ -20,6 +20,10 @@ use flate2::write::GzEncoder;
 use leanplum_segment_agent::input::{Item, Reader};
 use libfuzzer_sys::fuzz_target;
 
+/// The reader's `watch.max_line_bytes`: the smallest the config accepts, so inputs of a few KiB
+/// reach the over-the-limit path too.
+const MAX_LINE_BYTES: usize = 1024;
+
 /// Everything one `Reader` yielded from a start offset.
 struct Run {
     items: Vec<Item>,
@@ -48,7 +52,7 @@ fn decoded_len(file: &[u8]) -> u64 {
 /// Reads every item from `start`, checking the per-item invariants as it goes (so a runaway
 /// reader fails fast instead of filling memory). `None` when `open` fails.
 fn read_all(path: &Path, start: u64, len: u64) -> Option<Run> {
-    let mut reader = Reader::open(path, start).ok()?;
+    let mut reader = Reader::open(path, start, MAX_LINE_BYTES).ok()?;
     let mut items: Vec<Item> = Vec::new();
     let mut error = None;
     let mut prev_end = start;
@@ -110,7 +114,7 @@ fn check_file(file: &[u8], arbitrary_offset: u64) {
     let Some(full) = read_all(&path, 0, len) else {
         // Opening failed (empty, unknown format, gzip cut in its header...). Opening elsewhere
         // must fail too, without panicking.
-        let _ = Reader::open(&path, arbitrary_offset);
+        let _ = Reader::open(&path, arbitrary_offset, MAX_LINE_BYTES);
         return;
     };
 

@@ -171,12 +171,14 @@ pub async fn run(
     };
     let commands: control::CommandFn = {
         let (spool, mapping, catalog) = (spool.clone(), mapping.clone(), catalog.clone());
+        // A `[watch]` change takes effect at the next restart, for retries too.
+        let max_line_bytes = config.watch.max_line_bytes;
         Arc::new(move |request: &str| {
             if let Some(answer) = crate::catalog::handle_request(request, &catalog) {
                 return Some(answer);
             }
             let m = crate::mapping::current(&mapping);
-            crate::deadletter::handle_request(request, &spool, &m.catalog, &m.opts)
+            crate::deadletter::handle_request(request, &spool, &m.catalog, &m.opts, max_line_bytes)
         })
     };
     let socket = control::ControlSocket::bind(&config.control.socket)
@@ -231,6 +233,7 @@ pub async fn run(
         stats: stats.clone(),
         watch_dir: config.watch.dir.clone().unwrap_or_default(),
         max_spool_bytes: config.spool.max_bytes,
+        max_line_bytes: config.watch.max_line_bytes,
         drain_wake: handle.wake.clone(),
         partial_line_hold: Duration::from_secs(
             config.watch.settle_secs.max(1) * workers::PARTIAL_LINE_HOLD_SETTLES,

@@ -117,6 +117,8 @@ pub struct Ingestor {
     pub watch_dir: PathBuf,
     /// `spool.max_bytes`: reading pauses above it.
     pub max_spool_bytes: u64,
+    /// `watch.max_line_bytes`: a longer line is quarantined with its size.
+    pub max_line_bytes: usize,
     /// Told after every commit so the drain need not poll.
     pub drain_wake: Arc<tokio::sync::Notify>,
     /// How long after its last change a file's unfinished, unparsable last line is held
@@ -206,14 +208,14 @@ impl Ingestor {
         let (file_id, offset, line) = (id, rec.offset, rec.line);
 
         let (mut file_id, mut offset, mut line) = (file_id, offset, line);
-        let opened = match Reader::open(&abs, offset) {
+        let opened = match Reader::open(&abs, offset, self.max_line_bytes) {
             Err(InputError::BadOffset { .. }) if offset > 0 => {
                 // The edges still match but the committed offset no longer falls on a line
                 // boundary: the file was rewritten. Read it as a new file.
                 tracing::warn!(path = %shown, offset, "file rewritten; reading it as a new file");
                 file_id = self.begin(rel, &head, gzip, len)?;
                 (offset, line) = (0, 0);
-                Reader::open(&abs, 0)
+                Reader::open(&abs, 0, self.max_line_bytes)
             }
             other => other,
         };
@@ -726,12 +728,14 @@ pub struct DryRunSummary {
 }
 
 /// Parses `paths` and writes the events they would produce as JSON lines to `out`; bad records
-/// and unreadable files are reported on `err` as `file:line: reason`. Events are deduplicated by
-/// `messageId` across all the files, as the spool would.
+/// (a line over `max_line_bytes` too) and unreadable files are reported on `err` as
+/// `file:line: reason`. Events are deduplicated by `messageId` across all the files, as the
+/// spool would.
 pub fn dry_run(
     paths: &[PathBuf],
     catalog: &Catalog,
     opts: &MappingOptions,
+    max_line_bytes: usize,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<DryRunSummary> {
@@ -744,7 +748,7 @@ pub fn dry_run(
             writeln!(err, "{shown}: a job manifest, not data; skipped")?;
             continue;
         }
-        let mut reader = match Reader::open(path, 0) {
+        let mut reader = match Reader::open(path, 0, max_line_bytes) {
             Ok(r) => r,
             Err(InputError::Empty) => continue,
             Err(e) => {

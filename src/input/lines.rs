@@ -1,10 +1,18 @@
 //! Bounded record framing over a decompressed byte stream: splits it into newline-terminated
 //! records (or CSV records, whose quoted fields may hold newlines) while counting byte offsets
-//! and line numbers, and never holding more than `MAX_LINE_BYTES` of one record in memory.
+//! and line numbers, and never holding more than its limit (`watch.max_line_bytes`) of one
+//! record in memory.
 
 use std::io::{self, BufRead};
 
-use super::MAX_LINE_BYTES;
+/// The record buffer keeps at most this much capacity between records: after a longer record
+/// it is given back (see [`LineReader::release_large_buffer`]), so one huge session does not pin
+/// its size in memory for the rest of the file.
+pub(crate) const KEEP_BUFFER_BYTES: usize = 1 << 20;
+
+/// Of a record over the limit, this much of its start stays in the buffer (for the quarantine);
+/// the rest is dropped as soon as the overflow is seen.
+pub(crate) const OVERFLOW_KEEP_BYTES: usize = 8 << 10;
 
 /// Where a record ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,8 +23,8 @@ pub(crate) enum Framing {
     Csv,
 }
 
-/// One framed record; its bytes (without the terminating `\n`, at most `MAX_LINE_BYTES` of them)
-/// are in [`LineReader::record`].
+/// One framed record; its bytes (without the terminating `\n`, at most the limit of them) are in
+/// [`LineReader::record`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RawRecord {
     /// Offset of the record's first byte in the stream.
@@ -25,16 +33,21 @@ pub(crate) struct RawRecord {
     pub line: u64,
     /// False when the stream ended before the record's `\n`.
     pub terminated: bool,
-    /// The record was longer than `MAX_LINE_BYTES`; only its first `MAX_LINE_BYTES` were kept
-    /// and the rest was read past without being stored.
+    /// The record was longer than the limit; only its first [`OVERFLOW_KEEP_BYTES`] are in
+    /// the buffer, the rest was read past without being stored.
     pub overflow: bool,
+    /// The record's full length in bytes, without its `\n` (over the limit too).
+    pub len: u64,
 }
 
 /// Frames records from a `BufRead`, tracking the stream offset and the newlines consumed.
 pub(crate) struct LineReader<R> {
     inner: R,
-    /// Reused for every record so the steady state allocates nothing.
+    /// Reused for every record so the steady state allocates nothing; never more than `limit`
+    /// bytes long.
     buf: Vec<u8>,
+    /// The longest record kept (`watch.max_line_bytes`).
+    limit: usize,
     /// Bytes consumed from the stream so far.
     offset: u64,
     /// `\n` bytes consumed so far, so the next record starts on line `newlines + 1`.
@@ -44,10 +57,12 @@ pub(crate) struct LineReader<R> {
 }
 
 impl<R: BufRead> LineReader<R> {
-    pub(crate) fn new(inner: R) -> Self {
+    /// Frames `inner`, keeping records of at most `limit` bytes (at least 1).
+    pub(crate) fn new(inner: R, limit: usize) -> Self {
         LineReader {
             inner,
             buf: Vec::new(),
+            limit: limit.max(1),
             offset: 0,
             newlines: 0,
             last_byte: None,
@@ -73,6 +88,14 @@ impl<R: BufRead> LineReader<R> {
         self.buf.capacity()
     }
 
+    /// Gives the record buffer's memory back when a long record made it grow past
+    /// [`KEEP_BUFFER_BYTES`]. Call it once the last record's bytes are no longer needed.
+    pub(crate) fn release_large_buffer(&mut self) {
+        if self.buf.capacity() > KEEP_BUFFER_BYTES {
+            self.buf = Vec::new();
+        }
+    }
+
     /// True when the stream has no more bytes.
     pub(crate) fn at_eof(&mut self) -> io::Result<bool> {
         loop {
@@ -93,6 +116,7 @@ impl<R: BufRead> LineReader<R> {
         let mut scan = CsvScan::StartOfField;
         let mut overflow = false;
         let mut any = false;
+        let mut len = 0u64;
         loop {
             let chunk = match self.inner.fill_buf() {
                 Ok(chunk) => chunk,
@@ -105,6 +129,7 @@ impl<R: BufRead> LineReader<R> {
                     line,
                     terminated: false,
                     overflow,
+                    len,
                 }));
             }
             any = true;
@@ -113,15 +138,21 @@ impl<R: BufRead> LineReader<R> {
                 Framing::Csv => scan.find_end(chunk),
             };
             let content_len = end.unwrap_or(chunk.len());
-            let content = &chunk[..content_len];
+            len += content_len as u64;
             if !overflow {
-                // Past the cap the rest is only scanned, never stored: a 2 GB line costs 1 MiB.
-                let room = MAX_LINE_BYTES - self.buf.len();
-                if content.len() > room {
-                    self.buf.extend_from_slice(&content[..room]);
+                // Past the limit the rest is only scanned, never stored: a 2 GB line costs at
+                // most the limit, and only until the overflow is seen.
+                let content = &chunk[..content_len];
+                if content.len() > self.limit - self.buf.len() {
                     overflow = true;
+                    // Only the start is kept, for the quarantine; the memory goes back now.
+                    let keep = OVERFLOW_KEEP_BYTES.min(self.limit);
+                    let more = keep.saturating_sub(self.buf.len());
+                    self.buf.extend_from_slice(&content[..more]);
+                    self.buf.truncate(keep);
+                    self.buf.shrink_to(keep);
                 } else {
-                    self.buf.extend_from_slice(content);
+                    store(&mut self.buf, self.limit, content);
                 }
             }
             let consumed = end.map_or(chunk.len(), |i| i + 1);
@@ -139,6 +170,7 @@ impl<R: BufRead> LineReader<R> {
                     line,
                     terminated: true,
                     overflow,
+                    len,
                 }));
             }
         }
@@ -174,6 +206,26 @@ impl<R: BufRead> LineReader<R> {
         }
         Ok(true)
     }
+}
+
+/// Appends `content` to a record buffer, never growing it past `limit`. Up to
+/// [`KEEP_BUFFER_BYTES`] it grows by doubling. A record longer than that is a long one (a
+/// session of megabytes): the buffer then reserves the whole limit at once, so it is never
+/// copied to grow again, since each copy would hold the record twice at its peak. The pages the
+/// record does not fill are never touched and cost no memory; the buffer is given back after
+/// the record (see [`LineReader::release_large_buffer`]). If the system refuses that much
+/// address space, growth goes on by doubling.
+fn store(buf: &mut Vec<u8>, limit: usize, content: &[u8]) {
+    let needed = buf.len() + content.len();
+    if needed > buf.capacity() {
+        let at_once =
+            needed > KEEP_BUFFER_BYTES && buf.try_reserve_exact(limit - buf.len()).is_ok();
+        if !at_once {
+            let target = needed.max(buf.capacity() * 2).min(limit);
+            buf.reserve_exact(target - buf.len());
+        }
+    }
+    buf.extend_from_slice(content);
 }
 
 fn count_newlines(bytes: &[u8]) -> u64 {
@@ -242,7 +294,7 @@ mod tests {
     }
 
     fn frame(data: &[u8], framing: Framing) -> Vec<(Vec<u8>, RawRecord, u64)> {
-        let mut r = LineReader::new(BufReader::with_capacity(1, Trickle(data)));
+        let mut r = LineReader::new(BufReader::with_capacity(1, Trickle(data)), 1 << 20);
         let mut out = Vec::new();
         while let Some(rec) = r.read_record(framing).unwrap() {
             out.push((r.record().to_vec(), rec, r.offset()));
@@ -273,7 +325,7 @@ mod tests {
 
     #[test]
     fn skip_to_counts_newlines_and_reports_a_short_stream() {
-        let mut r = LineReader::new(BufReader::new(&b"a\nb\nc\n"[..]));
+        let mut r = LineReader::new(BufReader::new(&b"a\nb\nc\n"[..]), 1 << 20);
         assert!(r.skip_to(4).unwrap());
         assert_eq!((r.offset(), r.last_byte()), (4, Some(b'\n')));
         let rec = r.read_record(Framing::Lines).unwrap().unwrap();

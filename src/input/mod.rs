@@ -2,9 +2,12 @@
 //! JSON lines, CSV header) and a streaming [`Reader`] that yields one record at a time with the
 //! decompressed byte offset just past it, which ingest commits to resume from after a crash.
 //!
-//! Memory is bounded whatever the file: a 128 KiB read buffer plus one record of at most
-//! [`MAX_LINE_BYTES`]. A bad record is an [`Item`] carrying a [`BadRecord`], never an error that
-//! stops the file; only stream-level failures (I/O, truncated or corrupt gzip) end a file.
+//! Memory is bounded whatever the file: a 128 KiB read buffer plus one record of at most the
+//! reader's limit (`watch.max_line_bytes`, 64 MiB by default: one session is one line, and an
+//! active user's is megabytes), parsed while nothing else of the file is held. A longer record
+//! is a [`BadRecord`] naming its size; a buffer grown by a long record is given back after it.
+//! A bad record is an [`Item`] carrying a [`BadRecord`], never an error that stops the file;
+//! only stream-level failures (I/O, truncated or corrupt gzip) end a file.
 //!
 //! Offsets are positions in the *decompressed* stream, counting every byte (a BOM, blank lines,
 //! `\r`). Resuming a gzip file decompresses and discards up to the offset; resuming any file reads
@@ -24,10 +27,6 @@ use crate::leanplum::{Engagement, Session};
 pub use detect::detect;
 use detect::{BOM, HEAD_BYTES};
 use lines::{Framing, LineReader};
-
-/// The longest record kept in memory. A longer one becomes a [`BadRecord`] and is read past
-/// without being stored (SPEC section 8).
-pub const MAX_LINE_BYTES: usize = 1 << 20;
 
 /// How much of an offending record a [`BadRecord`] keeps, for the quarantine.
 pub const BAD_RECORD_RAW_BYTES: usize = 4 << 10;
@@ -132,6 +131,8 @@ pub struct Reader {
     format: Format,
     gzip: bool,
     lines: LineReader<BufReader<Box<dyn Read + Send>>>,
+    /// The longest record read (`watch.max_line_bytes`), for the reason of a longer one.
+    max_line_bytes: usize,
     /// CSV column names, trimmed and lowercased; empty for JSON formats.
     header: Vec<String>,
     /// Set after the end of input or a stream error: nothing more will be read.
@@ -142,7 +143,14 @@ impl Reader {
     /// Opens `path`, detects its format by content, and positions it at `start_offset` (a byte
     /// offset in the decompressed stream, previously returned as an `end_offset`; 0 for a new
     /// file). A CSV header is always read from the start of the file first.
-    pub fn open(path: &Path, start_offset: u64) -> Result<Reader, InputError> {
+    ///
+    /// `max_line_bytes` (`watch.max_line_bytes`) is the longest record read: a longer one is a
+    /// [`BadRecord`] naming its size, read past without being stored (SPEC section 8).
+    pub fn open(
+        path: &Path,
+        start_offset: u64,
+        max_line_bytes: usize,
+    ) -> Result<Reader, InputError> {
         let mut file = File::open(path)?;
         let gzip = starts_with_gzip_magic(&mut file)?;
         let format = detect_file(&file, gzip)?;
@@ -151,10 +159,11 @@ impl Reader {
         let mut reader = Reader {
             format,
             gzip,
-            lines: LineReader::new(BufReader::with_capacity(
-                STREAM_BUFFER_BYTES,
-                decoded(file, gzip),
-            )),
+            lines: LineReader::new(
+                BufReader::with_capacity(STREAM_BUFFER_BYTES, decoded(file, gzip)),
+                max_line_bytes,
+            ),
+            max_line_bytes,
             header: Vec::new(),
             done: false,
         };
@@ -201,16 +210,20 @@ impl Reader {
                 continue;
             }
             let result = if raw.overflow {
+                let what = match self.format {
+                    Format::EngagementCsv => "record",
+                    Format::Sessions | Format::EngagementJson => "line",
+                };
                 Err(bad(
-                    match self.format {
-                        Format::EngagementCsv => "record exceeds 1 MiB",
-                        Format::Sessions | Format::EngagementJson => "line exceeds 1 MiB",
-                    },
+                    over_limit_reason(what, raw.len, self.max_line_bytes),
                     bytes,
                 ))
             } else {
                 self.parse(bytes).map_err(|reason| bad(reason, bytes))
             };
+            // The record is parsed into owned values: a buffer a long one grew goes back now,
+            // before the record is mapped.
+            self.lines.release_large_buffer();
             return Some(Ok(Item {
                 line: raw.line,
                 end_offset: self.lines.offset(),
@@ -298,8 +311,41 @@ impl Reader {
     }
 }
 
-/// Maps a read error to what it means for this file. Reading a plain file never reports
-/// `UnexpectedEof` or `InvalidInput`, so for a gzip file those come from the decoder.
+/// The reason of a record over the limit, with both sizes: `line of 70,123,456 bytes is over
+/// watch.max_line_bytes (67,108,864)`. [`over_limit_size`] reads the size back.
+pub fn over_limit_reason(what: &str, len: u64, limit: usize) -> String {
+    format!(
+        "{what} of {} bytes is over watch.max_line_bytes ({})",
+        thousands(len),
+        thousands(limit as u64)
+    )
+}
+
+/// The record size a reason built by [`over_limit_reason`] names (also inside a longer reason,
+/// `retry failed: line of N bytes ... watch.max_line_bytes ...`); `None` for any other reason.
+pub fn over_limit_size(reason: &str) -> Option<u64> {
+    let before = &reason[..reason.find("watch.max_line_bytes")?];
+    let (_, size) = before.rsplit_once("of ")?;
+    let (digits, _) = size.split_once(" bytes ")?;
+    if !digits.bytes().all(|b| b.is_ascii_digit() || b == b',') {
+        return None;
+    }
+    digits.replace(',', "").parse().ok()
+}
+
+/// `70123456` -> `70,123,456`.
+pub(crate) fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Parses one record of `format` (`header`: the CSV columns, trimmed and lowercased; empty for
 /// JSON). Used by the reader, and by `dead-letter retry` on a quarantined line.
 pub fn parse_record(format: Format, header: &[String], bytes: &[u8]) -> Result<Record, String> {
@@ -342,6 +388,8 @@ pub fn parse_record(format: Format, header: &[String], bytes: &[u8]) -> Result<R
     }
 }
 
+/// Maps a read error to what it means for this file. Reading a plain file never reports
+/// `UnexpectedEof` or `InvalidInput`, so for a gzip file those come from the decoder.
 fn classify(e: io::Error, gzip: bool, decoded_bytes: u64) -> InputError {
     match e.kind() {
         io::ErrorKind::UnexpectedEof if gzip => InputError::TruncatedGzip { decoded_bytes },
@@ -440,6 +488,8 @@ mod tests {
     const ENGAGEMENT: &str =
         r#"{"event":"Open","user_id":"u","timestamp":1793610000123,"message_id":"5"}"#;
     const CSV: &str = "event,user_id,timestamp,message_id\nOpen,u,1793610000123,5\n";
+    /// `watch.max_line_bytes` unless a test says otherwise.
+    const LIMIT: usize = crate::config::DEFAULT_MAX_LINE_BYTES;
 
     fn file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
         let path = dir.path().join(name);
@@ -455,7 +505,7 @@ mod tests {
 
     /// Every item from `offset` on; a stream error fails the test.
     fn items(path: &Path, offset: u64) -> Vec<Item> {
-        let mut reader = Reader::open(path, offset).unwrap();
+        let mut reader = Reader::open(path, offset, LIMIT).unwrap();
         let mut out = Vec::new();
         while let Some(item) = reader.next_item() {
             out.push(item.unwrap());
@@ -476,7 +526,7 @@ mod tests {
     }
 
     fn open_err(path: &Path, offset: u64) -> InputError {
-        match Reader::open(path, offset) {
+        match Reader::open(path, offset, LIMIT) {
             Err(e) => e,
             Ok(r) => panic!("expected an error, opened as {}", r.format()),
         }
@@ -501,7 +551,7 @@ mod tests {
                 let bytes = if gzip { gz(bytes) } else { bytes.to_vec() };
                 // Names carry no hint: `.csv` on a gzipped JSON file changes nothing.
                 let path = file(&dir, &format!("{name}-{gzip}.csv"), &bytes);
-                let reader = Reader::open(&path, 0).unwrap();
+                let reader = Reader::open(&path, 0, LIMIT).unwrap();
                 assert_eq!(
                     (reader.format(), reader.is_gzip()),
                     (format, gzip),
@@ -637,48 +687,166 @@ mod tests {
         }
     }
 
+    /// Every item of `path` read with the limit `limit`, and the record buffer's capacity after
+    /// each one.
+    fn items_with_limit(path: &Path, limit: usize) -> Vec<(Item, usize)> {
+        let mut reader = Reader::open(path, 0, limit).unwrap();
+        let mut out = Vec::new();
+        while let Some(item) = reader.next_item() {
+            out.push((item.unwrap(), reader.lines.buffer_capacity()));
+        }
+        out
+    }
+
+    /// A session line of `events` app events, each with parameters, then one email open
+    /// (`.m5 Open`); about 135 bytes per event.
+    fn big_session(events: usize) -> String {
+        let mut line = String::from(
+            r#"{"sessionId":"9","deviceId":"d9","time":1793534899.6,"states":[{"events":["#,
+        );
+        for i in 0..events {
+            line.push_str(&format!(
+                r#"{{"eventId":{i},"name":"Add To Cart","time":1793534900.{i},"parameters":{{"sku":"SKU-{i:08}","price":{i}.99,"note":"{}"}}}},"#,
+                "n".repeat(i % 50)
+            ));
+        }
+        line.push_str(r#"{"eventId":99999999,"name":".m5 Open","time":1793534999.5}]}]}"#);
+        line
+    }
+
     #[test]
-    fn a_line_over_1_mib_is_one_bad_record_and_memory_stays_bounded() {
+    fn a_line_over_the_limit_is_one_bad_record_naming_its_size() {
         let dir = tempfile::tempdir().unwrap();
+        let limit = 100_000;
         let mut text = format!("{SESSION_A}\n").into_bytes();
         let long_start = text.len();
-        text.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE_BYTES));
+        text.extend(std::iter::repeat_n(b'x', 3 * limit + 7));
         text.push(b'\n');
         let long_end = text.len() as u64;
         text.extend_from_slice(format!("{SESSION_B}\n").as_bytes());
         for (name, bytes) in [("p", text.clone()), ("g", gz(&text))] {
-            let path = file(&dir, name, &bytes);
-            let mut reader = Reader::open(&path, 0).unwrap();
-            let mut all = Vec::new();
-            while let Some(item) = reader.next_item() {
-                all.push(item.unwrap());
-                assert!(reader.lines.buffer_capacity() < 2 * MAX_LINE_BYTES);
-            }
+            let all = items_with_limit(&file(&dir, name, &bytes), limit);
             assert_eq!(all.len(), 3, "{name}");
-            assert_eq!(bad_reason(&all[1]), "line exceeds 1 MiB");
-            let Err(bad) = &all[1].result else {
+            assert_eq!(
+                bad_reason(&all[1].0),
+                "line of 300,007 bytes is over watch.max_line_bytes (100,000)"
+            );
+            let Err(bad) = &all[1].0.result else {
                 unreachable!()
             };
             assert_eq!(
                 bad.raw,
                 &text[long_start..long_start + BAD_RECORD_RAW_BYTES]
             );
-            assert_eq!((all[1].line, all[1].end_offset), (2, long_end));
-            assert!(all[2].result.is_ok() && all[2].line == 3);
+            assert_eq!((all[1].0.line, all[1].0.end_offset), (2, long_end));
+            assert!(all[2].0.result.is_ok() && all[2].0.line == 3);
+            for (item, capacity) in &all {
+                assert!(*capacity <= limit, "{name} line {}: {capacity}", item.line);
+            }
+            // Only the start of the long line stays, for the quarantine.
+            assert!(all[1].1 <= lines::OVERFLOW_KEEP_BYTES, "{}", all[1].1);
         }
-        // Exactly at the cap is still a record.
-        let mut exact = vec![b' '; MAX_LINE_BYTES - SESSION_B.len()];
-        exact.extend_from_slice(SESSION_B.as_bytes());
-        exact.push(b'\n');
-        let all = items(
-            &file(
-                &dir,
-                "exact",
-                &[format!("{SESSION_A}\n").as_bytes(), &exact].concat(),
-            ),
-            0,
+        // A CSV record says so, and a partial last line is counted to its end.
+        let row = format!("Open,u,1,\"{}\"", "y".repeat(1989));
+        assert_eq!(row.len(), 2000);
+        let csv = format!("{CSV}{row}");
+        let all = items_with_limit(&file(&dir, "c", csv.as_bytes()), 1024);
+        assert_eq!(
+            bad_reason(&all[1].0),
+            "record of 2,000 bytes is over watch.max_line_bytes (1,024)"
         );
-        assert!(all[1].result.is_ok());
+        assert!(!all[1].0.complete);
+    }
+
+    #[test]
+    fn a_line_just_at_the_limit_is_read_and_one_byte_more_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = big_session(2000);
+        let limit = line.len();
+        let next = format!("{SESSION_B}\n");
+        let at = [format!("{SESSION_A}\n{line}\n"), next.clone()].concat();
+        let over = [format!("{SESSION_A}\n {line}\n"), next].concat();
+        for (name, text) in [("at", at), ("over", over)] {
+            for (gzip, bytes) in [
+                (false, text.as_bytes().to_vec()),
+                (true, gz(text.as_bytes())),
+            ] {
+                let all = items_with_limit(&file(&dir, name, &bytes), limit);
+                assert_eq!(all.len(), 3, "{name} {gzip}");
+                assert!(all[0].0.result.is_ok() && all[2].0.result.is_ok());
+                if name == "at" {
+                    let Ok(Record::Session(s)) = &all[1].0.result else {
+                        panic!("{name}: {:?}", all[1].0.result.as_ref().err())
+                    };
+                    assert_eq!(s.states[0].events.app_events, 2000);
+                    assert_eq!(s.states[0].events.messages[0].name, ".m5 Open");
+                } else {
+                    assert_eq!(
+                        bad_reason(&all[1].0),
+                        format!(
+                            "line of {} bytes is over watch.max_line_bytes ({})",
+                            thousands(limit as u64 + 1),
+                            thousands(limit as u64)
+                        )
+                    );
+                }
+                // Growing never reserved more than the limit.
+                assert!(all.iter().all(|(_, c)| *c <= limit), "{name} {gzip}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_session_of_megabytes_is_read_with_the_default_limit_and_its_buffer_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = big_session(40_000);
+        assert!(line.len() > 4 << 20, "{}", line.len());
+        let text = format!("{SESSION_A}\n{line}\n{SESSION_B}\n");
+        for (name, bytes) in [("p", text.as_bytes().to_vec()), ("g", gz(text.as_bytes()))] {
+            let all = items_with_limit(&file(&dir, name, &bytes), LIMIT);
+            assert_eq!(all.len(), 3, "{name}");
+            let Ok(Record::Session(s)) = &all[1].0.result else {
+                panic!("{name}: {:?}", all[1].0.result.as_ref().err())
+            };
+            assert_eq!(s.states[0].events.app_events, 40_000);
+            assert_eq!(s.states[0].events.messages.len(), 1);
+            // The buffer a long line grew is not kept for the lines after it.
+            for (item, capacity) in &all {
+                assert!(
+                    *capacity <= lines::KEEP_BUFFER_BYTES,
+                    "{name} line {}: {capacity}",
+                    item.line
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_size_in_a_reason_has_thousands_separators() {
+        let cases = [
+            (0, "0"),
+            (999, "999"),
+            (1000, "1,000"),
+            (67_108_864, "67,108,864"),
+            (70_123_456, "70,123,456"),
+        ];
+        for (n, shown) in cases {
+            assert_eq!(thousands(n), shown);
+        }
+        let reason = over_limit_reason("line", 70_123_456, 67_108_864);
+        assert_eq!(
+            reason,
+            "line of 70,123,456 bytes is over watch.max_line_bytes (67,108,864)"
+        );
+        assert_eq!(over_limit_size(&reason), Some(70_123_456));
+        let again = format!("retry failed: {}", over_limit_reason("record", 1234, 1024));
+        assert_eq!(over_limit_size(&again), Some(1234));
+        assert_eq!(over_limit_size("not a session: EOF"), None);
+        assert_eq!(over_limit_size("watch.max_line_bytes"), None);
+        assert_eq!(
+            over_limit_size("one of x bytes is over watch.max_line_bytes (1)"),
+            None
+        );
     }
 
     #[test]
@@ -734,7 +902,7 @@ mod tests {
             .collect();
         let full = gz(text.as_bytes());
         let path = file(&dir, "cut", &full[..full.len() / 2]);
-        let mut reader = Reader::open(&path, 0).unwrap();
+        let mut reader = Reader::open(&path, 0, LIMIT).unwrap();
         let mut good = 0u64;
         let error = loop {
             match reader.next_item() {
@@ -760,7 +928,7 @@ mod tests {
         let mut damaged = full.clone();
         let n = damaged.len();
         damaged[n - 8] ^= 0xff; // the CRC
-        let mut reader = Reader::open(&file(&dir, "crc", &damaged), 0).unwrap();
+        let mut reader = Reader::open(&file(&dir, "crc", &damaged), 0, LIMIT).unwrap();
         let last = std::iter::from_fn(|| reader.next_item()).last();
         assert!(
             matches!(last, Some(Err(InputError::CorruptGzip { .. }))),
@@ -853,7 +1021,7 @@ mod tests {
         ];
         for (rel, format, gzip, count) in cases {
             let path = example(&rel);
-            let reader = Reader::open(&path, 0).unwrap();
+            let reader = Reader::open(&path, 0, LIMIT).unwrap();
             assert_eq!((reader.format(), reader.is_gzip()), (format, gzip), "{rel}");
             let all = items(&path, 0);
             assert_eq!(all.len(), count, "{rel}");

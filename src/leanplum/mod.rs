@@ -7,7 +7,7 @@ pub mod catalog;
 pub mod engagement;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use std::fmt;
 
 pub use engagement::Engagement;
@@ -159,7 +159,9 @@ pub(crate) fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<S
 }
 
 /// One line of a Leanplum session export (`exportData`, `exportFormat=json`). Only the fields
-/// the mapping uses are named; everything else is skipped by serde without being kept.
+/// the mapping uses are named; everything else is skipped by serde without being kept, and of
+/// the events only the message events are kept (see [`Events`]). A session of an active user
+/// is megabytes of app events: parsed, it holds its engagements, not a copy of the line.
 #[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Session {
@@ -205,7 +207,66 @@ pub struct Experiment {
 #[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
 pub struct State {
     #[serde(default)]
-    pub events: Vec<Event>,
+    pub events: Events,
+}
+
+/// A state's `events` as kept: its message events (`.m<id>`, `.m<id> <Action>`), in order, and
+/// how many app events it had. App events are parsed and checked like any event (a bad one
+/// still makes the line a bad record), then dropped: nothing is sent for them, they are only
+/// counted, and keeping them would hold most of a long session's line in memory a second time.
+#[derive(Debug, Clone, Default)]
+pub struct Events {
+    pub messages: Vec<Event>,
+    /// Events that are not message events (`"Add To Cart"`).
+    pub app_events: u64,
+}
+
+/// As the list of message events alone (a parked session keeps only what it waits for).
+impl serde::Serialize for Events {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.messages.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Events {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Events;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of events")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Events, A::Error> {
+                let mut out = Events::default();
+                while let Some(event) = seq.next_element::<Event>()? {
+                    if parse_message_event(&event.name).is_some() {
+                        out.messages.push(event);
+                    } else {
+                        out.app_events += 1;
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// Splits a message event name: `".m123"` -> `(123, None)`, `".m123 Open"` ->
+/// `(123, Some("Open"))`. Anything else (an app event) -> `None`.
+pub fn parse_message_event(name: &str) -> Option<(Id, Option<&str>)> {
+    let rest = name.strip_prefix(".m")?;
+    let digits_end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let (digits, tail) = rest.split_at(digits_end);
+    // Also rejects ids too long for a u64: such a name is not one Leanplum writes.
+    let id = digits.parse::<u64>().ok().map(Id)?;
+    if tail.is_empty() {
+        return Some((id, None));
+    }
+    let action = tail.strip_prefix(' ')?.trim();
+    Some((id, (!action.is_empty()).then_some(action)))
 }
 
 /// An event inside a session: an app event (`"Add To Cart"`) or a message event
@@ -216,8 +277,8 @@ pub struct Event {
     pub event_id: Id,
     pub name: String,
     pub time: LpTime,
-    /// Kept raw: most events are app events whose parameters nobody reads, and building a map
-    /// for each was the largest cost of parsing an export. Message events parse it on demand.
+    /// Kept raw (message events only, see [`Events`]): building a map for every event was the
+    /// largest cost of parsing an export. The mapping parses it on demand.
     #[serde(default)]
     pub parameters: Option<Box<serde_json::value::RawValue>>,
 }
@@ -255,6 +316,35 @@ mod tests {
         assert_eq!(s.to_string(), "9178288208762825811");
         assert!(serde_json::from_str::<Id>("1.5").is_err());
         assert!(serde_json::from_str::<Id>("-3").is_err());
+    }
+
+    #[test]
+    fn only_message_events_are_kept_and_app_events_counted() {
+        let line = r#"{"deviceId":"d","states":[
+            {"events":[{"eventId":1,"name":"Add To Cart","time":1,"parameters":{"sku":"A"}},
+                       {"eventId":2,"name":".m5 Open","time":2,"parameters":{"x":1}},
+                       {"eventId":3,"name":".mobile Login","time":3}]},
+            {"events":[]},
+            {"events":[{"eventId":4,"name":".m6","time":4}]}]}"#;
+        let s: Session = serde_json::from_str(line).unwrap();
+        let kept: Vec<(u64, &str)> = s
+            .states
+            .iter()
+            .flat_map(|st| &st.events.messages)
+            .map(|e| (e.event_id.0, e.name.as_str()))
+            .collect();
+        assert_eq!(kept, [(2, ".m5 Open"), (4, ".m6")]);
+        let apps: Vec<u64> = s.states.iter().map(|st| st.events.app_events).collect();
+        assert_eq!(apps, [2, 0, 0]);
+        let params = s.states[0].events.messages[0].parameters.as_ref().unwrap();
+        assert_eq!(params.get(), r#"{"x":1}"#);
+        // A bad app event is still a bad line, not silently dropped.
+        let bad = r#"{"states":[{"events":[{"eventId":1.5,"name":"Add To Cart","time":1}]}]}"#;
+        let err = serde_json::from_str::<Session>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not an integer"), "{err}");
+        assert!(serde_json::from_str::<Session>(r#"{"states":[{"events":null}]}"#).is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::util::{
     Agent, DeliveryReport, NOTHING_HAPPENS, PATIENCE, TestEnv, assert_exactly_once,
     count_log_lines, dead_letter_cmd, dead_letter_list, gzip_bytes, lp_id, new_env,
     open_session_line, open_session_lines, quarantine_list, running_as_root, status_json,
-    status_u64, wait_delivered, wait_for_status, wait_until, write_atomically,
+    status_u64, thousands, wait_delivered, wait_for_status, wait_until, write_atomically,
 };
 
 /// eventIds of this module: `BASE + test * 1_000_000 + i`.
@@ -238,9 +238,15 @@ fn an_empty_file_is_no_error_and_no_entry() {
     );
 }
 
+/// A line over `watch.max_line_bytes` (set to 1 MiB here; the default is 64 MiB) is one
+/// quarantine entry whose reason and log line give its size; the lines after it are read.
 #[test]
-fn a_line_over_1_mib_is_one_entry_and_the_next_line_still_arrives() {
-    let env = new_env();
+fn a_line_over_max_line_bytes_is_one_entry_with_its_size_and_the_next_line_still_arrives() {
+    let mut env = new_env();
+    env.config = env
+        .config
+        .clone()
+        .with_extra("watch", "max_line_bytes = 1048576");
     let mut agent = env.start_agent();
     let mut long = br#"{"deviceId":"D-long","time":1793534899.6,"pad":""#.to_vec();
     long.extend(std::iter::repeat_n(b'x', 1536 * 1024));
@@ -248,11 +254,18 @@ fn a_line_over_1_mib_is_one_entry_and_the_next_line_still_arrives() {
     let rel = "big/long-line.jsonl";
     let (bytes, good) = file_with_bad_line(ids_base(6), 3, 2, &long);
     write_atomically(&env.watch_dir().join(rel), &bytes);
-    assert_survived(&env, &mut agent, &good, 1, "line over 1 MiB");
+    assert_survived(&env, &mut agent, &good, 1, "line over max_line_bytes");
     let entry = expect_quarantine_entry(&env, &agent, rel, Some(2));
-    assert!(
-        entry["reason"].as_str().unwrap_or("").contains("1 MiB"),
-        "{entry}"
+    let reason = format!(
+        "line of {} bytes is over watch.max_line_bytes (1,048,576)",
+        thousands(long.len())
+    );
+    assert_eq!(entry["reason"], reason.as_str(), "{entry}");
+    assert_eq!(
+        count_log_lines(&agent.logs(), &reason),
+        1,
+        "logged once, with the size\n{}",
+        agent.log_tail(20)
     );
 }
 

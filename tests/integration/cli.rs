@@ -9,8 +9,8 @@ use crate::events::{
     assert_same_events, assert_track_envelopes, expected_shard_0, parse_json_lines,
 };
 use crate::util::{
-    CmdOutput, EX_CONFIG, PATIENCE, SHARD_0, TestEnv, WRITE_KEY, dir_is_absent_or_empty, repo_path,
-    run_cli,
+    CmdOutput, EX_CONFIG, PATIENCE, SHARD_0, TestEnv, WRITE_KEY, dir_is_absent_or_empty,
+    long_session_line, open_session_line, repo_path, run_cli, thousands,
 };
 
 /// Runs `check-config --config <path>`.
@@ -153,6 +153,75 @@ fn dry_run_prints_events_and_touches_nothing() {
         env.server.requests().is_empty(),
         "dry-run sends nothing, yet Segment got {:?}",
         env.server.requests()
+    );
+}
+
+/// `dry-run` reads lines up to the configured `watch.max_line_bytes`: with 4 KiB a session of
+/// 5 KB is a bad record naming its size and the lines beside it still print; with the default
+/// (64 MiB) the same file gives every event. A limit under 1 KiB is refused, naming the key.
+#[test]
+fn dry_run_reads_lines_up_to_the_configured_max_line_bytes() {
+    let base = 8_400_000_000_000_000_000;
+    let (long, long_ids) = long_session_line(base + 100, 30, 2);
+    assert!(long.len() > 4096, "{}", long.len());
+    let mut text = Vec::new();
+    for line in [
+        open_session_line(base).as_bytes(),
+        &long,
+        open_session_line(base + 1).as_bytes(),
+    ] {
+        text.extend_from_slice(line);
+        text.push(b'\n');
+    }
+    let mut env = TestEnv::new();
+    let file = env.root().join("sessions.jsonl");
+    std::fs::write(&file, &text).expect("write the sessions");
+    let dry_run = |env: &TestEnv| {
+        let config = env.write_config();
+        let args: [&OsStr; 4] = [
+            "dry-run".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            file.as_os_str(),
+        ];
+        let out = run_cli(&args, PATIENCE);
+        let ids: Vec<String> = parse_json_lines(&out.stdout, "dry-run stdout")
+            .iter()
+            .map(|e| e["messageId"].as_str().unwrap_or("").to_owned())
+            .collect();
+        (out, ids)
+    };
+
+    let (out, ids) = dry_run(&env);
+    assert_eq!(out.code(), 0, "{out:?}");
+    let mut all = vec![format!("lp-e-{base}")];
+    all.extend(long_ids);
+    all.push(format!("lp-e-{}", base + 1));
+    assert_eq!(ids, all, "the default limit takes the 5 KB line");
+
+    env.config = env
+        .config
+        .clone()
+        .with_extra("watch", "max_line_bytes = 4096");
+    let (out, ids) = dry_run(&env);
+    assert_eq!(out.code(), 0, "a bad record is not a failed run: {out:?}");
+    assert_eq!(ids, [all[0].clone(), all[3].clone()]);
+    let reason = format!(
+        "sessions.jsonl:2: line of {} bytes is over watch.max_line_bytes (4,096)",
+        thousands(long.len())
+    );
+    assert!(out.stderr.contains(&reason), "{reason:?} in {out:?}");
+
+    env.config.extra.clear();
+    env.config = env
+        .config
+        .clone()
+        .with_extra("watch", "max_line_bytes = 1000");
+    let out = check(&env);
+    assert_eq!(out.code(), EX_CONFIG, "{out:?}");
+    assert!(
+        out.all_output().contains("watch.max_line_bytes"),
+        "the message names watch.max_line_bytes: {out:?}"
     );
 }
 

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use crate::util::{
     Agent, DeliveryReport, NOTHING_HAPPENS, PATIENCE, Reply, TestEnv, assert_exactly_once,
-    count_log_lines, gzip_bytes, new_env, open_session_line, open_session_lines, quarantine_list,
-    ready_lines, status_json, status_u64, wait_delivered, wait_for_status, wait_until,
-    write_atomically, write_slowly,
+    count_log_lines, gzip_bytes, long_session_line, new_env, open_session_line, open_session_lines,
+    quarantine_list, ready_lines, status_json, status_u64, wait_delivered, wait_for_status,
+    wait_until, write_atomically, write_slowly,
 };
 
 /// eventIds of this module: `BASE + test * 1_000_000 + i`, above 2^53 as Leanplum's are.
@@ -821,4 +821,51 @@ fn a_copy_of_a_grown_copy_is_matched_to_the_furthest_read_file() {
         agent.log_tail(20)
     );
     assert_exactly_once(&env.server, &ids, &agent, "copy of a grown copy");
+}
+
+/// Sessions bigger than a megabyte (issue 16): one line of an active user's session, 5 MB of
+/// app events with parameters and 60 engagements of catalog messages, plain and gzipped, is
+/// read whole under the default `watch.max_line_bytes` (64 MiB), and every engagement reaches
+/// Segment exactly once. Under the old 1 MiB cap the whole line was quarantined and none did.
+#[test]
+fn a_session_of_megabytes_delivers_every_engagement_exactly_once() {
+    let env = new_env();
+    let agent = env.start_agent();
+    let (plain, mut ids) = long_session_line(ids_base(19), 40_000, 60);
+    let (zipped, zipped_ids) = long_session_line(ids_base(20), 40_000, 60);
+    assert!(plain.len() > 5_000_000, "{} bytes", plain.len());
+    assert_eq!((ids.len(), zipped_ids.len()), (60, 60));
+    let with_newline = |line: Vec<u8>| [line, b"\n".to_vec()].concat();
+    write_atomically(
+        &env.watch_dir().join("long/session-plain.jsonl"),
+        &with_newline(plain),
+    );
+    write_atomically(
+        &env.watch_dir().join("long/session-gzip"),
+        &gzip_bytes(&with_newline(zipped)),
+    );
+    ids.extend(zipped_ids);
+    wait_delivered(&env, &agent, &ids, "the engagements of two long sessions");
+    // Both files read to their end and the spool empty: nothing is left to send again.
+    let settled = wait_for_status(&env.config_path, PATIENCE, |s| {
+        status_u64(s, "files_in_progress") == 0 && status_u64(s, "spool_events") == 0
+    });
+    assert!(
+        settled.is_some(),
+        "the files are read and the spool drained
+{}",
+        agent.log_tail(20)
+    );
+    assert!(env.server.wait_for_quiet(Duration::from_secs(1), PATIENCE));
+    assert_exactly_once(&env.server, &ids, &agent, "sessions of megabytes");
+    let status = status_json(&env.config_path);
+    assert_eq!(
+        (
+            status_u64(&status, "events_spooled"),
+            status_u64(&status, "quarantined")
+        ),
+        (120, 0),
+        "{status}"
+    );
+    assert!(quarantine_list(&env.config_path).is_empty());
 }

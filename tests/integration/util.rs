@@ -1377,6 +1377,79 @@ pub fn session_export(first_event_id: u64, n: usize) -> GeneratedExport {
     }
 }
 
+/// One Leanplum session line (no newline) of an active user: `app_events` app events with
+/// parameters (about 130 bytes each: 40,000 make 5 MB), spread over states of 500, and
+/// `engagements` message engagements among them, eventIds `first_event_id ..`, cycling through
+/// catalog messages and actions that map to one Segment event each. Returns the line and the
+/// engagements' messageIds in line order.
+pub fn long_session_line(
+    first_event_id: u64,
+    app_events: usize,
+    engagements: usize,
+) -> (Vec<u8>, Vec<String>) {
+    use std::fmt::Write as _;
+    let start = 1_793_900_000.0;
+    let every = (app_events / engagements.max(1)).max(1);
+    let mut events: Vec<String> = Vec::with_capacity(app_events + engagements);
+    let mut ids = Vec::with_capacity(engagements);
+    for i in 0..app_events {
+        if i % every == 0 && ids.len() < engagements {
+            let event_id = first_event_id + ids.len() as u64;
+            let (message, action, _) =
+                GENERATED_ACTIONS[(event_id % GENERATED_ACTIONS.len() as u64) as usize];
+            let params = if action == "Click" {
+                format!(
+                    r#","parameters":{{"url":"https://example.com/long/{event_id}","index":1}}"#
+                )
+            } else {
+                String::new()
+            };
+            events.push(format!(
+                r#"{{"eventId":{event_id},"name":".m{message} {action}","time":{},"value":0.0{params}}}"#,
+                start + i as f64 * 0.5 + 0.25
+            ));
+            ids.push(lp_id(event_id));
+        }
+        events.push(format!(
+            r#"{{"eventId":{},"name":"View Item","time":{},"value":1.5,"parameters":{{"sku":"SKU-{i:08}","query":"long session {i} of an active user","qty":{}}}}}"#,
+            first_event_id + 500_000 + i as u64,
+            start + i as f64 * 0.5,
+            i % 9 + 1
+        ));
+    }
+    while ids.len() < engagements {
+        let event_id = first_event_id + ids.len() as u64;
+        events.push(format!(
+            r#"{{"eventId":{event_id},"name":".m{EMAIL_MESSAGE} Open","time":{start}}}"#
+        ));
+        ids.push(lp_id(event_id));
+    }
+    let mut line = format!(
+        r#"{{"sessionId":"{first_event_id}","userId":"long-user","deviceId":"LONG-{first_event_id}","time":{start},"locale":"en_US","country":"DE","experiments":[],"states":["#
+    );
+    for (n, state) in events.chunks(500).enumerate() {
+        if n > 0 {
+            line.push(',');
+        }
+        let _ = write!(line, r#"{{"stateId":{n},"events":[{}]}}"#, state.join(","));
+    }
+    line.push_str("]}");
+    (line.into_bytes(), ids)
+}
+
+/// A size as the agent writes it in reasons: `1572916` -> `1,572,916`.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Writes `count` generated export files of `per_file` events each into `dir` (atomically,
 /// as sync tools do), eventIds from `first_event_id` on; returns every expected messageId.
 pub fn drop_session_files(
