@@ -18,10 +18,6 @@ pub struct Stats {
     pub duplicates_skipped: AtomicU64,
     /// Records or lines put in quarantine (bad input).
     pub quarantined: AtomicU64,
-    /// Records parked until the catalog knows their message (`unknown_message_channel =
-    /// "park"`), and parked records whose events were spooled after a catalog change.
-    pub parked: AtomicU64,
-    pub unparked: AtomicU64,
     /// Events Segment rejected for good, or too large to send.
     pub dead_lettered: AtomicU64,
     /// Engagements not sent, by Leanplum action name (SPEC section 5).

@@ -55,7 +55,7 @@ pub fn entry(record: &Record, ids: &[Id], file: &str, line: u64) -> QuarantineEn
 pub struct Remapped {
     /// Records whose engagements all mapped: their entries are gone.
     pub released: u64,
-    /// Events committed to the spool (before dedupe).
+    /// Events spooled (new to the dedupe index).
     pub events: u64,
     /// Records still waiting.
     pub still_parked: u64,
@@ -68,17 +68,20 @@ pub fn remap(spool: &Spool, mapping: &MappingState) -> Result<Remapped, spool::E
     // Entry changes wait for the commit of the events they release.
     let mut changes: Vec<(u64, Option<QuarantineEntry>)> = Vec::new();
     let flush = |events: &mut Vec<_>, changes: &mut Vec<(u64, Option<QuarantineEntry>)>| {
+        let mut spooled = 0;
         if !events.is_empty() {
-            spool.commit_file_chunk(&Chunk {
-                file_id: NO_FILE,
-                events: std::mem::take(events),
-                ..Chunk::default()
-            })?;
+            spooled = spool
+                .commit_file_chunk(&Chunk {
+                    file_id: NO_FILE,
+                    events: std::mem::take(events),
+                    ..Chunk::default()
+                })?
+                .spooled;
         }
         for (id, change) in changes.drain(..) {
             spool.set_quarantine(id, change.as_ref())?;
         }
-        Ok::<(), spool::Error>(())
+        Ok::<u64, spool::Error>(spooled)
     };
     for (id, q) in spool.quarantine_entries()? {
         if q.kind != QuarantineKind::Parked {
@@ -99,7 +102,6 @@ pub fn remap(spool: &Spool, mapping: &MappingState) -> Result<Remapped, spool::E
             done.still_parked += 1;
             continue;
         }
-        done.events += out.events.len() as u64;
         events.extend(out.events.into_iter().map(crate::ingest::spool_event));
         if out.parked.is_empty() {
             done.released += 1;
@@ -111,10 +113,10 @@ pub fn remap(spool: &Spool, mapping: &MappingState) -> Result<Remapped, spool::E
             changes.push((id, Some(rest)));
         }
         if events.len() >= COMMIT_EVENTS {
-            flush(&mut events, &mut changes)?;
+            done.events += flush(&mut events, &mut changes)?;
         }
     }
-    flush(&mut events, &mut changes)?;
+    done.events += flush(&mut events, &mut changes)?;
     Ok(done)
 }
 
@@ -194,7 +196,7 @@ pub async fn run(
                             still_parked = r.still_parked,
                             "parked records mapped again after a catalog change"
                         );
-                        Stats::add(&stats.unparked, r.released);
+                        Stats::add(&stats.events_spooled, r.events);
                         drain_wake.notify_one();
                     }
                 }
@@ -208,5 +210,98 @@ pub async fn run(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::leanplum::catalog::{Catalog, Message, MessageKind};
+    use crate::mapping::MappingOptions;
+    use crate::spool::FileRecord;
+    use std::path::Path;
+
+    const LATE: u64 = 9_100_000_000_000_000_001;
+
+    fn state(messages: &[(u64, &str)]) -> MappingState {
+        MappingState {
+            catalog: Arc::new(Catalog::from_parts(
+                messages
+                    .iter()
+                    .map(|(id, name)| Message {
+                        id: Id(*id),
+                        channel: MessageKind::Email,
+                        name: Some((*name).to_owned()),
+                        subject: None,
+                        campaign_id: None,
+                        campaign_name: None,
+                    })
+                    .collect(),
+                Vec::new(),
+            )),
+            opts: MappingOptions::default(),
+        }
+    }
+
+    fn session() -> Record {
+        let line = format!(
+            r#"{{"deviceId":"D1","userId":"u1","time":1793534899.612,"locale":"en_US","states":[{{"events":[
+              {{"eventId":11,"name":".m{LATE} Open","time":1793534900.5}},
+              {{"eventId":12,"name":"Add To Cart","time":1793534901}},
+              {{"eventId":13,"name":".m{LATE} Click","time":1793534902,"parameters":{{"url":"https://x/y","index":3}}}}]}}]}}"#
+        );
+        crate::input::parse_record(crate::input::Format::Sessions, &[], line.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_parked_session_maps_once_its_message_is_known_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 8 << 20).unwrap();
+        let fid = spool
+            .begin_file(
+                Path::new("f"),
+                &FileRecord {
+                    path: "f".into(),
+                    ..FileRecord::default()
+                },
+            )
+            .unwrap();
+        let record = session();
+        let mut out = Output::default();
+        let unknown = state(&[]);
+        crate::ingest::map_record(&record, &unknown.catalog, &unknown.opts, &mut out).unwrap();
+        assert!(out.events.is_empty());
+        assert_eq!(out.parked, [Id(LATE), Id(LATE)]);
+        spool
+            .commit_file_chunk(&Chunk {
+                file_id: fid,
+                quarantine: vec![entry(&record, &out.parked, "f", 1)],
+                ..Chunk::default()
+            })
+            .unwrap();
+        let s = summary(&spool).unwrap();
+        assert_eq!(s.records, 1);
+        assert_eq!(s.top[0].message_id, LATE.to_string());
+
+        // The catalog still does not know it: nothing changes.
+        let r = remap(&spool, &unknown).unwrap();
+        assert_eq!((r.released, r.events, r.still_parked), (0, 0, 1));
+
+        // Now it does: both engagements spooled, with the session's context, and the entry gone.
+        let r = remap(&spool, &state(&[(LATE, "Late")])).unwrap();
+        assert_eq!((r.released, r.events, r.still_parked), (1, 2, 0));
+        assert_eq!(summary(&spool).unwrap().records, 0);
+        let queued = spool.peek(None, 10, usize::MAX).unwrap().items;
+        let events: Vec<serde_json::Value> = queued
+            .iter()
+            .map(|q| serde_json::from_slice(&q.json).unwrap())
+            .collect();
+        assert_eq!(events[0]["messageId"], "lp-e-11");
+        assert_eq!(events[0]["properties"]["email_subject"], "Late");
+        assert_eq!(events[0]["timestamp"], "2026-11-01T12:08:20.500Z");
+        assert_eq!(events[0]["context"]["locale"], "en_US");
+        assert_eq!(events[1]["messageId"], "lp-e-13");
+        assert_eq!(events[1]["properties"]["link_url"], "https://x/y");
+        assert_eq!(events[1]["properties"]["link_id"], 3);
     }
 }

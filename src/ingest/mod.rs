@@ -571,7 +571,6 @@ impl Ingestor {
         Stats::add(&self.stats.events_spooled, out.spooled);
         Stats::add(&self.stats.duplicates_skipped, out.duplicates);
         Stats::add(&self.stats.quarantined, out.quarantined - parked);
-        Stats::add(&self.stats.parked, parked);
         Stats::add(&self.stats.dead_lettered, out.dead_lettered);
         self.stats.add_skipped(skipped);
         Ok(Some((out.spooled, out.duplicates, out.quarantined)))

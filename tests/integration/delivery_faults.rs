@@ -34,6 +34,10 @@ fn statuses(requests: &[RecordedRequest]) -> Vec<u16> {
 fn bad_request_is_bisected_and_only_the_bad_events_dead_lettered() {
     let mut env = TestEnv::new();
     env.config.max_batch_events = Some(40);
+    // A request whose answer never comes back (seen under load with the fake server: the
+    // client waits out its timeout) is retried after 5 s instead of 30.
+    env.config.request_timeout_secs = Some(5);
+    env.config.log_level = Some("info,leanplum_segment_agent=debug".into());
     let export = session_export(BASE + 1_000, 40);
     let bad: HashSet<String> = [7, 29]
         .iter()
@@ -60,9 +64,14 @@ fn bad_request_is_bisected_and_only_the_bad_events_dead_lettered() {
     let requests = env.server.requests();
     assert!(
         arrived,
-        "the good events were not all accepted: {}\nstatuses {:?}\nagent log tail:\n{}",
+        "the good events were not all accepted: {}\nstatuses {:?}\nanswers not delivered: \
+         {:?}\nagent log tail:\n{}",
         DeliveryReport::of(&env.server, &good).summary(),
         statuses(&requests),
+        requests
+            .iter()
+            .filter_map(|r| r.respond_error.as_deref())
+            .collect::<Vec<_>>(),
         agent.log_tail(40)
     );
     assert!(
@@ -74,8 +83,35 @@ fn bad_request_is_bisected_and_only_the_bad_events_dead_lettered() {
     let exit = exit.expect("the agent exits within 15 s of SIGTERM");
     assert!(exit.success(), "SIGTERM exits 0, got {exit}");
 
-    // Every good event exactly once; a bad one accepted would show up as unexpected.
-    assert_exactly_once(&env.server, &good, &agent, "bisected batch");
+    // Every good event once. At least once is the guarantee: a request whose answer the agent
+    // never got (a timeout, a reset) is sent again, and if the server had taken it, its events
+    // arrive twice (Segment dedupes them by messageId). That, and nothing else, may explain
+    // a duplicate here: bisection itself never re-sends an accepted half.
+    let logs = agent.logs();
+    let lost_answers: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("delivery failed") && !l.contains("detail=HTTP"))
+        .collect();
+    let report = DeliveryReport::of(&env.server, &good);
+    assert!(
+        report.is_complete() && report.unexpected.is_empty(),
+        "{}",
+        report.summary()
+    );
+    if !report.is_exactly_once() {
+        assert!(
+            !lost_answers.is_empty(),
+            "events accepted twice with no lost answer to explain it: {}\nstatuses {:?}\n{}",
+            report.summary(),
+            statuses(&requests),
+            agent.log_tail(40)
+        );
+        eprintln!(
+            "bisection: re-sent after a lost answer: {}; {}",
+            report.summary(),
+            lost_answers.join(" | ")
+        );
+    }
     for r in &requests {
         let has_bad = r.message_ids().iter().any(|id| bad.contains(id));
         assert_eq!(
@@ -88,7 +124,7 @@ fn bad_request_is_bisected_and_only_the_bad_events_dead_lettered() {
     }
     // Bisection: each bad event costs about two requests per halving of the 40-event batch.
     let halvings = (40f64).log2().ceil() as usize;
-    let bound = 2 * halvings * bad.len() + 3;
+    let bound = 2 * halvings * bad.len() + 3 + lost_answers.len();
     eprintln!(
         "bisection: {} requests for 40 events with {} bad ({} answered 400); bound {bound}",
         requests.len(),
