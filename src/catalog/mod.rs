@@ -17,8 +17,10 @@
 //! before mapping a record that names an unknown message. The answer is "wait" until `getMessage`
 //! answers: the file's offset stays before that record (events before it are committed), and the
 //! ingest worker offers the file again when the catalog changes ([`CatalogService::generation`]).
-//! Only when Leanplum says the message does not exist does `unknown_message_channel` apply; that
-//! answer is remembered for [`MISSING_TTL`], then asked again. An A/B test the catalog does not
+//! Only when Leanplum says the message does not exist (HTTP 404 "Message not found.", or a
+//! `success: false` saying so) does `unknown_message_channel` apply (parked, by default: see
+//! [`parking`]); that answer is remembered until the next full refresh (at most
+//! [`MISSING_TTL`]), then asked again. An A/B test the catalog does not
 //! know (its Experiment Viewed would go without names) makes the record wait for the next full
 //! refresh, asked for at once; a test that refresh does not list either is taken as unknown
 //! for [`MISSING_TTL`] and its events go without names. Lookups run one at a time, at most

@@ -129,9 +129,10 @@ fn resolve_known(st: &mut State) {
         ..
     } = st;
     let now = Instant::now();
-    // Answers that expired are forgotten (asked again if an export names the id again).
+    // "Does not exist" holds until this refresh: a message the refresh does not list is asked
+    // about again when an export names it next.
+    lookups.retain(|_, l| !matches!(l, Lookup::Missing { .. }));
     let live = |l: &Lookup| !matches!(l, Lookup::Missing { until } if *until <= now);
-    lookups.retain(|_, l| live(l));
     abtest_waits.retain(|_, l| live(l));
     abtest_waits
         .retain(|id, l| !(matches!(l, Lookup::Pending { .. }) && api.abtest(*id).is_some()));
