@@ -552,6 +552,7 @@ impl Ingestor {
         &self,
         chunk: &Chunk,
         skipped: &Skipped,
+        bad_log: &mut BadLog,
         cancel: &CancellationToken,
     ) -> Committed {
         let Some(out) = self.commit(chunk, cancel)? else {
@@ -562,7 +563,7 @@ impl Ingestor {
             if q.kind == spool::QuarantineKind::Parked {
                 parked += 1;
             } else {
-                tracing::warn!(path = %q.file, line = q.line, reason = %q.reason, "bad record quarantined");
+                bad_log.add(q);
             }
         }
         if parked > 0 {
@@ -657,6 +658,51 @@ struct Committer<'scope> {
     handle: std::thread::ScopedJoinHandle<'scope, Committed>,
 }
 
+/// The bad records of one pass over a file, logged once per kind with their count when the
+/// pass ends (SPEC section 8: one line per file and kind, never one per record; `status` and
+/// `dead-letter list` have the rest). A file of 100,000 malformed lines logs one line.
+#[derive(Default)]
+struct BadLog {
+    /// Kind -> (records, file, first line, first reason).
+    kinds: std::collections::BTreeMap<String, (u64, String, u64, String)>,
+}
+
+impl BadLog {
+    fn add(&mut self, q: &QuarantineEntry) {
+        let entry = self
+            .kinds
+            .entry(bad_kind(&q.reason))
+            .or_insert_with(|| (0, q.file.clone(), q.line, q.reason.clone()));
+        entry.0 += 1;
+    }
+}
+
+impl Drop for BadLog {
+    fn drop(&mut self) {
+        for (kind, (records, file, first_line, first_reason)) in std::mem::take(&mut self.kinds) {
+            tracing::warn!(
+                path = %file,
+                kind = %kind,
+                records,
+                first_line,
+                first_reason = %first_reason,
+                "bad records quarantined (see dead-letter list)"
+            );
+        }
+    }
+}
+
+/// What kind of problem a reason names: its text before any detail (a colon), without numbers,
+/// so "line 3: ..." and "line 4: ..." are one kind.
+fn bad_kind(reason: &str) -> String {
+    let head = reason.split(':').next().unwrap_or(reason);
+    let kind: String = head
+        .chars()
+        .filter(|c| !c.is_ascii_digit() && *c != ',')
+        .collect();
+    kind.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// A chunk's skipped engagements by action, counted once the chunk is committed.
 type Skipped = std::collections::BTreeMap<String, u64>;
 /// Events spooled, duplicates and quarantined records of a file's chunks; `None` when shutdown
@@ -672,8 +718,11 @@ impl<'scope> Committer<'scope> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(Chunk, Skipped)>(1);
         let handle = scope.spawn(move || {
             let mut totals = (0u64, 0u64, 0u64);
+            // Logs this pass's bad records when it ends, however it ends.
+            let mut bad_log = BadLog::default();
             for (chunk, skipped) in rx {
-                let Some(t) = ingestor.commit_counted(&chunk, &skipped, cancel)? else {
+                let Some(t) = ingestor.commit_counted(&chunk, &skipped, &mut bad_log, cancel)?
+                else {
                     return Ok(None);
                 };
                 totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);

@@ -128,7 +128,7 @@ fn a_malformed_json_line_is_quarantined_and_its_neighbours_delivered() {
         "{entry}"
     );
     assert_eq!(
-        count_log_lines(&agent.logs(), "bad record quarantined"),
+        count_log_lines(&agent.logs(), "bad records quarantined"),
         1,
         "one log line for the incident"
     );
@@ -594,4 +594,43 @@ fn dead_letter_retry_keeps_a_line_that_still_cannot_parse() {
         after[0]
     );
     assert!(agent.is_running());
+}
+
+/// A file of 100,000 malformed lines (and a good one at each end) writes a handful of log
+/// lines, not one per record; `status` and `dead-letter list` have the counts.
+#[test]
+fn a_hundred_thousand_bad_lines_log_one_line_per_kind() {
+    let env = new_env();
+    let agent = env.start_agent();
+    let first = ids_base(40);
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(open_session_line(first).as_bytes());
+    bytes.push(b'\n');
+    for i in 0..100_000 {
+        bytes.extend_from_slice(format!("{{\"deviceId\": oops {i}\n").as_bytes());
+    }
+    bytes.extend_from_slice(open_session_line(first + 1).as_bytes());
+    bytes.push(b'\n');
+    write_atomically(&env.watch_dir().join("many-bad.jsonl"), &bytes);
+    wait_delivered(
+        &env,
+        &agent,
+        &[lp_id(first), lp_id(first + 1)],
+        "many bad lines",
+    );
+    let status = wait_for_status(&env.config_path, PATIENCE, |s| s["quarantined"] == 100_000)
+        .unwrap_or_else(|| panic!("{}", agent.log_tail(20)));
+    assert_eq!(status["files_in_progress"], 0, "{status}");
+    let logs = agent.logs();
+    let lines = count_log_lines(&logs, "bad records quarantined");
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} log lines for 100,000 bad records"
+    );
+    let line = logs
+        .lines()
+        .find(|l| l.contains("bad records quarantined"))
+        .unwrap();
+    assert!(line.contains("records=100000"), "{line}");
+    assert!(line.contains("first_line=2"), "{line}");
 }

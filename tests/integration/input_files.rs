@@ -295,7 +295,7 @@ fn a_broken_last_line_is_quarantined_once_the_file_settles() {
         agent.log_tail(30)
     );
     assert!(
-        agent.logs().contains("bad record quarantined"),
+        agent.logs().contains("bad records quarantined"),
         "the log says so"
     );
     assert_exactly_once(&env.server, &ids, &agent, "file with a broken last line");
