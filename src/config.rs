@@ -186,6 +186,8 @@ pub struct SpoolConfig {
     pub max_bytes: u64,
     /// An event id seen within this many days is skipped (Leanplum re-exports sessions).
     pub dedupe_window_days: u64,
+    /// Quarantined, parked and dead-lettered entries older than this are dropped (logged).
+    pub keep_bad_days: u64,
 }
 
 impl Default for SpoolConfig {
@@ -194,6 +196,7 @@ impl Default for SpoolConfig {
             dir: PathBuf::from("/var/lib/leanplum-segment-agent"),
             max_bytes: 10_737_418_240,
             dedupe_window_days: 14,
+            keep_bad_days: 30,
         }
     }
 }
@@ -519,6 +522,12 @@ impl Config {
         }
         if self.spool.max_bytes < 1 << 20 {
             bad("spool.max_bytes", "must be at least 1 MiB".into());
+        }
+        if !(1..=36_500).contains(&self.spool.keep_bad_days) {
+            bad(
+                "spool.keep_bad_days",
+                "must be from 1 to 36500 (days)".into(),
+            );
         }
         if self.spool.dedupe_window_days == 0 {
             bad("spool.dedupe_window_days", "must be at least 1".into());

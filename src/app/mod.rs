@@ -261,6 +261,7 @@ pub async fn run(
     background.spawn(workers::maintenance(
         spool.clone(),
         Duration::from_secs(config.spool.dedupe_window_days * 86_400),
+        Duration::from_secs(config.spool.keep_bad_days * 86_400),
     ));
     background.spawn(systemd::status_loop(report));
     background.spawn(crate::catalog::parking::run(

@@ -133,7 +133,7 @@ const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(300);
 const COMPACT_MIN_DISK_BYTES: u64 = 256 << 20;
 const COMPACT_RATIO: u64 = 4;
 
-pub(super) async fn maintenance(spool: Arc<Spool>, dedupe_window: Duration) {
+pub(super) async fn maintenance(spool: Arc<Spool>, dedupe_window: Duration, keep_bad: Duration) {
     let mut every = tokio::time::interval(MAINTENANCE_INTERVAL);
     loop {
         every.tick().await;
@@ -145,6 +145,15 @@ pub(super) async fn maintenance(spool: Arc<Spool>, dedupe_window: Duration) {
                 tracing::info!(pruned, "dedupe entries older than the window removed");
             }
             spool.remove_drained_segments()?;
+            let cutoff = now_ms().saturating_sub(keep_bad.as_millis() as u64);
+            let (quarantined, dead) = spool.drop_letters_before(cutoff)?;
+            if quarantined + dead > 0 {
+                tracing::info!(
+                    quarantined,
+                    dead_letters = dead,
+                    "entries older than spool.keep_bad_days dropped"
+                );
+            }
             if spool.is_bloated(COMPACT_MIN_DISK_BYTES, COMPACT_RATIO)? {
                 let c = spool.compact()?;
                 tracing::info!(

@@ -1246,6 +1246,33 @@ impl Spool {
         Ok(removed)
     }
 
+    /// Drops quarantined (bad and parked) entries and dead letters recorded before `cutoff_ms`
+    /// (`spool.keep_bad_days`); returns how many of each went.
+    pub fn drop_letters_before(&self, cutoff_ms: u64) -> Result<(u64, u64), Error> {
+        #[derive(serde::Deserialize)]
+        struct Stamp {
+            time_ms: u64,
+        }
+        let s = self.store();
+        let mut dropped = [0u64; 2];
+        for (n, tree) in [&s.quarantine, &s.dead].into_iter().enumerate() {
+            let mut batch = sled::Batch::default();
+            for item in tree.iter() {
+                let (k, v) = item.map_err(|e| s.sled_err(e))?;
+                // An entry whose time cannot be read is kept: better listed than lost unseen.
+                if serde_json::from_slice::<Stamp>(&v).is_ok_and(|st| st.time_ms < cutoff_ms) {
+                    batch.remove(k);
+                    dropped[n] += 1;
+                }
+            }
+            tree.apply_batch(batch).map_err(|e| s.sled_err(e))?;
+        }
+        if dropped != [0, 0] {
+            s.flush()?;
+        }
+        Ok((dropped[0], dropped[1]))
+    }
+
     /// Replaces a quarantine entry (its reason after a failed retry), or removes it (`None`).
     pub fn set_quarantine(&self, id: u64, entry: Option<&QuarantineEntry>) -> Result<(), Error> {
         let s = self.store();

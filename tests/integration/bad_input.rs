@@ -634,3 +634,48 @@ fn a_hundred_thousand_bad_lines_log_one_line_per_kind() {
     assert!(line.contains("records=100000"), "{line}");
     assert!(line.contains("first_line=2"), "{line}");
 }
+
+/// `spool.keep_bad_days`: entries older than it are dropped (at start, then every maintenance
+/// tick), with one log line; newer ones stay.
+#[test]
+fn entries_older_than_keep_bad_days_are_dropped() {
+    use leanplum_segment_agent::spool::{QuarantineEntry, Spool};
+    let env = new_env();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    {
+        // Written while no agent runs, as an agent would have months ago.
+        let spool = Spool::open(&env.config.spool_dir, 8 << 20).unwrap();
+        for (age_days, line) in [(400u64, 1u64), (31, 2), (29, 3), (0, 4)] {
+            spool
+                .quarantine(&QuarantineEntry {
+                    reason: "malformed JSON".into(),
+                    file: "old.jsonl".into(),
+                    line,
+                    time_ms: now - age_days * 86_400_000,
+                    raw: "{".into(),
+                    ..QuarantineEntry::default()
+                })
+                .unwrap();
+        }
+    }
+    let agent = env.start_agent();
+    assert!(
+        agent.wait_for_log("entries older than spool.keep_bad_days dropped", PATIENCE),
+        "{}",
+        agent.log_tail(20)
+    );
+    assert!(
+        agent.logs().contains("quarantined=2"),
+        "{}",
+        agent.log_tail(20)
+    );
+    let mut left: Vec<u64> = quarantine_list(&env.config_path)
+        .iter()
+        .map(|e| e["line"].as_u64().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, [3, 4], "only the entries within 30 days stay");
+}
