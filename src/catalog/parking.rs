@@ -5,7 +5,8 @@
 //! reload, an API refresh, a lookup answer, a SIGHUP) each parked record is mapped again. What
 //! maps then is spooled, with the `messageId`s it would have had at first (the dedupe index
 //! keeps a record mapped twice from being sent twice); the rest stays parked, cut down to what
-//! still waits. `dead-letter list` shows parked records and `dead-letter purge` drops them.
+//! still waits. `dead-letter list` shows parked records, `dead-letter purge` drops them, and
+//! `spool.keep_bad_days` bounds them like the rest of the quarantine.
 //!
 //! Crash story: a record's events are committed before its entry is removed or cut down, so a
 //! crash in between maps it again at the next change, and the dedupe index skips what was
