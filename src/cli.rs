@@ -90,8 +90,22 @@ pub enum CatalogAction {
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterAction {
-    /// List quarantined records and dead letters: id, kind, time, file:line, reason.
+    /// List quarantined records, parked records and dead letters: id, kind, time, file:line,
+    /// reason.
     List {
+        #[arg(long)]
+        json: bool,
+        /// Only this kind: quarantine (bad input), parked (waiting for the catalog), dead-letter
+        /// (refused by Segment).
+        #[arg(long, value_parser = ["quarantine", "parked", "dead-letter"])]
+        kind: Option<String>,
+        /// Only entries of this file (its path under watch.dir, or the end of it).
+        #[arg(long)]
+        file: Option<String>,
+    },
+    /// One entry in full: the record or event kept, why, from which file and line, and when.
+    Show {
+        id: u64,
         #[arg(long)]
         json: bool,
     },

@@ -39,6 +39,91 @@ pub struct Entry {
     pub message_id: Option<String>,
 }
 
+/// One entry in full (`dead-letter show ID`): its line of `list`, and what is kept of it: the
+/// record as read (bad input: the start of the line, at most 4 KiB; parked: the part of the
+/// record that waits, as JSON) or the event as it would have been sent (dead letters).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shown {
+    #[serde(flatten)]
+    pub entry: Entry,
+    /// `record` or `event`.
+    pub content_kind: String,
+    pub content: String,
+}
+
+/// The entry `id`, in full; `None` when there is none.
+pub fn show(spool: &Spool, id: u64) -> Result<Option<Shown>, spool::Error> {
+    let Some(entry) = list(spool)?.into_iter().find(|e| e.id == id) else {
+        return Ok(None);
+    };
+    let (content_kind, content) = if entry.kind == "dead-letter" {
+        let event = spool
+            .dead_letters()?
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, d)| d.event)
+            .unwrap_or_default();
+        ("event", event)
+    } else {
+        let raw = spool
+            .quarantine_entries()?
+            .into_iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, q)| q.raw)
+            .unwrap_or_default();
+        ("record", raw)
+    };
+    Ok(Some(Shown {
+        entry,
+        content_kind: content_kind.to_owned(),
+        content,
+    }))
+}
+
+/// `dead-letter show` for people.
+pub fn render_shown(s: &Shown) -> String {
+    let e = &s.entry;
+    let mut out = format!(
+        "id:      {}\nkind:    {}\ntime:    {}\n",
+        e.id, e.kind, e.time
+    );
+    if let Some(f) = &e.file {
+        out.push_str(&format!("file:    {f}\n"));
+    }
+    if let Some(l) = e.line {
+        out.push_str(&format!("line:    {l}\n"));
+    }
+    if let Some(st) = e.status {
+        out.push_str(&format!("status:  HTTP {st}\n"));
+    }
+    if let Some(m) = &e.message_id {
+        out.push_str(&format!("message: {m}\n"));
+    }
+    out.push_str(&format!("reason:  {}\n", e.reason));
+    if s.content.is_empty() {
+        out.push_str(&format!("{}: (none kept)\n", s.content_kind));
+    } else {
+        out.push_str(&format!("{}:\n{}\n", s.content_kind, s.content));
+    }
+    out
+}
+
+/// `list --kind K --file F`: the entries of that kind (`quarantine`, `parked`, `dead-letter`)
+/// and file (its path as listed, or any path ending with it).
+pub fn filter(entries: Vec<Entry>, kind: Option<&str>, file: Option<&str>) -> Vec<Entry> {
+    entries
+        .into_iter()
+        .filter(|e| kind.is_none_or(|k| e.kind == k))
+        .filter(|e| {
+            file.is_none_or(|f| {
+                e.file
+                    .as_deref()
+                    .is_some_and(|p| p == f || p.ends_with(&format!("/{f}")) || f.ends_with(p))
+            })
+        })
+        .collect()
+}
+
 /// What `retry` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryOutcome {
@@ -195,6 +280,13 @@ pub fn handle_request(
     };
     let answer = match verb {
         "list" => list(spool).map(|e| serde_json::json!({ "entries": e })),
+        "show" => match ids.as_slice() {
+            [id] => show(spool, *id).map(|s| match s {
+                Some(s) => serde_json::json!({ "shown": s }),
+                None => serde_json::json!({ "error": format!("no entry {id}") }),
+            }),
+            _ => return Some(serde_json::json!({"error": "show takes one id"})),
+        },
         "retry" => retry(spool, &ids, catalog, opts, max_line_bytes)
             .map(|o| serde_json::json!({ "retry": o })),
         "purge" => spool

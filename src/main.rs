@@ -413,6 +413,7 @@ fn dead_letter(path: &Path, action: &DeadLetterAction) -> ExitCode {
     let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
     let request = match action {
         DeadLetterAction::List { .. } => "dead-letter list".to_string(),
+        DeadLetterAction::Show { id, .. } => format!("dead-letter show {id}"),
         DeadLetterAction::Retry { ids: i } => format!("dead-letter retry {}", ids(i)),
         DeadLetterAction::Purge { ids: i } => format!("dead-letter purge {}", ids(i)),
     };
@@ -448,11 +449,30 @@ fn dead_letter(path: &Path, action: &DeadLetterAction) -> ExitCode {
         return ExitCode::FAILURE;
     }
     match action {
-        DeadLetterAction::List { json: true } => println!("{}", answer["entries"]),
-        DeadLetterAction::List { json: false } => {
+        DeadLetterAction::List { json, kind, file } => {
             let entries: Vec<deadletter::Entry> =
                 serde_json::from_value(answer["entries"].clone()).unwrap_or_default();
-            print!("{}", deadletter::render(&entries));
+            let entries = deadletter::filter(entries, kind.as_deref(), file.as_deref());
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&entries).expect("plain data serializes")
+                );
+            } else {
+                print!("{}", deadletter::render(&entries));
+            }
+        }
+        DeadLetterAction::Show { json, .. } => {
+            let shown: Option<deadletter::Shown> =
+                serde_json::from_value(answer["shown"].clone()).ok();
+            match (shown, json) {
+                (Some(_), true) => println!("{}", answer["shown"]),
+                (Some(s), false) => print!("{}", deadletter::render_shown(&s)),
+                (None, _) => {
+                    eprintln!("unexpected answer: {answer}");
+                    return ExitCode::FAILURE;
+                }
+            }
         }
         DeadLetterAction::Retry { .. } => {
             let o: deadletter::RetryOutcome =

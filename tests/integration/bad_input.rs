@@ -679,3 +679,68 @@ fn entries_older_than_keep_bad_days_are_dropped() {
     left.sort();
     assert_eq!(left, [3, 4], "only the entries within 30 days stay");
 }
+
+/// `dead-letter show ID` for a malformed line and for an event Segment refused with 400, and
+/// `dead-letter list --kind --file`.
+#[test]
+fn dead_letter_show_and_list_filters() {
+    let env = new_env();
+    let first = ids_base(41);
+    let rejected = lp_id(first + 1);
+    env.server
+        .reject_message_ids(std::iter::once(rejected.clone()).collect(), 400);
+    let agent = env.start_agent();
+    let mut bytes = Vec::new();
+    for line in [
+        open_session_line(first),
+        open_session_line(first + 1),
+        r#"{"deviceId": "D-9", "states": [oops]}"#.to_string(),
+    ] {
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.push(b'\n');
+    }
+    write_atomically(&env.watch_dir().join("show-me.jsonl"), &bytes);
+    wait_delivered(&env, &agent, &[lp_id(first)], "show");
+    assert!(wait_until(PATIENCE, || dead_letter_list(&env.config_path)
+        .len()
+        == 2));
+
+    let list = |args: &[&str]| -> Vec<Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = dead_letter_cmd(&env.config_path, "list", &all);
+        assert_eq!(out.code(), 0, "{out:?}");
+        serde_json::from_str(out.stdout.trim()).unwrap()
+    };
+    let quarantined = list(&["--kind", "quarantine", "--file", "show-me.jsonl"]);
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert_eq!(list(&["--kind", "dead-letter"]).len(), 1);
+    assert_eq!(list(&["--kind", "parked"]).len(), 0);
+    assert_eq!(list(&["--file", "other.jsonl"]).len(), 0);
+
+    let id = quarantined[0]["id"].as_u64().unwrap().to_string();
+    let shown = dead_letter_cmd(&env.config_path, "show", &[&id]);
+    assert_eq!(shown.code(), 0, "{shown:?}");
+    assert!(shown.stdout.contains("file:    show-me.jsonl"), "{shown:?}");
+    assert!(shown.stdout.contains("line:    3"), "{shown:?}");
+    assert!(
+        shown
+            .stdout
+            .contains(r#"{"deviceId": "D-9", "states": [oops]}"#),
+        "{shown:?}"
+    );
+
+    let dead = &list(&["--kind", "dead-letter"])[0];
+    let id = dead["id"].as_u64().unwrap().to_string();
+    let shown = dead_letter_cmd(&env.config_path, "show", &[&id, "--json"]);
+    assert_eq!(shown.code(), 0, "{shown:?}");
+    let v: Value = serde_json::from_str(shown.stdout.trim()).unwrap();
+    assert_eq!(v["status"], 400, "{v}");
+    assert_eq!(v["content_kind"], "event");
+    let event: Value = serde_json::from_str(v["content"].as_str().unwrap()).unwrap();
+    assert_eq!(event["messageId"], rejected.as_str());
+    assert_eq!(v["file"], "show-me.jsonl", "{v}");
+
+    let missing = dead_letter_cmd(&env.config_path, "show", &["999999999"]);
+    assert_eq!(missing.code(), 1, "{missing:?}");
+}
