@@ -73,6 +73,9 @@ pub enum Command {
         /// default path) the defaults apply and the catalog is empty.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// One line on stderr per record not sent (or not wholly): why.
+        #[arg(long)]
+        explain: bool,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },

@@ -39,7 +39,11 @@ fn main() -> ExitCode {
             log_file,
         } => run(&config, daemonize.then_some((pidfile, log_file))),
         Command::CheckConfig { config } => check_config(&config),
-        Command::DryRun { config, files } => dry_run(config.as_deref(), &files),
+        Command::DryRun {
+            config,
+            explain,
+            files,
+        } => dry_run(config.as_deref(), explain, &files),
         Command::Status { config, json } => status(&config, json),
         Command::DeadLetter { config, action } => dead_letter(&config, &action),
         Command::Catalog { config, action } => catalog(&config, &action),
@@ -251,7 +255,7 @@ fn spawn_signal_handlers(controls: &Controls) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dry_run(config: Option<&Path>, files: &[PathBuf]) -> ExitCode {
+fn dry_run(config: Option<&Path>, explain: bool, files: &[PathBuf]) -> ExitCode {
     init_logging("warn");
     let default = Path::new(config::DEFAULT_PATH);
     let config = match config {
@@ -283,14 +287,12 @@ fn dry_run(config: Option<&Path>, files: &[PathBuf]) -> ExitCode {
         &catalog,
         &app::mapping_options(&config),
         config.watch.max_line_bytes,
+        explain,
         &mut out,
         &mut err,
     ) {
         Ok(s) => {
-            eprintln!(
-                "{} events, {} duplicates skipped, {} bad records, {} unreadable files",
-                s.events, s.duplicates, s.bad_records, s.unreadable_files
-            );
+            eprintln!("{}", s.render());
             if s.unreadable_files > 0 {
                 ExitCode::FAILURE
             } else {

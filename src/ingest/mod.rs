@@ -773,6 +773,51 @@ pub struct DryRunSummary {
     pub unreadable_files: u64,
     /// Engagements of messages the catalog does not know, which the agent would park.
     pub parked: u64,
+    /// Engagements not sent, by why (an action name, `in-app`, `unknown message`, ...).
+    pub skipped: std::collections::BTreeMap<String, u64>,
+}
+
+impl DryRunSummary {
+    /// The closing line on stderr: what was sent and what was not, and why.
+    pub fn render(&self) -> String {
+        let special = [
+            mapping::SKIP_IN_APP,
+            mapping::SKIP_UNKNOWN_MESSAGE,
+            mapping::SKIP_EXPERIMENT_NO_TIME,
+        ];
+        let by_action: Vec<String> = self
+            .skipped
+            .iter()
+            .filter(|(k, _)| !special.contains(&k.as_str()))
+            .map(|(k, n)| format!("{k}: {n}"))
+            .collect();
+        let actions: u64 = self
+            .skipped
+            .iter()
+            .filter(|(k, _)| !special.contains(&k.as_str()))
+            .map(|(_, n)| n)
+            .sum();
+        let count = |k: &str| self.skipped.get(k).copied().unwrap_or(0);
+        let mut text = format!(
+            "{} events; not sent: {actions} skipped by action",
+            self.events
+        );
+        if !by_action.is_empty() {
+            text.push_str(&format!(" ({})", by_action.join(", ")));
+        }
+        text.push_str(&format!(
+            ", {} in-app, {} unknown message, {} parked (message not in the catalog), {} \
+             without a session time, {} duplicates, {} bad records; {} unreadable files",
+            count(mapping::SKIP_IN_APP),
+            count(mapping::SKIP_UNKNOWN_MESSAGE),
+            self.parked,
+            count(mapping::SKIP_EXPERIMENT_NO_TIME),
+            self.duplicates,
+            self.bad_records,
+            self.unreadable_files
+        ));
+        text
+    }
 }
 
 /// Parses `paths` and writes the events they would produce as JSON lines to `out`; bad records
@@ -784,6 +829,7 @@ pub fn dry_run(
     catalog: &Catalog,
     opts: &MappingOptions,
     max_line_bytes: usize,
+    explain: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> std::io::Result<DryRunSummary> {
@@ -828,7 +874,7 @@ pub fn dry_run(
                 summary.bad_records += 1;
                 continue;
             }
-            if !mapped.parked.is_empty() {
+            if explain && !mapped.parked.is_empty() {
                 let mut ids: Vec<String> = mapped.parked.iter().map(|i| i.to_string()).collect();
                 ids.dedup();
                 writeln!(
@@ -838,7 +884,18 @@ pub fn dry_run(
                     mapped.parked.len(),
                     ids.join(", ")
                 )?;
-                summary.parked += mapped.parked.len() as u64;
+            }
+            if explain && !mapped.skipped.is_empty() {
+                let why: Vec<String> = mapped
+                    .skipped
+                    .iter()
+                    .map(|(k, n)| format!("{k} x{n}"))
+                    .collect();
+                writeln!(err, "{shown}:{}: not sent: {}", item.line, why.join(", "))?;
+            }
+            summary.parked += mapped.parked.len() as u64;
+            for (k, n) in mapped.skipped {
+                *summary.skipped.entry(k).or_insert(0) += n;
             }
             for ev in mapped.events {
                 if !seen.insert(ev.message_id.clone()) {

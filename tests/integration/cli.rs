@@ -294,3 +294,68 @@ fn a_write_key_file_readable_by_others_is_warned_about() {
         "no warning at 0600"
     );
 }
+
+/// `dry-run` ends with what was not sent and why; `--explain` gives one line per record not
+/// (wholly) sent.
+#[test]
+fn dry_run_says_what_was_not_sent_and_why() {
+    let env = TestEnv::new();
+    let config = env.write_config();
+    let base = 8_500_000_000_000_000_000u64;
+    let session = |id: u64, name: &str| {
+        format!(
+            r#"{{"deviceId":"D-{id}","time":1793534899.612,"states":[{{"events":[{{"eventId":{id},"name":"{name}","time":1793534900.5}}]}}]}}"#
+        )
+    };
+    let text = [
+        session(base, ".m5680127476129675 Open"),
+        session(base + 1, ".m5680127476129675 Held Back"),
+        session(base + 2, ".m9999999999999999 Open"),
+        session(base, ".m5680127476129675 Open"),
+        "{oops".to_string(),
+    ]
+    .join("\n")
+        + "\n";
+    let file = env.root().join("mixed.jsonl");
+    std::fs::write(&file, text).unwrap();
+    let run = |explain: bool| {
+        let mut args: Vec<&OsStr> =
+            vec!["dry-run".as_ref(), "--config".as_ref(), config.as_os_str()];
+        if explain {
+            args.push("--explain".as_ref());
+        }
+        args.push(file.as_os_str());
+        run_cli(&args, PATIENCE)
+    };
+    let out = run(false);
+    assert_eq!(out.code(), 0, "{out:?}");
+    assert_eq!(out.stdout.lines().count(), 1, "one event: {out:?}");
+    let summary = out.stderr.lines().last().unwrap_or_default();
+    for part in [
+        "1 events",
+        "1 skipped by action (Held Back: 1)",
+        "1 parked",
+        "1 duplicates",
+        "1 bad records",
+    ] {
+        assert!(summary.contains(part), "{part:?} not in {summary:?}");
+    }
+    assert!(!out.stderr.contains("not sent: Held Back"), "{out:?}");
+    let explained = run(true);
+    assert!(
+        explained
+            .stderr
+            .contains("mixed.jsonl:2: not sent: Held Back x1"),
+        "{explained:?}"
+    );
+    assert!(
+        explained.stderr.contains(
+            "mixed.jsonl:3: 1 engagement(s) of message(s) not in the catalog (9999999999999999)"
+        ),
+        "{explained:?}"
+    );
+    assert!(
+        explained.stderr.contains("mixed.jsonl:5: "),
+        "{explained:?}"
+    );
+}
