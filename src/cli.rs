@@ -67,6 +67,28 @@ pub enum Command {
         #[command(subcommand)]
         action: CatalogAction,
     },
+    /// Every input file the agent knows: path, format, size, events read / queued / delivered,
+    /// state (waiting, reading, held, done, delivered, failed) and why it waits or failed.
+    /// Asks the running agent; with none, reads the spool.
+    Files {
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Only files in this state.
+        #[arg(long, value_parser = ["waiting", "reading", "held", "done", "delivered", "failed"])]
+        state: Option<String>,
+    },
+    /// Have the running agent (re-)ingest these files or directories, inside watch.dir or not,
+    /// read before or not, skipping the dedupe check for them: an explicit backfill, or a
+    /// re-send after a catalog fix. Progress shows in `files`. Needs a running agent (exit 3
+    /// without one).
+    Replay {
+        #[arg(long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Print the Segment events FILEs would produce, as JSON lines; spools and sends nothing.
     DryRun {
         /// Config for the catalog and mapping options. Without it (and with no file at the

@@ -47,6 +47,12 @@ fn main() -> ExitCode {
         Command::Status { config, json } => status(&config, json),
         Command::DeadLetter { config, action } => dead_letter(&config, &action),
         Command::Catalog { config, action } => catalog(&config, &action),
+        Command::Files {
+            config,
+            json,
+            state,
+        } => files(&config, json, state.as_deref()),
+        Command::Replay { config, paths } => replay(&config, &paths),
     }
 }
 
@@ -362,6 +368,105 @@ fn ask_agent_or_spool<T>(
                 eprintln!("{e}");
                 return Err(ExitCode::FAILURE);
             }
+        }
+    }
+}
+
+fn files(path: &Path, json: bool, state: Option<&str>) -> ExitCode {
+    init_logging("warn");
+    let config = match load_for_inspect(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let request = match state {
+        Some(s) => format!("files {s}"),
+        None => "files".to_string(),
+    };
+    let asked = ask_agent_or_spool(&config, || {
+        control::request(&config.control.socket, &request, ASK_TIMEOUT)
+    });
+    let entries: Vec<control::files::FileEntry> = match asked {
+        Ok((Some(answer), _)) => {
+            if let Some(err) = answer.get("error") {
+                eprintln!("{err}");
+                return ExitCode::FAILURE;
+            }
+            serde_json::from_value(answer["files"].clone()).unwrap_or_default()
+        }
+        Ok((None, Answerer::Spool(Some(spool)))) => {
+            match control::files::list(&spool, None, state) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        Ok((None, _)) => Vec::new(),
+        Err(code) => return code,
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&entries).expect("plain data serializes")
+        );
+    } else {
+        print!("{}", control::files::render(&entries));
+    }
+    ExitCode::SUCCESS
+}
+
+fn replay(path: &Path, paths: &[PathBuf]) -> ExitCode {
+    init_logging("warn");
+    let config = match load_for_inspect(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut absolute = Vec::with_capacity(paths.len());
+    for p in paths {
+        match std::fs::canonicalize(p) {
+            Ok(a) => absolute.push(a),
+            Err(e) => {
+                eprintln!("{}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let request = format!(
+        "replay {}",
+        serde_json::to_string(&absolute).expect("paths serialize")
+    );
+    match control::request(&config.control.socket, &request, ASK_TIMEOUT) {
+        Ok(answer) => {
+            if let Some(err) = answer.get("error") {
+                eprintln!("{}", err.as_str().unwrap_or(&err.to_string()));
+                return ExitCode::FAILURE;
+            }
+            let started = answer["started"].as_array().cloned().unwrap_or_default();
+            for s in &started {
+                println!(
+                    "replaying {} (file id {})",
+                    s["path"].as_str().unwrap_or(""),
+                    s["id"]
+                );
+            }
+            println!(
+                "{} files handed to the agent; see `files` for their progress",
+                started.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.is_no_daemon() => {
+            eprintln!(
+                "no agent answers on {}: replay goes through the running agent (start it, e.g. \
+                 `systemctl start leanplum-segment-agent`, then replay again)",
+                config.control.socket.display()
+            );
+            ExitCode::from(EX_STOPPED)
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

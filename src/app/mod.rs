@@ -169,13 +169,34 @@ pub async fn run(
             })
         })
     };
+    let holding: Arc<std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>> =
+        Default::default();
+    let (replay_tx, replay_rx) = std::sync::mpsc::channel();
     let commands: control::CommandFn = {
         let (spool, mapping, catalog) = (spool.clone(), mapping.clone(), catalog.clone());
         // A `[watch]` change takes effect at the next restart, for retries too.
         let max_line_bytes = config.watch.max_line_bytes;
+        let holding = holding.clone();
         Arc::new(move |request: &str| {
             if let Some(answer) = crate::catalog::handle_request(request, &catalog) {
                 return Some(answer);
+            }
+            if request.starts_with("files") || request.starts_with("replay") {
+                let waiting = catalog
+                    .status()
+                    .waiting
+                    .into_iter()
+                    .flat_map(|w| {
+                        let why =
+                            format!("waits for the catalog: {} {} ({})", w.kind, w.id, w.reason);
+                        w.files.into_iter().map(move |f| (f, why.clone()))
+                    })
+                    .collect();
+                let live = control::files::LiveFiles {
+                    holding: holding.clone(),
+                    waiting,
+                };
+                return control::files::handle_request(request, &spool, &live, &replay_tx);
             }
             let m = crate::mapping::current(&mapping);
             crate::deadletter::handle_request(request, &spool, &m.catalog, &m.opts, max_line_bytes)
@@ -238,7 +259,7 @@ pub async fn run(
         partial_line_hold: Duration::from_secs(
             config.watch.settle_secs.max(1) * workers::PARTIAL_LINE_HOLD_SETTLES,
         ),
-        holding: Default::default(),
+        holding,
         heartbeat_ms: ingest_heartbeat.clone(),
         files_delivered: Some(delivered_tx.clone()),
         catalog: catalog.api_enabled().then(|| catalog.clone()),
@@ -247,7 +268,14 @@ pub async fn run(
     let ingest_stop = intake_stop.clone();
     let ingest_hb = ingest_heartbeat.clone();
     let ingest_task = tokio::task::spawn_blocking(move || {
-        workers::ingest_worker(ingestor, ready_rx, retry_after, ingest_stop, ingest_hb)
+        workers::ingest_worker(
+            ingestor,
+            ready_rx,
+            replay_rx,
+            retry_after,
+            ingest_stop,
+            ingest_hb,
+        )
     });
 
     let mut background = tokio::task::JoinSet::new();

@@ -23,11 +23,14 @@ pub(super) const PARTIAL_LINE_HOLD_SETTLES: u64 = 10;
 pub(super) fn ingest_worker(
     ingestor: Ingestor,
     ready: std::sync::mpsc::Receiver<PathBuf>,
+    replays: std::sync::mpsc::Receiver<(PathBuf, u64)>,
     retry_after: Duration,
     stop: CancellationToken,
     heartbeat_ms: Arc<AtomicU64>,
 ) {
     use std::sync::mpsc::RecvTimeoutError;
+    // Replays asked for (`replay PATH`), with when to try each (again).
+    let mut replaying: Vec<(std::time::Instant, PathBuf, u64)> = Vec::new();
     let mut held: Vec<(std::time::Instant, PathBuf)> = Vec::new();
     // Files waiting on the catalog, with the generation they saw.
     let mut waiting: Vec<(u64, std::time::Instant, PathBuf)> = Vec::new();
@@ -38,6 +41,22 @@ pub(super) fn ingest_worker(
         }
         heartbeat_ms.store(now_ms(), Ordering::Relaxed);
         let now = std::time::Instant::now();
+        replaying.extend(replays.try_iter().map(|(abs, id)| (now, abs, id)));
+        if let Some(i) = replaying.iter().position(|(at, _, _)| *at <= now) {
+            let (_, abs, id) = replaying.remove(i);
+            match ingestor.replay(&abs, id, &stop) {
+                Ok(Outcome::Cancelled) => return,
+                Ok(Outcome::WaitingOnCatalog(_)) | Ok(Outcome::Held) => {
+                    replaying.push((now + retry_after, abs, id));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(path = %abs.display(), error = %e, "spool error while replaying a file; trying again");
+                    replaying.push((now + retry_after.max(Duration::from_secs(5)), abs, id));
+                }
+            }
+            continue;
+        }
         let current = generation();
         waiting.retain(|(seen, at, path)| {
             let due = *seen != current || *at <= now;
@@ -53,6 +72,11 @@ pub(super) fn ingest_worker(
             let wait = held
                 .iter()
                 .map(|(at, _)| at.saturating_duration_since(now))
+                .chain(
+                    replaying
+                        .iter()
+                        .map(|(at, _, _)| at.saturating_duration_since(now)),
+                )
                 .min()
                 .unwrap_or(Duration::from_millis(poll))
                 .min(Duration::from_millis(poll));
@@ -97,7 +121,8 @@ pub(super) async fn after_ingest_worker(
         let Ok(Some(rec)) = spool.file(id) else {
             continue;
         };
-        if rec.status != FileStatus::Read {
+        if rec.status != FileStatus::Read || rec.replay {
+            // A replayed file is the operator's, wherever it lies: left alone.
             continue;
         }
         let src = watch_dir.join(&rec.path);

@@ -6,6 +6,7 @@
 //!   there), the human and one-line renderings, live and offline reports.
 //! - [`socket`]: the server ([`serve`], [`ControlSocket`]) and the client ([`query_status`]).
 
+pub mod files;
 pub mod metrics;
 pub mod socket;
 pub mod status;

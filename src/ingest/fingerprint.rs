@@ -128,6 +128,7 @@ mod tests {
             error: None,
             first_seen_ms: 0,
             updated_ms: 0,
+            ..FileRecord::default()
         }
     }
 

@@ -77,6 +77,26 @@ fn chunk_path(chunk: &Chunk) -> &str {
     chunk.quarantine.first().map_or("", |q| q.file.as_str())
 }
 
+/// Starts a replay of `abs` (`replay PATH`, SPEC section 2): a file record of its own, with
+/// nothing in common with the watched files (see [`FileRecord::replay`]), read from the start
+/// by [`Ingestor::replay`]. Returns its id.
+pub fn begin_replay(spool: &Spool, abs: &Path) -> Result<u64, spool::Error> {
+    let now = now_ms();
+    let len = std::fs::metadata(abs).map_or(0, |m| m.len());
+    spool.begin_file(
+        abs,
+        &FileRecord {
+            path: abs.to_string_lossy().into_owned(),
+            raw_len: len,
+            status: FileStatus::Reading,
+            first_seen_ms: now,
+            updated_ms: now,
+            replay: true,
+            ..FileRecord::default()
+        },
+    )
+}
+
 /// A mapped event as the spool stores it: its JSON, keyed for dedupe by its `messageId`.
 pub fn spool_event(ev: TrackEvent) -> SpoolEvent {
     SpoolEvent {
@@ -125,7 +145,7 @@ pub struct Ingestor {
     /// before it is taken as final (and quarantined).
     pub partial_line_hold: Duration,
     /// Files held on an unfinished line, so that is logged once, not at every look.
-    pub holding: std::sync::Mutex<HashSet<PathBuf>>,
+    pub holding: Arc<std::sync::Mutex<HashSet<PathBuf>>>,
     /// Bumped at every commit and every wait: the watchdog's proof that reading is alive.
     pub heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Where files whose events are all delivered are announced (for `after_ingest`).
@@ -138,6 +158,28 @@ pub struct Ingestor {
 impl Ingestor {
     /// Reads `rel` (relative to the watch dir) from where it was left, into the spool.
     pub fn ingest(&self, rel: &Path, cancel: &CancellationToken) -> Result<Outcome, spool::Error> {
+        self.ingest_path(rel, cancel, None)
+    }
+
+    /// Reads the replayed file `abs` (record `file_id`, from [`begin_replay`]) from
+    /// where it was left, skipping the dedupe check: an operator's explicit backfill or re-send.
+    /// Events keep their deterministic `messageId`s, so Segment still dedupes them.
+    pub fn replay(
+        &self,
+        abs: &Path,
+        file_id: u64,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, spool::Error> {
+        self.ingest_path(abs, cancel, Some(file_id))
+    }
+
+    fn ingest_path(
+        &self,
+        rel: &Path,
+        cancel: &CancellationToken,
+        replay: Option<u64>,
+    ) -> Result<Outcome, spool::Error> {
+        // `rel` is absolute for a replay, and `join` keeps it so.
         let abs = self.watch_dir.join(rel);
         let shown = rel.display().to_string();
         let meta = match std::fs::symlink_metadata(&abs) {
@@ -180,13 +222,19 @@ impl Ingestor {
         };
         let gzip = fingerprint::is_gzip_head(&head);
 
-        let known = match self.identify(rel, &file, len, &head)? {
-            Some(known) => known,
-            None => (
-                self.begin(rel, &head, gzip, len)?,
-                FileRecord::default(),
-                Relation::Grown,
-            ),
+        let known = match replay {
+            Some(id) => match self.spool.file(id)? {
+                Some(rec) => (id, rec, Relation::Grown),
+                None => return Ok(Outcome::Gone),
+            },
+            None => match self.identify(rel, &file, len, &head)? {
+                Some(known) => known,
+                None => (
+                    self.begin(rel, &head, gzip, len)?,
+                    FileRecord::default(),
+                    Relation::Grown,
+                ),
+            },
         };
         let (id, rec, relation) = known;
         if relation == Relation::Same
@@ -200,7 +248,11 @@ impl Ingestor {
             self.spool
                 .update_file(id, |r| r.status = FileStatus::Reading)?;
         }
-        if !gzip && rec.head_len < fingerprint::HEAD_BYTES && (head.len() as u64) > rec.head_len {
+        if replay.is_none()
+            && !gzip
+            && rec.head_len < fingerprint::HEAD_BYTES
+            && (head.len() as u64) > rec.head_len
+        {
             // A small file grew: its identity now covers more of it.
             self.spool
                 .update_head(id, head.len() as u64, &fingerprint::hash(&head))?;
@@ -209,7 +261,7 @@ impl Ingestor {
 
         let (mut file_id, mut offset, mut line) = (file_id, offset, line);
         let opened = match Reader::open(&abs, offset, self.max_line_bytes) {
-            Err(InputError::BadOffset { .. }) if offset > 0 => {
+            Err(InputError::BadOffset { .. }) if offset > 0 && replay.is_none() => {
                 // The edges still match but the committed offset no longer falls on a line
                 // boundary: the file was rewritten. Read it as a new file.
                 tracing::warn!(path = %shown, offset, "file rewritten; reading it as a new file");
@@ -238,7 +290,10 @@ impl Ingestor {
             Err(e) => return Ok(self.unreadable(rel, Some(file_id), &e.to_string())),
         };
         if offset == 0 {
-            tracing::info!(path = %shown, format = %reader.format(), gzip = reader.is_gzip(), "reading file");
+            tracing::info!(path = %shown, format = %reader.format(), gzip = reader.is_gzip(), replay = replay.is_some(), "reading file");
+            let format = reader.format().to_string();
+            self.spool
+                .update_file(file_id, |r| r.format.clone_from(&format))?;
         } else {
             tracing::debug!(path = %shown, offset, "reading on from the committed offset");
         }
@@ -247,6 +302,7 @@ impl Ingestor {
             file_id,
             offset,
             line,
+            skip_dedupe: replay.is_some(),
             ..Chunk::default()
         };
         let mut records = 0usize;
@@ -269,7 +325,12 @@ impl Ingestor {
                         break;
                     }
                 };
-                if !item.complete && !gzip && item.result.is_err() && self.may_still_grow(&meta) {
+                if !item.complete
+                    && !gzip
+                    && item.result.is_err()
+                    && replay.is_none()
+                    && self.may_still_grow(&meta)
+                {
                     // A last line with no newline that does not parse: the writer is most
                     // likely mid-line. Keep it out of the commit and look again later.
                     held = true;
@@ -739,6 +800,7 @@ impl<'scope> Committer<'scope> {
             file_id: chunk.file_id,
             offset: chunk.offset,
             line: chunk.line,
+            skip_dedupe: chunk.skip_dedupe,
             ..Chunk::default()
         };
         let full = std::mem::replace(chunk, next);

@@ -208,6 +208,8 @@ pub struct Chunk {
     pub file_done: bool,
     /// The file's tail hash at `offset` (plain files; see `ingest::fingerprint`).
     pub tail_hash: Option<String>,
+    /// `replay`: spool the events even if their ids were seen (they are still recorded as seen).
+    pub skip_dedupe: bool,
 }
 
 /// What a commit did with the chunk's events.
@@ -541,7 +543,13 @@ impl Spool {
             .iter()
             .map(|e| dedupe::fingerprint(&e.message_id))
             .collect();
-        let seen = self.table(&mut w, &s)?.contains(&fingerprints)?;
+        let seen = if chunk.skip_dedupe {
+            // Opened all the same: the entries go in after the commit.
+            self.table(&mut w, &s)?;
+            vec![false; fingerprints.len()]
+        } else {
+            self.table(&mut w, &s)?.contains(&fingerprints)?
+        };
         let mut in_chunk = std::collections::HashSet::with_capacity(chunk.events.len());
         let mut added = Vec::with_capacity(chunk.events.len());
 
@@ -1076,8 +1084,10 @@ impl Spool {
         (&s.files, &s.paths, &s.heads)
             .transaction(|(files, paths, heads)| {
                 files.insert(&id.to_be_bytes(), encode_file(record))?;
-                paths.insert(path_key(path), &id.to_be_bytes())?;
-                heads.insert(head_key(&record.head_hash, id), &[])?;
+                if !record.replay {
+                    paths.insert(path_key(path), &id.to_be_bytes())?;
+                    heads.insert(head_key(&record.head_hash, id), &[])?;
+                }
                 Ok(())
             })
             .map_err(|e: TransactionError<String>| s.tx_err(e))?;

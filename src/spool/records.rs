@@ -47,6 +47,14 @@ pub struct FileRecord {
     pub error: Option<String>,
     pub first_seen_ms: u64,
     pub updated_ms: u64,
+    /// Read by `replay` (an operator's explicit re-send): `path` is absolute, the record is
+    /// nobody's identity (neither its path nor its content names it for the watcher), its
+    /// events skipped the dedupe check, and `after_ingest` leaves the file alone.
+    #[serde(default)]
+    pub replay: bool,
+    /// The format the reader detected (`sessions`, `engagements-json`, ...), once read.
+    #[serde(default)]
+    pub format: String,
 }
 
 /// What a quarantine entry holds.

@@ -26,6 +26,7 @@
 //!   catalog kept while running) and shown in `status` (SPEC section 5).
 //! - [`parking`]: records of messages the catalog does not know are parked, delivered once it
 //!   learns them, listed and purged otherwise (SPEC section 5).
+//! - [`operate`]: `files` in each state, running and stopped; `replay` of files and directories.
 //! - [`input_model`]: random file histories and restarts against a model of what must be
 //!   delivered, exactly once (SPEC section 7).
 #![deny(unsafe_code)]
@@ -41,6 +42,7 @@ mod end_to_end;
 mod events;
 mod input_files;
 mod input_model;
+mod operate;
 mod parking;
 mod retries;
 mod service;
