@@ -271,12 +271,24 @@ impl Default for ControlConfig {
 pub struct LogConfig {
     /// A tracing filter (`info`, `debug`, `leanplum_segment_agent=debug`); `RUST_LOG` overrides.
     pub level: String,
+    /// `text` or `json` (one object per line), for logs not going to journald.
+    pub format: LogFormat,
+}
+
+/// How log lines are written when they do not go to journald.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: LogFormat::Text,
         }
     }
 }

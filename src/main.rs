@@ -102,15 +102,40 @@ fn run(path: &Path, daemon: Option<(PathBuf, Option<PathBuf>)>) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    if let Some((pidfile, log_file)) = daemon {
+    if let Some((pidfile, log_file)) = &daemon {
         // Before any thread or runtime exists: fork() keeps only the calling thread.
-        let log_file = log_file.unwrap_or_else(|| loaded.config.spool.dir.join("agent.log"));
-        if let Err(e) = daemonize(&pidfile, &log_file, &loaded.config.spool.dir) {
+        let log_file = log_file
+            .clone()
+            .unwrap_or_else(|| loaded.config.spool.dir.join("agent.log"));
+        if let Err(e) = daemonize(pidfile, &log_file, &loaded.config.spool.dir) {
             eprintln!("{e}");
             return ExitCode::FAILURE;
         }
     }
-    let set_log_level = init_logging(&loaded.config.log.level);
+    let (set_log_level, reopen_log) = match &daemon {
+        Some((_, log_file)) => {
+            let path = log_file
+                .clone()
+                .unwrap_or_else(|| loaded.config.spool.dir.join("agent.log"));
+            match LogFile::open(&path) {
+                Ok(file) => {
+                    let reopen: app::ReopenLog = {
+                        let file = file.clone();
+                        std::sync::Arc::new(move || file.reopen())
+                    };
+                    (
+                        init_logging_to(&loaded.config.log, Some(file)),
+                        Some(reopen),
+                    )
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        None => (init_logging_to(&loaded.config.log, None), None),
+    };
     let (Some((key, source)), Some(catalog_files)) = (loaded.key, loaded.catalog) else {
         return ExitCode::from(EX_CONFIG);
     };
@@ -133,6 +158,7 @@ fn run(path: &Path, daemon: Option<(PathBuf, Option<PathBuf>)>) -> ExitCode {
             rt.block_on(async {
                 let controls = Controls {
                     set_log_level,
+                    reopen_log,
                     ..Controls::default()
                 };
                 spawn_signal_handlers(&controls)?;
@@ -666,9 +692,68 @@ fn catalog(path: &Path, action: &CatalogAction) -> ExitCode {
 /// (systemd sets `$JOURNAL_STREAM` to stderr's device:inode). `RUST_LOG` overrides the
 /// configured level. Returns a handle that changes the level later (SIGHUP).
 fn init_logging(level: &str) -> Option<app::SetLogLevel> {
+    init_logging_to(
+        &config::LogConfig {
+            level: level.to_owned(),
+            ..config::LogConfig::default()
+        },
+        None,
+    )
+}
+
+/// The daemon's log file (`run --daemonize --log-file`), written through a handle that SIGHUP
+/// replaces with a fresh open of the same path, so logrotate needs no `copytruncate`.
+#[derive(Clone)]
+struct LogFile {
+    path: PathBuf,
+    file: std::sync::Arc<std::sync::Mutex<std::fs::File>>,
+}
+
+impl LogFile {
+    fn open(path: &Path) -> Result<LogFile, String> {
+        Ok(LogFile {
+            path: path.to_owned(),
+            file: std::sync::Arc::new(std::sync::Mutex::new(Self::open_file(path)?)),
+        })
+    }
+
+    fn open_file(path: &Path) -> Result<std::fs::File, String> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))
+    }
+
+    fn reopen(&self) -> Result<(), String> {
+        let fresh = Self::open_file(&self.path)?;
+        *self.file.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+}
+
+/// One formatted event per write (the fmt layer buffers an event and writes it whole).
+impl std::io::Write for LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
+/// Logging as configured: journald when stderr is the journal, else `log.format` lines on
+/// `file` (the daemon's log file) or stderr.
+fn init_logging_to(log: &config::LogConfig, file: Option<LogFile>) -> Option<app::SetLogLevel> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, reload};
+    let level = log.level.as_str();
     let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
     let filter = from_env
         .as_deref()
@@ -681,14 +766,24 @@ fn init_logging(level: &str) -> Option<app::SetLogLevel> {
         .flatten();
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match journald {
-        Some(j) => registry.with(j).try_init(),
-        None => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(false),
-            )
-            .try_init(),
+        Some(j) if file.is_none() => registry.with(j).try_init(),
+        _ => {
+            let writer = match file {
+                Some(f) => BoxMakeWriter::new(move || f.clone()),
+                None => BoxMakeWriter::new(std::io::stderr),
+            };
+            let layer = match log.format {
+                config::LogFormat::Text => tracing_subscriber::fmt::layer()
+                    .with_writer(writer)
+                    .with_ansi(false)
+                    .boxed(),
+                config::LogFormat::Json => tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(writer)
+                    .boxed(),
+            };
+            registry.with(layer).try_init()
+        }
     };
     installed.ok()?;
     let pinned_by_env = from_env.is_some();

@@ -41,6 +41,8 @@ pub const SPOOL_CACHE_BYTES: u64 = 32 << 20;
 
 /// Changes the log filter of the running process (`log.level` on reload).
 pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Opens the daemon's log file again at its path.
+pub type ReopenLog = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// What signals ask of a running agent, and what it may change in the process around it.
 #[derive(Clone, Default)]
@@ -52,6 +54,8 @@ pub struct Controls {
     /// SIGHUP: reload the config.
     pub reload: Arc<tokio::sync::Notify>,
     pub set_log_level: Option<SetLogLevel>,
+    /// Opens the log file again (`--daemonize --log-file`): SIGHUP after logrotate moved it.
+    pub reopen_log: Option<ReopenLog>,
 }
 
 pub fn mapping_options(c: &Config) -> MappingOptions {
@@ -363,6 +367,13 @@ pub async fn run(
             }
             _ = controls.reload.notified() => {
                 systemd::reloading();
+                // First, whatever the new config says: logrotate moved the file and sent HUP.
+                if let Some(reopen) = &controls.reopen_log {
+                    match reopen() {
+                        Ok(()) => tracing::info!("log file reopened"),
+                        Err(e) => tracing::error!(error = %e, "cannot reopen the log file; logging on to the old one"),
+                    }
+                }
                 if let Some(new) = reload(&config_path, &current, &controls, &drain_config_tx, &catalog, &files_seen_tx) {
                     current = new;
                 }

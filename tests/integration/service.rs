@@ -785,6 +785,23 @@ fn daemon_mode() {
         "status reaches the daemon: {s}"
     );
 
+    // logrotate without copytruncate: the file is moved away and the daemon gets SIGHUP; it
+    // logs on into a new file at the same path, the old one keeps what was written before.
+    let rotated = env.root().join("agent.log.1");
+    std::fs::rename(&logfile, &rotated).expect("rotate the log");
+    kill_pid(pid, libc::SIGHUP).expect("signal the daemon");
+    assert!(
+        wait_until(PATIENCE, || daemon_log().contains("log file reopened")),
+        "the daemon writes to the new log file after SIGHUP; rotated:\n{}",
+        std::fs::read_to_string(&rotated).unwrap_or_default()
+    );
+    assert!(
+        std::fs::read_to_string(&rotated)
+            .unwrap_or_default()
+            .contains("ready"),
+        "the rotated file kept the earlier lines"
+    );
+
     // A second daemon on the same pid file: refused at once, in the foreground.
     let t = Instant::now();
     let out = cli(&daemon_args);
@@ -1133,4 +1150,27 @@ fn metrics_endpoint() {
         "{}",
         out.all_output()
     );
+}
+
+/// `log.format = "json"` (hosts without journald): every log line is one JSON object.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let mut env = TestEnv::new();
+    env.config = env.config.clone().with_extra("log", "format = \"json\"");
+    env.config.log_level = Some("info".into());
+    let mut agent = env.start_agent();
+    assert!(
+        agent.wait_for_log("ready", PATIENCE),
+        "{}",
+        agent.log_tail(10)
+    );
+    assert!(agent.stop().is_some_and(|s| s.success()));
+    let logs = agent.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{logs}");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
 }
