@@ -26,6 +26,9 @@
 //!   catalog kept while running) and shown in `status` (SPEC section 5).
 //! - [`parking`]: records of messages the catalog does not know are parked, delivered once it
 //!   learns them, listed and purged otherwise (SPEC section 5).
+//! - [`network`]: `segment.proxy` (a loopback proxy counting what goes through it), the
+//!   environment's `HTTP_PROXY` / `NO_PROXY`, and `ca_file` with a loopback TLS server and a
+//!   test CA (SPEC section 3).
 //! - [`input_model`]: random file histories and restarts against a model of what must be
 //!   delivered, exactly once (SPEC section 7).
 #![deny(unsafe_code)]
@@ -41,6 +44,7 @@ mod end_to_end;
 mod events;
 mod input_files;
 mod input_model;
+mod network;
 mod parking;
 mod retries;
 mod service;
