@@ -78,6 +78,7 @@ done
 echo "== checking the packaged files are the repository's"
 dpkg-deb -x "$deb" "$work/root"
 cmp "$work/root/usr/lib/systemd/system/$NAME.service" "systemd/$NAME.service" || fail "packaged unit differs"
+cmp "$work/root/usr/lib/systemd/system/$NAME@.service" "systemd/$NAME@.service" || fail "packaged template unit differs"
 cmp "$work/root/etc/$NAME/config.toml" packaging/config.toml || fail "packaged config differs"
 packaged_version=$("$work/root/usr/bin/$NAME" --version) || fail "the packaged binary does not run"
 [ "$packaged_version" = "$NAME $version" ] || fail "packaged binary says '$packaged_version'"
@@ -102,6 +103,14 @@ done
 grep -q "deb-systemd-helper enable $NAME.service" "$work/control/postinst" || fail "postinst does not enable the unit"
 grep -q "deb-systemd-invoke try-restart $NAME.service" "$work/control/postinst" || fail "postinst does not try-restart on upgrade"
 grep -q "deb-systemd-invoke stop $NAME.service" "$work/control/prerm" || fail "prerm does not stop the unit"
+# The template is installed, never enabled or started by the package (an instance needs its
+# own config); cargo-deb's generated code leaves it out, and the scripts handle instances the
+# admin started themselves: stopped on remove, try-restarted on upgrade.
+if grep -Eq "deb-systemd-(helper|invoke) +[a-z-]+ +([^ ]+ +)*$NAME@" "$work/control/postinst" "$work/control/prerm"; then
+    fail "the generated maintainer scripts act on the template $NAME@.service"
+fi
+grep -q "systemctl stop \"$NAME@\*.service\"" "$work/control/prerm" || fail "prerm does not stop the template's instances"
+grep -q "systemctl try-restart \"\$NAME@\*.service\"" "$work/control/postinst" || fail "postinst does not try-restart the template's instances"
 
 if $install_check; then
     echo "== install check on this machine"
@@ -123,6 +132,10 @@ if $install_check; then
         expect_stat "/etc/$NAME/catalog" "root:$NAME 750"
         expect_stat "/etc/$NAME/config.toml" "root:$NAME 640"
         [ -L "/etc/systemd/system/multi-user.target.wants/$NAME.service" ] || fail "unit not enabled"
+        [ -f "/usr/lib/systemd/system/$NAME@.service" ] || fail "template unit not installed"
+        if ls /etc/systemd/system/*.wants/"$NAME@"* >/dev/null 2>&1; then
+            fail "the package enabled an instance of the template"
+        fi
         if [ -d /run/systemd/system ] && systemctl is-active --quiet "$NAME.service"; then
             fail "the package started the unit"
         fi

@@ -84,6 +84,7 @@ grep -v ' /usr/lib/\.build-id' "$top/all-files" >"$top/files"
 cat >"$top/expected-files" <<EXPECTED
 -rwxr-xr-x root:root /usr/bin/$NAME
 -rw-r--r-- root:root /usr/lib/systemd/system/$NAME.service
+-rw-r--r-- root:root /usr/lib/systemd/system/$NAME@.service
 drwxr-x--- root:$NAME /etc/$NAME
 -rw-r----- root:$NAME /etc/$NAME/config.toml
 drwxr-x--- root:$NAME /etc/$NAME/catalog
@@ -112,6 +113,7 @@ rpm2archive -n - <"$rpm_file" | tar -x -C "$top/root"
 packaged_version=$("$top/root/usr/bin/$NAME" --version) || fail "the packaged binary does not run"
 [ "$packaged_version" = "$NAME $version" ] || fail "packaged binary says '$packaged_version'"
 cmp "$top/root/usr/lib/systemd/system/$NAME.service" "systemd/$NAME.service" || fail "packaged unit differs"
+cmp "$top/root/usr/lib/systemd/system/$NAME@.service" "systemd/$NAME@.service" || fail "packaged template unit differs"
 
 mkdir -p target/rpm
 cp "$rpm_file" target/rpm/

@@ -95,6 +95,11 @@ pub struct SegmentConfig {
     pub gzip: bool,
     /// Batches in flight at once; retries stay inside this.
     pub concurrency: usize,
+    /// `http(s)://[user:password@]host:port`; empty: the environment's proxy, if any
+    /// (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`). See [`crate::transport`].
+    pub proxy: ProxyUrl,
+    /// A PEM file of extra CA roots (a TLS-inspecting proxy); empty: the built-in roots only.
+    pub ca_file: PathBuf,
 }
 
 impl Default for SegmentConfig {
@@ -109,6 +114,8 @@ impl Default for SegmentConfig {
             request_timeout_secs: 30,
             gzip: true,
             concurrency: 4,
+            proxy: ProxyUrl::default(),
+            ca_file: PathBuf::new(),
         }
     }
 }
@@ -235,6 +242,10 @@ pub struct LeanplumConfig {
     pub refresh_interval_secs: u64,
     /// For each API call, connect to end.
     pub request_timeout_secs: u64,
+    /// As `segment.proxy`, for the calls to Leanplum.
+    pub proxy: ProxyUrl,
+    /// As `segment.ca_file`, for the calls to Leanplum.
+    pub ca_file: PathBuf,
 }
 
 impl Default for LeanplumConfig {
@@ -245,6 +256,8 @@ impl Default for LeanplumConfig {
             api_base: "https://api.leanplum.com".into(),
             refresh_interval_secs: 3600,
             request_timeout_secs: 30,
+            proxy: ProxyUrl::default(),
+            ca_file: PathBuf::new(),
         }
     }
 }
@@ -322,6 +335,38 @@ impl fmt::Debug for Secret {
 impl fmt::Display for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
+    }
+}
+
+/// A proxy URL (`segment.proxy`, `leanplum.proxy`), empty when unset. It may carry
+/// `user:password@`: Debug and Display show it without them; only [`ProxyUrl::expose`] gives
+/// the text.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct ProxyUrl(String);
+
+impl ProxyUrl {
+    pub fn new(url: impl Into<String>) -> ProxyUrl {
+        ProxyUrl(url.into())
+    }
+    pub fn is_set(&self) -> bool {
+        !self.0.trim().is_empty()
+    }
+    /// The URL itself, credentials included, for the HTTP client and nothing else.
+    pub fn expose(&self) -> &str {
+        self.0.trim()
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ProxyUrl({:?})", crate::transport::redact(&self.0))
+    }
+}
+
+impl fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::transport::redact(&self.0))
     }
 }
 
@@ -464,6 +509,31 @@ impl Config {
                 "segment.concurrency",
                 format!("{} is outside 1..=64", s.concurrency),
             );
+        }
+        let mut network = vec![("segment", &s.proxy, &s.ca_file)];
+        if let Some(lp) = &self.leanplum {
+            network.push(("leanplum", &lp.proxy, &lp.ca_file));
+        }
+        for (section, proxy, ca_file) in network {
+            if proxy.is_set()
+                && let Err(e) = crate::transport::check_proxy(proxy.expose())
+            {
+                bad(&format!("{section}.proxy"), e);
+            }
+            // Read and parsed here, so `check-config` and a reload catch a broken file; `dry-run`
+            // sends nothing and `status` connects nowhere.
+            if !ca_file.as_os_str().is_empty() {
+                if !ca_file.is_absolute() {
+                    bad(
+                        &format!("{section}.ca_file"),
+                        format!("{} must be an absolute path", ca_file.display()),
+                    );
+                } else if purpose == Purpose::Run
+                    && let Err(e) = crate::transport::load_ca_file(ca_file)
+                {
+                    bad(&format!("{section}.ca_file"), e);
+                }
+            }
         }
         let r = &self.retry;
         if r.initial_backoff_ms == 0 {
@@ -793,7 +863,71 @@ mod tests {
             PathBuf::from("/run/leanplum-segment-agent/control.sock")
         );
         assert_eq!(c.log.level, "info");
+        assert!(!c.segment.proxy.is_set());
+        assert_eq!(c.segment.ca_file, PathBuf::new());
         assert!(c.validate(Purpose::Run).is_empty());
+    }
+
+    /// `proxy` and `ca_file` in both sections: checked at load with the key named, and the
+    /// proxy's credentials never in a problem, Debug or Display.
+    #[test]
+    fn proxy_and_ca_file_are_checked_with_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let missing = dir.path().join("missing.pem");
+        let config = |segment: &str, leanplum: &str| {
+            Config::parse(&format!(
+                "[segment]\nwrite_key = \"wk\"\n{segment}\n[watch]\ndir = \"/tmp/in\"\n\
+                 [leanplum]\napp_id = \"a\"\n{leanplum}\n"
+            ))
+            .unwrap()
+        };
+        let keys = |c: &Config, purpose| -> Vec<String> {
+            c.validate(purpose).into_iter().map(|p| p.key).collect()
+        };
+        let c = config(
+            "proxy = \"http://alice:s3cret@proxy.corp:3128\"",
+            "proxy = \"https://proxy.corp:443\"",
+        );
+        assert_eq!(keys(&c, Purpose::Run), Vec::<String>::new());
+        assert_eq!(
+            c.segment.proxy.expose(),
+            "http://alice:s3cret@proxy.corp:3128"
+        );
+        assert!(!format!("{c:?} {}", c.segment.proxy).contains("s3cret"));
+
+        let c = config(
+            &format!(
+                "proxy = \"ftp://alice:s3cret@proxy.corp:21\"\nca_file = {:?}",
+                missing.to_str().unwrap()
+            ),
+            &format!(
+                "proxy = \"http://proxy.corp\"\nca_file = {:?}",
+                not_pem.to_str().unwrap()
+            ),
+        );
+        let problems = c.validate(Purpose::Run);
+        assert_eq!(
+            keys(&c, Purpose::Run),
+            [
+                "segment.proxy",
+                "segment.ca_file",
+                "leanplum.proxy",
+                "leanplum.ca_file"
+            ]
+        );
+        let text = format!("{problems:?}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("cannot read"), "{text}");
+        assert!(text.contains("no certificate"), "{text}");
+        // dry-run and status reach no network: the files are not read for them.
+        assert_eq!(
+            keys(&c, Purpose::DryRun),
+            ["segment.proxy", "leanplum.proxy"]
+        );
+        let relative = Config::parse("[segment]\nca_file = \"ca.pem\"\n").unwrap();
+        assert_eq!(keys(&relative, Purpose::DryRun), ["segment.ca_file"]);
     }
 
     #[test]

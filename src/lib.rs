@@ -37,6 +37,7 @@
 //! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
 //! - [`stats`]: counters shared by the tasks, read by status.
 //! - [`control`]: control socket, status report.
+//! - [`transport`]: the proxy and extra CA roots both HTTP clients (Segment, Leanplum) use.
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -53,4 +54,5 @@ pub mod mapping;
 pub mod segment;
 pub mod spool;
 pub mod stats;
+pub mod transport;
 pub mod watch;

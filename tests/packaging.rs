@@ -1,5 +1,6 @@
-//! Packaging checks that are fast enough for every `cargo test`: the systemd unit passes
-//! `systemd-analyze verify` and carries SPEC section 10's settings; the example config
+//! Packaging checks that are fast enough for every `cargo test`: the systemd unit and the
+//! template unit (one instance per app) pass `systemd-analyze verify` and carry SPEC section
+//! 10's settings, and the template is the unit with the instance's paths; the example config
 //! (`packaging/config.toml`) passes `check-config`; the unit, the example config and the
 //! packages agree on paths; and `[package.metadata.deb]`, the list of what the .deb installs
 //! (`packaging/deb-contents.txt`) and the RPM spec's `%files` name the same files.
@@ -17,6 +18,8 @@ use std::process::{Command, Output};
 const NAME: &str = "leanplum-segment-agent";
 const BIN: &str = env!("CARGO_BIN_EXE_leanplum-segment-agent");
 const UNIT: &str = "systemd/leanplum-segment-agent.service";
+/// `leanplum-segment-agent@APP.service`: reads `/etc/leanplum-segment-agent/APP.toml`.
+const TEMPLATE: &str = "systemd/leanplum-segment-agent@.service";
 const EXAMPLE_CONFIG: &str = "packaging/config.toml";
 const DEB_CONTENTS: &str = "packaging/deb-contents.txt";
 const RPM_SPEC: &str = "packaging/rpm/leanplum-segment-agent.spec";
@@ -43,11 +46,13 @@ fn describe(out: &Output) -> String {
 /// A unit file as systemd reads it: `[Section]` headers, `Key=Value` lines, `#`/`;` comments,
 /// backslash continuations. Entries keep their order (ExecReload= runs in order).
 struct Unit {
+    /// The file, for messages.
+    name: &'static str,
     entries: Vec<(String, String, String)>,
 }
 
 impl Unit {
-    fn parse(text: &str) -> Unit {
+    fn parse(name: &'static str, text: &str) -> Unit {
         let mut entries = Vec::new();
         let mut section = String::new();
         let mut pending = String::new();
@@ -71,10 +76,10 @@ impl Unit {
                     value.trim().to_owned(),
                 ));
             } else {
-                panic!("{UNIT}: not a section, a setting or a comment: {raw:?}");
+                panic!("{name}: not a section, a setting or a comment: {raw:?}");
             }
         }
-        Unit { entries }
+        Unit { name, entries }
     }
 
     fn values(&self, section: &str, key: &str) -> Vec<&str> {
@@ -87,10 +92,11 @@ impl Unit {
 
     /// The one value of a setting that must be set exactly once.
     fn one(&self, section: &str, key: &str) -> &str {
+        let name = self.name;
         match self.values(section, key).as_slice() {
             [v] => v,
-            [] => panic!("{UNIT}: [{section}] {key}= is missing"),
-            more => panic!("{UNIT}: [{section}] {key}= is set {} times", more.len()),
+            [] => panic!("{name}: [{section}] {key}= is missing"),
+            more => panic!("{name}: [{section}] {key}= is set {} times", more.len()),
         }
     }
 
@@ -98,13 +104,18 @@ impl Unit {
         let v = self.one(section, key);
         assert!(
             matches!(v, "yes" | "true" | "on" | "1"),
-            "{UNIT}: [{section}] {key}={v}, expected yes"
+            "{}: [{section}] {key}={v}, expected yes",
+            self.name
         );
     }
 }
 
 fn unit() -> Unit {
-    Unit::parse(&read(UNIT))
+    Unit::parse(UNIT, &read(UNIT))
+}
+
+fn template() -> Unit {
+    Unit::parse(TEMPLATE, &read(TEMPLATE))
 }
 
 /// The command of an Exec*= value without its special-executable prefixes (`-`, `@`, `:`, `+`,
@@ -114,14 +125,30 @@ fn split_exec(value: &str) -> (&str, &str) {
     (&value[..value.len() - command.len()], command)
 }
 
-fn check_config_command() -> String {
-    format!("{INSTALLED_BIN} check-config --config {INSTALLED_CONFIG}")
+fn check_config_command(config: &str) -> String {
+    format!("{INSTALLED_BIN} check-config --config {config}")
 }
 
 #[test]
 fn unit_has_the_required_settings() {
-    let unit = unit();
+    required_settings(&unit(), INSTALLED_CONFIG, NAME);
+}
+
+/// The template has the plain unit's settings, with the instance's config file and its own
+/// state and runtime directories.
+#[test]
+fn template_has_the_required_settings() {
+    required_settings(
+        &template(),
+        "/etc/leanplum-segment-agent/%i.toml",
+        "leanplum-segment-agent/%i",
+    );
+}
+
+/// `unit` runs `run --config {config}` with `StateDirectory=` and `RuntimeDirectory=` `dirs`.
+fn required_settings(unit: &Unit, config: &str, dirs: &str) {
     let service = "Service";
+    let name = unit.name;
 
     // The daemon sends READY=1 once the spool is open and the first scan is done.
     assert_eq!(unit.one(service, "Type"), "notify");
@@ -129,25 +156,31 @@ fn unit_has_the_required_settings() {
     // restarts and upgrades, and the packages create this user.
     assert_eq!(unit.one(service, "User"), NAME);
     assert_eq!(unit.one(service, "Group"), NAME);
-    for key in [
-        "StateDirectory",
-        "RuntimeDirectory",
-        "ConfigurationDirectory",
-    ] {
-        assert_eq!(unit.one(service, key), NAME, "{key}=");
+    for key in ["StateDirectory", "RuntimeDirectory"] {
+        assert_eq!(unit.one(service, key), dirs, "{name}: {key}=");
     }
+    assert_eq!(
+        unit.one(service, "ConfigurationDirectory"),
+        NAME,
+        "{name}: ConfigurationDirectory="
+    );
 
     assert_eq!(
         split_exec(unit.one(service, "ExecStart")).1,
-        format!("{INSTALLED_BIN} run --config {INSTALLED_CONFIG}")
+        format!("{INSTALLED_BIN} run --config {config}"),
+        "{name}: ExecStart="
     );
     let (prefix, command) = split_exec(unit.one(service, "ExecStartPre"));
-    assert_eq!(command, check_config_command(), "ExecStartPre=");
+    assert_eq!(
+        command,
+        check_config_command(config),
+        "{name}: ExecStartPre="
+    );
     // RestartPreventExitStatus= looks at the main process only: a failing ExecStartPre would
     // make Restart=on-failure retry a bad config forever. `run` exits 78 on its own.
     assert!(
         prefix.contains('-'),
-        "ExecStartPre= needs the '-' prefix, see the comment in {UNIT}"
+        "{name}: ExecStartPre= needs the '-' prefix, see the comment in {UNIT}"
     );
     // Reload: check first (a failing check aborts the reload), then SIGHUP.
     let reload: Vec<&str> = unit
@@ -157,15 +190,18 @@ fn unit_has_the_required_settings() {
         .collect();
     assert_eq!(
         reload,
-        [check_config_command().as_str(), "/bin/kill -HUP $MAINPID"],
-        "ExecReload="
+        [
+            check_config_command(config).as_str(),
+            "/bin/kill -HUP $MAINPID"
+        ],
+        "{name}: ExecReload="
     );
 
     assert_eq!(unit.one(service, "Restart"), "on-failure");
     let prevent = unit.one(service, "RestartPreventExitStatus");
     assert!(
         prevent.split_whitespace().any(|s| s == "78"),
-        "RestartPreventExitStatus={prevent} lacks 78 (EX_CONFIG)"
+        "{name}: RestartPreventExitStatus={prevent} lacks 78 (EX_CONFIG)"
     );
 
     assert_eq!(unit.one(service, "ProtectSystem"), "strict");
@@ -176,14 +212,67 @@ fn unit_has_the_required_settings() {
     assert_eq!(
         u32::from_str_radix(umask, 8).ok(),
         Some(0o077),
-        "UMask={umask}"
+        "{name}: UMask={umask}"
     );
 
     assert!(
         unit.values("Install", "WantedBy")
             .iter()
             .any(|v| v.split_whitespace().any(|t| t == "multi-user.target")),
-        "[Install] WantedBy=multi-user.target is missing"
+        "{name}: [Install] WantedBy=multi-user.target is missing"
+    );
+}
+
+/// The template is the plain unit, setting for setting, in the same order, but for the
+/// description, the config file and the state and runtime directories: a hardening or timeout
+/// change to one must be made to the other.
+#[test]
+fn template_is_the_unit_with_the_instance_paths() {
+    let instance = |value: &str| {
+        value
+            .replace(INSTALLED_CONFIG, "/etc/leanplum-segment-agent/%i.toml")
+            .replace(
+                "Description=Leanplum engagement exports to Segment",
+                "Description=Leanplum engagement exports to Segment (%i)",
+            )
+    };
+    let expected: Vec<String> = unit()
+        .entries
+        .iter()
+        .map(|(section, key, value)| {
+            let value = match key.as_str() {
+                "StateDirectory" | "RuntimeDirectory" => format!("{value}/%i"),
+                _ => value.clone(),
+            };
+            instance(&format!("[{section}] {key}={value}"))
+        })
+        .collect();
+    let got: Vec<String> = template()
+        .entries
+        .iter()
+        .map(|(section, key, value)| format!("[{section}] {key}={value}"))
+        .collect();
+    assert_eq!(got, expected, "{TEMPLATE} vs {UNIT}");
+
+    // The paths an instance's config must set (README, "Two apps on one host"), as the
+    // template makes them for an instance named app1.
+    let unit = template();
+    let spool = format!("/var/lib/{}", unit.one("Service", "StateDirectory"));
+    let socket = format!(
+        "/run/{}/control.sock",
+        unit.one("Service", "RuntimeDirectory")
+    );
+    let readme = read("README.md");
+    for (key, path) in [("dir", spool), ("socket", socket)] {
+        let line = format!("{key} = \"{}\"", path.replace("%i", "app1"));
+        assert!(
+            readme.contains(&line),
+            "README.md does not show an instance config with `{line}`"
+        );
+    }
+    assert!(
+        readme.contains("systemctl enable --now leanplum-segment-agent@app1"),
+        "README.md does not show how to start an instance"
     );
 }
 
@@ -238,6 +327,18 @@ fn unit_and_example_config_agree_on_paths() {
 
 #[test]
 fn unit_passes_systemd_analyze_verify() {
+    systemd_analyze_verify(UNIT, None);
+}
+
+/// The template, as an instance: verify loads `leanplum-segment-agent@app1.service` from a
+/// symlink of that name to the template file, `%i` expanded.
+#[test]
+fn template_passes_systemd_analyze_verify() {
+    systemd_analyze_verify(TEMPLATE, Some("app1"));
+}
+
+/// `systemd-analyze verify` on a copy of `rel` (for a template, on `instance` of it).
+fn systemd_analyze_verify(rel: &str, instance: Option<&str>) {
     // verify checks that every Exec*= binary exists and is executable: point them at the
     // binary this test run built.
     assert!(
@@ -245,17 +346,26 @@ fn unit_passes_systemd_analyze_verify() {
         "the built binary's path {BIN:?} has whitespace, which the rewritten unit cannot hold"
     );
     let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join(format!("{NAME}.service"));
-    let text = read(UNIT);
+    let file_name = Path::new(rel).file_name().unwrap();
+    let copy = dir.path().join(file_name);
+    let text = read(rel);
     assert!(
         text.contains(INSTALLED_BIN),
-        "{UNIT} never runs {INSTALLED_BIN}"
+        "{rel} never runs {INSTALLED_BIN}"
     );
     std::fs::write(&copy, text.replace(INSTALLED_BIN, BIN)).unwrap();
+    let target = match instance {
+        Some(instance) => {
+            let link = dir.path().join(format!("{NAME}@{instance}.service"));
+            std::os::unix::fs::symlink(file_name, &link).unwrap();
+            link
+        }
+        None => copy,
+    };
 
     let out = match Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&copy)
+        .arg(&target)
         .env("SYSTEMD_LOG_COLOR", "0")
         .output()
     {
@@ -284,7 +394,7 @@ fn unit_passes_systemd_analyze_verify() {
     );
     assert!(
         about_unit.is_empty(),
-        "systemd-analyze verify warns about {UNIT}:\n{}",
+        "systemd-analyze verify warns about {rel}:\n{}",
         about_unit.join("\n")
     );
 }
@@ -439,12 +549,20 @@ fn deb_metadata_matches_the_contents_list() {
         repo(unit_dir).join(format!("{NAME}.service")).is_file(),
         "systemd-units.unit-scripts {unit_dir} does not hold {NAME}.service"
     );
-    built.push(Packaged {
-        path: format!("/usr/lib/systemd/system/{NAME}.service"),
-        perms: perms("644"),
-        owner: "0/0".into(),
-        conffile: false,
-    });
+    // cargo-deb installs `<package>.service` and the template `<package>@.service` it finds
+    // there, and leaves the template out of the generated enable / start / stop code.
+    for unit in [format!("{NAME}.service"), format!("{NAME}@.service")] {
+        assert!(
+            repo(unit_dir).join(&unit).is_file(),
+            "systemd-units.unit-scripts {unit_dir} does not hold {unit}"
+        );
+        built.push(Packaged {
+            path: format!("/usr/lib/systemd/system/{unit}"),
+            perms: perms("644"),
+            owner: "0/0".into(),
+            conffile: false,
+        });
+    }
     built.push(Packaged {
         path: format!("/usr/share/doc/{NAME}/copyright"),
         perms: perms("644"),

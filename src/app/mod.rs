@@ -7,8 +7,9 @@
 //!    ([`crate::catalog::files::watch`]) and the ingest worker; `READY=1` once the first scan
 //!    of the watch directory is done;
 //! 3. SIGHUP: load and validate the config again; if it is good, apply what can change live
-//!    (Segment endpoint and key, batch limits, timers, retry, log level, catalog and mapping
-//!    options) and say which changes need a restart; if not, keep the old one;
+//!    (Segment endpoint, key, proxy and CA roots, batch limits, timers, retry, log level,
+//!    catalog and mapping options) and say which changes need a restart; if not, keep the old
+//!    one;
 //! 4. on shutdown: stop intake (watcher, ingest between chunks), let the drain finish or
 //!    abandon in-flight batches within 10 s, flush the spool, return.
 
@@ -34,6 +35,7 @@ use crate::mapping::{MappingOptions, MappingState, SharedMapping};
 use crate::segment::client::Client;
 use crate::spool::{Spool, now_ms};
 use crate::stats::Stats;
+use crate::transport::Transport;
 use crate::watch::{self, WatchHandles, WatchSettings};
 
 /// sled's page cache. The spool is streamed, so a small cache costs little speed.
@@ -66,14 +68,26 @@ pub fn mapping_options(c: &Config) -> MappingOptions {
     }
 }
 
+/// The Segment client and the drain's settings. Built again on SIGHUP, so a new endpoint,
+/// key, proxy or `ca_file` applies to the next request.
 fn drain_config(config: &Config, key: &WriteKey) -> anyhow::Result<DrainConfig> {
+    let s = &config.segment;
+    let transport = Transport::new(&s.proxy, &s.ca_file)
+        .map_err(|e| anyhow::anyhow!("segment.proxy / segment.ca_file: {e}"))?;
     let client = Client::new(
-        &config.segment.endpoint,
+        &s.endpoint,
         key,
-        Duration::from_secs(config.segment.request_timeout_secs),
-        config.segment.gzip,
+        Duration::from_secs(s.request_timeout_secs),
+        s.gzip,
+        &transport,
     )
     .context("cannot build the HTTP client")?;
+    tracing::info!(
+        endpoint = %s.endpoint,
+        proxy = %transport.route(&s.endpoint),
+        extra_ca_roots = transport.extra_roots(),
+        "Segment client ready"
+    );
     Ok(DrainConfig {
         settings: DrainSettings::from_config(config),
         client,
@@ -116,16 +130,26 @@ pub async fn run(
     let mapping: SharedMapping =
         Arc::new(std::sync::RwLock::new(Arc::new(MappingState::default())));
     let api = match (&config.leanplum, content_key) {
-        (Some(lp), Some(key)) => Some((
-            LeanplumApi::new(
-                &lp.api_base,
-                &lp.app_id,
-                key,
-                Duration::from_secs(lp.request_timeout_secs),
-            )
-            .context("cannot build the Leanplum API client")?,
-            Duration::from_secs(lp.refresh_interval_secs),
-        )),
+        (Some(lp), Some(key)) => {
+            let transport = Transport::new(&lp.proxy, &lp.ca_file)
+                .map_err(|e| anyhow::anyhow!("leanplum.proxy / leanplum.ca_file: {e}"))?;
+            tracing::info!(
+                proxy = %transport.route(&lp.api_base),
+                extra_ca_roots = transport.extra_roots(),
+                "Leanplum API client ready"
+            );
+            Some((
+                LeanplumApi::new(
+                    &lp.api_base,
+                    &lp.app_id,
+                    key,
+                    Duration::from_secs(lp.request_timeout_secs),
+                    &transport,
+                )
+                .context("cannot build the Leanplum API client")?,
+                Duration::from_secs(lp.refresh_interval_secs),
+            ))
+        }
         _ => None,
     };
     log_files_loaded(&catalog_files);

@@ -202,6 +202,7 @@ async fn a_failed_refresh_keeps_the_catalog_and_a_good_one_replaces_it() {
             "app",
             crate::config::Secret::new("k"),
             Duration::from_secs(2),
+            &Default::default(),
         )
         .unwrap()
     };
@@ -262,6 +263,7 @@ async fn an_unknown_abtest_waits_for_the_next_refresh() {
         "app",
         crate::config::Secret::new("k"),
         Duration::from_secs(2),
+        &Default::default(),
     )
     .unwrap();
     refresh::refresh(&s, &api).await.unwrap();

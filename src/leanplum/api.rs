@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::Id;
 use super::catalog::{API_FAILURE, AbTest, Catalog, LookupError, Message, says_not_found};
 use crate::config::Secret;
+use crate::transport::Transport;
 
 /// The API version the requests name; the response shapes parsed here are this version's.
 pub const API_VERSION: &str = "1.0.6";
@@ -57,13 +58,16 @@ impl std::fmt::Debug for LeanplumApi {
 }
 
 impl LeanplumApi {
+    /// `transport`: the proxy and extra CA roots of `[leanplum]` (see [`crate::transport`]).
     pub fn new(
         api_base: &str,
         app_id: &str,
         key: Secret,
         timeout: Duration,
+        transport: &Transport,
     ) -> Result<LeanplumApi, ApiError> {
-        let http = reqwest::Client::builder()
+        let http = transport
+            .client_builder()
             .user_agent(concat!(
                 "leanplum-segment-agent/",
                 env!("CARGO_PKG_VERSION")
@@ -241,6 +245,71 @@ pub(crate) mod test_server {
 mod tests {
     use super::*;
 
+    /// `leanplum.proxy`: the calls go to the proxy in absolute form, with the proxy's
+    /// credentials; and a transport error through it names neither them nor the content key.
+    #[tokio::test]
+    async fn calls_go_through_the_configured_proxy() {
+        use crate::config::ProxyUrl;
+        use base64::Engine as _;
+        let proxy = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let addr = proxy.server_addr().to_ip().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for request in proxy.incoming_requests() {
+                let auth = request
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv("Proxy-Authorization"))
+                    .map(|h| h.value.to_string());
+                let _ = tx.send((request.url().to_owned(), auth));
+                let body = r#"{"response":[{"success":true,"messages":[]}]}"#;
+                let _ = request.respond(tiny_http::Response::from_string(body));
+            }
+        });
+        let transport = Transport::new(
+            &ProxyUrl::new(format!("http://lp:pr0xyPass@{addr}")),
+            std::path::Path::new(""),
+        )
+        .unwrap();
+        let api = LeanplumApi::new(
+            "http://api.leanplum.invalid",
+            "app",
+            Secret::new("K_content"),
+            Duration::from_secs(5),
+            &transport,
+        )
+        .unwrap();
+        assert_eq!(api.messages().await.unwrap(), vec![]);
+        let (url, auth) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(
+            url.starts_with("http://api.leanplum.invalid/api?"),
+            "not an absolute-form request to the proxy: {url}"
+        );
+        let expected = base64::engine::general_purpose::STANDARD.encode("lp:pr0xyPass");
+        assert_eq!(auth, Some(format!("Basic {expected}")));
+
+        // A proxy that is not there: the error says so without the secrets.
+        let closed = Transport::new(
+            &ProxyUrl::new("http://lp:pr0xyPass@127.0.0.1:9"),
+            std::path::Path::new(""),
+        )
+        .unwrap();
+        let api = LeanplumApi::new(
+            "https://api.leanplum.invalid",
+            "app",
+            Secret::new("K_content"),
+            Duration::from_secs(5),
+            &closed,
+        )
+        .unwrap();
+        let text = api.messages().await.unwrap_err().to_string();
+        assert!(text.starts_with("cannot reach Leanplum"), "{text}");
+        assert!(
+            !text.contains("pr0xyPass") && !text.contains("K_content"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn error_bodies_give_leanplum_message() {
         let body = br#"{"response":[{"success":false,"error":{"message":"Invalid clientKey"}}]}"#;
@@ -259,6 +328,7 @@ mod tests {
             "app",
             Secret::new("K3yK3y"),
             Duration::from_secs(1),
+            &Default::default(),
         )
         .unwrap();
         assert_eq!(
@@ -275,6 +345,7 @@ mod tests {
             "app",
             Secret::new("S3cretContentKey"),
             Duration::from_secs(2),
+            &Default::default(),
         )
         .unwrap();
         let e = api.messages().await.unwrap_err();
@@ -317,8 +388,14 @@ mod tests {
         ];
         for (status, body, delay, want) in rows {
             let url = test_server::serve_one_answer(*status, body, Duration::from_secs(*delay));
-            let api =
-                LeanplumApi::new(&url, "app", Secret::new(key), Duration::from_secs(1)).unwrap();
+            let api = LeanplumApi::new(
+                &url,
+                "app",
+                Secret::new(key),
+                Duration::from_secs(1),
+                &Default::default(),
+            )
+            .unwrap();
             let text = api.messages().await.unwrap_err().to_string();
             assert!(text.starts_with(want), "{status} {body}: {text}");
             assert!(
@@ -367,8 +444,14 @@ mod tests {
         ];
         for (status, body, want) in rows {
             let url = test_server::serve_one_answer(*status, body, Duration::ZERO);
-            let api =
-                LeanplumApi::new(&url, "app", Secret::new("k"), Duration::from_secs(2)).unwrap();
+            let api = LeanplumApi::new(
+                &url,
+                "app",
+                Secret::new("k"),
+                Duration::from_secs(2),
+                &Default::default(),
+            )
+            .unwrap();
             let got = match api.message(Id(5342363864268800)).await {
                 Ok(None) => "none",
                 Ok(Some(m)) => {

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use super::retry::parse_retry_after;
 use crate::config::WriteKey;
+use crate::transport::Transport;
 
 /// What Segment said (or that it could not be reached).
 #[derive(Debug, Clone)]
@@ -32,11 +33,13 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// `transport`: the proxy and extra CA roots of `[segment]` (see [`crate::transport`]).
     pub fn new(
         endpoint: &str,
         key: &WriteKey,
         timeout: Duration,
         gzip: bool,
+        transport: &Transport,
     ) -> Result<Client, reqwest::Error> {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{}:", key.expose()));
         let mut auth = HeaderValue::from_str(&format!("Basic {token}"))
@@ -49,7 +52,8 @@ impl Client {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let http = reqwest::Client::builder()
+        let http = transport
+            .client_builder()
             .default_headers(headers)
             .user_agent(concat!(
                 "leanplum-segment-agent/",

@@ -26,6 +26,9 @@
 //!   catalog kept while running) and shown in `status` (SPEC section 5).
 //! - [`parking`]: records of messages the catalog does not know are parked, delivered once it
 //!   learns them, listed and purged otherwise (SPEC section 5).
+//! - [`network`]: `segment.proxy` (a loopback proxy counting what goes through it), the
+//!   environment's `HTTP_PROXY` / `NO_PROXY`, and `ca_file` with a loopback TLS server and a
+//!   test CA (SPEC section 3).
 //! - [`operate`]: `files` in each state, running and stopped; `replay` of files and directories.
 //! - [`input_model`]: random file histories and restarts against a model of what must be
 //!   delivered, exactly once (SPEC section 7).
@@ -42,6 +45,7 @@ mod end_to_end;
 mod events;
 mod input_files;
 mod input_model;
+mod network;
 mod operate;
 mod parking;
 mod retries;

@@ -991,8 +991,9 @@ impl Drop for TestEnv {
 // ---------------------------------------------------------------------------------------------
 
 /// A `Command` for the binary with an environment that cannot change what a test means:
-/// no `RUST_LOG` (the config's level applies), no key from the environment, and no systemd
-/// variables (which would send logs to journald or notifications to a foreign socket).
+/// no `RUST_LOG` (the config's level applies), no key from the environment, no systemd
+/// variables (which would send logs to journald or notifications to a foreign socket), and no
+/// proxy variables.
 pub fn agent_command() -> Command {
     let mut cmd = Command::new(BIN);
     for var in [
@@ -1006,6 +1007,17 @@ pub fn agent_command() -> Command {
         "WATCHDOG_PID",
         "LISTEN_FDS",
         "LISTEN_PID",
+        // A proxy of the machine running the tests would carry (or break) the requests to
+        // the loopback servers; the proxy tests set these themselves.
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "REQUEST_METHOD",
     ] {
         cmd.env_remove(var);
     }
