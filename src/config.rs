@@ -814,12 +814,46 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     if key.ends_with("write_key") {
         message = "invalid value (expected a string)".into();
     }
-    format!("{key}: {message} (line {line_no})")
+    format!("{key}: {} (line {line_no})", without_values(&message))
+}
+
+/// serde's messages quote the value they refused (``unknown variant `x` ``, `invalid type:
+/// string "x"`), and a secret pasted into the wrong key would be printed: the values go.
+fn without_values(message: &str) -> String {
+    let mut out = message.to_owned();
+    if let Some(rest) = out.strip_prefix("unknown variant `")
+        && let Some((_, tail)) = rest.split_once('`')
+    {
+        out = format!("unknown value{tail}");
+    }
+    while let Some(start) = out.find("string \"") {
+        let after = start + "string \"".len();
+        match out[after..].find('"') {
+            Some(end) => out.replace_range(start..after + end + 1, "a string"),
+            None => break,
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_values_are_not_quoted_back() {
+        assert_eq!(
+            without_values("unknown variant `wk_secret`, expected `text` or `json`"),
+            "unknown value, expected `text` or `json`"
+        );
+        assert_eq!(
+            without_values("invalid type: string \"wk_secret\", expected u64"),
+            "invalid type: a string, expected u64"
+        );
+        let e =
+            Config::parse(&format!("{}[log]\nformat = \"wk_secret\"\n", minimal())).unwrap_err();
+        assert!(e.contains("log.format") && !e.contains("wk_secret"), "{e}");
+    }
 
     fn minimal() -> &'static str {
         "[segment]\nwrite_key = \"wk_secret\"\n[watch]\ndir = \"/tmp/in\"\n"
