@@ -753,4 +753,22 @@ fn a_refused_content_key_is_a_catalog_error_and_files_wait() {
     );
     assert!(!status.to_string().contains("ck_wrong_key"), "{status}");
     assert!(!agent.logs().contains("ck_wrong_key"));
+    // `files` says the file waits, and for what.
+    let files = run_cli(
+        &[
+            "files".as_ref(),
+            "--json".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        PATIENCE,
+    );
+    let files: Value = serde_json::from_str(files.stdout.trim()).unwrap();
+    assert_eq!(files[0]["state"], "waiting", "{files}");
+    assert!(
+        files[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("5342363864268800")),
+        "{files}"
+    );
 }
