@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod csv_export;
 pub mod engagement;
 
 use serde::Deserialize;

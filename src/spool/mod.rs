@@ -117,6 +117,7 @@
 //! transaction was still writing.
 
 mod dedupe;
+pub mod join;
 mod packet;
 mod records;
 mod segments;
@@ -124,6 +125,7 @@ mod store;
 
 use store::Store;
 
+pub use join::{JoinOp, JoinTree};
 pub use records::{DeadLetter, FileRecord, FileStatus, QuarantineEntry, QuarantineKind};
 
 use sled::IVec;
@@ -208,6 +210,8 @@ pub struct Chunk {
     pub file_done: bool,
     /// The file's tail hash at `offset` (plain files; see `ingest::fingerprint`).
     pub tail_hash: Option<String>,
+    /// Writes to the CSV export join's trees (see `join.rs`), committed with the rest.
+    pub join: Vec<JoinOp>,
 }
 
 /// What a commit did with the chunk's events.
@@ -597,47 +601,69 @@ impl Spool {
             &s.meta,
             &s.quarantine,
             &s.dead,
+            &s.join_sessions,
+            &s.join_waiting,
+            &s.join_params,
+            &s.join_jobs,
         )
-            .transaction(|(queue, files, dedupe, meta, quarantine, dead)| {
-                for (k, v) in &packets {
-                    queue.insert(&k.to_be_bytes(), v.as_slice())?;
-                }
-                meta.insert(SEGMENT_END, &end.encode())?;
-                if !log_value.is_empty() {
-                    dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
-                    // What the table may hold at most (see `install_table`).
-                    meta.insert(DEDUPE_NEXT, &(log_seq + 1).to_be_bytes())?;
-                }
-                for (id, v) in &letters {
-                    dead.insert(&id.to_be_bytes(), v.as_slice())?;
-                }
-                for (id, q) in q_ids.iter().zip(&quarantine_json) {
-                    quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
-                }
-                let fkey = chunk.file_id.to_be_bytes();
-                let mut rec = match files.get(fkey)? {
-                    Some(v) => decode_file(&v)?,
-                    None if chunk.file_id == NO_FILE => FileRecord::default(),
-                    None => return abort(format!("file record {}", chunk.file_id)),
-                };
-                rec.offset = chunk.offset;
-                rec.line = chunk.line;
-                if let Some(t) = &chunk.tail_hash {
-                    rec.tail_hash.clone_from(t);
-                }
-                rec.events_spooled += out.spooled;
-                rec.pending += out.spooled;
-                rec.updated_ms = now;
-                if chunk.file_done {
-                    rec.status = FileStatus::Read;
-                }
-                if chunk.file_id != NO_FILE {
-                    files.insert(&fkey, encode_file(&rec))?;
-                }
-                add_meta(meta, "live_bytes", bytes as i64)?;
-                add_meta(meta, "depth", out.spooled as i64)?;
-                Ok(())
-            })
+            .transaction(
+                |(
+                    queue,
+                    files,
+                    dedupe,
+                    meta,
+                    quarantine,
+                    dead,
+                    join_sessions,
+                    join_waiting,
+                    join_params,
+                    join_jobs,
+                )| {
+                    for (k, v) in &packets {
+                        queue.insert(&k.to_be_bytes(), v.as_slice())?;
+                    }
+                    meta.insert(SEGMENT_END, &end.encode())?;
+                    if !log_value.is_empty() {
+                        dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
+                        // What the table may hold at most (see `install_table`).
+                        meta.insert(DEDUPE_NEXT, &(log_seq + 1).to_be_bytes())?;
+                    }
+                    for (id, v) in &letters {
+                        dead.insert(&id.to_be_bytes(), v.as_slice())?;
+                    }
+                    for (id, q) in q_ids.iter().zip(&quarantine_json) {
+                        quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
+                    }
+                    let fkey = chunk.file_id.to_be_bytes();
+                    let mut rec = match files.get(fkey)? {
+                        Some(v) => decode_file(&v)?,
+                        None if chunk.file_id == NO_FILE => FileRecord::default(),
+                        None => return abort(format!("file record {}", chunk.file_id)),
+                    };
+                    rec.offset = chunk.offset;
+                    rec.line = chunk.line;
+                    if let Some(t) = &chunk.tail_hash {
+                        rec.tail_hash.clone_from(t);
+                    }
+                    rec.events_spooled += out.spooled;
+                    rec.pending += out.spooled;
+                    rec.updated_ms = now;
+                    if chunk.file_done {
+                        rec.status = FileStatus::Read;
+                    }
+                    if chunk.file_id != NO_FILE {
+                        files.insert(&fkey, encode_file(&rec))?;
+                    }
+                    add_meta(meta, "live_bytes", bytes as i64)?;
+                    add_meta(meta, "depth", out.spooled as i64)?;
+                    join::apply(
+                        &chunk.join,
+                        [&join_sessions, &join_waiting, &join_params, &join_jobs],
+                        &meta,
+                    )?;
+                    Ok(())
+                },
+            )
             .map_err(|e| s.tx_err(e))?;
         s.flush()?;
         self.committed(&mut w, key, end);
