@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 mod fingerprint;
+mod join;
 
 use crate::input::{BadRecord, InputError, Item, Reader, Record};
 use crate::leanplum::catalog::Catalog;
@@ -205,6 +206,11 @@ impl Ingestor {
         }
         let (file_id, offset, line) = (id, rec.offset, rec.line);
 
+        if crate::input::leanplum_csv::table_file(rel).is_some() {
+            return self.ingest_table(
+                rel, &file, &meta, &head, gzip, len, file_id, offset, line, cancel,
+            );
+        }
         let (mut file_id, mut offset, mut line) = (file_id, offset, line);
         let opened = match Reader::open(&abs, offset) {
             Err(InputError::BadOffset { .. }) if offset > 0 => {
@@ -383,6 +389,9 @@ impl Ingestor {
         // read is read again.
         let mut best: Option<(u64, FileRecord, Relation)> = None;
         for (id, rec) in self.spool.files_with_head(&fingerprint::hash(head))? {
+            if !join::may_be_same_file(rel, &rec.path) {
+                continue;
+            }
             let relation = fingerprint::relate(file, len, &rec).map_err(io)?;
             if relation != Relation::Same && relation != Relation::Grown {
                 continue;
@@ -723,6 +732,8 @@ pub struct DryRunSummary {
     pub unreadable_files: u64,
     /// Engagements of messages the catalog does not know, which the agent would park.
     pub parked: u64,
+    /// CSV export events and impressions whose session was in none of the files given.
+    pub waiting: u64,
 }
 
 /// Parses `paths` and writes the events they would produce as JSON lines to `out`; bad records
@@ -737,11 +748,18 @@ pub fn dry_run(
 ) -> std::io::Result<DryRunSummary> {
     let mut seen = HashSet::new();
     let mut summary = DryRunSummary::default();
+    let mut tables = join::MemoryJoin::default();
+    let mut any_table = false;
     for path in paths {
         let shown = path.display();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         if crate::watch::manifest::is_manifest(&name) {
             writeln!(err, "{shown}: a job manifest, not data; skipped")?;
+            continue;
+        }
+        if crate::input::leanplum_csv::table_file(path).is_some() {
+            any_table = true;
+            dry_run_table(path, &mut tables, &mut summary, err)?;
             continue;
         }
         let mut reader = match Reader::open(path, 0) {
@@ -770,35 +788,121 @@ pub fn dry_run(
                     continue;
                 }
             };
-            let mut mapped = Output::default();
-            if let Err(e) = map_record(&record, catalog, opts, &mut mapped) {
-                writeln!(err, "{shown}:{}: {e}", item.line)?;
-                summary.bad_records += 1;
-                continue;
-            }
-            if !mapped.parked.is_empty() {
-                let mut ids: Vec<String> = mapped.parked.iter().map(|i| i.to_string()).collect();
-                ids.dedup();
-                writeln!(
-                    err,
-                    "{shown}:{}: {} engagement(s) of message(s) not in the catalog ({}): the agent would park them",
-                    item.line,
-                    mapped.parked.len(),
-                    ids.join(", ")
-                )?;
-                summary.parked += mapped.parked.len() as u64;
-            }
-            for ev in mapped.events {
-                if !seen.insert(ev.message_id.clone()) {
-                    summary.duplicates += 1;
-                    continue;
-                }
-                serde_json::to_writer(&mut *out, &ev)?;
-                out.write_all(b"\n")?;
-                summary.events += 1;
-            }
+            let at = format!("{shown}:{}", item.line);
+            dry_run_map(
+                &record,
+                &at,
+                catalog,
+                opts,
+                &mut seen,
+                &mut summary,
+                out,
+                err,
+            )?;
+        }
+    }
+    if any_table {
+        let (sessions, orphans) = tables.finish();
+        for s in sessions {
+            let at = "CSV export session".to_owned();
+            let record = Record::Session(Box::new(s));
+            dry_run_map(
+                &record,
+                &at,
+                catalog,
+                opts,
+                &mut seen,
+                &mut summary,
+                out,
+                err,
+            )?;
+        }
+        if orphans > 0 {
+            writeln!(
+                err,
+                "CSV export: {orphans} event(s) or impression(s) whose session is in none of the files given: the agent would keep them waiting for it"
+            )?;
+            summary.waiting += orphans;
         }
     }
     out.flush()?;
     Ok(summary)
+}
+
+/// Maps one record for `dry-run` and prints its new events.
+#[allow(clippy::too_many_arguments)]
+fn dry_run_map(
+    record: &Record,
+    at: &str,
+    catalog: &Catalog,
+    opts: &MappingOptions,
+    seen: &mut HashSet<String>,
+    summary: &mut DryRunSummary,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<()> {
+    let mut mapped = Output::default();
+    if let Err(e) = map_record(record, catalog, opts, &mut mapped) {
+        writeln!(err, "{at}: {e}")?;
+        summary.bad_records += 1;
+        return Ok(());
+    }
+    if !mapped.parked.is_empty() {
+        let mut ids: Vec<String> = mapped.parked.iter().map(|i| i.to_string()).collect();
+        ids.dedup();
+        writeln!(
+            err,
+            "{at}: {} engagement(s) of message(s) not in the catalog ({}): the agent would park them",
+            mapped.parked.len(),
+            ids.join(", ")
+        )?;
+        summary.parked += mapped.parked.len() as u64;
+    }
+    for ev in mapped.events {
+        if !seen.insert(ev.message_id.clone()) {
+            summary.duplicates += 1;
+            continue;
+        }
+        serde_json::to_writer(&mut *out, &ev)?;
+        out.write_all(b"\n")?;
+        summary.events += 1;
+    }
+    Ok(())
+}
+
+/// Reads one CSV export table for `dry-run` into the in-memory join.
+fn dry_run_table(
+    path: &Path,
+    tables: &mut join::MemoryJoin,
+    summary: &mut DryRunSummary,
+    err: &mut dyn Write,
+) -> std::io::Result<()> {
+    let shown = path.display();
+    let mut reader = match crate::input::leanplum_csv::TableReader::open(path, 0) {
+        Ok(Some(r)) => r,
+        Ok(None) | Err(InputError::Empty) => return Ok(()),
+        Err(e) => {
+            writeln!(err, "{shown}: {e}")?;
+            summary.unreadable_files += 1;
+            return Ok(());
+        }
+    };
+    let file = reader.file().clone();
+    while let Some(item) = reader.next_item() {
+        match item {
+            Ok(item) => match item.result {
+                Ok(row) => tables.add(&file, row),
+                Err(bad) => {
+                    writeln!(err, "{shown}:{}: {}", item.line, bad.reason)?;
+                    summary.bad_records += 1;
+                }
+            },
+            Err(e) => {
+                writeln!(err, "{shown}: {e}")?;
+                summary.unreadable_files += 1;
+                break;
+            }
+        }
+    }
+    Ok(())
 }

@@ -164,33 +164,78 @@ pub(crate) fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<S
 #[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Session {
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub user_id: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub device_id: Option<String>,
     /// Session start.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub time: Option<LpTime>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub locale: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timezone: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub country: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub region: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub city: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub app_version: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub system_name: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub system_version: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub device_model: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub experiments: Vec<Experiment>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub states: Vec<State>,
 }
 

@@ -36,6 +36,9 @@ pub struct JoinOp {
     pub value: Option<Vec<u8>>,
 }
 
+/// Keys and values read from a join tree.
+pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The `meta` key of the number of keys in `join_waiting`.
 pub(super) const JOIN_WAITING: &str = "join_waiting";
 
@@ -140,7 +143,7 @@ pub struct WaitingGroup {
 }
 
 impl Spool {
-    fn join_tree<'s>(s: &'s super::Store, tree: JoinTree) -> &'s sled::Tree {
+    fn join_tree(s: &super::Store, tree: JoinTree) -> &sled::Tree {
         match tree {
             JoinTree::Sessions => &s.join_sessions,
             JoinTree::Waiting => &s.join_waiting,
@@ -166,7 +169,7 @@ impl Spool {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    ) -> Result<KeyValues, Error> {
         let s = self.store();
         let t = Spool::join_tree(&s, tree);
         let iter = match after {

@@ -658,8 +658,8 @@ impl Spool {
                     add_meta(meta, "depth", out.spooled as i64)?;
                     join::apply(
                         &chunk.join,
-                        [&join_sessions, &join_waiting, &join_params, &join_jobs],
-                        &meta,
+                        [join_sessions, join_waiting, join_params, join_jobs],
+                        meta,
                     )?;
                     Ok(())
                 },
