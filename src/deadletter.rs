@@ -169,11 +169,49 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
         }
     }));
     out.sort_by_key(|e| e.id);
+    out.extend(waiting_entries(spool)?);
     Ok(out)
 }
 
 /// Retries the entries `ids` (all when empty); see the module doc. `max_line_bytes` is the
 /// configured `watch.max_line_bytes`.
+/// The Leanplum CSV export records waiting in the join, one entry per job and per thing they
+/// wait for (there can be millions of them). Id 0: they are not retried or purged by id; they
+/// leave when what they wait for is read (or the job's tables are dropped in again).
+fn waiting_entries(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
+    let now = crate::segment::rfc3339_millis(spool::now_ms() as i64);
+    Ok(spool
+        .join_waiting_groups()?
+        .into_iter()
+        .map(|g| Entry {
+            id: 0,
+            kind: "waiting".into(),
+            time: now.clone(),
+            file: Some(match g.params_shard {
+                Some(shard) => crate::leanplum::csv_export::parameters_file_name(&g.job, shard),
+                None => format!("export-{}-outputsessions-*", g.job),
+            }),
+            line: None,
+            reason: match g.params_shard {
+                Some(_) => format!(
+                    "{} message event(s) of CSV export job {} wait for their shard's eventparameters file",
+                    g.records, g.job
+                ),
+                None => format!(
+                    "{} message event(s) or impression(s) of CSV export job {} wait for their sessions (sessionId {}{})",
+                    g.records,
+                    g.job,
+                    g.sample_sessions.join(", "),
+                    if g.records as usize > g.sample_sessions.len() { ", ..." } else { "" }
+                ),
+            },
+            status: None,
+            message_id: None,
+        })
+        .collect())
+}
+
+/// Retries the entries `ids` (all when empty); see the module doc.
 pub fn retry(
     spool: &Spool,
     ids: &[u64],

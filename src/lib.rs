@@ -29,7 +29,8 @@
 //!   `catalog_dir` plus a periodic stat), reloaded when they change, refused when they do not
 //!   parse.
 //! - [`mapping`]: Leanplum record -> Segment events; pure, no I/O.
-//! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk.
+//! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk; the join
+//!   of Leanplum's CSV export tables (on disk, in the spool).
 //! - [`spool`]: segment files for the events, sled for where they are, read offsets and the rest,
 //!   a hash table file for dedupe; its module doc is the on-disk format.
 //! - [`segment`]: event type, batch budget, HTTP client, retry policy.

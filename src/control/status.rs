@@ -37,6 +37,7 @@
 //! | `notes` | array of strings | facts the operator should know, in plain words (e.g. a corrupt spool moved aside) |
 //! | `parked` | integer | records parked until the catalog knows their message (`unknown_message_channel = "park"`), now |
 //! | `parked_messages` | array | the message ids most parked records wait for, most first (at most 5): `message_id`, `records` |
+//! | `waiting` | integer | Leanplum CSV export records waiting in the join, now: message events and impressions whose `sessions` row has not been read yet, and message events whose shard's `eventparameters` file has not (see `dead-letter list`, kind `waiting`) |
 //! | `catalog` | object or null | the message and A/B-test catalog (null when stopped): `source` (`files`, `files+api`, `files+cache`), `messages`, `abtests`, `fetched_at` and `age_secs` (when the API part was fetched), `last_refresh` (last attempt), `last_error`, `files_error` (why the catalog files on disk were refused, naming the file; the last good ones are in use; null when they are good), and `waiting`: what reading waits for from Leanplum, each with `kind` (`message`: a `getMessage` lookup; `abtest`: the next `getAbTests`), `id`, `since`, `files` (whose reading waits on it) and `reason` |
 
 use std::collections::BTreeMap;
@@ -89,6 +90,8 @@ pub struct StatusReport {
     /// Records parked until the catalog knows their messages, and the ids most wait for.
     pub parked: u64,
     pub parked_messages: Vec<crate::catalog::parking::ParkedMessage>,
+    /// CSV export records waiting in the join for their session or their parameters.
+    pub waiting: u64,
 }
 
 impl StatusReport {
@@ -171,6 +174,15 @@ impl StatusReport {
                     "{} records wait for messages not in the catalog: {}",
                     self.parked,
                     ids.join(", ")
+                ),
+            ));
+        }
+        if self.waiting > 0 {
+            rows.push((
+                "waiting",
+                format!(
+                    "{} CSV export records wait for their sessions or parameters (dead-letter list)",
+                    self.waiting
                 ),
             ));
         }
@@ -349,6 +361,7 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
         catalog: src.catalog.clone(),
         parked: parked.records,
         parked_messages: parked.top,
+        waiting: src.spool.join_waiting_count().unwrap_or(0),
     }
 }
 
@@ -364,6 +377,7 @@ pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spo
     Ok(StatusReport {
         parked: parked.records,
         parked_messages: parked.top,
+        waiting: spool.join_waiting_count()?,
         state: STATE_STOPPED.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         endpoint: redact_endpoint(endpoint),
@@ -566,6 +580,7 @@ mod tests {
                 message_id: "77".into(),
                 records: 2,
             }],
+            waiting: 3,
         }
     }
 
@@ -603,6 +618,7 @@ mod tests {
             "catalog",
             "parked",
             "parked_messages",
+            "waiting",
         ];
         expected.sort_unstable();
         assert_eq!(keys, expected);
@@ -624,7 +640,13 @@ mod tests {
         let text = sample().render_human_at(at("2024-05-01T12:00:12Z"));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("state:") && lines[0].ends_with(" backing_off"));
-        assert!((10..=16).contains(&lines.len()), "{text}");
+        assert!((10..=17).contains(&lines.len()), "{text}");
+        assert!(
+            text.contains(
+                "waiting:       3 CSV export records wait for their sessions or parameters"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("parked:        2 records wait for messages not in the catalog: 77 (2)"),
             "{text}"

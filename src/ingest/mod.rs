@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 mod fingerprint;
+mod join;
 
 use crate::input::{BadRecord, InputError, Item, Reader, Record};
 use crate::leanplum::catalog::Catalog;
@@ -259,6 +260,11 @@ impl Ingestor {
         }
         let (file_id, offset, line) = (id, rec.offset, rec.line);
 
+        if crate::input::leanplum_csv::table_file(rel).is_some() {
+            return self.ingest_table(
+                rel, &file, &meta, &head, gzip, len, file_id, offset, line, cancel,
+            );
+        }
         let (mut file_id, mut offset, mut line) = (file_id, offset, line);
         let opened = match Reader::open(&abs, offset, self.max_line_bytes) {
             Err(InputError::BadOffset { .. }) if offset > 0 && replay.is_none() => {
@@ -446,6 +452,9 @@ impl Ingestor {
         // read is read again.
         let mut best: Option<(u64, FileRecord, Relation)> = None;
         for (id, rec) in self.spool.files_with_head(&fingerprint::hash(head))? {
+            if !join::may_be_same_file(rel, &rec.path) {
+                continue;
+            }
             let relation = fingerprint::relate(file, len, &rec).map_err(io)?;
             if relation != Relation::Same && relation != Relation::Grown {
                 continue;
@@ -837,6 +846,8 @@ pub struct DryRunSummary {
     pub parked: u64,
     /// Engagements not sent, by why (an action name, `in-app`, `unknown message`, ...).
     pub skipped: std::collections::BTreeMap<String, u64>,
+    /// CSV export events and impressions whose session was in none of the files given.
+    pub waiting: u64,
 }
 
 impl DryRunSummary {
@@ -869,13 +880,15 @@ impl DryRunSummary {
         }
         text.push_str(&format!(
             ", {} in-app, {} unknown message, {} parked (message not in the catalog), {} \
-             without a session time, {} duplicates, {} bad records; {} unreadable files",
+             without a session time, {} duplicates, {} bad records, {} CSV export records \
+             waiting for their session; {} unreadable files",
             count(mapping::SKIP_IN_APP),
             count(mapping::SKIP_UNKNOWN_MESSAGE),
             self.parked,
             count(mapping::SKIP_EXPERIMENT_NO_TIME),
             self.duplicates,
             self.bad_records,
+            self.waiting,
             self.unreadable_files
         ));
         text
@@ -897,11 +910,18 @@ pub fn dry_run(
 ) -> std::io::Result<DryRunSummary> {
     let mut seen = HashSet::new();
     let mut summary = DryRunSummary::default();
+    let mut tables = join::MemoryJoin::default();
+    let mut any_table = false;
     for path in paths {
         let shown = path.display();
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         if crate::watch::manifest::is_manifest(&name) {
             writeln!(err, "{shown}: a job manifest, not data; skipped")?;
+            continue;
+        }
+        if crate::input::leanplum_csv::table_file(path).is_some() {
+            any_table = true;
+            dry_run_table(path, &mut tables, &mut summary, err)?;
             continue;
         }
         let mut reader = match Reader::open(path, 0, max_line_bytes) {
@@ -930,46 +950,135 @@ pub fn dry_run(
                     continue;
                 }
             };
-            let mut mapped = Output::default();
-            if let Err(e) = map_record(&record, catalog, opts, &mut mapped) {
-                writeln!(err, "{shown}:{}: {e}", item.line)?;
-                summary.bad_records += 1;
-                continue;
-            }
-            if explain && !mapped.parked.is_empty() {
-                let mut ids: Vec<String> = mapped.parked.iter().map(|i| i.to_string()).collect();
-                ids.dedup();
-                writeln!(
-                    err,
-                    "{shown}:{}: {} engagement(s) of message(s) not in the catalog ({}): the agent would park them",
-                    item.line,
-                    mapped.parked.len(),
-                    ids.join(", ")
-                )?;
-            }
-            if explain && !mapped.skipped.is_empty() {
-                let why: Vec<String> = mapped
-                    .skipped
-                    .iter()
-                    .map(|(k, n)| format!("{k} x{n}"))
-                    .collect();
-                writeln!(err, "{shown}:{}: not sent: {}", item.line, why.join(", "))?;
-            }
-            summary.parked += mapped.parked.len() as u64;
-            for (k, n) in mapped.skipped {
-                *summary.skipped.entry(k).or_insert(0) += n;
-            }
-            for ev in mapped.events {
-                if !seen.insert(ev.message_id.clone()) {
-                    summary.duplicates += 1;
-                    continue;
-                }
-                serde_json::to_writer(&mut *out, &ev)?;
-                out.write_all(b"\n")?;
-                summary.events += 1;
-            }
+            let at = format!("{shown}:{}", item.line);
+            dry_run_map(
+                &record,
+                &at,
+                catalog,
+                opts,
+                &mut seen,
+                &mut summary,
+                explain,
+                out,
+                err,
+            )?;
+        }
+    }
+    if any_table {
+        let (sessions, orphans) = tables.finish();
+        for s in sessions {
+            let at = "CSV export session".to_owned();
+            let record = Record::Session(Box::new(s));
+            dry_run_map(
+                &record,
+                &at,
+                catalog,
+                opts,
+                &mut seen,
+                &mut summary,
+                explain,
+                out,
+                err,
+            )?;
+        }
+        if orphans > 0 {
+            writeln!(
+                err,
+                "CSV export: {orphans} event(s) or impression(s) whose session is in none of the files given: the agent would keep them waiting for it"
+            )?;
+            summary.waiting += orphans;
         }
     }
     out.flush()?;
     Ok(summary)
+}
+
+/// Maps one record for `dry-run` and prints its new events.
+#[allow(clippy::too_many_arguments)]
+fn dry_run_map(
+    record: &Record,
+    at: &str,
+    catalog: &Catalog,
+    opts: &MappingOptions,
+    seen: &mut HashSet<String>,
+    summary: &mut DryRunSummary,
+    explain: bool,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> std::io::Result<()> {
+    let mut mapped = Output::default();
+    if let Err(e) = map_record(record, catalog, opts, &mut mapped) {
+        writeln!(err, "{at}: {e}")?;
+        summary.bad_records += 1;
+        return Ok(());
+    }
+    if explain && !mapped.parked.is_empty() {
+        let mut ids: Vec<String> = mapped.parked.iter().map(|i| i.to_string()).collect();
+        ids.dedup();
+        writeln!(
+            err,
+            "{at}: {} engagement(s) of message(s) not in the catalog ({}): the agent would park them",
+            mapped.parked.len(),
+            ids.join(", ")
+        )?;
+    }
+    if explain && !mapped.skipped.is_empty() {
+        let why: Vec<String> = mapped
+            .skipped
+            .iter()
+            .map(|(k, n)| format!("{k} x{n}"))
+            .collect();
+        writeln!(err, "{at}: not sent: {}", why.join(", "))?;
+    }
+    summary.parked += mapped.parked.len() as u64;
+    for (k, n) in mapped.skipped {
+        *summary.skipped.entry(k).or_insert(0) += n;
+    }
+    for ev in mapped.events {
+        if !seen.insert(ev.message_id.clone()) {
+            summary.duplicates += 1;
+            continue;
+        }
+        serde_json::to_writer(&mut *out, &ev)?;
+        out.write_all(b"\n")?;
+        summary.events += 1;
+    }
+    Ok(())
+}
+
+/// Reads one CSV export table for `dry-run` into the in-memory join.
+fn dry_run_table(
+    path: &Path,
+    tables: &mut join::MemoryJoin,
+    summary: &mut DryRunSummary,
+    err: &mut dyn Write,
+) -> std::io::Result<()> {
+    let shown = path.display();
+    let mut reader = match crate::input::leanplum_csv::TableReader::open(path, 0) {
+        Ok(Some(r)) => r,
+        Ok(None) | Err(InputError::Empty) => return Ok(()),
+        Err(e) => {
+            writeln!(err, "{shown}: {e}")?;
+            summary.unreadable_files += 1;
+            return Ok(());
+        }
+    };
+    let file = reader.file().clone();
+    while let Some(item) = reader.next_item() {
+        match item {
+            Ok(item) => match item.result {
+                Ok(row) => tables.add(&file, row),
+                Err(bad) => {
+                    writeln!(err, "{shown}:{}: {}", item.line, bad.reason)?;
+                    summary.bad_records += 1;
+                }
+            },
+            Err(e) => {
+                writeln!(err, "{shown}: {e}")?;
+                summary.unreadable_files += 1;
+                break;
+            }
+        }
+    }
+    Ok(())
 }

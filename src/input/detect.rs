@@ -1,6 +1,12 @@
 //! Format detection by content (SPEC section 4): shards have no extension, so the first bytes
 //! of the decompressed stream decide between session JSON lines, engagement JSON lines and
 //! engagement CSV. Pure: no I/O, safe to fuzz.
+//!
+//! Leanplum's CSV export (format 4) is told by name *and* content before any of this: a file
+//! named `export-<appId>-<jobId>-output<table>-<n>[.gz]` is read by `super::leanplum_csv`, which
+//! requires the header of that table (`eventId`, `sessionId`, ... by name) and refuses any
+//! other. Its tables have no `event` column, so content detection alone never takes one for an
+//! engagement CSV either (see the test below).
 
 use std::fmt;
 
@@ -176,6 +182,18 @@ mod tests {
         assert!(unknown(br#"[{"event":"Open"}]"#));
         assert!(unknown(b"user_id,timestamp\nu,1\n"));
         assert!(unknown(b"{}\n{\"a\":1}\n"));
+    }
+
+    #[test]
+    fn csv_export_tables_are_never_engagement_csv() {
+        for header in [
+            "eventId,stateId,sessionId,eventName,start,value,info,timeUntilFirstForUser\n",
+            "sessionId,userId,userBucket,userStart,country,region,city,start\n",
+            "eventId,name,value\n",
+            "experimentId,sessionId,variantId\n",
+        ] {
+            assert!(unknown(header.as_bytes()), "{header}");
+        }
     }
 
     #[test]

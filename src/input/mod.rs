@@ -15,6 +15,7 @@
 
 mod csv;
 mod detect;
+pub mod leanplum_csv;
 mod lines;
 
 use std::fs::File;

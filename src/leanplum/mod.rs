@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod catalog;
+pub mod csv_export;
 pub mod engagement;
 
 use serde::Deserialize;
@@ -165,33 +166,78 @@ pub(crate) fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<S
 #[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Session {
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub user_id: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub device_id: Option<String>,
     /// Session start.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub time: Option<LpTime>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub locale: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timezone: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub country: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub region: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub city: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub app_version: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub system_name: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub system_version: Option<String>,
-    #[serde(default, deserialize_with = "lenient_string")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub device_model: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub experiments: Vec<Experiment>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub states: Vec<State>,
 }
 
@@ -219,6 +265,26 @@ pub struct Events {
     pub messages: Vec<Event>,
     /// Events that are not message events (`"Add To Cart"`).
     pub app_events: u64,
+}
+
+impl Events {
+    /// The message events of `events`, and a count of the rest, as parsing keeps them.
+    pub fn from_events(events: impl IntoIterator<Item = Event>) -> Events {
+        let mut out = Events::default();
+        for e in events {
+            out.push(e);
+        }
+        out
+    }
+
+    /// Keeps `event` if it is a message event, else counts it.
+    pub fn push(&mut self, event: Event) {
+        if parse_message_event(&event.name).is_some() {
+            self.messages.push(event);
+        } else {
+            self.app_events += 1;
+        }
+    }
 }
 
 /// As the list of message events alone (a parked session keeps only what it waits for).

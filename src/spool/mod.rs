@@ -21,6 +21,11 @@
 //! | `dedupe` | log sequence number, u64 BE | the dedupe entries one commit added, not yet in `dedupe.tab` durably (see `dedupe.rs`) |
 //! | `quarantine` | id u64 BE | [`QuarantineEntry`] as JSON (bad input) |
 //! | `dead` | id u64 BE | [`DeadLetter`] as JSON (events Segment will never take) |
+//! | `join_sessions`, `join_waiting`, `join_params`, `join_jobs` | see `join.rs` | the state of the Leanplum CSV export join (`crate::ingest::join`): sessions read, message events and impressions waiting for their session or their shard's parameters, parameters waiting for their event, shards whose parameters are all read; `meta/join_waiting` counts `join_waiting` |
+//!
+//! The join trees came after version 3 without a new version: a spool without them is a spool
+//! with nothing waiting, and an older agent never reads them (a compaction by an older agent
+//! would drop them, and with them what waits there).
 //!
 //! Version 1 kept one queue key per event and one dedupe key per `messageId`: sled's memory
 //! grows with the number of keys, so a backlog of millions grew the agent by tens of MB per
@@ -42,9 +47,12 @@
 //!    as packets and the segment is `fdatasync`ed; then one sled transaction takes the packets'
 //!    locations into `queue`, the segments' new end into `meta`, the new events' dedupe
 //!    entries into the `dedupe` log (duplicates skipped, oversize events into `dead`), the bad
-//!    lines into `quarantine`, the file's new offset into `files`, and `live_bytes`/`depth` into
-//!    `meta`; then `Db::flush` and an fsync of sled's data file. The offset counts as durable
-//!    only once that returns. Then the dedupe entries go into `dedupe.tab` (see `dedupe.rs`).
+//!    lines into `quarantine`, the chunk's writes to the join trees ([`Chunk::join`]: what the
+//!    rows contributed, and the removal of the waiting records whose events the chunk
+//!    carries), the file's new offset into `files`, and `live_bytes`/`depth`/`join_waiting`
+//!    into `meta`; then `Db::flush` and an fsync of sled's data file. The offset counts as
+//!    durable only once that returns. Then the dedupe entries go into `dedupe.tab` (see
+//!    `dedupe.rs`).
 //! 2. [`Spool::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
 //!    events are all marked leaves `queue` and `acked`), `meta` and the files' `pending` counts
 //!    go down; one transaction, not flushed here (sled writes its buffers out
@@ -59,6 +67,14 @@
 //!   next open). After it: both. There is no state with the offset advanced but the events
 //!   missing, or the reverse: they are one transaction, sled recovers to a transaction
 //!   boundary, and the segment bytes it points at were synced before it.
+//! - The CSV export join likewise: a waiting record leaves `join_waiting` in the transaction
+//!   that spools the events it became, and a row's contribution (a session, a waiting record,
+//!   a parameter) lands with the offset past the row. A crash before it reads the rows again
+//!   and does the same; after it, the rows are not read again and nothing they released is
+//!   released twice (a row read twice, say a session re-sent, finds nothing left to release,
+//!   and its events' `messageId`s are in the dedupe index anyway). Commits that release
+//!   waiting records without moving the offset (a session with very many, the end of an
+//!   `eventparameters` file) are just as atomic; the file is marked read only after the last.
 //! - Between a 2xx and the flush of transaction 2: the batch is still queued and is sent again
 //!   (same `messageId`s).
 //! - During a compaction: either the old generation (the new one is debris, deleted at open) or
@@ -117,6 +133,7 @@
 //! transaction was still writing.
 
 mod dedupe;
+pub mod join;
 mod packet;
 mod records;
 mod segments;
@@ -124,6 +141,7 @@ mod store;
 
 use store::Store;
 
+pub use join::{JoinOp, JoinTree};
 pub use records::{DeadLetter, FileRecord, FileStatus, QuarantineEntry, QuarantineKind};
 
 use sled::IVec;
@@ -210,6 +228,8 @@ pub struct Chunk {
     pub tail_hash: Option<String>,
     /// `replay`: spool the events even if their ids were seen (they are still recorded as seen).
     pub skip_dedupe: bool,
+    /// Writes to the CSV export join's trees (see `join.rs`), committed with the rest.
+    pub join: Vec<JoinOp>,
 }
 
 /// What a commit did with the chunk's events.
@@ -605,47 +625,69 @@ impl Spool {
             &s.meta,
             &s.quarantine,
             &s.dead,
+            &s.join_sessions,
+            &s.join_waiting,
+            &s.join_params,
+            &s.join_jobs,
         )
-            .transaction(|(queue, files, dedupe, meta, quarantine, dead)| {
-                for (k, v) in &packets {
-                    queue.insert(&k.to_be_bytes(), v.as_slice())?;
-                }
-                meta.insert(SEGMENT_END, &end.encode())?;
-                if !log_value.is_empty() {
-                    dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
-                    // What the table may hold at most (see `install_table`).
-                    meta.insert(DEDUPE_NEXT, &(log_seq + 1).to_be_bytes())?;
-                }
-                for (id, v) in &letters {
-                    dead.insert(&id.to_be_bytes(), v.as_slice())?;
-                }
-                for (id, q) in q_ids.iter().zip(&quarantine_json) {
-                    quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
-                }
-                let fkey = chunk.file_id.to_be_bytes();
-                let mut rec = match files.get(fkey)? {
-                    Some(v) => decode_file(&v)?,
-                    None if chunk.file_id == NO_FILE => FileRecord::default(),
-                    None => return abort(format!("file record {}", chunk.file_id)),
-                };
-                rec.offset = chunk.offset;
-                rec.line = chunk.line;
-                if let Some(t) = &chunk.tail_hash {
-                    rec.tail_hash.clone_from(t);
-                }
-                rec.events_spooled += out.spooled;
-                rec.pending += out.spooled;
-                rec.updated_ms = now;
-                if chunk.file_done {
-                    rec.status = FileStatus::Read;
-                }
-                if chunk.file_id != NO_FILE {
-                    files.insert(&fkey, encode_file(&rec))?;
-                }
-                add_meta(meta, "live_bytes", bytes as i64)?;
-                add_meta(meta, "depth", out.spooled as i64)?;
-                Ok(())
-            })
+            .transaction(
+                |(
+                    queue,
+                    files,
+                    dedupe,
+                    meta,
+                    quarantine,
+                    dead,
+                    join_sessions,
+                    join_waiting,
+                    join_params,
+                    join_jobs,
+                )| {
+                    for (k, v) in &packets {
+                        queue.insert(&k.to_be_bytes(), v.as_slice())?;
+                    }
+                    meta.insert(SEGMENT_END, &end.encode())?;
+                    if !log_value.is_empty() {
+                        dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
+                        // What the table may hold at most (see `install_table`).
+                        meta.insert(DEDUPE_NEXT, &(log_seq + 1).to_be_bytes())?;
+                    }
+                    for (id, v) in &letters {
+                        dead.insert(&id.to_be_bytes(), v.as_slice())?;
+                    }
+                    for (id, q) in q_ids.iter().zip(&quarantine_json) {
+                        quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
+                    }
+                    let fkey = chunk.file_id.to_be_bytes();
+                    let mut rec = match files.get(fkey)? {
+                        Some(v) => decode_file(&v)?,
+                        None if chunk.file_id == NO_FILE => FileRecord::default(),
+                        None => return abort(format!("file record {}", chunk.file_id)),
+                    };
+                    rec.offset = chunk.offset;
+                    rec.line = chunk.line;
+                    if let Some(t) = &chunk.tail_hash {
+                        rec.tail_hash.clone_from(t);
+                    }
+                    rec.events_spooled += out.spooled;
+                    rec.pending += out.spooled;
+                    rec.updated_ms = now;
+                    if chunk.file_done {
+                        rec.status = FileStatus::Read;
+                    }
+                    if chunk.file_id != NO_FILE {
+                        files.insert(&fkey, encode_file(&rec))?;
+                    }
+                    add_meta(meta, "live_bytes", bytes as i64)?;
+                    add_meta(meta, "depth", out.spooled as i64)?;
+                    join::apply(
+                        &chunk.join,
+                        [join_sessions, join_waiting, join_params, join_jobs],
+                        meta,
+                    )?;
+                    Ok(())
+                },
+            )
             .map_err(|e| s.tx_err(e))?;
         s.flush()?;
         self.committed(&mut w, key, end);

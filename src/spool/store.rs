@@ -32,7 +32,7 @@ const CURRENT: &str = "CURRENT";
 /// process, so no fsync is needed for that.
 const SLED_FLUSH_EVERY_MS: u64 = 200;
 /// The trees of the current format, copied by compaction.
-pub(super) const TREES: [&str; 9] = [
+pub(super) const TREES: [&str; 13] = [
     "meta",
     "queue",
     "acked",
@@ -42,6 +42,10 @@ pub(super) const TREES: [&str; 9] = [
     "dedupe",
     "quarantine",
     "dead",
+    "join_sessions",
+    "join_waiting",
+    "join_params",
+    "join_jobs",
 ];
 
 pub(super) struct Store {
@@ -62,6 +66,11 @@ pub(super) struct Store {
     pub dedupe: Tree,
     pub quarantine: Tree,
     pub dead: Tree,
+    /// The CSV export join's state (see `join.rs`).
+    pub join_sessions: Tree,
+    pub join_waiting: Tree,
+    pub join_params: Tree,
+    pub join_jobs: Tree,
 }
 
 /// Takes `spool.dir/LOCK` (an flock, released when the process dies, even by `kill -9`), so a
@@ -256,6 +265,10 @@ impl Store {
             dedupe: tree("dedupe")?,
             quarantine: tree("quarantine")?,
             dead: tree("dead")?,
+            join_sessions: tree("join_sessions")?,
+            join_waiting: tree("join_waiting")?,
+            join_params: tree("join_params")?,
+            join_jobs: tree("join_jobs")?,
             data_file: File::open(path.join("db")).map_err(io_err(&path.join("db")))?,
             synced_blobs: Mutex::new(HashSet::new()),
             path: path.to_owned(),

@@ -9,9 +9,13 @@ pub fn is_manifest(file_name: &str) -> bool {
     file_name.ends_with("-output-manifest")
 }
 
-/// `...-output-<digits>` with an optional extension (`.gz`, `.json`): a shard that, with
+/// `...-output-<digits>` with an optional extension (`.gz`, `.json`), or a table of a CSV
+/// export job (`...-output<table>-<n>`, see `leanplum::csv_export`): a shard that, with
 /// `require_manifest`, waits for its manifest.
 pub fn is_shard(file_name: &str) -> bool {
+    if crate::leanplum::csv_export::table_file(file_name).is_some() {
+        return true;
+    }
     match file_name.rfind("-output-") {
         Some(i) => file_name[i + "-output-".len()..]
             .chars()
@@ -48,6 +52,8 @@ mod tests {
         assert!(is_shard(&format!("{job}-output-12.gz")));
         assert!(!is_shard("postbacks.jsonl"));
         assert!(!is_manifest(&format!("{job}-output-0")));
+        assert!(is_shard(&format!("{job}-outputevents-0")));
+        assert!(is_shard(&format!("{job}-outputsessions-3.gz")));
     }
 
     #[test]

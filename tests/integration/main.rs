@@ -15,6 +15,8 @@
 //!   connection refused, timeouts, `Retry-After` dates, backoff reset (SPEC section 6).
 //! - [`spool_limits`]: `spool.max_bytes`, a full disk, a corrupt spool (SPEC section 7).
 //! - [`crash`]: `kill -9` at random moments loses nothing (SPEC section 7).
+//! - [`csv_export`]: Leanplum's CSV export joined into the same events as its JSON export,
+//!   whatever order a job's tables arrive in (SPEC section 4).
 //! - [`input_files`]: files renamed, copied, grown, truncated, replaced, written slowly,
 //!   gzipped, waiting for a manifest, deleted or moved after delivery; restarts (SPEC section 7).
 //! - [`bad_input`]: each kind of bad input is quarantined with its file and line, and the good
@@ -40,6 +42,7 @@ mod catalog_api;
 mod catalog_files;
 mod cli;
 mod crash;
+mod csv_export;
 mod delivery_faults;
 mod end_to_end;
 mod events;
