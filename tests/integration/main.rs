@@ -32,6 +32,8 @@
 //!   environment's `HTTP_PROXY` / `NO_PROXY`, and `ca_file` with a loopback TLS server and a
 //!   test CA (SPEC section 3).
 //! - [`operate`]: `files` in each state, running and stopped; `replay` of files and directories.
+//! - [`power_cut`]: power cuts during ingest, on [`powercut_fs`] (a FUSE file system that drops
+//!   what was not fsynced), lose no committed event (SPEC section 7).
 //! - [`input_model`]: random file histories and restarts against a model of what must be
 //!   delivered, exactly once (SPEC section 7).
 #![deny(unsafe_code)]
@@ -51,6 +53,8 @@ mod input_model;
 mod network;
 mod operate;
 mod parking;
+mod power_cut;
+mod powercut_fs;
 mod retries;
 mod service;
 mod spool_limits;

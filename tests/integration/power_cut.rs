@@ -63,7 +63,8 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
         for _ in 0..FILES_PER_ROUND {
             let export = session_export(BASE + (file_no * PER_FILE) as u64, PER_FILE);
             write_atomically(
-                &env.watch_dir().join(format!("export-powercut-output-{file_no}")),
+                &env.watch_dir()
+                    .join(format!("export-powercut-output-{file_no}")),
                 &export.bytes,
             );
             expected.extend(export.message_ids);
@@ -79,7 +80,14 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
             agent.log_tail(40)
         );
         agent.kill();
-        fs.cut();
+        // Two kinds of cut in turn: unsynced names and data lost (LazyFS's strict model), and
+        // names kept but unsynced data lost (a metadata journal without a data journal; this
+        // is what turned sled's unsynced blob files into empty files that cut its log short).
+        if cut % 2 == 0 {
+            fs.cut_keeping_names();
+        } else {
+            fs.cut();
+        }
         eprintln!("power-cut test: cut {} done; {:?}", cut + 1, fs.stats());
         agent = env.start_agent();
     }
@@ -91,10 +99,11 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
     let logs = agent.logs();
     eprintln!(
         "power-cut test RAN: {CUTS} cuts, {} events expected; {}; dedupe tables reset after a \
-         cut: {}; file system: {:?}",
+         cut: {}; sled log cut short at open: {}; file system: {:?}",
         expected.len(),
         report.summary(),
         count_log_lines(&logs, "the dedupe table is ahead of the spool database"),
+        count_log_lines(&logs, "higher lsn than our stable log"),
         fs.stats()
     );
     assert!(
