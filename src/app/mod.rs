@@ -68,6 +68,7 @@ fn drain_config(config: &Config, key: &WriteKey) -> anyhow::Result<DrainConfig> 
         key,
         Duration::from_secs(config.segment.request_timeout_secs),
         config.segment.gzip,
+        config.segment.max_in_flight(),
     )
     .context("cannot build the HTTP client")?;
     Ok(DrainConfig {
