@@ -128,8 +128,39 @@ struct Batch {
     items: Vec<Queued>,
 }
 
-/// A finished request: the batch, the answer, and the round trip (compression included).
-type Flight = (Batch, Answer, Duration);
+/// A finished request: the batch, the answer, the round trip (compression included), and when
+/// it was launched.
+type Flight = (Batch, Answer, Duration, Instant);
+
+/// The backoff, escalated once per round of failures. Requests in flight together fail
+/// together (an outage, a burst of 429s): counting each of their failures would take the
+/// backoff from its first step to `max_backoff` in one round (32 requests in flight: 500 ms *
+/// 2^31), so a short blip would stop delivery for minutes. A failure of a request launched
+/// before the last counted failure is part of that round: it waits with it, and only its
+/// `Retry-After` (which always wins) can make the wait longer.
+#[derive(Debug)]
+struct RoundBackoff {
+    backoff: Backoff,
+    counted: Option<Instant>,
+}
+
+impl RoundBackoff {
+    fn new(s: &DrainSettings) -> RoundBackoff {
+        RoundBackoff {
+            backoff: Backoff::new(s.initial_backoff, s.max_backoff),
+            counted: None,
+        }
+    }
+
+    /// How long to wait after a transient failure of a request launched at `launched`.
+    fn failed(&mut self, launched: Instant, retry_after: Option<Duration>) -> Duration {
+        if self.counted.is_some_and(|t| launched <= t) {
+            return retry_after.map_or(Duration::ZERO, |ra| ra.min(self.backoff.max()));
+        }
+        self.counted = Some(Instant::now());
+        self.backoff.next_delay(retry_after)
+    }
+}
 
 pub struct Drain {
     spool: Arc<Spool>,
@@ -162,7 +193,7 @@ impl Drain {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut current = self.config.borrow_and_update().clone();
         let mut s = current.settings.clone();
-        let mut backoff = Backoff::new(s.initial_backoff, s.max_backoff);
+        let mut backoff = RoundBackoff::new(&s);
         let mut cursor: Option<u64> = None;
         let mut retry: VecDeque<Batch> = VecDeque::new();
         let mut flights: JoinSet<Flight> = JoinSet::new();
@@ -192,7 +223,7 @@ impl Drain {
                     bucket = TokenBucket::new(s.max_events_per_sec, Instant::now().into_std());
                 }
                 // A new endpoint or key deserves a fresh try; new limits apply from here.
-                backoff = Backoff::new(s.initial_backoff, s.max_backoff);
+                backoff = RoundBackoff::new(&s);
                 not_before = Instant::now();
                 tracing::info!(endpoint = %current.client.url(), "delivery settings reloaded");
             }
@@ -266,9 +297,10 @@ impl Drain {
             let wake_at = Some(wake_at.map_or(heartbeat, |w| w.min(heartbeat)));
             tokio::select! {
                 Some(done) = flights.join_next() => {
-                    if let Ok((batch, answer, rtt)) = done {
+                    if let Ok((batch, answer, rtt, launched)) = done {
                         limiter.observe(rtt, outcome(&answer), Instant::now().into_std());
-                        self.settle(batch, answer, &mut backoff, &mut retry, &mut not_before);
+                        let flight = (batch, answer, launched);
+                        self.settle(flight, &mut backoff, &mut retry, &mut not_before);
                     }
                 }
                 _ = self.handle.wake.notified() => {}
@@ -292,9 +324,10 @@ impl Drain {
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while !flights.is_empty() {
             match tokio::time::timeout_at(deadline, flights.join_next()).await {
-                Ok(Some(Ok((batch, answer, _)))) => {
+                Ok(Some(Ok((batch, answer, _, launched)))) => {
                     let mut ignore = VecDeque::new();
-                    self.settle(batch, answer, &mut backoff, &mut ignore, &mut not_before);
+                    let flight = (batch, answer, launched);
+                    self.settle(flight, &mut backoff, &mut ignore, &mut not_before);
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -312,9 +345,8 @@ impl Drain {
     /// Applies the response table to one finished request.
     fn settle(
         &self,
-        batch: Batch,
-        answer: Answer,
-        backoff: &mut Backoff,
+        (batch, answer, launched): (Batch, Answer, Instant),
+        backoff: &mut RoundBackoff,
         retry: &mut VecDeque<Batch>,
         not_before: &mut Instant,
     ) {
@@ -342,7 +374,7 @@ impl Drain {
                         .delivery_latency
                         .observe_ms(now.saturating_sub(q.enqueued_ms));
                 }
-                backoff.reset();
+                backoff.backoff.reset();
                 let mut st = self.lock_status();
                 if st.state != DeliveryState::Running {
                     tracing::info!(events = n, "delivery resumed");
@@ -375,22 +407,24 @@ impl Drain {
             action => {
                 let (state, delay) = match action {
                     RetryAction::AuthFailed => {
-                        backoff.next_delay(None);
-                        (DeliveryState::AuthFailed, backoff.max())
+                        backoff.backoff.next_delay(None);
+                        (DeliveryState::AuthFailed, backoff.backoff.max())
                     }
                     RetryAction::Rejected => {
-                        backoff.next_delay(None);
-                        (DeliveryState::Rejected, backoff.max())
+                        backoff.backoff.next_delay(None);
+                        (DeliveryState::Rejected, backoff.backoff.max())
                     }
                     _ => (
                         DeliveryState::BackingOff,
-                        backoff.next_delay(answer.retry_after),
+                        backoff.failed(launched, answer.retry_after),
                     ),
                 };
-                let until = Instant::now() + delay;
-                if until > *not_before {
-                    *not_before = until;
+                let now = Instant::now();
+                if now + delay > *not_before {
+                    *not_before = now + delay;
                 }
+                // The wait in force, which a failure of the same round may not have set.
+                let delay = not_before.saturating_duration_since(now);
                 // Keep batches in claim order so a retry re-sends the oldest first.
                 let pos = retry
                     .iter()
@@ -440,6 +474,7 @@ impl Drain {
 /// earlier requests are in flight, on whichever worker thread is free.
 fn launch(client: &Client, flights: &mut JoinSet<Flight>, batch: Batch) {
     let client = client.clone();
+    let launched = Instant::now();
     flights.spawn(async move {
         // sentAt is fresh on every attempt and never stored.
         let sent_at = rfc3339_millis(now_ms() as i64);
@@ -448,7 +483,7 @@ fn launch(client: &Client, flights: &mut JoinSet<Flight>, batch: Batch) {
         // and the wait for a pooled connection included.
         let started = Instant::now();
         let answer = client.send(body).await;
-        (batch, answer, started.elapsed())
+        (batch, answer, started.elapsed(), launched)
     });
 }
 
@@ -476,5 +511,47 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_of_failures_escalates_the_backoff_once() {
+        let s = DrainSettings {
+            max_batch_bytes: 475_000,
+            max_batch_events: 2500,
+            flush_interval: Duration::from_secs(1),
+            concurrency: Mode::Adaptive { max: 32 },
+            max_events_per_sec: 0,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(300),
+        };
+        let mut b = RoundBackoff::new(&s);
+        let launched = Instant::now();
+        // 32 requests in flight together, all refused: one step, not 32.
+        for _ in 0..32 {
+            assert!(b.failed(launched, None) <= Duration::from_millis(500));
+        }
+        assert_eq!(b.backoff.failures(), 1);
+        // A Retry-After of the same round still counts, clamped to the maximum.
+        assert_eq!(
+            b.failed(launched, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            b.failed(launched, Some(Duration::from_secs(3600))),
+            Duration::from_secs(300)
+        );
+        assert_eq!(b.backoff.failures(), 1);
+        // The next round, launched after that failure, escalates once more.
+        std::thread::sleep(Duration::from_millis(2));
+        let next = Instant::now();
+        for _ in 0..32 {
+            assert!(b.failed(next, None) <= Duration::from_millis(1000));
+        }
+        assert_eq!(b.backoff.failures(), 2);
     }
 }
