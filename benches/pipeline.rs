@@ -14,6 +14,18 @@
 //! Options: `--size-mb` export size (default 1024; 7500 gives a backlog of about 5M events),
 //! `--gzip-share` fraction of shards gzipped (default 0.25), `--keep DIR` to keep the work
 //! directory.
+//!
+//! `--round-trip` runs the round-trip benchmark instead (issue 13): one backlog is spooled
+//! (`--size-mb`, default 1024 there too), then for each server delay (`--delays`, ms, default
+//! `50,150,300`) and each concurrency (`--modes`, default `4,16,adaptive`) a copy of that spool
+//! drains to a server answering every request that much later, for at most `--secs` (default
+//! 30) or until the copy is empty: events/s over the run (ramp included) and after its first 5
+//! s (`--modes ''` skips these). Then, per delay, an adaptive run (and a fixed 16 one, to
+//! compare) drains for `--warmup` s (default 10) or half the backlog, the server switches to
+//! 429, and the bench reports how long until
+//! at most 2 requests are in flight for good, and the most in flight from 3 s after the switch
+//! (observed for 10 s). Retry settings are the defaults (backoff from 500 ms, no
+//! `Retry-After`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -37,6 +49,11 @@ struct Args {
     size_mb: u64,
     gzip_share: f64,
     keep: Option<PathBuf>,
+    round_trip: bool,
+    delays: Vec<u64>,
+    modes: Vec<String>,
+    secs: u64,
+    warmup: u64,
 }
 
 fn args() -> Args {
@@ -44,6 +61,11 @@ fn args() -> Args {
         size_mb: 1024,
         gzip_share: 0.25,
         keep: None,
+        round_trip: false,
+        delays: vec![50, 150, 300],
+        modes: vec!["4".into(), "16".into(), "adaptive".into()],
+        secs: 30,
+        warmup: 10,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,6 +78,26 @@ fn args() -> Args {
                     .unwrap_or(a.gzip_share)
             }
             "--keep" => a.keep = it.next().map(PathBuf::from),
+            "--round-trip" => a.round_trip = true,
+            "--delays" => {
+                a.delays = it
+                    .next()
+                    .map(|v| v.split(',').filter_map(|d| d.parse().ok()).collect())
+                    .unwrap_or(a.delays)
+            }
+            "--modes" => {
+                a.modes = it
+                    .next()
+                    .map(|v| {
+                        v.split(',')
+                            .filter(|m| !m.is_empty())
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or(a.modes)
+            }
+            "--secs" => a.secs = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.secs),
+            "--warmup" => a.warmup = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.warmup),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -217,6 +259,31 @@ struct Server {
     down: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
     events: Arc<AtomicU64>,
+    /// Round-trip benchmark: every answer this much later; 429 instead of 200 while set; the
+    /// requests in flight at the server (read, not yet answered) and every change of that
+    /// count with its time.
+    knobs: Arc<Knobs>,
+}
+
+#[derive(Default)]
+struct Knobs {
+    delay_ms: AtomicU64,
+    too_many: AtomicBool,
+    in_flight: AtomicU64,
+    changes: std::sync::Mutex<Vec<(Instant, u64)>>,
+    first_request: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Knobs {
+    fn change(&self, up: bool) {
+        let mut log = self.changes.lock().unwrap();
+        let n = if up {
+            self.in_flight.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1
+        };
+        log.push((Instant::now(), n));
+    }
 }
 
 impl Server {
@@ -228,20 +295,37 @@ impl Server {
             down: Arc::new(AtomicBool::new(false)),
             requests: Arc::new(AtomicU64::new(0)),
             events: Arc::new(AtomicU64::new(0)),
+            knobs: Arc::new(Knobs::default()),
         };
-        let (down, requests, events) = (s.down.clone(), s.requests.clone(), s.events.clone());
+        let (down, requests, events, knobs) = (
+            s.down.clone(),
+            s.requests.clone(),
+            s.events.clone(),
+            s.knobs.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (down, requests, events) = (down.clone(), requests.clone(), events.clone());
-                std::thread::spawn(move || serve(conn, &down, &requests, &events));
+                let (down, requests, events, knobs) = (
+                    down.clone(),
+                    requests.clone(),
+                    events.clone(),
+                    knobs.clone(),
+                );
+                std::thread::spawn(move || serve(conn, &down, &requests, &events, &knobs));
             }
         });
         s
     }
 }
 
-fn serve(conn: TcpStream, down: &AtomicBool, requests: &AtomicU64, events: &AtomicU64) {
+fn serve(
+    conn: TcpStream,
+    down: &AtomicBool,
+    requests: &AtomicU64,
+    events: &AtomicU64,
+    knobs: &Knobs,
+) {
     let mut reader = BufReader::with_capacity(1 << 20, conn.try_clone().unwrap());
     let mut writer = conn;
     let mut body = Vec::new();
@@ -272,8 +356,20 @@ fn serve(conn: TcpStream, down: &AtomicBool, requests: &AtomicU64, events: &Atom
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        knobs
+            .first_request
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Instant::now);
+        knobs.change(true);
+        let delay = knobs.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_millis(delay));
+        }
         let status = if down.load(Ordering::Relaxed) {
             "503 Service Unavailable"
+        } else if knobs.too_many.load(Ordering::Relaxed) {
+            "429 Too Many Requests"
         } else {
             let plain = if gzip {
                 let mut out = Vec::with_capacity(len * 5);
@@ -292,7 +388,9 @@ fn serve(conn: TcpStream, down: &AtomicBool, requests: &AtomicU64, events: &Atom
         let reply = format!(
             "HTTP/1.1 {status}\r\nContent-Length: 16\r\nContent-Type: application/json\r\n\r\n{{\"success\":true}}"
         );
-        if writer.write_all(reply.as_bytes()).is_err() {
+        let written = writer.write_all(reply.as_bytes());
+        knobs.change(false);
+        if written.is_err() {
             return;
         }
     }
@@ -480,6 +578,9 @@ fn mb(b: u64) -> f64 {
 
 fn main() {
     let a = args();
+    if a.round_trip {
+        return round_trip::run(&a);
+    }
     let root = match &a.keep {
         Some(d) => {
             std::fs::create_dir_all(d).unwrap();
@@ -670,5 +771,279 @@ fn main() {
     let _ = event_bytes;
     if a.keep.is_none() {
         let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The round-trip benchmark (`--round-trip`)
+// ---------------------------------------------------------------------------------------------
+
+mod round_trip {
+    use super::*;
+
+    /// A config for one run: the spool `spool`, concurrency `concurrency` (a number or
+    /// "adaptive"), every other delivery and retry setting at its default.
+    fn config(root: &Path, port: u16, spool: &Path, concurrency: &str) -> PathBuf {
+        let path = root.join("rt-config.toml");
+        let concurrency = match concurrency.parse::<u64>() {
+            Ok(n) => n.to_string(),
+            Err(_) => format!("{concurrency:?}"),
+        };
+        let text = format!(
+            r#"[segment]
+write_key = "{KEY}"
+endpoint = "http://127.0.0.1:{port}"
+concurrency = {concurrency}
+[watch]
+dir = "{watch}"
+[spool]
+dir = "{spool}"
+max_bytes = 107374182400
+[mapping]
+catalog_dir = "{catalog}"
+[control]
+socket = "{socket}"
+[log]
+level = "warn"
+"#,
+            watch = root.join("rt-in").display(),
+            spool = spool.display(),
+            catalog = repo("examples/catalog").display(),
+            socket = root.join("rt.sock").display(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn copy_spool(master: &Path, to: &Path) {
+        let _ = std::fs::remove_dir_all(to);
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(master)
+            .arg(to)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cp -a {} {}", master.display(), to.display());
+    }
+
+    struct Throughput {
+        events_per_sec: f64,
+        after_5s: Option<f64>,
+        events: u64,
+        secs: f64,
+        drained: bool,
+        last_limit: Option<u64>,
+        rtt_ms: Option<f64>,
+    }
+
+    /// Drains a copy of the master spool to a server `delay_ms` away, for at most `secs` or
+    /// until `total` events arrived.
+    fn throughput(
+        root: &Path,
+        master: &Path,
+        total: u64,
+        delay_ms: u64,
+        mode: &str,
+        secs: u64,
+    ) -> Throughput {
+        let spool = root.join("rt-spool");
+        copy_spool(master, &spool);
+        let server = Server::start();
+        server.knobs.delay_ms.store(delay_ms, Ordering::Relaxed);
+        let cfg = config(root, server.port, &spool, mode);
+        let agent = Agent::start(&cfg, None);
+        let cap = Duration::from_secs(secs);
+        let mut samples: Vec<(Instant, u64)> = Vec::new();
+        let mut status_at = Instant::now();
+        let (mut last_limit, mut rtt_ms) = (None, None);
+        let drained = loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let events = server.events.load(Ordering::Relaxed);
+            let now = Instant::now();
+            samples.push((now, events));
+            if status_at.elapsed() >= Duration::from_secs(2)
+                && let Some(s) = agent.status()
+            {
+                last_limit = s["concurrency_limit"].as_u64();
+                rtt_ms = s["rtt_ms"].as_f64();
+                status_at = Instant::now();
+            }
+            if events >= total {
+                break true;
+            }
+            let first = *server.knobs.first_request.lock().unwrap();
+            if first.is_some_and(|f| now.duration_since(f) >= cap) {
+                break false;
+            }
+        };
+        agent.kill();
+        let start = server.knobs.first_request.lock().unwrap().unwrap();
+        let (end, events) = *samples.last().unwrap();
+        let span = end.duration_since(start).as_secs_f64();
+        let after_5s = samples
+            .iter()
+            .find(|(t, _)| t.duration_since(start) >= Duration::from_secs(5))
+            .filter(|(t, _)| end.duration_since(*t) >= Duration::from_secs(3))
+            .map(|(t, e)| (events - e) as f64 / end.duration_since(*t).as_secs_f64());
+        Throughput {
+            events_per_sec: events as f64 / span,
+            after_5s,
+            events,
+            secs: span,
+            drained,
+            last_limit,
+            rtt_ms,
+        }
+    }
+
+    struct Backoff {
+        /// Switch to the moment the server saw at most 2 in flight for good.
+        settled: Duration,
+        in_flight_at_switch: u64,
+        peak_after_3s: u64,
+        limit_before: Option<u64>,
+        limit_after: Option<u64>,
+    }
+
+    /// Drains for `warmup`, switches the server to 429, watches the requests in flight.
+    fn after_429(
+        root: &Path,
+        master: &Path,
+        total: u64,
+        delay_ms: u64,
+        mode: &str,
+        warmup: u64,
+    ) -> Backoff {
+        let spool = root.join("rt-spool");
+        copy_spool(master, &spool);
+        let server = Server::start();
+        server.knobs.delay_ms.store(delay_ms, Ordering::Relaxed);
+        let cfg = config(root, server.port, &spool, mode);
+        let agent = Agent::start(&cfg, None);
+        // Switch while there is plenty left to send: after `warmup`, or once half the
+        // backlog arrived.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(warmup)
+            && server.events.load(Ordering::Relaxed) < total / 2
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let limit_before = agent.status().and_then(|s| s["concurrency_limit"].as_u64());
+        let switch = Instant::now();
+        server.knobs.too_many.store(true, Ordering::Relaxed);
+        let in_flight_at_switch = server.knobs.in_flight.load(Ordering::SeqCst);
+        let observe = Duration::from_secs(10);
+        std::thread::sleep(observe);
+        let limit_after = agent.status().and_then(|s| s["concurrency_limit"].as_u64());
+        agent.kill();
+        let changes = server.knobs.changes.lock().unwrap().clone();
+        let after: Vec<&(Instant, u64)> = changes
+            .iter()
+            .filter(|(t, _)| *t >= switch && t.duration_since(switch) <= observe)
+            .collect();
+        // The first change after the last time more than 2 were in flight.
+        let settled = match after.iter().rposition(|(_, n)| *n > 2) {
+            Some(i) => after
+                .get(i + 1)
+                .map_or(observe, |(t, _)| t.duration_since(switch)),
+            None => Duration::ZERO,
+        };
+        let peak_after_3s = after
+            .iter()
+            .filter(|(t, _)| t.duration_since(switch) >= Duration::from_secs(3))
+            .map(|(_, n)| *n)
+            .max()
+            .unwrap_or(0);
+        Backoff {
+            settled,
+            in_flight_at_switch,
+            peak_after_3s,
+            limit_before,
+            limit_after,
+        }
+    }
+
+    pub fn run(a: &Args) {
+        let root = match &a.keep {
+            Some(d) => d.clone(),
+            None => std::env::temp_dir().join(format!("lsa-rt-bench-{}", std::process::id())),
+        };
+        let _ = std::fs::remove_dir_all(&root);
+        for d in ["gen", "in", "rt-in"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        println!(
+            "machine: {} cores, {}",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            BIN
+        );
+
+        // One backlog, spooled once with Segment down, copied for every run.
+        let (export_bytes, _, shards) =
+            generate(&root.join("gen"), a.size_mb << 20, a.gzip_share, 42);
+        let server = Server::start();
+        server.down.store(true, Ordering::Relaxed);
+        let cfg = write_config(&root, server.port);
+        let agent = Agent::start(&cfg, None);
+        wait_status(&agent, |s| s["state"].is_string(), || {});
+        for p in &shards {
+            std::fs::rename(p, root.join("in").join(p.file_name().unwrap())).unwrap();
+        }
+        let s = wait_status(
+            &agent,
+            |s| field(s, "files_done") + field(s, "files_failed") >= shards.len() as u64,
+            || {},
+        );
+        let total = field(&s, "spool_events");
+        agent.stop();
+        let _ = std::fs::remove_dir_all(root.join("gen"));
+        let master = root.join("spool");
+        println!(
+            "backlog: {total} events from {:.0} MB of export, {:.0} MB spooled",
+            mb(export_bytes),
+            mb(du(&master))
+        );
+
+        println!(
+            "\n| delay | concurrency | events/s (run) | events/s after 5 s | events | s | drained | limit at end | rtt_ms |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        for &delay in &a.delays {
+            for mode in &a.modes {
+                let t = throughput(&root, &master, total, delay, mode, a.secs);
+                println!(
+                    "| {delay} ms | {mode} | {:.0} | {} | {} | {:.1} | {} | {} | {} |",
+                    t.events_per_sec,
+                    t.after_5s.map_or("-".into(), |r| format!("{r:.0}")),
+                    t.events,
+                    t.secs,
+                    if t.drained { "yes" } else { "no" },
+                    t.last_limit.map_or("-".into(), |l| l.to_string()),
+                    t.rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
+                );
+            }
+        }
+
+        println!(
+            "\n| delay | concurrency | limit before | in flight at the switch | until <= 2 in flight | most in flight 3-10 s after | limit after 10 s |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        for &delay in &a.delays {
+            for mode in ["adaptive", "16"] {
+                let b = after_429(&root, &master, total, delay, mode, a.warmup);
+                println!(
+                    "| {delay} ms | {mode} | {} | {} | {:.2} s | {} | {} |",
+                    b.limit_before.map_or("-".into(), |l| l.to_string()),
+                    b.in_flight_at_switch,
+                    b.settled.as_secs_f64(),
+                    b.peak_after_3s,
+                    b.limit_after.map_or("-".into(), |l| l.to_string()),
+                );
+            }
+        }
+        if a.keep.is_none() {
+            let _ = std::fs::remove_dir_all(&root);
+        }
     }
 }

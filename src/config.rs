@@ -93,13 +93,76 @@ pub struct SegmentConfig {
     pub flush_interval_ms: u64,
     pub request_timeout_secs: u64,
     pub gzip: bool,
-    /// Batches in flight at once; retries stay inside this.
-    pub concurrency: usize,
+    /// Batches in flight at once (retries stay inside this): a number, or `"adaptive"`.
+    pub concurrency: Concurrency,
+    /// The ceiling of `concurrency = "adaptive"`.
+    pub max_concurrency: usize,
+    /// A token bucket over events sent; 0 = unlimited.
+    pub max_events_per_sec: u64,
     /// `http(s)://[user:password@]host:port`; empty: the environment's proxy, if any
     /// (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, `NO_PROXY`). See [`crate::transport`].
     pub proxy: ProxyUrl,
     /// A PEM file of extra CA roots (a TLS-inspecting proxy); empty: the built-in roots only.
     pub ca_file: PathBuf,
+}
+
+impl SegmentConfig {
+    /// The most requests ever in flight: the fixed number, or `max_concurrency`.
+    pub fn max_in_flight(&self) -> usize {
+        match self.concurrency {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Adaptive => self.max_concurrency,
+        }
+    }
+}
+
+/// The largest `segment.concurrency` and `segment.max_concurrency` accepted.
+pub const MAX_CONCURRENCY: usize = 64;
+
+/// `segment.concurrency`: a fixed number of requests in flight, or adaptive (SPEC section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Concurrency {
+    #[default]
+    Adaptive,
+    Fixed(usize),
+}
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Concurrency;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a positive integer or "adaptive""#)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Concurrency, E> {
+                // 0 and the upper bound are `validate`'s, which names the range.
+                Ok(Concurrency::Fixed(usize::try_from(v).unwrap_or(usize::MAX)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Concurrency, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Concurrency, E> {
+                match v {
+                    "adaptive" => Ok(Concurrency::Adaptive),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl fmt::Display for Concurrency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Concurrency::Adaptive => f.write_str("adaptive"),
+            Concurrency::Fixed(n) => write!(f, "{n}"),
+        }
+    }
 }
 
 impl Default for SegmentConfig {
@@ -113,7 +176,9 @@ impl Default for SegmentConfig {
             flush_interval_ms: 1000,
             request_timeout_secs: 30,
             gzip: true,
-            concurrency: 4,
+            concurrency: Concurrency::Adaptive,
+            max_concurrency: 32,
+            max_events_per_sec: 0,
             proxy: ProxyUrl::default(),
             ca_file: PathBuf::new(),
         }
@@ -504,10 +569,18 @@ impl Config {
         if s.request_timeout_secs == 0 {
             bad("segment.request_timeout_secs", "must be at least 1".into());
         }
-        if s.concurrency == 0 || s.concurrency > 64 {
+        if let Concurrency::Fixed(n) = s.concurrency
+            && !(1..=MAX_CONCURRENCY).contains(&n)
+        {
             bad(
                 "segment.concurrency",
-                format!("{} is outside 1..=64", s.concurrency),
+                format!("{n} is outside 1..={MAX_CONCURRENCY} (or \"adaptive\")"),
+            );
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&s.max_concurrency) {
+            bad(
+                "segment.max_concurrency",
+                format!("{} is outside 1..={MAX_CONCURRENCY}", s.max_concurrency),
             );
         }
         let mut network = vec![("segment", &s.proxy, &s.ca_file)];
@@ -868,7 +941,9 @@ mod tests {
         assert_eq!(c.segment.flush_interval_ms, 1000);
         assert_eq!(c.segment.request_timeout_secs, 30);
         assert!(c.segment.gzip);
-        assert_eq!(c.segment.concurrency, 4);
+        assert_eq!(c.segment.concurrency, Concurrency::Adaptive);
+        assert_eq!(c.segment.max_concurrency, 32);
+        assert_eq!(c.segment.max_events_per_sec, 0);
         assert_eq!(c.retry.initial_backoff_ms, 500);
         assert_eq!(c.retry.max_backoff_secs, 300);
         assert_eq!(c.watch.include, vec!["**/*"]);
@@ -1008,6 +1083,37 @@ mod tests {
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn concurrency_is_a_positive_number_or_adaptive() {
+        let parse = |v: &str| Config::parse(&format!("[segment]\nconcurrency = {v}\n"));
+        assert_eq!(
+            parse("\"adaptive\"").unwrap().segment.concurrency,
+            Concurrency::Adaptive
+        );
+        assert_eq!(
+            parse("16").unwrap().segment.concurrency,
+            Concurrency::Fixed(16)
+        );
+        for wrong in ["\"fast\"", "-1", "2.5", "true"] {
+            let err = parse(wrong).unwrap_err();
+            assert!(err.starts_with("segment.concurrency: "), "{wrong}: {err}");
+            assert!(err.contains(r#"a positive integer or "adaptive""#), "{err}");
+        }
+        for (text, key) in [
+            ("concurrency = 0", "segment.concurrency"),
+            ("concurrency = 65", "segment.concurrency"),
+            ("max_concurrency = 0", "segment.max_concurrency"),
+            ("max_concurrency = 100", "segment.max_concurrency"),
+        ] {
+            let c = Config::parse(&format!("[segment]\n{text}\n")).unwrap();
+            let p = c.validate(Purpose::DryRun);
+            assert_eq!(p.len(), 1, "{text}: {p:?}");
+            assert_eq!(p[0].key, key);
+        }
+        let c = Config::parse("[segment]\nmax_events_per_sec = 200\n").unwrap();
+        assert_eq!(c.segment.max_events_per_sec, 200);
     }
 
     #[test]

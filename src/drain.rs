@@ -1,10 +1,17 @@
 //! Spool -> Segment. One coordinator task claims batches from the spool in FIFO order, keeps up
-//! to `concurrency` requests in flight, and applies the response table (SPEC section 6).
+//! to the concurrency limit of requests in flight, and applies the response table (SPEC
+//! section 6).
 //!
-//! Memory is bounded by `concurrency` batches whatever the backlog: a failed batch waits in
-//! `retry` (it still counts against `concurrency`), and no new batch is claimed while one is
-//! waiting to be retried. During an outage the agent therefore sends at most `concurrency`
-//! requests per backoff period, never a storm.
+//! The limit is fixed or adaptive ([`crate::segment::concurrency`]): each request's round trip
+//! and answer go to the controller, which says how many may be in flight. Before a batch goes,
+//! it takes its events from the `max_events_per_sec` token bucket ([`crate::segment::rate`]),
+//! and batches are made no larger than that bucket. Backoff and `Retry-After` come first:
+//! nothing is launched while the drain waits, whatever the limit and the bucket say.
+//!
+//! Memory is bounded by the largest limit (the fixed number, or `max_concurrency`) of batches
+//! whatever the backlog: a failed batch waits in `retry`, and no new batch is claimed while one
+//! is waiting to be retried. During an outage the agent therefore sends at most the limit of
+//! requests per backoff period, never a storm (and an adaptive limit halves at each failure).
 //!
 //! # Ordering
 //! Events of one file are claimed in file order (spool keys are FIFO). With `concurrency` > 1,
@@ -23,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::segment::batch::{encode_body, event_budget};
 use crate::segment::client::{Answer, Client};
+use crate::segment::concurrency::{Controller, Mode, Outcome};
+use crate::segment::rate::TokenBucket;
 use crate::segment::retry::{Backoff, RetryAction, retry_action};
 use crate::segment::rfc3339_millis;
 use crate::spool::{Queued, Spool, now_ms};
@@ -36,7 +45,9 @@ pub struct DrainSettings {
     pub max_batch_bytes: usize,
     pub max_batch_events: usize,
     pub flush_interval: Duration,
-    pub concurrency: usize,
+    pub concurrency: Mode,
+    /// 0 = unlimited.
+    pub max_events_per_sec: u64,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -47,7 +58,13 @@ impl DrainSettings {
             max_batch_bytes: c.segment.max_batch_bytes,
             max_batch_events: c.segment.max_batch_events,
             flush_interval: Duration::from_millis(c.segment.flush_interval_ms),
-            concurrency: c.segment.concurrency,
+            concurrency: match c.segment.concurrency {
+                crate::config::Concurrency::Fixed(n) => Mode::Fixed(n),
+                crate::config::Concurrency::Adaptive => Mode::Adaptive {
+                    max: c.segment.max_concurrency,
+                },
+            },
+            max_events_per_sec: c.segment.max_events_per_sec,
             initial_backoff: Duration::from_millis(c.retry.initial_backoff_ms),
             max_backoff: Duration::from_secs(c.retry.max_backoff_secs),
         }
@@ -74,6 +91,17 @@ pub struct DrainStatus {
     pub current_backoff_ms: Option<u64>,
     /// HTTP status of the last request Segment refused for good (401/403, other 4xx, 501...).
     pub last_rejected_status: Option<u16>,
+    /// `segment.concurrency = "adaptive"`.
+    pub concurrency_adaptive: bool,
+    /// Requests that may be in flight now.
+    pub concurrency_limit: usize,
+    /// The fixed number, or `max_concurrency`.
+    pub max_concurrency: usize,
+    pub in_flight: usize,
+    /// The smoothed round trip of a request (send to answer, compression included), once known.
+    pub rtt_ms: Option<f64>,
+    /// `segment.max_events_per_sec` in force (0 = unlimited).
+    pub max_events_per_sec: u64,
 }
 
 /// What a reload may change: the limits and timers, and the client (endpoint, key, timeout,
@@ -100,7 +128,39 @@ struct Batch {
     items: Vec<Queued>,
 }
 
-type Flight = (Batch, Answer);
+/// A finished request: the batch, the answer, the round trip (compression included), and when
+/// it was launched.
+type Flight = (Batch, Answer, Duration, Instant);
+
+/// The backoff, escalated once per round of failures. Requests in flight together fail
+/// together (an outage, a burst of 429s): counting each of their failures would take the
+/// backoff from its first step to `max_backoff` in one round (32 requests in flight: 500 ms *
+/// 2^31), so a short blip would stop delivery for minutes. A failure of a request launched
+/// before the last counted failure is part of that round: it waits with it, and only its
+/// `Retry-After` (which always wins) can make the wait longer.
+#[derive(Debug)]
+struct RoundBackoff {
+    backoff: Backoff,
+    counted: Option<Instant>,
+}
+
+impl RoundBackoff {
+    fn new(s: &DrainSettings) -> RoundBackoff {
+        RoundBackoff {
+            backoff: Backoff::new(s.initial_backoff, s.max_backoff),
+            counted: None,
+        }
+    }
+
+    /// How long to wait after a transient failure of a request launched at `launched`.
+    fn failed(&mut self, launched: Instant, retry_after: Option<Duration>) -> Duration {
+        if self.counted.is_some_and(|t| launched <= t) {
+            return retry_after.map_or(Duration::ZERO, |ra| ra.min(self.backoff.max()));
+        }
+        self.counted = Some(Instant::now());
+        self.backoff.next_delay(retry_after)
+    }
+}
 
 pub struct Drain {
     spool: Arc<Spool>,
@@ -133,12 +193,14 @@ impl Drain {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut current = self.config.borrow_and_update().clone();
         let mut s = current.settings.clone();
-        let mut backoff = Backoff::new(s.initial_backoff, s.max_backoff);
+        let mut backoff = RoundBackoff::new(&s);
         let mut cursor: Option<u64> = None;
         let mut retry: VecDeque<Batch> = VecDeque::new();
         let mut flights: JoinSet<Flight> = JoinSet::new();
         let mut not_before = Instant::now();
         let mut budget = event_budget(s.max_batch_bytes);
+        let mut limiter = Controller::new(s.concurrency);
+        let mut bucket = TokenBucket::new(s.max_events_per_sec, Instant::now().into_std());
 
         loop {
             if shutdown.is_cancelled() {
@@ -148,23 +210,43 @@ impl Drain {
                 .heartbeat_ms
                 .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
             if self.config.has_changed().unwrap_or(false) {
+                let old_url = current.client.url().to_string();
                 current = self.config.borrow_and_update().clone();
-                s = current.settings.clone();
+                let old = std::mem::replace(&mut s, current.settings.clone());
                 budget = event_budget(s.max_batch_bytes);
+                // A new setting or a new endpoint starts the controller over; anything else
+                // keeps what it learnt of the link.
+                if old.concurrency != s.concurrency || old_url != current.client.url() {
+                    limiter = Controller::new(s.concurrency);
+                }
+                if old.max_events_per_sec != s.max_events_per_sec {
+                    bucket = TokenBucket::new(s.max_events_per_sec, Instant::now().into_std());
+                }
                 // A new endpoint or key deserves a fresh try; new limits apply from here.
-                backoff = Backoff::new(s.initial_backoff, s.max_backoff);
+                backoff = RoundBackoff::new(&s);
                 not_before = Instant::now();
                 tracing::info!(endpoint = %current.client.url(), "delivery settings reloaded");
             }
             // Fill free slots: retries first (they are older), then new batches, but never
             // new ones while a retry waits, so an outage cannot grow memory.
             let mut partial_wait: Option<Instant> = None;
-            while flights.len() < s.concurrency && Instant::now() >= not_before {
+            let mut tokens_wait: Option<Instant> = None;
+            // Batches no larger than the bucket: a full bucket always lets one go.
+            let max_events = bucket
+                .as_ref()
+                .map_or(s.max_batch_events, |b| s.max_batch_events.min(b.capacity()));
+            while flights.len() < limiter.limit() && Instant::now() >= not_before {
                 if let Some(batch) = retry.pop_front() {
+                    if let Err(at) = take_tokens(&mut bucket, batch.items.len()) {
+                        tokens_wait = Some(at);
+                        retry.push_front(batch);
+                        break;
+                    }
                     launch(&current.client, &mut flights, batch);
+                    limiter.launched(flights.len());
                     continue;
                 }
-                let peeked = match self.spool.peek(cursor, s.max_batch_events, budget) {
+                let peeked = match self.spool.peek(cursor, max_events, budget) {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read the spool");
@@ -185,6 +267,11 @@ impl Drain {
                         break;
                     }
                 }
+                if let Err(at) = take_tokens(&mut bucket, peeked.items.len()) {
+                    // Claimed only once it can go: peeked again at the next turn.
+                    tokens_wait = Some(at);
+                    break;
+                }
                 cursor = peeked.items.last().map(|q| q.key);
                 launch(
                     &current.client,
@@ -193,20 +280,27 @@ impl Drain {
                         items: peeked.items,
                     },
                 );
+                limiter.launched(flights.len());
             }
+            self.publish_limits(&limiter, flights.len(), s.max_events_per_sec);
 
             let wake_at = if Instant::now() < not_before {
                 Some(not_before)
             } else {
-                partial_wait
+                match (partial_wait, tokens_wait) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
             };
             // Go round at least every second, so the heartbeat proves the loop is alive.
             let heartbeat = Instant::now() + Duration::from_secs(1);
             let wake_at = Some(wake_at.map_or(heartbeat, |w| w.min(heartbeat)));
             tokio::select! {
                 Some(done) = flights.join_next() => {
-                    if let Ok((batch, answer)) = done {
-                        self.settle(batch, answer, &mut backoff, &mut retry, &mut not_before);
+                    if let Ok((batch, answer, rtt, launched)) = done {
+                        limiter.observe(rtt, outcome(&answer), Instant::now().into_std());
+                        let flight = (batch, answer, launched);
+                        self.settle(flight, &mut backoff, &mut retry, &mut not_before);
                     }
                 }
                 _ = self.handle.wake.notified() => {}
@@ -230,9 +324,10 @@ impl Drain {
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while !flights.is_empty() {
             match tokio::time::timeout_at(deadline, flights.join_next()).await {
-                Ok(Some(Ok((batch, answer)))) => {
+                Ok(Some(Ok((batch, answer, _, launched)))) => {
                     let mut ignore = VecDeque::new();
-                    self.settle(batch, answer, &mut backoff, &mut ignore, &mut not_before);
+                    let flight = (batch, answer, launched);
+                    self.settle(flight, &mut backoff, &mut ignore, &mut not_before);
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -250,9 +345,8 @@ impl Drain {
     /// Applies the response table to one finished request.
     fn settle(
         &self,
-        batch: Batch,
-        answer: Answer,
-        backoff: &mut Backoff,
+        (batch, answer, launched): (Batch, Answer, Instant),
+        backoff: &mut RoundBackoff,
         retry: &mut VecDeque<Batch>,
         not_before: &mut Instant,
     ) {
@@ -280,7 +374,7 @@ impl Drain {
                         .delivery_latency
                         .observe_ms(now.saturating_sub(q.enqueued_ms));
                 }
-                backoff.reset();
+                backoff.backoff.reset();
                 let mut st = self.lock_status();
                 if st.state != DeliveryState::Running {
                     tracing::info!(events = n, "delivery resumed");
@@ -313,22 +407,24 @@ impl Drain {
             action => {
                 let (state, delay) = match action {
                     RetryAction::AuthFailed => {
-                        backoff.next_delay(None);
-                        (DeliveryState::AuthFailed, backoff.max())
+                        backoff.backoff.next_delay(None);
+                        (DeliveryState::AuthFailed, backoff.backoff.max())
                     }
                     RetryAction::Rejected => {
-                        backoff.next_delay(None);
-                        (DeliveryState::Rejected, backoff.max())
+                        backoff.backoff.next_delay(None);
+                        (DeliveryState::Rejected, backoff.backoff.max())
                     }
                     _ => (
                         DeliveryState::BackingOff,
-                        backoff.next_delay(answer.retry_after),
+                        backoff.failed(launched, answer.retry_after),
                     ),
                 };
-                let until = Instant::now() + delay;
-                if until > *not_before {
-                    *not_before = until;
+                let now = Instant::now();
+                if now + delay > *not_before {
+                    *not_before = now + delay;
                 }
+                // The wait in force, which a failure of the same round may not have set.
+                let delay = not_before.saturating_duration_since(now);
                 // Keep batches in claim order so a retry re-sends the oldest first.
                 let pos = retry
                     .iter()
@@ -355,26 +451,107 @@ impl Drain {
         }
     }
 
+    /// The limit, the round trip and the rate ceiling, for `status` and the metrics.
+    fn publish_limits(&self, limiter: &Controller, in_flight: usize, max_events_per_sec: u64) {
+        let mut st = self.lock_status();
+        st.concurrency_adaptive = matches!(limiter.mode(), Mode::Adaptive { .. });
+        st.concurrency_limit = limiter.limit();
+        st.max_concurrency = limiter.max();
+        st.in_flight = in_flight;
+        st.rtt_ms = limiter
+            .rtt()
+            .map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0);
+        st.max_events_per_sec = max_events_per_sec;
+    }
+
     fn lock_status(&self) -> std::sync::MutexGuard<'_, DrainStatus> {
         self.handle.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Sends one batch in its own task; the answer comes back through `flights`.
+/// Sends one batch in its own task; the answer comes back through `flights`. The body is
+/// encoded (and, in `send`, gzipped) inside the task, so the next batches are built while
+/// earlier requests are in flight, on whichever worker thread is free.
 fn launch(client: &Client, flights: &mut JoinSet<Flight>, batch: Batch) {
     let client = client.clone();
+    let launched = Instant::now();
     flights.spawn(async move {
         // sentAt is fresh on every attempt and never stored.
         let sent_at = rfc3339_millis(now_ms() as i64);
         let body = encode_body(batch.items.iter().map(|q| q.json.as_ref()), &sent_at);
+        // The round trip as the controller sees it: compression (a few ms for a full batch)
+        // and the wait for a pooled connection included.
+        let started = Instant::now();
         let answer = client.send(body).await;
-        (batch, answer)
+        (batch, answer, started.elapsed(), launched)
     });
+}
+
+/// Takes `n` events from the bucket, if there is one; else when they will be there.
+fn take_tokens(bucket: &mut Option<TokenBucket>, n: usize) -> Result<(), Instant> {
+    match bucket {
+        Some(b) => b
+            .try_take(n, Instant::now().into_std())
+            .map_err(Instant::from_std),
+        None => Ok(()),
+    }
+}
+
+/// What an answer says about load, for the concurrency controller.
+fn outcome(answer: &Answer) -> Outcome {
+    match retry_action(answer.status) {
+        RetryAction::Delivered => Outcome::Success,
+        // 408, 410, 429, 460, 5xx, timeouts and transport errors.
+        RetryAction::Retry => Outcome::Overloaded,
+        RetryAction::Split | RetryAction::AuthFailed | RetryAction::Rejected => Outcome::Neutral,
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_of_failures_escalates_the_backoff_once() {
+        let s = DrainSettings {
+            max_batch_bytes: 475_000,
+            max_batch_events: 2500,
+            flush_interval: Duration::from_secs(1),
+            concurrency: Mode::Adaptive { max: 32 },
+            max_events_per_sec: 0,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(300),
+        };
+        let mut b = RoundBackoff::new(&s);
+        let launched = Instant::now();
+        // 32 requests in flight together, all refused: one step, not 32.
+        for _ in 0..32 {
+            assert!(b.failed(launched, None) <= Duration::from_millis(500));
+        }
+        assert_eq!(b.backoff.failures(), 1);
+        // A Retry-After of the same round still counts, clamped to the maximum.
+        assert_eq!(
+            b.failed(launched, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            b.failed(launched, Some(Duration::from_secs(3600))),
+            Duration::from_secs(300)
+        );
+        assert_eq!(b.backoff.failures(), 1);
+        // The next round, launched after that failure, escalates once more.
+        std::thread::sleep(Duration::from_millis(2));
+        let next = Instant::now();
+        for _ in 0..32 {
+            assert!(b.failed(next, None) <= Duration::from_millis(1000));
+        }
+        assert_eq!(b.backoff.failures(), 2);
     }
 }

@@ -79,6 +79,7 @@ fn drain_config(config: &Config, key: &WriteKey) -> anyhow::Result<DrainConfig> 
         key,
         Duration::from_secs(s.request_timeout_secs),
         s.gzip,
+        s.max_in_flight(),
         &transport,
     )
     .context("cannot build the HTTP client")?;

@@ -186,6 +186,42 @@ pub fn render(r: &StatusReport, stats: &Stats) -> String {
             r.current_backoff_ms.unwrap_or(0) as f64 / 1000.0,
         )],
     );
+    if let Some(limit) = r.concurrency_limit {
+        metric(
+            "concurrency_limit",
+            "gauge",
+            "Requests that may be in flight now (fixed or adaptive)",
+            &one(limit),
+        );
+        metric(
+            "max_concurrency",
+            "gauge",
+            "The most the concurrency limit can be",
+            &one(r.max_concurrency.unwrap_or(limit)),
+        );
+    }
+    metric(
+        "in_flight_requests",
+        "gauge",
+        "Requests to Segment in flight now",
+        &one(r.in_flight),
+    );
+    if let Some(rtt) = r.rtt_ms {
+        metric(
+            "rtt_seconds",
+            "gauge",
+            "Smoothed round trip of a request to Segment",
+            &[(String::new(), rtt / 1000.0)],
+        );
+    }
+    if let Some(rate) = r.max_events_per_sec {
+        metric(
+            "max_events_per_second",
+            "gauge",
+            "segment.max_events_per_sec in force (0 = unlimited)",
+            &one(rate),
+        );
+    }
     let (buckets, count, sum) = stats.delivery_latency.snapshot();
     let _ = writeln!(
         out,
@@ -226,6 +262,11 @@ mod tests {
         let report: ReportFn = Arc::new(|| StatusReport {
             state: "backing_off".into(),
             spool_events: 12,
+            concurrency_limit: Some(7),
+            max_concurrency: Some(32),
+            in_flight: 4,
+            rtt_ms: Some(150.0),
+            max_events_per_sec: Some(0),
             skipped_by_action: [("Held Back".to_string(), 3)].into(),
             ..StatusReport::default()
         });
@@ -239,6 +280,10 @@ mod tests {
         s.read_to_string(&mut body).await.unwrap();
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
         assert!(body.contains("lsa_spool_events 12\n"), "{body}");
+        assert!(body.contains("lsa_concurrency_limit 7\n"), "{body}");
+        assert!(body.contains("lsa_in_flight_requests 4\n"), "{body}");
+        assert!(body.contains("lsa_rtt_seconds 0.15\n"), "{body}");
+        assert!(body.contains("lsa_max_events_per_second 0\n"), "{body}");
         assert!(
             body.contains("lsa_state{state=\"backing_off\"} 1\n"),
             "{body}"

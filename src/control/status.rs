@@ -38,6 +38,12 @@
 //! | `parked` | integer | records parked until the catalog knows their message (`unknown_message_channel = "park"`), now |
 //! | `parked_messages` | array | the message ids most parked records wait for, most first (at most 5): `message_id`, `records` |
 //! | `waiting` | integer | Leanplum CSV export records waiting in the join, now: message events and impressions whose `sessions` row has not been read yet, and message events whose shard's `eventparameters` file has not (see `dead-letter list`, kind `waiting`) |
+//! | `concurrency_mode` | string or null | `adaptive` or `fixed` (`segment.concurrency`); null when stopped |
+//! | `concurrency_limit` | integer or null | requests that may be in flight now: the fixed number, or where the adaptive controller stands (starts at 1, grows by one per round trip while round trips stay flat, halves on 429, 5xx, timeouts or a rising round trip); null when stopped |
+//! | `max_concurrency` | integer or null | the most the limit can be: the fixed number, or `segment.max_concurrency`; null when stopped |
+//! | `in_flight` | integer | requests in flight now; 0 when stopped |
+//! | `rtt_ms` | number or null | the smoothed round trip of a request to Segment in milliseconds (send to answer, compression included; an EWMA over windows of about one round trip); null before the first answer and when stopped |
+//! | `max_events_per_sec` | integer or null | `segment.max_events_per_sec` in force, 0 for unlimited; null when stopped |
 //! | `catalog` | object or null | the message and A/B-test catalog (null when stopped): `source` (`files`, `files+api`, `files+cache`), `messages`, `abtests`, `fetched_at` and `age_secs` (when the API part was fetched), `last_refresh` (last attempt), `last_error`, `files_error` (why the catalog files on disk were refused, naming the file; the last good ones are in use; null when they are good), and `waiting`: what reading waits for from Leanplum, each with `kind` (`message`: a `getMessage` lookup; `abtest`: the next `getAbTests`), `id`, `since`, `files` (whose reading waits on it) and `reason` |
 
 use std::collections::BTreeMap;
@@ -92,6 +98,13 @@ pub struct StatusReport {
     pub parked_messages: Vec<crate::catalog::parking::ParkedMessage>,
     /// CSV export records waiting in the join for their session or their parameters.
     pub waiting: u64,
+    /// How many requests may be in flight, and how long they take.
+    pub concurrency_mode: Option<String>,
+    pub concurrency_limit: Option<u64>,
+    pub max_concurrency: Option<u64>,
+    pub in_flight: u64,
+    pub rtt_ms: Option<f64>,
+    pub max_events_per_sec: Option<u64>,
 }
 
 impl StatusReport {
@@ -179,7 +192,7 @@ impl StatusReport {
         }
         if self.waiting > 0 {
             rows.push((
-                "waiting",
+                "csv join",
                 format!(
                     "{} CSV export records wait for their sessions or parameters (dead-letter list)",
                     self.waiting
@@ -209,6 +222,20 @@ impl StatusReport {
         }
         if let Some(code) = self.last_rejected_status {
             rows.push(("last rejected", format!("HTTP {code}")));
+        }
+        if let (Some(mode), Some(limit)) = (&self.concurrency_mode, self.concurrency_limit) {
+            let mut line = match (mode.as_str(), self.max_concurrency) {
+                ("adaptive", Some(max)) => format!("adaptive, limit {limit} of {max}"),
+                _ => format!("{mode}, limit {limit}"),
+            };
+            let _ = write!(line, ", {} in flight", self.in_flight);
+            if let Some(rtt) = self.rtt_ms {
+                let _ = write!(line, ", round trip {rtt:.1} ms");
+            }
+            rows.push(("concurrency", line));
+        }
+        if let Some(rate) = self.max_events_per_sec.filter(|r| *r > 0) {
+            rows.push(("rate limit", format!("{rate} events/s")));
         }
         if let Some(c) = &self.catalog {
             let mut line = format!(
@@ -362,6 +389,19 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
         parked: parked.records,
         parked_messages: parked.top,
         waiting: src.spool.join_waiting_count().unwrap_or(0),
+        concurrency_mode: Some(
+            if src.drain.concurrency_adaptive {
+                "adaptive"
+            } else {
+                "fixed"
+            }
+            .to_string(),
+        ),
+        concurrency_limit: Some(src.drain.concurrency_limit as u64),
+        max_concurrency: Some(src.drain.max_concurrency as u64),
+        in_flight: src.drain.in_flight as u64,
+        rtt_ms: src.drain.rtt_ms,
+        max_events_per_sec: Some(src.drain.max_events_per_sec),
     }
 }
 
@@ -581,6 +621,12 @@ mod tests {
                 records: 2,
             }],
             waiting: 3,
+            concurrency_mode: Some("adaptive".into()),
+            concurrency_limit: Some(12),
+            max_concurrency: Some(32),
+            in_flight: 9,
+            rtt_ms: Some(152.3),
+            max_events_per_sec: Some(200),
         }
     }
 
@@ -619,6 +665,12 @@ mod tests {
             "parked",
             "parked_messages",
             "waiting",
+            "concurrency_mode",
+            "concurrency_limit",
+            "max_concurrency",
+            "in_flight",
+            "rtt_ms",
+            "max_events_per_sec",
         ];
         expected.sort_unstable();
         assert_eq!(keys, expected);
@@ -640,13 +692,22 @@ mod tests {
         let text = sample().render_human_at(at("2024-05-01T12:00:12Z"));
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("state:") && lines[0].ends_with(" backing_off"));
-        assert!((10..=17).contains(&lines.len()), "{text}");
+        // Every optional row is present in this sample: a dozen lines in the usual case.
+        assert!((10..=20).contains(&lines.len()), "{text}");
         assert!(
             text.contains(
-                "waiting:       3 CSV export records wait for their sessions or parameters"
+                "csv join:      3 CSV export records wait for their sessions or parameters"
             ),
             "{text}"
         );
+        assert!((10..=18).contains(&lines.len()), "{text}");
+        assert!(
+            text.contains(
+                "concurrency:   adaptive, limit 12 of 32, 9 in flight, round trip 152.3 ms"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("rate limit:    200 events/s"), "{text}");
         assert!(
             text.contains("parked:        2 records wait for messages not in the catalog: 77 (2)"),
             "{text}"
@@ -857,6 +918,12 @@ mod tests {
             last_error: Some("HTTP 503".into()),
             current_backoff_ms: Some(1000),
             last_rejected_status: None,
+            concurrency_adaptive: true,
+            concurrency_limit: 5,
+            max_concurrency: 32,
+            in_flight: 3,
+            rtt_ms: Some(48.5),
+            max_events_per_sec: 0,
         };
         let notes = vec!["hello".to_string()];
         let src = LiveSources {
@@ -879,6 +946,12 @@ mod tests {
         );
         assert_eq!(r.last_success.as_deref(), Some("2024-05-01T12:00:00Z"));
         assert_eq!(r.current_backoff_ms, Some(1000));
+        assert_eq!(r.concurrency_mode.as_deref(), Some("adaptive"));
+        assert_eq!(
+            (r.concurrency_limit, r.max_concurrency, r.in_flight),
+            (Some(5), Some(32), 3)
+        );
+        assert_eq!((r.rtt_ms, r.max_events_per_sec), (Some(48.5), Some(0)));
         // Files come from the spool, so they survive a restart.
         assert_eq!((r.files_seen, r.files_in_progress), (3, 1));
         assert_eq!(r.notes, notes);

@@ -39,6 +39,9 @@ impl Client {
         key: &WriteKey,
         timeout: Duration,
         gzip: bool,
+        // Idle connections kept per host: the most requests ever in flight, so each one reuses
+        // a warm connection (no TCP or TLS handshake per request).
+        pool_size: usize,
         transport: &Transport,
     ) -> Result<Client, reqwest::Error> {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{}:", key.expose()));
@@ -61,7 +64,7 @@ impl Client {
             ))
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(pool_size)
             .build()?;
         Ok(Client {
             http,

@@ -3,6 +3,8 @@
 
 pub mod batch;
 pub mod client;
+pub mod concurrency;
+pub mod rate;
 pub mod retry;
 
 use serde::Serialize;

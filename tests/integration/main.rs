@@ -10,6 +10,8 @@
 //! - [`end_to_end`]: every input format through the daemon into Segment, exactly once.
 //! - [`retries`]: 503 / 429 answers re-send the same events, honouring `Retry-After`.
 //! - [`batch_limits`]: uncompressed batches within a small `max_batch_bytes`.
+//! - [`concurrency`]: the adaptive concurrency limit against a server whose delay and answers
+//!   the test controls, and `max_events_per_sec` measured at the server.
 //! - [`cli`]: `check-config` exit codes and messages, `dry-run`.
 //! - [`delivery_faults`]: Segment misbehaving: 400 bisection, oversize events, 401, outages,
 //!   connection refused, timeouts, `Retry-After` dates, backoff reset (SPEC section 6).
@@ -43,6 +45,7 @@ mod batch_limits;
 mod catalog_api;
 mod catalog_files;
 mod cli;
+mod concurrency;
 mod crash;
 mod csv_export;
 mod delivery_faults;
