@@ -175,19 +175,13 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
             .add_root_certificate(cert.clone())
             .build()
             .map_err(|e| {
-                let mut text = format!(
+                let text = format!(
                     "{}: certificate {} of {} is not usable",
                     path.display(),
                     i + 1,
                     certs.len()
                 );
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text.push_str(": ");
-                    text.push_str(&s.to_string());
-                    source = s.source();
-                }
-                text
+                with_causes(text, &e)
             })?;
     }
     Ok(certs)
@@ -273,4 +267,16 @@ mod tests {
         assert_eq!(t.extra_roots(), 2);
         t.client_builder().build().unwrap();
     }
+}
+
+/// `text`, then every cause of `e` after a colon: reqwest's and rustls's errors say what
+/// happened ("connection refused", "UnknownIssuer") only in their sources.
+pub(crate) fn with_causes(mut text: String, e: &dyn std::error::Error) -> String {
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

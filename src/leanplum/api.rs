@@ -186,14 +186,7 @@ impl LeanplumApi {
 fn describe(e: reqwest::Error) -> String {
     let kind = if e.is_timeout() { "timed out: " } else { "" };
     let e = e.without_url();
-    let mut text = format!("{kind}{e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    crate::transport::with_causes(format!("{kind}{e}"), &e)
 }
 
 /// Whether Leanplum's error message is about the credentials (`Invalid clientKey`, `Invalid

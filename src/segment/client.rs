@@ -131,12 +131,5 @@ fn describe(e: &reqwest::Error) -> String {
     } else {
         "request error"
     };
-    let mut text = kind.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    crate::transport::with_causes(kind.to_string(), e)
 }
