@@ -187,6 +187,18 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
     Ok(certs)
 }
 
+/// `text`, then every cause of `e` after a colon: reqwest's and rustls's errors say what
+/// happened ("connection refused", "UnknownIssuer") only in their sources.
+pub(crate) fn with_causes(mut text: String, e: &dyn std::error::Error) -> String {
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,16 +279,4 @@ mod tests {
         assert_eq!(t.extra_roots(), 2);
         t.client_builder().build().unwrap();
     }
-}
-
-/// `text`, then every cause of `e` after a colon: reqwest's and rustls's errors say what
-/// happened ("connection refused", "UnknownIssuer") only in their sources.
-pub(crate) fn with_causes(mut text: String, e: &dyn std::error::Error) -> String {
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
