@@ -191,6 +191,7 @@ impl Drain {
     /// Runs until `shutdown`; then lets in-flight requests finish for up to
     /// [`SHUTDOWN_GRACE`] and returns. Unfinished batches stay in the spool.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        crate::app::failpoint("drain");
         let mut current = self.config.borrow_and_update().clone();
         let mut s = current.settings.clone();
         let mut backoff = RoundBackoff::new(&s);

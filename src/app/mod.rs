@@ -460,6 +460,14 @@ pub async fn run(
     }
 }
 
+/// A test's way to make a task fail (debug builds only): `LSA_FAILPOINT=<task>` panics the task
+/// of that name when it starts, so the supervision can be tested through the real binary.
+pub(crate) fn failpoint(task: &str) {
+    if cfg!(debug_assertions) && std::env::var("LSA_FAILPOINT").is_ok_and(|t| t == task) {
+        panic!("failpoint {task}");
+    }
+}
+
 /// How long shutdown may take in all: the drain's grace for in-flight requests and the flush,
 /// inside the shipped unit's `TimeoutStopSec=30`.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(25);

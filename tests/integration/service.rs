@@ -1174,3 +1174,37 @@ fn json_logs_are_one_object_per_line() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
 }
+
+/// Supervision (SPEC section 9): a task that panics stops the agent with a non-zero exit and a
+/// message naming the task, so systemd restarts a whole process; the spool stays as it was.
+#[test]
+fn a_panicking_task_stops_the_agent_with_an_error_naming_it() {
+    let env = TestEnv::new();
+    let config = env.write_config();
+    let mut cmd = crate::util::agent_command();
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("LSA_FAILPOINT", "drain");
+    let mut agent = Agent::spawn_logged(cmd, &config);
+    let exit = agent
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("the agent kept running\n{}", agent.log_tail(20)));
+    assert!(!exit.success(), "non-zero exit: {exit}");
+    let logs = agent.logs();
+    assert!(
+        logs.contains("the drain task panicked: failpoint drain"),
+        "{}",
+        agent.log_tail(20)
+    );
+    // The next start, without the fault, runs normally on the same spool.
+    let before = crate::util::ready_lines(&logs);
+    let agent = env.start_agent();
+    assert!(
+        wait_until(PATIENCE, || crate::util::ready_lines(&agent.logs())
+            > before),
+        "{}",
+        agent.log_tail(20)
+    );
+    assert_eq!(status_json(&config)["state"], "running");
+}
