@@ -563,11 +563,70 @@ impl Config {
                 ),
             );
         }
-        if s.flush_interval_ms == 0 {
-            bad("segment.flush_interval_ms", "must be at least 1".into());
-        }
-        if s.request_timeout_secs == 0 {
-            bad("segment.request_timeout_secs", "must be at least 1".into());
+        // Upper bounds keep every sum of a time and a setting from overflowing (an Instant
+        // plus u64::MAX seconds panics) and catch a unit mistake (ms given as s).
+        let mut within = |key: &str, value: u64, lo: u64, hi: u64, unit: &str| {
+            if !(lo..=hi).contains(&value) {
+                bad(key, format!("{value} is outside {lo}..={hi} ({unit})"));
+            }
+        };
+        within(
+            "segment.flush_interval_ms",
+            s.flush_interval_ms,
+            1,
+            3_600_000,
+            "milliseconds",
+        );
+        within(
+            "segment.request_timeout_secs",
+            s.request_timeout_secs,
+            1,
+            3600,
+            "seconds",
+        );
+        within(
+            "retry.initial_backoff_ms",
+            self.retry.initial_backoff_ms,
+            1,
+            3_600_000,
+            "milliseconds",
+        );
+        within(
+            "retry.max_backoff_secs",
+            self.retry.max_backoff_secs,
+            1,
+            86_400,
+            "seconds",
+        );
+        within(
+            "watch.settle_secs",
+            self.watch.settle_secs,
+            0,
+            86_400,
+            "seconds",
+        );
+        within(
+            "watch.rescan_interval_secs",
+            self.watch.rescan_interval_secs,
+            1,
+            86_400,
+            "seconds",
+        );
+        within(
+            "spool.dedupe_window_days",
+            self.spool.dedupe_window_days,
+            1,
+            3650,
+            "days",
+        );
+        if let Some(lp) = &self.leanplum {
+            within(
+                "leanplum.refresh_interval_secs",
+                lp.refresh_interval_secs,
+                10,
+                2_592_000,
+                "seconds",
+            );
         }
         if let Concurrency::Fixed(n) = s.concurrency
             && !(1..=MAX_CONCURRENCY).contains(&n)
@@ -609,12 +668,7 @@ impl Config {
             }
         }
         let r = &self.retry;
-        if r.initial_backoff_ms == 0 {
-            bad("retry.initial_backoff_ms", "must be at least 1".into());
-        }
-        if r.max_backoff_secs == 0 {
-            bad("retry.max_backoff_secs", "must be at least 1".into());
-        } else if r.initial_backoff_ms > r.max_backoff_secs.saturating_mul(1000) {
+        if r.initial_backoff_ms > r.max_backoff_secs.saturating_mul(1000) {
             bad(
                 "retry.initial_backoff_ms",
                 "is larger than retry.max_backoff_secs".into(),
@@ -647,9 +701,6 @@ impl Config {
                     bad(key, format!("{g:?}: {e}"));
                 }
             }
-        }
-        if w.rescan_interval_secs == 0 {
-            bad("watch.rescan_interval_secs", "must be at least 1".into());
         }
         if !(MIN_MAX_LINE_BYTES..=MAX_MAX_LINE_BYTES).contains(&w.max_line_bytes) {
             bad(
@@ -684,9 +735,6 @@ impl Config {
                 "must be from 1 to 36500 (days)".into(),
             );
         }
-        if self.spool.dedupe_window_days == 0 {
-            bad("spool.dedupe_window_days", "must be at least 1".into());
-        }
         if let Some(lp) = &self.leanplum {
             if lp.app_id.is_empty() {
                 bad(
@@ -696,12 +744,6 @@ impl Config {
             }
             if let Err(e) = validate_endpoint(&lp.api_base) {
                 bad("leanplum.api_base", e);
-            }
-            if lp.refresh_interval_secs < 10 {
-                bad(
-                    "leanplum.refresh_interval_secs",
-                    "must be at least 10".into(),
-                );
             }
             if !(1..=600).contains(&lp.request_timeout_secs) {
                 bad(
@@ -1083,6 +1125,38 @@ mod tests {
         ] {
             assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn times_have_upper_bounds() {
+        let c = Config::parse(&format!(
+            "{}flush_interval_ms = 9223372036854775807\nrequest_timeout_secs = 0\n\
+             [retry]\nmax_backoff_secs = 999999999\n[watch]\nsettle_secs = 99999999\n\
+             [spool]\ndedupe_window_days = 100000\n",
+            minimal().replace("[watch]\ndir = \"/tmp/in\"\n", "")
+        ))
+        .unwrap();
+        let problems = c.validate(Purpose::Run);
+        for k in [
+            "segment.flush_interval_ms",
+            "segment.request_timeout_secs",
+            "retry.max_backoff_secs",
+            "watch.settle_secs",
+            "spool.dedupe_window_days",
+        ] {
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.key == k && p.message.contains("outside")),
+                "{k}: {problems:?}"
+            );
+        }
+        assert!(
+            Config::parse(minimal())
+                .unwrap()
+                .validate(Purpose::Run)
+                .is_empty()
+        );
     }
 
     #[test]
