@@ -20,7 +20,7 @@ fn limit_of(status: &serde_json::Value) -> u64 {
 #[test]
 fn the_adaptive_limit_grows_on_steady_answers_and_falls_on_429() {
     let mut env = new_env();
-    // Default concurrency: adaptive. Below the fake server's 8 workers, so its answers stay
+    // Default concurrency: adaptive. Below the fake server's 40 workers, so its answers stay
     // steady at any limit; small batches, so there are many of them.
     env.config.max_batch_events = Some(10);
     env.config = env

@@ -227,9 +227,10 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
 }
 
-/// Number of threads serving requests at once: above the agent's `concurrency` (default 4), so
-/// a delayed answer never holds up the others.
-const SERVER_WORKERS: usize = 8;
+/// Number of threads serving requests at once: above the most requests the agent sends at once
+/// (`max_concurrency`, default 32, since `concurrency = "adaptive"` became the default), so a
+/// delayed answer never holds up the others.
+const SERVER_WORKERS: usize = 40;
 
 /// A fake Segment Tracking API on `127.0.0.1:<random port>`: records every request and answers
 /// from a scriptable plan. Stops (and closes its port) when dropped.
@@ -666,7 +667,9 @@ impl AgentConfig {
             max_batch_bytes: None,
             max_batch_events: None,
             flush_interval_ms: Some(200),
-            request_timeout_secs: Some(30),
+            // Under PATIENCE: a request whose answer is lost (seen under load with this fake
+            // server) is retried in time for the test's wait.
+            request_timeout_secs: Some(10),
             gzip: Some(true),
             concurrency: None,
             initial_backoff_ms: Some(100),
