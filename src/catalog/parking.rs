@@ -23,7 +23,9 @@ use super::CatalogService;
 use crate::input::Record;
 use crate::leanplum::Id;
 use crate::mapping::{MappingState, Output, SharedMapping, parked_part};
-use crate::spool::{self, Chunk, NO_FILE, QuarantineEntry, QuarantineKind, Spool, now_ms};
+use crate::spool::{
+    self, Chunk, NO_FILE, QuarantineEntry, QuarantineKind, QuarantineTag, Spool, now_ms,
+};
 use crate::stats::Stats;
 
 /// How many message ids `status` names.
@@ -146,9 +148,14 @@ pub struct ParkedMessage {
 
 /// Counts the parked records and their message ids (one walk of the quarantine).
 pub fn summary(spool: &Spool) -> Result<ParkedSummary, spool::Error> {
+    Ok(summarize(spool.quarantine_tags()?))
+}
+
+/// [`summary`] of tags already read.
+pub fn summarize(tags: Vec<QuarantineTag>) -> ParkedSummary {
     let mut by_id: BTreeMap<String, u64> = BTreeMap::new();
     let mut records = 0;
-    for (_, q) in spool.quarantine_entries()? {
+    for q in tags {
         if q.kind == QuarantineKind::Parked {
             records += 1;
             for id in q.message_ids {
@@ -169,7 +176,7 @@ pub fn summary(spool: &Spool) -> Result<ParkedSummary, spool::Error> {
             .then(a.message_id.cmp(&b.message_id))
     });
     top.truncate(TOP_IDS);
-    Ok(ParkedSummary { records, top })
+    ParkedSummary { records, top }
 }
 
 /// Maps the parked records again each time the catalog (or the mapping options) change, until

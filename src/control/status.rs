@@ -412,7 +412,13 @@ pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spo
     let depth = spool.depth()?;
     let oldest = spool.oldest_enqueued_ms()?;
     let counts = file_counts(spool)?;
-    let parked = crate::catalog::parking::summary(spool)?;
+    // One walk of the quarantine for both counts.
+    let tags = spool.quarantine_tags()?;
+    let quarantined = tags
+        .iter()
+        .filter(|t| t.kind == spool::QuarantineKind::Bad)
+        .count() as u64;
+    let parked = crate::catalog::parking::summarize(tags);
     let now = now_ms();
     Ok(StatusReport {
         parked: parked.records,
@@ -424,11 +430,7 @@ pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spo
         spool_events: depth.events,
         spool_bytes: depth.bytes,
         oldest_event_age_secs: oldest.map(|t| now.saturating_sub(t) / 1000),
-        quarantined: spool
-            .quarantine_entries()?
-            .iter()
-            .filter(|(_, q)| q.kind == spool::QuarantineKind::Bad)
-            .count() as u64,
+        quarantined,
         dead_lettered: spool.dead_letters()?.len() as u64,
         files_seen: counts.seen,
         files_in_progress: counts.in_progress,

@@ -142,7 +142,9 @@ mod store;
 use store::Store;
 
 pub use join::{JoinOp, JoinTree};
-pub use records::{DeadLetter, FileRecord, FileStatus, QuarantineEntry, QuarantineKind};
+pub use records::{
+    DeadLetter, FileRecord, FileStatus, QuarantineEntry, QuarantineKind, QuarantineTag,
+};
 
 use sled::IVec;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -1464,6 +1466,15 @@ impl Spool {
     pub fn quarantine_entries(&self) -> Result<Vec<(u64, QuarantineEntry)>, Error> {
         let s = self.store();
         s.json_entries(&s.quarantine, "quarantine entry")
+    }
+
+    /// The kind and message ids of every quarantine entry (for counts), oldest first.
+    pub fn quarantine_tags(&self) -> Result<Vec<QuarantineTag>, Error> {
+        let s = self.store();
+        Ok(s.json_entries(&s.quarantine, "quarantine entry")?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
     }
 
     /// Dead letters, oldest first.

@@ -88,6 +88,16 @@ pub struct QuarantineEntry {
     pub raw: String,
 }
 
+/// What a quarantine entry is, without its record: what `status` counts (the record, up to a
+/// whole parked session, is skipped by the parser, not copied).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct QuarantineTag {
+    #[serde(default)]
+    pub kind: QuarantineKind,
+    #[serde(default)]
+    pub message_ids: Vec<String>,
+}
+
 /// An event Segment will never take (400 after bisection, or over 32 KB).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
