@@ -73,11 +73,6 @@ fn unknown_ids(
     }
 }
 
-/// The file a chunk's quarantine entries name (for one log line per chunk).
-fn chunk_path(chunk: &Chunk) -> &str {
-    chunk.quarantine.first().map_or("", |q| q.file.as_str())
-}
-
 /// Starts a replay of `abs` (`replay PATH`, SPEC section 2): a file record of its own, with
 /// nothing in common with the watched files (see [`FileRecord::replay`]), read from the start
 /// by [`Ingestor::replay`]. Returns its id.
@@ -632,12 +627,8 @@ impl Ingestor {
         for q in &chunk.quarantine {
             if q.kind == spool::QuarantineKind::Parked {
                 parked += 1;
-            } else {
-                bad_log.add(q);
             }
-        }
-        if parked > 0 {
-            tracing::info!(path = %chunk_path(chunk), records = parked, "records parked until the catalog knows their messages (see dead-letter list)");
+            bad_log.add(q);
         }
         Stats::add(&self.stats.events_spooled, out.spooled);
         Stats::add(&self.stats.duplicates_skipped, out.duplicates);
@@ -728,17 +719,24 @@ struct Committer<'scope> {
     handle: std::thread::ScopedJoinHandle<'scope, Committed>,
 }
 
-/// The bad records of one pass over a file, logged once per kind with their count when the
-/// pass ends (SPEC section 8: one line per file and kind, never one per record; `status` and
-/// `dead-letter list` have the rest). A file of 100,000 malformed lines logs one line.
+/// The bad and parked records of one pass over a file, logged once per kind with their count
+/// when the pass ends (SPEC section 8: one line per file and kind, never one per record;
+/// `status` and `dead-letter list` have the rest). A file of 100,000 malformed lines logs one
+/// line.
 #[derive(Default)]
 struct BadLog {
     /// Kind -> (records, file, first line, first reason).
     kinds: std::collections::BTreeMap<String, (u64, String, u64, String)>,
+    /// Parked records: (records, file).
+    parked: Option<(u64, String)>,
 }
 
 impl BadLog {
     fn add(&mut self, q: &QuarantineEntry) {
+        if q.kind == spool::QuarantineKind::Parked {
+            self.parked.get_or_insert_with(|| (0, q.file.clone())).0 += 1;
+            return;
+        }
         let entry = self
             .kinds
             .entry(bad_kind(&q.reason))
@@ -749,6 +747,9 @@ impl BadLog {
 
 impl Drop for BadLog {
     fn drop(&mut self) {
+        if let Some((records, file)) = self.parked.take() {
+            tracing::info!(path = %file, records, "records parked until the catalog knows their messages (see dead-letter list)");
+        }
         for (kind, (records, file, first_line, first_reason)) in std::mem::take(&mut self.kinds) {
             tracing::warn!(
                 path = %file,
