@@ -179,7 +179,7 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
 /// wait for (there can be millions of them). Id 0: they are not retried or purged by id; they
 /// leave when what they wait for is read (or the job's tables are dropped in again).
 fn waiting_entries(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
-    let now = crate::segment::rfc3339_millis(spool::now_ms() as i64);
+    let now = crate::segment::rfc3339_millis(crate::clock::now_ms() as i64);
     Ok(spool
         .join_waiting_groups()?
         .into_iter()
@@ -247,7 +247,7 @@ pub fn retry(
             }
             Err(why) => {
                 q.reason = format!("retry failed: {why}");
-                q.time_ms = spool::now_ms();
+                q.time_ms = crate::clock::now_ms();
                 spool.set_quarantine(id, Some(&q))?;
                 outcome.still_bad.push((id, why));
             }

@@ -28,13 +28,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::segment::batch::{encode_body, event_budget};
 use crate::segment::client::{Answer, Client};
 use crate::segment::concurrency::{Controller, Mode, Outcome};
 use crate::segment::rate::TokenBucket;
 use crate::segment::retry::{Backoff, RetryAction, retry_action};
 use crate::segment::rfc3339_millis;
-use crate::spool::{Queued, Spool, now_ms};
+use crate::spool::{Queued, Spool};
 use crate::stats::Stats;
 
 /// How long in-flight requests get to finish once shutdown starts.

@@ -18,6 +18,7 @@
 //! # Layout
 //! - [`cli`]: the command line (clap).
 //! - [`config`]: the TOML config, its defaults, `validate()`, and the write key (a secret).
+//! - `clock`: the wall clock (`now_ms`, file times); every "now" of the crate comes from it.
 //! - [`app`]: wires the tasks together; owns startup and shutdown order.
 //! - [`watch`]: which files are ready to read.
 //! - [`input`]: format detection and streaming readers that yield records with offsets.
@@ -44,6 +45,7 @@
 pub mod app;
 pub mod catalog;
 pub mod cli;
+pub(crate) mod clock;
 pub mod config;
 pub mod control;
 pub mod deadletter;

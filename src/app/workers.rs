@@ -9,9 +9,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::config::AfterIngest;
 use crate::ingest::{Ingestor, Outcome};
-use crate::spool::{FileStatus, Spool, now_ms};
+use crate::spool::{FileStatus, Spool};
 
 /// A file whose last line is unfinished and unparsable is held this many `settle_secs` after
 /// its last change before the line is taken as final.

@@ -42,10 +42,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::clock::now_ms;
 use crate::leanplum::Id;
 use crate::leanplum::catalog::{AbTest, Catalog, Message};
 use crate::mapping::{MappingOptions, MappingState, SharedMapping};
-use crate::spool::{Spool, now_ms};
+use crate::spool::Spool;
 
 /// How long "Leanplum says this message does not exist" is believed before asking again.
 pub const MISSING_TTL: Duration = Duration::from_secs(15 * 60);

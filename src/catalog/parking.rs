@@ -20,12 +20,11 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::CatalogService;
+use crate::clock::now_ms;
 use crate::input::Record;
 use crate::leanplum::Id;
 use crate::mapping::{MappingState, Output, SharedMapping, parked_part};
-use crate::spool::{
-    self, Chunk, NO_FILE, QuarantineEntry, QuarantineKind, QuarantineTag, Spool, now_ms,
-};
+use crate::spool::{self, Chunk, NO_FILE, QuarantineEntry, QuarantineKind, QuarantineTag, Spool};
 use crate::stats::Stats;
 
 /// How many message ids `status` names.

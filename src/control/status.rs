@@ -53,8 +53,9 @@ use std::time::Instant;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::now_ms;
 use crate::drain::{DeliveryState, DrainStatus};
-use crate::spool::{self, FileStatus, Spool, now_ms};
+use crate::spool::{self, FileStatus, Spool};
 use crate::stats::Stats;
 
 /// The `state` of an agent that is not running.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 mod fingerprint;
 mod join;
 
+use crate::clock::{self, now_ms};
 use crate::input::{BadRecord, InputError, Item, Reader, Record};
 use crate::leanplum::catalog::Catalog;
 use crate::mapping::{
@@ -26,9 +27,7 @@ use crate::mapping::{
     map_session,
 };
 use crate::segment::TrackEvent;
-use crate::spool::{
-    self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, now_ms,
-};
+use crate::spool::{self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent};
 use crate::stats::Stats;
 use fingerprint::Relation;
 
@@ -236,7 +235,7 @@ impl Ingestor {
         if relation == Relation::Same
             && (rec.status == FileStatus::Read
                 || rec.status == FileStatus::Done
-                || rec.status == FileStatus::Failed && rec.updated_ms > mtime_ms(&meta))
+                || rec.status == FileStatus::Failed && rec.updated_ms > clock::mtime_ms(&meta))
         {
             return Ok(Outcome::Unchanged);
         }
@@ -599,7 +598,7 @@ impl Ingestor {
     fn may_still_grow(&self, meta: &std::fs::Metadata) -> bool {
         meta.modified()
             .ok()
-            .and_then(|t| t.elapsed().ok())
+            .and_then(clock::age)
             .is_some_and(|age| age < self.partial_line_hold)
     }
 
@@ -827,13 +826,6 @@ impl<'scope> Committer<'scope> {
             Err(panic) => std::panic::resume_unwind(panic),
         }
     }
-}
-
-fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What `dry-run` saw.

@@ -153,6 +153,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
+use crate::clock::now_ms;
 use crate::segment::MAX_EVENT_BYTES;
 
 /// The file id of events that belong to no file record (quarantined records retried by hand).
@@ -1569,12 +1570,6 @@ fn message_id_of(json: &[u8]) -> String {
     serde_json::from_slice::<Id>(json)
         .map(|i| i.message_id)
         .unwrap_or_default()
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -21,9 +21,8 @@ use sled::{IVec, Tree};
 use super::dedupe;
 use super::packet;
 use super::segments::{self, End, Location};
-use super::{
-    DEDUPE_NEXT, Error, FORMAT_VERSION, SEGMENT_END, decode_u64, io_err, now_ms, sync_dir,
-};
+use super::{DEDUPE_NEXT, Error, FORMAT_VERSION, SEGMENT_END, decode_u64, io_err, sync_dir};
+use crate::clock::now_ms;
 
 const CURRENT: &str = "CURRENT";
 /// sled's background flush of its write buffers into its files. Commits flush (and fsync)

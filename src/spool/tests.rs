@@ -1,6 +1,7 @@
 //! Spool unit tests against a real sled in a temp dir.
 
 use super::*;
+use crate::clock::now_ms;
 
 fn open(dir: &Path) -> Spool {
     Spool::open(dir, 8 << 20).expect("open spool")
