@@ -44,6 +44,7 @@ fn main() {
             .map(|i| SpoolEvent {
                 message_id: format!("lp-e-{}", 7_000_000_000_000_000_000u64 + i as u64),
                 json: format!("{{\"messageId\":\"lp-e-{i}\",\"pad\":\"{pad}\"}}").into_bytes(),
+                refused: None,
             })
             .collect();
         let one = Instant::now();

@@ -396,6 +396,7 @@ mod tests {
                 events: vec![SpoolEvent {
                     message_id: "lp-e-1".into(),
                     json: br#"{"messageId":"lp-e-1"}"#.to_vec(),
+                    refused: None,
                 }],
                 quarantine: vec![
                     QuarantineEntry {

@@ -850,6 +850,7 @@ mod tests {
             .map(|id| SpoolEvent {
                 message_id: (*id).into(),
                 json: format!("{{\"messageId\":\"{id}\"}}").into_bytes(),
+                refused: None,
             })
             .collect();
         spool

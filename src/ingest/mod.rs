@@ -26,7 +26,7 @@ use crate::mapping::{
     self, MapError, MappingOptions, MappingState, Output, SharedMapping, map_engagement,
     map_session,
 };
-use crate::segment::TrackEvent;
+use crate::segment::{MAX_EVENT_BYTES, TrackEvent};
 use crate::spool::{self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent};
 use crate::stats::Stats;
 use fingerprint::Relation;
@@ -92,11 +92,23 @@ pub fn begin_replay(spool: &Spool, abs: &Path) -> Result<u64, spool::Error> {
     )
 }
 
-/// A mapped event as the spool stores it: its JSON, keyed for dedupe by its `messageId`.
+/// A mapped event as the spool stores it: its JSON, keyed for dedupe by its `messageId`. An
+/// event over Segment's size limit is refused here (Segment would reject it): the spool keeps
+/// it as a dead letter, with this reason, instead of queueing it. Every event into the spool
+/// comes through here (files, the CSV join, parked records, quarantine retries).
 pub fn spool_event(ev: TrackEvent) -> SpoolEvent {
+    let json = serde_json::to_vec(&ev).unwrap_or_default();
+    let refused = (json.len() > MAX_EVENT_BYTES).then(|| {
+        format!(
+            "event is {} bytes, over Segment's {} byte limit",
+            json.len(),
+            MAX_EVENT_BYTES
+        )
+    });
     SpoolEvent {
-        json: serde_json::to_vec(&ev).unwrap_or_default(),
+        json,
         message_id: ev.message_id,
+        refused,
     }
 }
 
@@ -1074,4 +1086,42 @@ fn dry_run_table(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(id: &str, pad: usize) -> TrackEvent {
+        let mut properties = serde_json::Map::new();
+        properties.insert("pad".into(), "x".repeat(pad).into());
+        TrackEvent {
+            kind: "track",
+            message_id: id.into(),
+            event: "Message Open".into(),
+            user_id: Some("u".into()),
+            anonymous_id: None,
+            timestamp: "2026-11-01T12:08:19.612Z".into(),
+            properties,
+            context: Default::default(),
+        }
+    }
+
+    #[test]
+    fn events_over_segments_limit_are_refused_before_the_spool() {
+        let small = spool_event(track("lp-e-1", 10));
+        assert_eq!((small.message_id.as_str(), small.refused), ("lp-e-1", None));
+        let big = spool_event(track("lp-e-2", MAX_EVENT_BYTES));
+        assert!(big.json.len() > MAX_EVENT_BYTES);
+        assert_eq!(
+            big.refused.as_deref(),
+            Some(
+                format!(
+                    "event is {} bytes, over Segment's {MAX_EVENT_BYTES} byte limit",
+                    big.json.len()
+                )
+                .as_str()
+            )
+        );
+    }
 }

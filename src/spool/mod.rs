@@ -46,7 +46,7 @@
 //! 1. [`Spool::commit_file_chunk`]: the chunk's new events are appended to the active segment
 //!    as packets and the segment is `fdatasync`ed; then one sled transaction takes the packets'
 //!    locations into `queue`, the segments' new end into `meta`, the new events' dedupe
-//!    entries into the `dedupe` log (duplicates skipped, oversize events into `dead`), the bad
+//!    entries into the `dedupe` log (duplicates skipped, events the ingest refused into `dead`), the bad
 //!    lines into `quarantine`, the chunk's writes to the join trees ([`Chunk::join`]: what the
 //!    rows contributed, and the removal of the waiting records whose events the chunk
 //!    carries), the file's new offset into `files`, and `live_bytes`/`depth`/`join_waiting`
@@ -154,7 +154,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::clock::now_ms;
-use crate::segment::MAX_EVENT_BYTES;
 
 /// The file id of events that belong to no file record (quarantined records retried by hand).
 pub const NO_FILE: u64 = u64::MAX;
@@ -213,6 +212,11 @@ impl Error {
 pub struct SpoolEvent {
     pub message_id: String,
     pub json: Vec<u8>,
+    /// `Some(reason)`: the producer decided the event can never be delivered (over Segment's
+    /// size limit, see `ingest::spool_event`). The spool keeps it as a dead letter with this
+    /// reason instead of queueing it, after the same dedupe check as any event. The spool
+    /// itself knows no delivery limits.
+    pub refused: Option<String>,
 }
 
 /// One chunk of a file: its events and bad lines, and where reading got to.
@@ -576,8 +580,8 @@ impl Spool {
         let mut in_chunk = std::collections::HashSet::with_capacity(chunk.events.len());
         let mut added = Vec::with_capacity(chunk.events.len());
 
-        // New events: oversize ones become dead letters, the rest go into packets; both are
-        // remembered as seen.
+        // New events: refused ones (see `SpoolEvent::refused`) become dead letters, the rest go
+        // into packets; both are remembered as seen.
         let mut out = ChunkOutcome::default();
         let mut letters = Vec::new();
         let mut fresh: Vec<&[u8]> = Vec::with_capacity(chunk.events.len());
@@ -587,13 +591,9 @@ impl Spool {
                 continue;
             }
             added.push((*f, today));
-            if ev.json.len() > MAX_EVENT_BYTES {
+            if let Some(reason) = &ev.refused {
                 let letter = DeadLetter {
-                    reason: format!(
-                        "event is {} bytes, over Segment's {} byte limit",
-                        ev.json.len(),
-                        MAX_EVENT_BYTES
-                    ),
+                    reason: reason.clone(),
                     status: None,
                     file_id: Some(chunk.file_id),
                     time_ms: now,

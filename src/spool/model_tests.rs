@@ -1,9 +1,9 @@
 //! Property test: the spool against a VecDeque model across simulated restarts.
 //!
 //! Random sequences of what the ingest and the drain do to a spool (commit a chunk with new,
-//! repeated and oversize events; peek a batch after the drain's cursor or from the start; ack
-//! or dead-letter a peeked batch; flush; drop and reopen the spool) run against a real sled in
-//! a temp dir and against a plain model. After every step the whole queue (order, keys,
+//! repeated and refused events (dead-lettered by the commit); peek a batch after the drain's
+//! cursor or from the start; ack or dead-letter a peeked batch; flush; drop and reopen the
+//! spool) run against a real sled in a temp dir and against a plain model. After every step the whole queue (order, keys,
 //! payloads), the depth counters, the files' pending counts and the dead letters must match.
 //!
 //! Set `LSA_PROPTEST_CASES` to run more (or fewer) than the default 24 cases.
@@ -34,7 +34,7 @@ enum Op {
         fresh: Vec<usize>,
         repeats: Vec<prop::sample::Index>,
         repeat_within: bool,
-        oversize: bool,
+        refused: bool,
         done: bool,
     },
     /// What the drain does: a batch after its cursor (claiming it), or a look from the start
@@ -63,12 +63,12 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         prop::bool::weighted(0.3),
     )
         .prop_map(
-            |(file, fresh, repeats, repeat_within, oversize, done)| Op::Commit {
+            |(file, fresh, repeats, repeat_within, refused, done)| Op::Commit {
                 file,
                 fresh,
                 repeats,
                 repeat_within,
-                oversize,
+                refused,
                 done,
             },
         );
@@ -320,7 +320,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 fresh,
                 repeats,
                 repeat_within,
-                oversize,
+                refused,
                 done,
             } => {
                 let file_id = model.files[*file].id;
@@ -331,14 +331,16 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     events.push(SpoolEvent {
                         json: event_json(&id, *pad),
                         message_id: id,
+                        refused: None,
                     });
                 }
-                if *oversize {
+                if *refused {
                     let id = format!("m-{}", model.next_event);
                     model.next_event += 1;
                     events.push(SpoolEvent {
-                        json: event_json(&id, MAX_EVENT_BYTES),
+                        json: event_json(&id, 64),
                         message_id: id,
+                        refused: Some("refused by the producer".into()),
                     });
                 }
                 if !model.seen_order.is_empty() {
@@ -347,6 +349,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         events.push(SpoolEvent {
                             json: event_json(&id, 7),
                             message_id: id,
+                            refused: None,
                         });
                     }
                 }
@@ -361,7 +364,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         continue;
                     }
                     model.seen_order.push(ev.message_id.clone());
-                    if ev.json.len() > MAX_EVENT_BYTES {
+                    if ev.refused.is_some() {
                         want.dead_lettered += 1;
                         model.dead.push(Letter {
                             message_id: ev.message_id.clone(),

@@ -18,6 +18,7 @@ fn event(id: &str) -> SpoolEvent {
     SpoolEvent {
         message_id: id.into(),
         json: format!("{{\"messageId\":\"{id}\"}}").into_bytes(),
+        refused: None,
     }
 }
 
@@ -129,13 +130,13 @@ fn peek_respects_the_byte_budget_but_always_returns_one() {
 }
 
 #[test]
-fn oversize_events_are_dead_lettered_not_queued() {
+fn refused_events_are_dead_lettered_not_queued() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
     let big = SpoolEvent {
-        message_id: "big".into(),
-        json: vec![b'x'; MAX_EVENT_BYTES + 1],
+        refused: Some("too big".into()),
+        ..event("big")
     };
     let out = spool
         .commit_file_chunk(&Chunk {
@@ -148,6 +149,11 @@ fn oversize_events_are_dead_lettered_not_queued() {
     let dead = spool.dead_letters().unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].1.message_id, "big");
+    assert_eq!(
+        (dead[0].1.reason.as_str(), dead[0].1.status),
+        ("too big", None)
+    );
+    assert_eq!(dead[0].1.file_id, Some(fid));
     assert_eq!(
         ids(&spool.peek(None, 10, usize::MAX).unwrap().items),
         ["a", "b"]
@@ -209,6 +215,7 @@ fn fill(spool: &Spool, file_id: u64, n: usize, prefix: &str) {
                     "x".repeat(400)
                 )
                 .into_bytes(),
+                refused: None,
             })
             .collect();
         spool
