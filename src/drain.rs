@@ -248,7 +248,7 @@ impl Drain {
                     limiter.launched(flights.len());
                     continue;
                 }
-                let peeked = match self.spool.peek(cursor, max_events, budget) {
+                let peeked = match self.spool.queue().peek(cursor, max_events, budget) {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read the spool");
@@ -355,7 +355,7 @@ impl Drain {
         let n = batch.items.len() as u64;
         match retry_action(answer.status) {
             RetryAction::Delivered => {
-                match self.spool.ack(&batch.items) {
+                match self.spool.queue().ack(&batch.items) {
                     Ok(done) => {
                         for id in done {
                             if let Some(tx) = &self.files_delivered {
@@ -389,10 +389,11 @@ impl Drain {
             RetryAction::Split => {
                 if batch.items.len() == 1 {
                     tracing::warn!(detail = %answer.detail, "Segment rejected an event; dead-lettered");
-                    match self
-                        .spool
-                        .dead_letter(&batch.items, &answer.detail, answer.status)
-                    {
+                    match self.spool.queue().dead_letter(
+                        &batch.items,
+                        &answer.detail,
+                        answer.status,
+                    ) {
                         Ok(_) => Stats::add(&self.stats.dead_lettered, 1),
                         Err(e) => {
                             tracing::error!(error = %e, "cannot dead-letter an event; it stays queued");

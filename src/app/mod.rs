@@ -121,7 +121,7 @@ pub async fn run(
     if let Some(note) = spool.recovered() {
         tracing::warn!("{note}");
     }
-    let depth = spool.depth()?;
+    let depth = spool.queue().depth()?;
     tracing::info!(
         path = %spool.path().display(),
         events = depth.events,
@@ -449,7 +449,7 @@ pub async fn run(
             SHUTDOWN_DEADLINE.as_secs()
         ),
     }
-    let depth = spool.depth()?;
+    let depth = spool.queue().depth()?;
     tracing::info!(
         queued = depth.events,
         delivered = Stats::get(&stats.events_delivered),

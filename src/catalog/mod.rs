@@ -320,7 +320,7 @@ impl CatalogService {
             })
             .expect("plain data serializes")
         };
-        if let Err(e) = spool.store_catalog_cache(&bytes) {
+        if let Err(e) = spool.meta().store_catalog_cache(&bytes) {
             tracing::warn!(error = %e, "cannot cache the Leanplum catalog in the spool");
         }
     }
@@ -372,7 +372,7 @@ fn wait_on(
 
 /// Loads the cached API layer into `st`; a damaged cache is logged and ignored.
 fn load_cache(spool: &Spool, st: &mut State) {
-    let bytes = match spool.catalog_cache() {
+    let bytes = match spool.meta().catalog_cache() {
         Ok(Some(b)) => b,
         Ok(None) => return,
         Err(e) => {

@@ -66,7 +66,7 @@ use crate::leanplum::csv_export::{
 use crate::leanplum::{Event, Experiment, Id, LpTime, Session, State};
 use crate::mapping::{MappingState, Output, map_session};
 use crate::spool::join as keys;
-use crate::spool::{self, Chunk, FileStatus, JoinOp, JoinTree, QuarantineEntry, Spool};
+use crate::spool::{self, Chunk, JoinOp, JoinTree, QuarantineEntry, Spool};
 use crate::stats::Stats;
 
 /// Rows per commit.
@@ -696,10 +696,9 @@ impl Ingestor {
         if let Some(e) = stream_error {
             let reason = e.to_string();
             tracing::warn!(path = %shown, error = %reason, "file damaged; rows before the damage were kept");
-            self.spool.update_file(file_id, |r| {
-                r.status = FileStatus::Failed;
-                r.error = Some(reason.clone());
-            })?;
+            self.spool
+                .ledger()
+                .transition(file_id, spool::Transition::Failed(reason.clone()))?;
             return Ok(Outcome::Failed(reason));
         }
         if waiting {

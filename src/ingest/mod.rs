@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-mod fingerprint;
 mod join;
 
 use crate::clock::{self, now_ms};
@@ -27,7 +26,10 @@ use crate::mapping::{
     map_session,
 };
 use crate::segment::{MAX_EVENT_BYTES, TrackEvent};
-use crate::spool::{self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent};
+use crate::spool::{
+    self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, Transition,
+    fingerprint,
+};
 use crate::stats::Stats;
 use fingerprint::Relation;
 
@@ -78,7 +80,7 @@ fn unknown_ids(
 pub fn begin_replay(spool: &Spool, abs: &Path) -> Result<u64, spool::Error> {
     let now = now_ms();
     let len = std::fs::metadata(abs).map_or(0, |m| m.len());
-    spool.begin_file(
+    spool.ledger().begin(
         abs,
         &FileRecord {
             path: abs.to_string_lossy().into_owned(),
@@ -194,15 +196,15 @@ impl Ingestor {
             _ => {
                 // Gone before it was read to the end (say, deleted while its last line was
                 // held): it is no longer in progress.
-                if let Some((id, rec)) = self.spool.file_by_path(rel)?
+                if let Some((id, rec)) = self.spool.ledger().file_by_path(rel)?
                     && rec.status == FileStatus::Reading
                     && Path::new(&rec.path) == rel
                 {
                     tracing::warn!(path = %shown, "file vanished before it was read to the end");
-                    self.spool.update_file(id, |r| {
-                        r.status = FileStatus::Failed;
-                        r.error = Some("vanished before it was read to the end".into());
-                    })?;
+                    self.spool.ledger().transition(
+                        id,
+                        Transition::Failed("vanished before it was read to the end".into()),
+                    )?;
                 }
                 return Ok(Outcome::Gone);
             }
@@ -212,7 +214,7 @@ impl Ingestor {
             Err(e) => {
                 // A record (with no content known) so status counts the file as failed, and a
                 // permission fix (a ctime change) gets it read.
-                let id = match self.spool.file_by_path(rel)? {
+                let id = match self.spool.ledger().file_by_path(rel)? {
                     Some((_, rec)) if rec.status == FileStatus::Failed => {
                         return Ok(Outcome::Failed(rec.error.unwrap_or_default()));
                     }
@@ -230,7 +232,7 @@ impl Ingestor {
         let gzip = fingerprint::is_gzip_head(&head);
 
         let known = match replay {
-            Some(id) => match self.spool.file(id)? {
+            Some(id) => match self.spool.ledger().file(id)? {
                 Some(rec) => (id, rec, Relation::Grown),
                 None => return Ok(Outcome::Gone),
             },
@@ -251,10 +253,8 @@ impl Ingestor {
         {
             return Ok(Outcome::Unchanged);
         }
-        if rec.status != FileStatus::Reading && rec.status != FileStatus::Failed {
-            self.spool
-                .update_file(id, |r| r.status = FileStatus::Reading)?;
-        }
+        // Content past what was read: Read or Done goes back to Reading.
+        self.spool.ledger().transition(id, Transition::ReadAgain)?;
         if replay.is_none()
             && !gzip
             && rec.head_len < fingerprint::HEAD_BYTES
@@ -262,6 +262,7 @@ impl Ingestor {
         {
             // A small file grew: its identity now covers more of it.
             self.spool
+                .ledger()
                 .update_head(id, head.len() as u64, &fingerprint::hash(&head))?;
         }
         let (file_id, offset, line) = (id, rec.offset, rec.line);
@@ -303,9 +304,9 @@ impl Ingestor {
         };
         if offset == 0 {
             tracing::info!(path = %shown, format = %reader.format(), gzip = reader.is_gzip(), replay = replay.is_some(), "reading file");
-            let format = reader.format().to_string();
             self.spool
-                .update_file(file_id, |r| r.format.clone_from(&format))?;
+                .ledger()
+                .set_format(file_id, &reader.format().to_string())?;
         } else {
             tracing::debug!(path = %shown, offset, "reading on from the committed offset");
         }
@@ -393,10 +394,9 @@ impl Ingestor {
         if let Some(e) = stream_error {
             let reason = e.to_string();
             tracing::warn!(path = %shown, line = chunk.line + 1, error = %reason, "file damaged; records before the damage were kept");
-            self.spool.update_file(file_id, |r| {
-                r.status = FileStatus::Failed;
-                r.error = Some(reason.clone());
-            })?;
+            self.spool
+                .ledger()
+                .transition(file_id, Transition::Failed(reason.clone()))?;
             return Ok(Outcome::Failed(reason));
         }
         if waiting {
@@ -441,7 +441,7 @@ impl Ingestor {
             path: self.watch_dir.join(rel),
             source: e,
         };
-        if let Some((id, rec)) = self.spool.file_by_path(rel)? {
+        if let Some((id, rec)) = self.spool.ledger().file_by_path(rel)? {
             match fingerprint::relate(file, len, &rec).map_err(io)? {
                 Relation::Different(why) => {
                     tracing::warn!(path = %shown, reason = why, "file content changed; reading it as a new file");
@@ -457,7 +457,11 @@ impl Ingestor {
         // since): the one read furthest into this content is the match, so nothing already
         // read is read again.
         let mut best: Option<(u64, FileRecord, Relation)> = None;
-        for (id, rec) in self.spool.files_with_head(&fingerprint::hash(head))? {
+        for (id, rec) in self
+            .spool
+            .ledger()
+            .files_with_head(&fingerprint::hash(head))?
+        {
             if !join::may_be_same_file(rel, &rec.path) {
                 continue;
             }
@@ -475,7 +479,7 @@ impl Ingestor {
                 && std::fs::symlink_metadata(&original).is_ok_and(|m| m.is_file());
             if !copied {
                 tracing::info!(path = %shown, was = %rec.path, "same content as a file already read (renamed); not read again");
-                self.spool.link_path(rel, id)?;
+                self.spool.ledger().link_path(rel, id)?;
                 return Ok(Some((id, rec, relation)));
             }
             // A copy (a re-sync under another name) gets a record of its own, starting where
@@ -483,15 +487,7 @@ impl Ingestor {
             tracing::info!(path = %shown, same_as = %rec.path, "same content as a file already read (a copy); not read again");
             let delivered =
                 rec.pending == 0 && matches!(rec.status, FileStatus::Read | FileStatus::Done);
-            let mut copy = rec.clone();
-            copy.path = rel.to_string_lossy().into_owned();
-            copy.events_spooled = 0;
-            copy.pending = 0;
-            copy.first_seen_ms = now_ms();
-            if copy.status == FileStatus::Done {
-                copy.status = FileStatus::Read;
-            }
-            let copy_id = self.spool.begin_file(rel, &copy)?;
+            let (copy_id, copy) = self.spool.ledger().begin_copy(rel, &rec)?;
             if delivered && let Some(tx) = &self.files_delivered {
                 // Everything in it already reached Segment: after_ingest applies now.
                 let _ = tx.send(copy_id);
@@ -503,7 +499,7 @@ impl Ingestor {
 
     fn begin(&self, rel: &Path, head: &[u8], gzip: bool, len: u64) -> Result<u64, spool::Error> {
         let now = now_ms();
-        self.spool.begin_file(
+        self.spool.ledger().begin(
             rel,
             &FileRecord {
                 path: rel.to_string_lossy().into_owned(),
@@ -539,13 +535,12 @@ impl Ingestor {
                     ..Chunk::default()
                 };
                 self.spool.commit_file_chunk(&chunk).and_then(|_| {
-                    self.spool.update_file(id, |r| {
-                        r.status = FileStatus::Failed;
-                        r.error = Some(reason.to_owned());
-                    })
+                    self.spool
+                        .ledger()
+                        .transition(id, Transition::Failed(reason.to_owned()))
                 })
             }
-            None => self.spool.quarantine(&entry),
+            None => self.spool.letters().quarantine(&entry),
         };
         match result {
             Ok(()) => Stats::add(&self.stats.quarantined, 1),
@@ -667,7 +662,7 @@ impl Ingestor {
             }
             self.heartbeat_ms
                 .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-            let depth = self.spool.depth()?.bytes;
+            let depth = self.spool.queue().depth()?.bytes;
             let why = if depth >= self.max_spool_bytes {
                 Some("spool full (spool.max_bytes); reading paused until the drain catches up")
             } else if self.spool.disk_nearly_full(incoming) {

@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 
 use super::*;
+use crate::spool::letters::message_id_of;
 
 /// Files the chunks go to; their ids come from `begin_file`.
 const FILES: usize = 3;
@@ -214,6 +215,7 @@ fn event_json(id: &str, pad: usize) -> Vec<u8> {
 fn check(spool: &Spool, model: &Model, step: usize, op: &Op) -> Result<(), TestCaseError> {
     let ctx = || format!("after step {step} ({op:?})");
     let all = spool
+        .queue()
         .peek(None, usize::MAX, usize::MAX)
         .map_err(|e| TestCaseError::fail(format!("{}: peek: {e}", ctx())))?;
     let got: Vec<Item> = all
@@ -239,7 +241,7 @@ fn check(spool: &Spool, model: &Model, step: usize, op: &Op) -> Result<(), TestC
             ids(&want)
         )));
     }
-    let depth = spool.depth().expect("depth");
+    let depth = spool.queue().depth().expect("depth");
     prop_assert_eq!(
         depth,
         Depth {
@@ -250,6 +252,7 @@ fn check(spool: &Spool, model: &Model, step: usize, op: &Op) -> Result<(), TestC
         ctx()
     );
     let letters: Vec<Letter> = spool
+        .letters()
         .dead_letters()
         .expect("dead letters")
         .into_iter()
@@ -274,7 +277,11 @@ fn check(spool: &Spool, model: &Model, step: usize, op: &Op) -> Result<(), TestC
         )));
     }
     for f in &model.files {
-        let rec = spool.file(f.id).expect("file").expect("file record exists");
+        let rec = spool
+            .ledger()
+            .file(f.id)
+            .expect("file")
+            .expect("file record exists");
         prop_assert_eq!(rec.pending, f.pending, "{}: file {} pending", ctx(), f.id);
         prop_assert_eq!(
             rec.status == FileStatus::Read,
@@ -301,7 +308,8 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         let id = spool
             .as_ref()
             .expect("open")
-            .begin_file(Path::new(&path), &record)
+            .ledger()
+            .begin(Path::new(&path), &record)
             .expect("begin file");
         model.files.push(ModelFile {
             id,
@@ -405,6 +413,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             } => {
                 let after = if *from_start { None } else { cursor };
                 let got = s
+                    .queue()
                     .peek(after, *max_events, *budget)
                     .map_err(|e| TestCaseError::fail(format!("step {step}: peek: {e}")))?;
                 let (want, want_full) = model.peek(after, *max_events, *budget);
@@ -433,6 +442,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 let batch = batches.remove(index.index(batches.len()));
                 let want = model.remove(&batch, None);
                 let got = s
+                    .queue()
                     .ack(&batch)
                     .map_err(|e| TestCaseError::fail(format!("step {step}: ack: {e}")))?;
                 prop_assert_eq!(got, want, "step {}: files delivered by the ack", step);
@@ -444,6 +454,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 let batch = batches.remove(index.index(batches.len()));
                 let want = model.remove(&batch, Some(("rejected", *status)));
                 let got = s
+                    .queue()
                     .dead_letter(&batch, "rejected", *status)
                     .map_err(|e| TestCaseError::fail(format!("step {step}: dead_letter: {e}")))?;
                 prop_assert_eq!(got, want, "step {}: files done by the dead letters", step);
@@ -463,7 +474,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 // Keys continue past the last queued packet: past the last queued event, or
                 // further when that packet's last events were delivered (0 when the queue was
                 // emptied).
-                let next = reopened.watermark();
+                let next = reopened.queue().watermark();
                 let last = model.queue.back().map_or(0, |i| i.key + 1);
                 prop_assert!(
                     next >= last && (next == 0) == model.queue.is_empty(),
