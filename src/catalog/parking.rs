@@ -151,7 +151,7 @@ pub fn summary(spool: &Spool) -> Result<ParkedSummary, spool::Error> {
 }
 
 /// [`summary`] of tags already read.
-pub fn summarize(tags: Vec<QuarantineTag>) -> ParkedSummary {
+pub(crate) fn summarize(tags: Vec<QuarantineTag>) -> ParkedSummary {
     let mut by_id: BTreeMap<String, u64> = BTreeMap::new();
     let mut records = 0;
     for q in tags {

@@ -50,7 +50,7 @@ pub struct QuarantineEntry {
 /// What a quarantine entry is, without its record: what `status` counts (the record, up to a
 /// whole parked session, is skipped by the parser, not copied).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct QuarantineTag {
+pub(crate) struct QuarantineTag {
     #[serde(default)]
     pub kind: QuarantineKind,
     #[serde(default)]
@@ -106,7 +106,11 @@ impl Letters<'_> {
     }
 
     /// Replaces a quarantine entry (its reason after a failed retry), or removes it (`None`).
-    pub fn set_quarantine(&self, id: u64, entry: Option<&QuarantineEntry>) -> Result<(), Error> {
+    pub(crate) fn set_quarantine(
+        &self,
+        id: u64,
+        entry: Option<&QuarantineEntry>,
+    ) -> Result<(), Error> {
         let s = self.spool.store();
         let key = id.to_be_bytes();
         match entry {
@@ -118,13 +122,13 @@ impl Letters<'_> {
     }
 
     /// Quarantine entries, oldest first.
-    pub fn quarantine_entries(&self) -> Result<Vec<(u64, QuarantineEntry)>, Error> {
+    pub(crate) fn quarantine_entries(&self) -> Result<Vec<(u64, QuarantineEntry)>, Error> {
         let s = self.spool.store();
         s.json_entries(&s.quarantine, "quarantine entry")
     }
 
     /// The kind and message ids of every quarantine entry (for counts), oldest first.
-    pub fn quarantine_tags(&self) -> Result<Vec<QuarantineTag>, Error> {
+    pub(crate) fn quarantine_tags(&self) -> Result<Vec<QuarantineTag>, Error> {
         let s = self.spool.store();
         Ok(s.json_entries(&s.quarantine, "quarantine entry")?
             .into_iter()
@@ -140,7 +144,7 @@ impl Letters<'_> {
 
     /// Puts dead letters back in the queue (after the operator fixed what Segment refused),
     /// at the end, in id order. `ids` empty means all. Returns how many went back.
-    pub fn requeue_dead(&self, ids: &[u64]) -> Result<u64, Error> {
+    pub(crate) fn requeue_dead(&self, ids: &[u64]) -> Result<u64, Error> {
         let mut w = self.spool.writer();
         let s = self.spool.store();
         let letters: Vec<(u64, DeadLetter)> = s
@@ -175,7 +179,7 @@ impl Letters<'_> {
     }
 
     /// Drops quarantine entries and dead letters for good. `ids` empty means all of them.
-    pub fn purge(&self, ids: &[u64]) -> Result<u64, Error> {
+    pub(crate) fn purge(&self, ids: &[u64]) -> Result<u64, Error> {
         let s = self.spool.store();
         let mut removed = 0;
         for tree in [&s.quarantine, &s.dead] {
@@ -195,7 +199,7 @@ impl Letters<'_> {
 
     /// Drops quarantined (bad and parked) entries and dead letters recorded before `cutoff_ms`
     /// (`spool.keep_bad_days`); returns how many of each went.
-    pub fn drop_letters_before(&self, cutoff_ms: u64) -> Result<(u64, u64), Error> {
+    pub(crate) fn drop_letters_before(&self, cutoff_ms: u64) -> Result<(u64, u64), Error> {
         #[derive(serde::Deserialize)]
         struct Stamp {
             time_ms: u64,
@@ -218,5 +222,44 @@ impl Letters<'_> {
             s.flush()?;
         }
         Ok((dropped[0], dropped[1]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn letters_older_than_the_cutoff_are_dropped_and_newer_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 8 << 20).unwrap();
+        for (id, time_ms) in [(1u64, 1_000u64), (2, 5_000)] {
+            let letter = DeadLetter {
+                reason: "HTTP 400".into(),
+                status: Some(400),
+                file_id: None,
+                time_ms,
+                message_id: format!("m{id}"),
+                event: "{}".into(),
+            };
+            spool
+                .store()
+                .dead
+                .insert(id.to_be_bytes(), serde_json::to_vec(&letter).unwrap())
+                .unwrap();
+            spool
+                .letters()
+                .quarantine(&QuarantineEntry {
+                    reason: "bad".into(),
+                    time_ms,
+                    ..QuarantineEntry::default()
+                })
+                .unwrap();
+        }
+        assert_eq!(spool.letters().drop_letters_before(3_000).unwrap(), (1, 1));
+        assert_eq!(spool.letters().dead_letters().unwrap().len(), 1);
+        assert_eq!(spool.letters().dead_letters().unwrap()[0].1.time_ms, 5_000);
+        assert_eq!(spool.letters().quarantine_entries().unwrap().len(), 1);
+        assert_eq!(spool.letters().drop_letters_before(3_000).unwrap(), (0, 0));
     }
 }

@@ -10,7 +10,7 @@ use super::{Error, Spool, TxResult, decode_u64};
 
 /// Bumped when the layout in the spool's `//!` changes; an older binary refuses a newer
 /// spool, a newer one upgrades an older spool when an agent opens it (see `Spool::open`).
-pub const FORMAT_VERSION: u32 = 3;
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 /// The format version, u32 BE.
 pub(super) const FORMAT: &str = "format_version";
@@ -48,13 +48,13 @@ pub(super) fn counter(s: &Store, name: &str) -> Result<u64, Error> {
 }
 
 /// The `meta` tree of an open spool (see [`Spool::meta`]).
-pub struct Meta<'a> {
+pub(crate) struct Meta<'a> {
     pub(super) spool: &'a Spool,
 }
 
 impl Meta<'_> {
     /// The catalog last fetched from Leanplum (see `crate::catalog`), as it was stored.
-    pub fn catalog_cache(&self) -> Result<Option<Vec<u8>>, Error> {
+    pub(crate) fn catalog_cache(&self) -> Result<Option<Vec<u8>>, Error> {
         let s = self.spool.store();
         Ok(s.meta
             .get(CATALOG_CACHE)
@@ -64,7 +64,7 @@ impl Meta<'_> {
 
     /// Replaces the cached catalog and flushes it: a restart while Leanplum is unreachable maps
     /// with it.
-    pub fn store_catalog_cache(&self, bytes: &[u8]) -> Result<(), Error> {
+    pub(crate) fn store_catalog_cache(&self, bytes: &[u8]) -> Result<(), Error> {
         let s = self.spool.store();
         s.meta
             .insert(CATALOG_CACHE, bytes)

@@ -164,10 +164,13 @@ use store::Store;
 
 pub use join::{JoinOp, JoinTree};
 pub(crate) use ledger::fingerprint;
-pub use ledger::{FileRecord, FileStatus, Ledger, NO_FILE, Transition};
-pub use letters::{DeadLetter, Letters, QuarantineEntry, QuarantineKind, QuarantineTag};
-pub use meta::{FORMAT_VERSION, Meta};
-pub use queue::{Depth, Peeked, Queue, Queued};
+pub use ledger::{FileRecord, FileStatus, Ledger};
+pub(crate) use ledger::{NO_FILE, Transition};
+pub(crate) use letters::QuarantineTag;
+pub use letters::{DeadLetter, Letters, QuarantineEntry, QuarantineKind};
+pub(crate) use meta::{FORMAT_VERSION, Meta};
+pub(crate) use queue::Depth;
+pub use queue::{Peeked, Queue, Queued};
 
 use sled::transaction::{ConflictableTransactionError, Transactional};
 use std::fs::File;
@@ -211,7 +214,7 @@ pub enum Error {
 
 impl Error {
     /// True when the disk is full: the caller pauses reading instead of failing.
-    pub fn is_disk_full(&self) -> bool {
+    pub(crate) fn is_disk_full(&self) -> bool {
         let io = match self {
             Error::Io { source, .. } => Some(source),
             Error::Sled {
@@ -270,7 +273,7 @@ pub struct ChunkOutcome {
 
 /// What a compaction gave back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Compaction {
+pub(crate) struct Compaction {
     pub disk_before: u64,
     pub disk_after: u64,
 }
@@ -466,7 +469,7 @@ impl Spool {
     }
 
     /// Makes the dedupe table durable and drops the log values it covers (see `dedupe.rs`).
-    pub fn checkpoint_dedupe(&self) -> Result<(), Error> {
+    pub(crate) fn checkpoint_dedupe(&self) -> Result<(), Error> {
         let mut w = self.writer();
         self.checkpoint_dedupe_with(&mut w, &self.store())
     }
@@ -482,17 +485,17 @@ impl Spool {
     }
 
     /// The open generation's directory.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.store().path.clone()
     }
 
     /// Set when `open` found the spool unreadable and started a new one: what happened.
-    pub fn recovered(&self) -> Option<&str> {
+    pub(crate) fn recovered(&self) -> Option<&str> {
         self.recovered.as_deref()
     }
 
     /// Makes everything written so far durable: sled's flush, then an fsync of its data file.
-    pub fn flush(&self) -> Result<(), Error> {
+    pub(crate) fn flush(&self) -> Result<(), Error> {
         self.store().flush()
     }
 
@@ -512,7 +515,7 @@ impl Spool {
     }
 
     /// Format version, counters, catalog cache (see `meta.rs`).
-    pub fn meta(&self) -> Meta<'_> {
+    pub(crate) fn meta(&self) -> Meta<'_> {
         Meta { spool: self }
     }
 
@@ -662,7 +665,7 @@ impl Spool {
     /// lock so commits go on in between. A day already pruned is not walked again. Returns how
     /// many entries went. Ends with a checkpoint of the table (this runs at every maintenance
     /// tick).
-    pub fn prune_dedupe(&self, cutoff_ms: u64) -> Result<u64, Error> {
+    pub(crate) fn prune_dedupe(&self, cutoff_ms: u64) -> Result<u64, Error> {
         let min_day = dedupe::day(cutoff_ms);
         let mut removed = 0;
         if self.pruned_day.load(Ordering::Relaxed) != u32::from(min_day) {
@@ -691,7 +694,7 @@ impl Spool {
     /// write until reopened, so the agent stops writing before the disk is full: it keeps a
     /// reserve of 5% of the filesystem (between 1 MiB and 256 MiB), plus a quarter of sled's
     /// files (for the drain's removals), plus twice what the commit adds.
-    pub fn disk_nearly_full(&self, incoming: u64) -> bool {
+    pub(crate) fn disk_nearly_full(&self, incoming: u64) -> bool {
         let (Ok(free), Ok(total)) = (fs2::available_space(&self.dir), fs2::total_space(&self.dir))
         else {
             return false;
@@ -728,7 +731,7 @@ impl Spool {
     /// Whether sled's files are so much larger than the live data that [`Spool::compact`] is
     /// worth its pause: over `min_disk_bytes`, and over `ratio` times the live data. Reading
     /// the live size walks every tree, so it is done only past the first test.
-    pub fn is_bloated(&self, min_disk_bytes: u64, ratio: u64) -> Result<bool, Error> {
+    pub(crate) fn is_bloated(&self, min_disk_bytes: u64, ratio: u64) -> Result<bool, Error> {
         let s = self.store();
         let disk = s.size_on_disk();
         if disk < min_disk_bytes {
@@ -743,7 +746,7 @@ impl Spool {
     /// and page headers). A copy that still runs out of space fails harmlessly: it is deleted,
     /// and the current generation was not written to meanwhile (the copy holds the writer and
     /// store locks). Walks every tree once.
-    pub fn compaction_helps_and_fits(&self) -> Result<bool, Error> {
+    pub(crate) fn compaction_helps_and_fits(&self) -> Result<bool, Error> {
         let Ok(free) = fs2::available_space(&self.dir) else {
             return Ok(false);
         };
@@ -756,7 +759,7 @@ impl Spool {
     /// Rebuilds the spool into a fresh sled generation and swaps it in, crash-safely (see
     /// `store::compact`), so disk space comes back after a backlog drained: sled 0.34 never
     /// shrinks its files. Commits and the drain wait during the copy.
-    pub fn compact(&self) -> Result<Compaction, Error> {
+    pub(crate) fn compact(&self) -> Result<Compaction, Error> {
         let _writer = self.writer();
         let mut current = self.store.write().unwrap_or_else(|e| e.into_inner());
         let before = current.size_on_disk();

@@ -47,7 +47,7 @@ pub struct Peeked {
 
 /// Depth of the queue, kept by us (see the spool's `//!`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Depth {
+pub(crate) struct Depth {
     pub events: u64,
     pub bytes: u64,
 }
@@ -160,7 +160,7 @@ impl Queue<'_> {
     }
 
     /// The first queue key not yet committed; keys below it are safe to read.
-    pub fn watermark(&self) -> u64 {
+    pub(crate) fn watermark(&self) -> u64 {
         self.state().watermark.load(Ordering::Acquire)
     }
 
@@ -282,7 +282,7 @@ impl Queue<'_> {
 
     /// Deletes the segments the drain has emptied, the one being written included when
     /// nothing is queued (the maintenance tick; acks do the same when the writer is free).
-    pub fn remove_drained_segments(&self) -> Result<(), Error> {
+    pub(crate) fn remove_drained_segments(&self) -> Result<(), Error> {
         let mut w = self.spool.writer();
         self.delete_drained_segments(&self.spool.store(), Some(&mut w))
     }
@@ -368,7 +368,7 @@ impl Queue<'_> {
     }
 
     /// Moves events Segment rejected for good from the queue to the dead letters.
-    pub fn dead_letter(
+    pub(crate) fn dead_letter(
         &self,
         items: &[Queued],
         reason: &str,
@@ -478,7 +478,7 @@ impl Queue<'_> {
     }
 
     /// Events and bytes queued (our own count; see the spool's `//!`).
-    pub fn depth(&self) -> Result<Depth, Error> {
+    pub(crate) fn depth(&self) -> Result<Depth, Error> {
         let s = self.spool.store();
         Ok(Depth {
             events: meta::counter(&s, DEPTH)?,
@@ -487,7 +487,7 @@ impl Queue<'_> {
     }
 
     /// When the oldest queued event was spooled (ms since the epoch).
-    pub fn oldest_enqueued_ms(&self) -> Result<Option<u64>, Error> {
+    pub(crate) fn oldest_enqueued_ms(&self) -> Result<Option<u64>, Error> {
         let s = self.spool.store();
         match s.queue.first().map_err(|e| s.sled_err(e))? {
             Some((k, v)) => {

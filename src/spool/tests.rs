@@ -816,37 +816,3 @@ fn segments_an_ack_could_not_retire_go_at_the_maintenance_tick() {
     fill(&spool, fid, 3, "b");
     assert_eq!(spool.queue().depth().unwrap().events, 3);
 }
-
-#[test]
-fn letters_older_than_the_cutoff_are_dropped_and_newer_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = open(dir.path());
-    for (id, time_ms) in [(1u64, 1_000u64), (2, 5_000)] {
-        let letter = DeadLetter {
-            reason: "HTTP 400".into(),
-            status: Some(400),
-            file_id: None,
-            time_ms,
-            message_id: format!("m{id}"),
-            event: "{}".into(),
-        };
-        spool
-            .store()
-            .dead
-            .insert(id.to_be_bytes(), serde_json::to_vec(&letter).unwrap())
-            .unwrap();
-        spool
-            .letters()
-            .quarantine(&QuarantineEntry {
-                reason: "bad".into(),
-                time_ms,
-                ..QuarantineEntry::default()
-            })
-            .unwrap();
-    }
-    assert_eq!(spool.letters().drop_letters_before(3_000).unwrap(), (1, 1));
-    assert_eq!(spool.letters().dead_letters().unwrap().len(), 1);
-    assert_eq!(spool.letters().dead_letters().unwrap()[0].1.time_ms, 5_000);
-    assert_eq!(spool.letters().quarantine_entries().unwrap().len(), 1);
-    assert_eq!(spool.letters().drop_letters_before(3_000).unwrap(), (0, 0));
-}

@@ -42,7 +42,7 @@ use super::{Error, Spool, TxResult, abort, decode_u64};
 use crate::clock::now_ms;
 
 /// The file id of events that belong to no file record (quarantined records retried by hand).
-pub const NO_FILE: u64 = u64::MAX;
+pub(crate) const NO_FILE: u64 = u64::MAX;
 
 /// Where a file stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -100,7 +100,7 @@ pub struct FileRecord {
 
 /// A change of a file's state outside a commit (see the state diagram in the module doc).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// Read or Done -> Reading: new content in a file read before (it grew). A file Reading
     /// or Failed stays as it is (a failed file is Read again once a pass reads it to its end).
     ReadAgain,
@@ -237,7 +237,7 @@ pub struct Ledger<'a> {
 }
 
 impl Ledger<'_> {
-    pub fn file(&self, id: u64) -> Result<Option<FileRecord>, Error> {
+    pub(crate) fn file(&self, id: u64) -> Result<Option<FileRecord>, Error> {
         let s = self.spool.store();
         match s.files.get(id.to_be_bytes()).map_err(|e| s.sled_err(e))? {
             Some(v) => decode(&s, id, &v).map(Some),
@@ -246,13 +246,13 @@ impl Ledger<'_> {
     }
 
     /// Every file the spool knows, by id.
-    pub fn files(&self) -> Result<Vec<(u64, FileRecord)>, Error> {
+    pub(crate) fn files(&self) -> Result<Vec<(u64, FileRecord)>, Error> {
         let s = self.spool.store();
         s.json_entries(&s.files, "file record")
     }
 
     /// The file last seen at `path` (relative to the watch dir).
-    pub fn file_by_path(&self, path: &Path) -> Result<Option<(u64, FileRecord)>, Error> {
+    pub(crate) fn file_by_path(&self, path: &Path) -> Result<Option<(u64, FileRecord)>, Error> {
         let s = self.spool.store();
         let Some(id) = s
             .paths
@@ -267,7 +267,7 @@ impl Ledger<'_> {
     }
 
     /// Files whose first bytes hash to `head_hash`: candidates for "the same content".
-    pub fn files_with_head(&self, head_hash: &str) -> Result<Vec<(u64, FileRecord)>, Error> {
+    pub(crate) fn files_with_head(&self, head_hash: &str) -> Result<Vec<(u64, FileRecord)>, Error> {
         let s = self.spool.store();
         let mut out = Vec::new();
         for item in s.heads.scan_prefix(head_hash.as_bytes()) {
@@ -305,7 +305,7 @@ impl Ledger<'_> {
     /// re-sync): a record of its own starting where the original stands, with no events of its
     /// own, Read where the original is Done (its `after_ingest` is its own). Returns its id and
     /// record.
-    pub fn begin_copy(
+    pub(crate) fn begin_copy(
         &self,
         path: &Path,
         original: &FileRecord,
@@ -322,7 +322,7 @@ impl Ledger<'_> {
     }
 
     /// Points `path` at a known file (a rename, or a copy of content already read).
-    pub fn link_path(&self, path: &Path, id: u64) -> Result<(), Error> {
+    pub(crate) fn link_path(&self, path: &Path, id: u64) -> Result<(), Error> {
         let s = self.spool.store();
         let shown = path.to_string_lossy().into_owned();
         (&s.files, &s.paths)
@@ -340,7 +340,7 @@ impl Ledger<'_> {
     }
 
     /// Widens a file's head (a small file that grew) and re-indexes it.
-    pub fn update_head(&self, id: u64, head_len: u64, head_hash: &str) -> Result<(), Error> {
+    pub(crate) fn update_head(&self, id: u64, head_len: u64, head_hash: &str) -> Result<(), Error> {
         let s = self.spool.store();
         (&s.files, &s.heads)
             .transaction(|(files, heads)| {
@@ -359,7 +359,7 @@ impl Ledger<'_> {
     }
 
     /// Records the format the reader detected.
-    pub fn set_format(&self, id: u64, format: &str) -> Result<(), Error> {
+    pub(crate) fn set_format(&self, id: u64, format: &str) -> Result<(), Error> {
         self.rewrite(id, |r| {
             r.format = format.to_owned();
             true
@@ -368,7 +368,7 @@ impl Ledger<'_> {
 
     /// Takes file `id` through `t` (see the module doc). A transition that does not apply to
     /// the file's state changes nothing.
-    pub fn transition(&self, id: u64, t: Transition) -> Result<(), Error> {
+    pub(crate) fn transition(&self, id: u64, t: Transition) -> Result<(), Error> {
         self.rewrite(id, |r| step(r, &t))
     }
 
