@@ -64,11 +64,11 @@
 //! 1. [`Spool::commit_file_chunk`]: the chunk's new events are appended to the active segment
 //!    as packets and the segment is `fdatasync`ed; then one sled transaction takes the packets'
 //!    locations into `queue`, the segments' new end into `meta`, the new events' dedupe
-//!    entries into the `dedupe` log (duplicates skipped, events the ingest refused into `dead`), the bad
-//!    lines into `quarantine`, the chunk's writes to the join trees ([`Chunk::join`]: what the
-//!    rows contributed, and the removal of the waiting records whose events the chunk
-//!    carries), the file's new offset into `files`, and `live_bytes`/`depth`/`join_waiting`
-//!    into `meta`; then `Db::flush` and an fsync of sled's data file. The offset counts as
+//!    entries into the `dedupe` log (duplicates skipped, events the ingest refused into
+//!    `dead`), the bad lines into `quarantine`, the chunk's writes to the join trees
+//!    ([`Chunk::join`]: what the rows contributed, and the removal of the waiting records whose
+//!    events the chunk carries), the file's new offset into `files` (the ledger's
+//!    `Progress::Chunk`), and `live_bytes`/`depth`/`join_waiting` into `meta`; then `Db::flush` and an fsync of sled's data file. The offset counts as
 //!    durable only once that returns. Then the dedupe entries go into `dedupe.tab` (see
 //!    `dedupe.rs`).
 //! 2. [`Queue::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
@@ -77,6 +77,9 @@
 //!    every 200 ms, see `store.rs`). A crash that loses it re-sends that batch: Segment dedupes
 //!    by `messageId`.
 //! 3. [`Queue::dead_letter`]: events Segment rejected for good move from `queue` to `dead`.
+//! 4. [`Letters::requeue_dead`]: dead letters go back to the end of the queue, appended and
+//!    synced like a chunk's events, in one transaction with their removal from `dead` and the
+//!    files' `pending` counts; flushed.
 //!
 //! # What a crash leaves
 //!

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sled::IVec;
-use sled::transaction::TransactionalTree;
+use sled::transaction::{TransactionError, Transactional, TransactionalTree};
 
 use super::ledger::{self, Progress};
 use super::letters::{self, DeadLetter, QuarantineEntry};
@@ -236,7 +236,6 @@ impl Queue<'_> {
         let body =
             (d.loc.len as usize).saturating_sub(packet::header_len(d.loc.events.into())) as u64;
         let bytes = body * lost / u64::from(d.loc.events).max(1);
-        use sled::transaction::{TransactionError, Transactional};
         (&s.queue, &s.acked, &s.meta, &s.quarantine)
             .transaction(|(queue, acked, meta, quarantine)| {
                 queue.remove(&pkey)?;
@@ -416,7 +415,6 @@ impl Queue<'_> {
                 None => by_packet.push((q.packet, q.packet_len, vec![i])),
             }
         }
-        use sled::transaction::Transactional;
         let done = (&s.queue, &s.acked, &s.files, &s.meta, &s.dead)
             .transaction(|(queue, acked, files, meta, dead)| {
                 let mut removed = 0i64;
