@@ -17,8 +17,11 @@
 //!
 //! # Layout
 //! - [`cli`]: the command line (clap).
+//! - [`commands`]: one module per subcommand, and the one mapping of outcomes and errors to
+//!   exit codes; `logging` sets up the log for them.
 //! - [`config`]: the TOML config, its defaults, `validate()`, and the write key (a secret).
-//! - [`app`]: wires the tasks together; owns startup and shutdown order.
+//! - [`app`]: the agent's life: start the tasks, supervise them (SIGHUP, the watchdog, a task
+//!   that ends), shut down under a deadline; `run --daemonize`.
 //! - [`watch`]: which files are ready to read.
 //! - [`input`]: format detection and streaming readers that yield records with offsets.
 //! - [`leanplum`]: Leanplum's record types, ids, times, the message / A/B-test catalog files,
@@ -37,13 +40,14 @@
 //! - [`deadletter`]: `dead-letter list | retry | purge` over the quarantine and dead letters.
 //! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
 //! - [`stats`]: counters shared by the tasks, read by status.
-//! - [`control`]: control socket, status report.
+//! - [`control`]: the typed control protocol, the control socket, the status report, signals.
 //! - [`transport`]: the proxy and extra CA roots both HTTP clients (Segment, Leanplum) use.
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod deadletter;
@@ -51,6 +55,7 @@ pub mod drain;
 pub mod ingest;
 pub mod input;
 pub mod leanplum;
+mod logging;
 pub mod mapping;
 pub mod segment;
 pub mod spool;

@@ -13,6 +13,8 @@
 //! 4. on shutdown: stop intake (watcher, ingest between chunks), let the drain finish or
 //!    abandon in-flight batches within 10 s, flush the spool, return.
 
+mod answers;
+pub(crate) mod daemon;
 mod systemd;
 mod workers;
 
@@ -27,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{CatalogService, LoadedFiles};
 use crate::config::{Config, Purpose, Secret, WriteKey};
-use crate::control;
+use crate::control::{self, signals::SignalTargets};
 use crate::drain::{Drain, DrainConfig, DrainHandle, DrainSettings};
 use crate::ingest::Ingestor;
 use crate::leanplum::api::LeanplumApi;
@@ -104,16 +106,90 @@ fn log_files_loaded(files: &LoadedFiles) {
     );
 }
 
-/// Runs the agent until `controls.shutdown` is cancelled. `config_path` is read again on
-/// SIGHUP. `catalog_files` are the catalog files loaded with the config.
-pub async fn run(
-    config: Config,
-    key: WriteKey,
-    content_key: Option<Secret>,
-    catalog_files: LoadedFiles,
-    config_path: PathBuf,
-    controls: Controls,
+/// What `run` hands the agent: the config as loaded and checked, its secrets, the catalog
+/// files loaded with it.
+pub(crate) struct Startup {
+    pub config: Config,
+    pub key: WriteKey,
+    pub content_key: Option<Secret>,
+    pub catalog_files: LoadedFiles,
+    /// Read again on SIGHUP.
+    pub config_path: PathBuf,
+}
+
+/// The service of `run`: the async runtime, the signal handlers, the agent and, once the
+/// runtime is gone, the spool checkpoint. `Err` when it could not start, or stopped because a
+/// task failed or shutdown overran its deadline.
+pub(crate) fn serve(
+    startup: Startup,
+    set_log_level: Option<SetLogLevel>,
+    reopen_log: Option<ReopenLog>,
 ) -> anyhow::Result<()> {
+    let spool_dir = startup.config.spool.dir.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = rt.block_on(async {
+        let controls = Controls {
+            set_log_level,
+            reopen_log,
+            ..Controls::default()
+        };
+        control::signals::spawn_handlers(SignalTargets {
+            shutdown: controls.shutdown.clone(),
+            drain_now: controls.drain_now.clone(),
+            reload: controls.reload.clone(),
+        })
+        .context("cannot install the signal handlers")?;
+        run(startup, controls).await
+    });
+    drop(rt);
+    result?;
+    // Every task and the runtime are gone, so the spool is closed: open it once more so the
+    // next start is fast (see `Spool::checkpoint`).
+    checkpoint(spool_dir);
+    Ok(())
+}
+
+/// How long an exiting agent gives the spool checkpoint: with the drain's 10 s, well inside the
+/// unit's `TimeoutStopSec=30`.
+const CHECKPOINT_BUDGET: Duration = Duration::from_secs(15);
+
+/// [`Spool::checkpoint`] within [`CHECKPOINT_BUDGET`], on a thread of its own (the runtime is
+/// gone). Past it the process exits anyway: the checkpoint only reads the closed spool and
+/// swaps in sled's snapshot file by a rename, so cutting it short costs nothing but the next
+/// start's speed.
+fn checkpoint(spool_dir: PathBuf) {
+    let t = std::time::Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(Spool::checkpoint(&spool_dir));
+    });
+    match rx.recv_timeout(CHECKPOINT_BUDGET) {
+        Ok(Ok(())) => tracing::info!(
+            took_ms = t.elapsed().as_millis() as u64,
+            "spool checkpointed for a fast start"
+        ),
+        Ok(Err(e)) => tracing::warn!(
+            error = %e,
+            "cannot checkpoint the spool; the next start reads the log written since this one"
+        ),
+        Err(_) => tracing::warn!(
+            "spool checkpoint not done within 15 s; exiting without it; the next start reads the log written since this one"
+        ),
+    }
+}
+
+/// Runs the agent until `controls.shutdown` is cancelled.
+async fn run(startup: Startup, controls: Controls) -> anyhow::Result<()> {
+    let Startup {
+        config,
+        key,
+        content_key,
+        catalog_files,
+        config_path,
+    } = startup;
     let stats = Arc::new(Stats::default());
     let spool = open_spool(&config.spool.dir, &controls.shutdown).await?;
     let spool = Arc::new(spool);
@@ -201,36 +277,16 @@ pub async fn run(
     let holding: Arc<std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>> =
         Default::default();
     let (replay_tx, replay_rx) = std::sync::mpsc::channel();
-    let commands: control::CommandFn = {
-        let (spool, mapping, catalog) = (spool.clone(), mapping.clone(), catalog.clone());
-        // A `[watch]` change takes effect at the next restart, for retries too.
-        let max_line_bytes = config.watch.max_line_bytes;
-        let holding = holding.clone();
-        Arc::new(move |request: &str| {
-            if let Some(answer) = crate::catalog::handle_request(request, &catalog) {
-                return Some(answer);
-            }
-            if request.starts_with("files") || request.starts_with("replay") {
-                let waiting = catalog
-                    .status()
-                    .waiting
-                    .into_iter()
-                    .flat_map(|w| {
-                        let why =
-                            format!("waits for the catalog: {} {} ({})", w.kind, w.id, w.reason);
-                        w.files.into_iter().map(move |f| (f, why.clone()))
-                    })
-                    .collect();
-                let live = control::files::LiveFiles {
-                    holding: holding.clone(),
-                    waiting,
-                };
-                return control::files::handle_request(request, &spool, &live, &replay_tx);
-            }
-            let m = crate::mapping::current(&mapping);
-            crate::deadletter::handle_request(request, &spool, &m.catalog, &m.opts, max_line_bytes)
-        })
+    let answers = answers::Answers {
+        report: report.clone(),
+        spool: spool.clone(),
+        catalog: catalog.clone(),
+        mapping: mapping.clone(),
+        holding: holding.clone(),
+        replay: replay_tx,
+        max_line_bytes: config.watch.max_line_bytes,
     };
+    let handler: control::Handler = Arc::new(move |request| answers.answer(request));
     let socket = control::ControlSocket::bind(&config.control.socket)
         .await
         .with_context(|| {
@@ -252,8 +308,7 @@ pub async fn run(
             control_stop.clone(),
         ));
     }
-    let control_task =
-        tokio::spawn(socket.run_with_commands(report.clone(), commands, control_stop.clone()));
+    let control_task = tokio::spawn(socket.run(handler, control_stop.clone()));
 
     let intake_stop = controls.shutdown.child_token();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
