@@ -358,6 +358,11 @@ async fn start(startup: Startup, controls: &Controls) -> anyhow::Result<Agent> {
     let (drain_config_tx, drain_config_rx) = watch_channel::channel(first_drain_config);
     tracing::info!(endpoint = %config.segment.endpoint, "delivering to Segment");
     let handle = DrainHandle::default();
+    // Alive from the start, as the ingest's: the watchdog's first check may come before the
+    // drain's first round.
+    handle
+        .heartbeat_ms
+        .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
     let (delivered_tx, delivered_rx) = mpsc::unbounded_channel();
     let drain = Drain::new(
         spool.clone(),
@@ -709,6 +714,21 @@ fn checkpoint(spool_dir: PathBuf) {
 pub(crate) fn failpoint(task: &str) {
     if cfg!(debug_assertions) && std::env::var("LSA_FAILPOINT").is_ok_and(|t| t == task) {
         panic!("failpoint {task}");
+    }
+}
+
+/// A test's way to make a loop hang (debug builds only): `LSA_FAILPOINT=<task>-stall` stops
+/// the loop of that name from going round, without its heartbeat, until `stop`; so the
+/// watchdog's reaction to a hung loop can be tested through the real binary. Blocks: for the
+/// loops on blocking threads.
+pub(crate) fn failpoint_stall(task: &str, stop: &CancellationToken) {
+    if cfg!(debug_assertions)
+        && std::env::var("LSA_FAILPOINT").is_ok_and(|t| t.strip_suffix("-stall") == Some(task))
+    {
+        tracing::warn!("failpoint {task}-stall: the {task} loop stalls until shutdown");
+        while !stop.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -35,6 +35,7 @@ pub(super) fn ingest_worker(
     // Files waiting on the catalog, with the generation they saw.
     let mut waiting: Vec<(u64, std::time::Instant, PathBuf)> = Vec::new();
     let generation = || ingestor.catalog.as_ref().map_or(0, |c| c.generation());
+    super::failpoint_stall("ingest", &stop);
     loop {
         if stop.is_cancelled() {
             return;
