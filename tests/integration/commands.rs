@@ -49,17 +49,13 @@ fn a_stalled_loop_stops_the_watchdog_pings() {
     let mut notify = Notified::bind(&env.root().join("notify.sock"));
     // sd-notify wants WATCHDOG_PID == its own pid: sh sets it to $$ and execs the agent.
     let mut cmd = scrubbed_command("sh");
-    cmd.args([
-        "-c",
-        r#"WATCHDOG_PID=$$ exec "$0" "$@""#,
-        BIN,
-        "run",
-        "--config",
-    ])
-    .arg(&config)
-    .env("NOTIFY_SOCKET", env.root().join("notify.sock"))
-    .env("WATCHDOG_USEC", "2000000")
-    .env("LSA_FAILPOINT", "ingest-stall");
+    cmd.arg("-c")
+        .arg(r#"WATCHDOG_PID=$$ exec "$0" run --config "$1""#)
+        .arg(BIN)
+        .arg(&config);
+    cmd.env("NOTIFY_SOCKET", env.root().join("notify.sock"))
+        .env("WATCHDOG_USEC", "2000000")
+        .env("LSA_FAILPOINT", "ingest-stall");
     let mut agent = Agent::spawn_logged(cmd, &config);
 
     assert!(
