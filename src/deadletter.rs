@@ -301,7 +301,7 @@ fn reparse(
 /// Answers a `dead-letter` request, in the agent (over the control socket) or on a stopped
 /// agent's spool alike; `Err` is the error for the operator. `max_line_bytes` is the
 /// configured `watch.max_line_bytes`, for retries.
-pub fn answer(
+pub(crate) fn answer(
     request: &DeadLetterRequest,
     spool: &Spool,
     catalog: &Catalog,

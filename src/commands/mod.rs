@@ -30,9 +30,9 @@ use crate::cli::Command;
 use crate::config::{Config, Purpose};
 
 /// sysexits.h `EX_CONFIG`.
-pub const EX_CONFIG: u8 = 78;
+pub(crate) const EX_CONFIG: u8 = 78;
 /// LSB: program is not running.
-pub const EX_STOPPED: u8 = 3;
+pub(crate) const EX_STOPPED: u8 = 3;
 
 /// How a command that did its job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             Outcome::Success => 0,
             Outcome::Stopped => EX_STOPPED,
@@ -70,7 +70,7 @@ pub enum CommandError {
 }
 
 impl CommandError {
-    pub fn code(&self) -> u8 {
+    pub(crate) fn code(&self) -> u8 {
         match self {
             CommandError::Config(_) => EX_CONFIG,
             CommandError::NotRunning(_) => EX_STOPPED,

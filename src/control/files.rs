@@ -170,7 +170,7 @@ pub fn replay_targets(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
 /// creates each file's record and hands it to the reader through `reader`. `Err` when the
 /// paths are refused as a whole; a file that cannot be handed over ends the replay with the
 /// files before it started.
-pub fn replay(
+pub(crate) fn replay(
     paths: &[PathBuf],
     spool: &Spool,
     reader: &std::sync::mpsc::Sender<(PathBuf, u64)>,

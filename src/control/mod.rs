@@ -4,7 +4,7 @@
 //! when no agent answers, [`offline_report`] and [`files::list`] read the spool.
 //!
 //! - [`protocol`]: [`Request`] and [`Answer`] (serde), and the one client call, [`ask`].
-//! - [`socket`]: the server ([`ControlSocket`], [`serve`]) that hands each request to the
+//! - [`socket`]: the server ([`ControlSocket`]) that hands each request to the
 //!   agent's [`Handler`], and the client's side of the wire.
 //! - [`status`]: [`StatusReport`] (its JSON field names are a stable interface, documented
 //!   there), the human and one-line renderings, live and offline reports.
@@ -14,13 +14,14 @@
 
 pub mod files;
 pub mod metrics;
-pub mod protocol;
+pub(crate) mod protocol;
 pub(crate) mod signals;
 pub mod socket;
 pub mod status;
 
-pub use protocol::{Answer, DeadLetterRequest, Request, ask};
-pub use socket::{ControlSocket, Handler, QueryError, REQUEST_TIMEOUT, ReportFn, serve};
+pub(crate) use protocol::{Answer, DeadLetterRequest, Request, ask};
+pub(crate) use socket::Handler;
+pub use socket::{ControlSocket, QueryError, REQUEST_TIMEOUT, ReportFn};
 pub use status::{
     LiveSources, STATE_STOPPED, StatusReport, live_report, offline_report, state_name,
 };

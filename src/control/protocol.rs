@@ -6,8 +6,10 @@
 //! One request per connection. The client writes the [`Request`] as one line of JSON
 //! (`{"request":"files","state":"held"}`); the agent answers one line of JSON and closes: the
 //! [`Answer`] (`{"answer":"files","value":[...]}`), or `{"error":"..."}` when it cannot
-//! answer. Client and agent are the same binary; an agent of an older version answers a
-//! request it cannot parse with `{"error":"unknown request"}`.
+//! answer. Client and agent are the same binary, but during a package upgrade the new
+//! `status` may meet the old agent still running, which knew only the line `status` (answered
+//! with the bare report) and answers anything else with `{"error":"unknown request"}`: `ask`
+//! then asks for the status that older way.
 //!
 //! The values inside the answers are the documented JSON outputs (`status --json`: the
 //! [`StatusReport`]; `files --json`: [`FileEntry`]; `dead-letter list --json`:
@@ -26,7 +28,7 @@ use crate::deadletter::{self, RetryOutcome};
 /// What a command asks the running agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "kebab-case")]
-pub enum Request {
+pub(crate) enum Request {
     /// `status`: the [`StatusReport`].
     Status,
     /// `files [--state STATE]`.
@@ -43,7 +45,7 @@ pub enum Request {
 /// [`crate::deadletter::answer`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "kebab-case")]
-pub enum DeadLetterRequest {
+pub(crate) enum DeadLetterRequest {
     List,
     Show {
         id: u64,
@@ -62,7 +64,7 @@ pub enum DeadLetterRequest {
 /// module doc).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "answer", content = "value", rename_all = "kebab-case")]
-pub enum Answer {
+pub(crate) enum Answer {
     Status(Box<StatusReport>),
     Files(Vec<FileEntry>),
     Replay(Replayed),
@@ -75,14 +77,14 @@ pub enum Answer {
 
 /// The answer to a replay: the files handed to the reader, and why the rest were not.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Replayed {
+pub(crate) struct Replayed {
     pub started: Vec<ReplayStarted>,
     /// Set when a file could not be handed over; the files after it were not tried.
     pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReplayStarted {
+pub(crate) struct ReplayStarted {
     pub path: PathBuf,
     /// The file's id in the spool (see `files`).
     pub id: u64,
@@ -107,7 +109,7 @@ pub(crate) fn encode_answer(answer: &Result<Answer, String>) -> Vec<u8> {
 
 /// The request in a line the agent read; `Err` is the error to answer with.
 pub(crate) fn decode_request(line: &[u8]) -> Result<Request, String> {
-    serde_json::from_slice(line.trim_ascii()).map_err(|_| "unknown request".to_owned())
+    serde_json::from_slice(line.trim_ascii()).map_err(|_| UNKNOWN_REQUEST.to_owned())
 }
 
 /// What the agent said in `line`: its answer, or the error it answered with.
@@ -130,10 +132,18 @@ fn decode_answer(line: &[u8]) -> Result<Result<Answer, String>, String> {
 /// Sends `request` to the agent on the socket at `path` and decodes its answer (blocking; for
 /// the commands). `timeout` bounds each read and write. An error answer is
 /// [`QueryError::Agent`]; no agent at all is [`QueryError::NoDaemon`].
-pub fn ask(path: &Path, request: &Request, timeout: Duration) -> Result<Answer, QueryError> {
+pub(crate) fn ask(path: &Path, request: &Request, timeout: Duration) -> Result<Answer, QueryError> {
     let line = serde_json::to_string(request).expect("a request serializes");
     let reply = exchange(path, &line, timeout)?;
-    match decode_answer(&reply) {
+    let answer = match decode_answer(&reply) {
+        Ok(Err(message)) if message == UNKNOWN_REQUEST && *request == Request::Status => {
+            // An agent from before this protocol (see the module doc).
+            decode_legacy_status(&exchange(path, "status", timeout)?)
+                .map(|report| Ok(Answer::Status(Box::new(report))))
+        }
+        decoded => decoded,
+    };
+    match answer {
         Ok(Ok(answer)) => Ok(answer),
         Ok(Err(message)) => Err(QueryError::Agent {
             path: path.to_path_buf(),
@@ -144,6 +154,21 @@ pub fn ask(path: &Path, request: &Request, timeout: Duration) -> Result<Answer, 
             detail,
         }),
     }
+}
+
+/// What an agent answers a line it cannot parse, older agents included.
+const UNKNOWN_REQUEST: &str = "unknown request";
+
+/// The bare [`StatusReport`] an agent from before this protocol answers `status` with. Its
+/// fields all have defaults (for version skew), so `state` is what tells a report from any
+/// other object.
+fn decode_legacy_status(line: &[u8]) -> Result<StatusReport, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("not JSON ({e})"))?;
+    if !value.get("state").is_some_and(serde_json::Value::is_string) {
+        return Err("not a status report: no \"state\" field".into());
+    }
+    serde_json::from_value(value).map_err(|e| format!("not a status report ({e})"))
 }
 
 #[cfg(test)]
@@ -262,5 +287,52 @@ mod tests {
         assert!(decode_answer(b"HTTP/1.0 400 Bad Request").is_err());
         assert!(decode_answer(br#"{"answer":"nonsense"}"#).is_err());
         assert_eq!(decode_request(b"status\n"), Err("unknown request".into()));
+    }
+
+    /// An agent from before this protocol, on a real socket: it knows only the line `status`.
+    #[test]
+    fn status_from_an_older_agent() {
+        use std::io::{BufRead as _, Write as _};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let report = StatusReport {
+            state: "running".into(),
+            pid: Some(7),
+            ..StatusReport::default()
+        };
+        let old = {
+            let line = serde_json::to_string(&report).unwrap();
+            std::thread::spawn(move || {
+                for _ in 0..2 {
+                    let (conn, _) = listener.accept().unwrap();
+                    let mut request = String::new();
+                    std::io::BufReader::new(&conn)
+                        .read_line(&mut request)
+                        .unwrap();
+                    let answer = match request.trim() {
+                        "status" => line.clone(),
+                        _ => r#"{"error":"unknown request"}"#.to_owned(),
+                    };
+                    (&conn).write_all(format!("{answer}\n").as_bytes()).unwrap();
+                }
+            })
+        };
+        let got = ask(&path, &Request::Status, Duration::from_secs(5)).unwrap();
+        assert_eq!(got, Answer::Status(Box::new(report)));
+        old.join().unwrap();
+    }
+
+    #[test]
+    fn an_older_agents_bare_report_is_read() {
+        let report = StatusReport {
+            state: "running".into(),
+            pid: Some(7),
+            ..StatusReport::default()
+        };
+        let line = serde_json::to_vec(&report).unwrap();
+        assert_eq!(decode_legacy_status(&line), Ok(report));
+        assert!(decode_legacy_status(b"{}").is_err());
+        assert!(decode_legacy_status(b"[1]").is_err());
     }
 }

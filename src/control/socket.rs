@@ -50,21 +50,7 @@ pub type ReportFn = Arc<dyn Fn() -> StatusReport + Send + Sync>;
 
 /// The agent's one dispatcher: answers every [`Request`], or says why it cannot; called from a
 /// blocking thread, because answers read the spool.
-pub type Handler = Arc<dyn Fn(Request) -> Result<Answer, String> + Send + Sync>;
-
-/// Binds the control socket at `path` and answers on it until `shutdown`, then removes it.
-///
-/// Creates the parent directory if missing and replaces a stale socket file. Fails with
-/// [`io::ErrorKind::AddrInUse`] if another agent answers on `path`, and with
-/// [`io::ErrorKind::AlreadyExists`] if `path` is something other than a socket. Errors only
-/// happen before serving starts; use [`ControlSocket::bind`] to learn of them before spawning.
-pub async fn serve(path: &Path, handler: Handler, shutdown: CancellationToken) -> io::Result<()> {
-    ControlSocket::bind(path)
-        .await?
-        .run(handler, shutdown)
-        .await;
-    Ok(())
-}
+pub(crate) type Handler = Arc<dyn Fn(Request) -> Result<Answer, String> + Send + Sync>;
 
 /// A bound control socket, not yet answering: lets the caller fail start-up on a bind error
 /// and then spawn [`ControlSocket::run`].
@@ -78,7 +64,10 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    /// Binds at `path`; see [`serve`] for what can fail.
+    /// Binds the control socket at `path`: creates the parent directory if missing and
+    /// replaces a stale socket file. Fails with [`io::ErrorKind::AddrInUse`] if another agent
+    /// answers on `path`, and with [`io::ErrorKind::AlreadyExists`] if `path` is something
+    /// other than a socket; so the caller fails start-up here, before spawning [`Self::run`].
     pub async fn bind(path: &Path) -> io::Result<ControlSocket> {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
@@ -112,7 +101,7 @@ impl ControlSocket {
 
     /// Answers requests with `handler` until `shutdown`, then stops accepting, drops the
     /// connections still open and removes the socket file.
-    pub async fn run(self, handler: Handler, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, handler: Handler, shutdown: CancellationToken) {
         self.run_with_timeout(handler, shutdown, REQUEST_TIMEOUT)
             .await;
     }
@@ -357,6 +346,15 @@ mod tests {
             Answer::Status(r) => Ok(*r),
             other => panic!("not a report: {other:?}"),
         }
+    }
+
+    /// Binds at `path` and answers until `shutdown`.
+    async fn serve(path: &Path, handler: Handler, shutdown: CancellationToken) -> io::Result<()> {
+        ControlSocket::bind(path)
+            .await?
+            .run(handler, shutdown)
+            .await;
+        Ok(())
     }
 
     /// Binds and serves in a task; returns the token that stops it and the task.
