@@ -1,5 +1,6 @@
-//! The control socket (`[control] socket`): a Unix stream socket where `status` asks the running
-//! agent for its [`StatusReport`].
+//! The control socket (`[control] socket`): a Unix stream socket where the commands (`status`,
+//! `files`, `replay`, `dead-letter`, `catalog`) ask the running agent, and the client's side
+//! of the wire ([`exchange`], used by [`super::protocol::ask`]).
 //!
 //! # Protocol
 //!
