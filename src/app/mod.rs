@@ -718,17 +718,24 @@ pub(crate) fn failpoint(task: &str) {
 }
 
 /// A test's way to make a loop hang (debug builds only): `LSA_FAILPOINT=<task>-stall` stops
-/// the loop of that name from going round, without its heartbeat, until `stop`; so the
-/// watchdog's reaction to a hung loop can be tested through the real binary. Blocks: for the
+/// the loop of that name from going round, without its heartbeat, until `stop`;
+/// `LSA_FAILPOINT=<task>-hang` for good, `stop` or not. So the watchdog's reaction to a hung
+/// loop, and the shutdown deadline, can be tested through the real binary. Blocks: for the
 /// loops on blocking threads.
 pub(crate) fn failpoint_stall(task: &str, stop: &CancellationToken) {
-    if cfg!(debug_assertions)
-        && std::env::var("LSA_FAILPOINT").is_ok_and(|t| t.strip_suffix("-stall") == Some(task))
-    {
-        tracing::warn!("failpoint {task}-stall: the {task} loop stalls until shutdown");
-        while !stop.is_cancelled() {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Ok(point) = std::env::var("LSA_FAILPOINT") else {
+        return;
+    };
+    let hang = point.strip_suffix("-hang") == Some(task);
+    if !hang && point.strip_suffix("-stall") != Some(task) {
+        return;
+    }
+    tracing::warn!("failpoint {point}: the {task} loop stops going round");
+    while hang || !stop.is_cancelled() {
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

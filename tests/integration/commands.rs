@@ -1,9 +1,15 @@
 //! The agent's supervision seen from outside: the systemd watchdog is pinged only while every
-//! loop goes round, and `run` exits 78 on a bad config.
+//! loop goes round, a hung loop does not hold the exit past the shutdown deadline, and `run`
+//! exits 78 on a bad config.
 
 use std::os::unix::net::UnixDatagram;
 
+use std::time::Duration;
+
 use crate::util::{Agent, BIN, EX_CONFIG, PATIENCE, TestEnv, scrubbed_command, wait_until};
+
+/// `app`'s shutdown deadline.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(25);
 
 /// What the agent told systemd: every datagram on a notify socket, in order.
 struct Notified {
@@ -99,6 +105,39 @@ fn a_stalled_loop_stops_the_watchdog_pings() {
         Some(0),
         "{}",
         agent.log_tail(30)
+    );
+}
+
+/// A loop that never stops (here the ingest worker, stuck in a blocking call) does not hold
+/// the exit: shutdown gives up at its 25 s deadline, inside the unit's `TimeoutStopSec=30`,
+/// and the agent exits 1 saying so (the spool is crash-safe), instead of hanging until
+/// systemd's SIGKILL.
+#[test]
+fn a_hung_loop_does_not_hold_the_exit_past_the_shutdown_deadline() {
+    let env = TestEnv::new();
+    let config = env.write_config();
+    let mut cmd = scrubbed_command(BIN);
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("LSA_FAILPOINT", "ingest-hang");
+    let mut agent = Agent::spawn_logged(cmd, &config);
+    assert!(
+        wait_until(PATIENCE, || agent.logs().contains("failpoint ingest-hang")),
+        "{}",
+        agent.log_tail(30)
+    );
+    agent.signal(libc::SIGTERM);
+    let exit = agent.wait_exit(SHUTDOWN_DEADLINE + PATIENCE);
+    assert_eq!(
+        exit.and_then(|e| e.code()),
+        Some(1),
+        "{}",
+        agent.log_tail(30)
+    );
+    let logs = agent.logs();
+    assert!(
+        logs.contains("shutdown did not finish within 25 s"),
+        "{logs}"
     );
 }
 
