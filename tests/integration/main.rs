@@ -13,6 +13,8 @@
 //! - [`concurrency`]: the adaptive concurrency limit against a server whose delay and answers
 //!   the test controls, and `max_events_per_sec` measured at the server.
 //! - [`cli`]: `check-config` exit codes and messages, `dry-run`.
+//! - [`commands`]: the supervision seen from outside: the watchdog stops on a stalled loop,
+//!   `run` exits 78 on a bad config.
 //! - [`delivery_faults`]: Segment misbehaving: 400 bisection, oversize events, 401, outages,
 //!   connection refused, timeouts, `Retry-After` dates, backoff reset (SPEC section 6).
 //! - [`spool_limits`]: `spool.max_bytes`, a full disk, a corrupt spool (SPEC section 7).
@@ -45,6 +47,7 @@ mod batch_limits;
 mod catalog_api;
 mod catalog_files;
 mod cli;
+mod commands;
 mod concurrency;
 mod crash;
 mod csv_export;
