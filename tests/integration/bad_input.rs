@@ -8,6 +8,7 @@
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
@@ -17,8 +18,9 @@ use serde_json::Value;
 use crate::util::{
     Agent, DeliveryReport, NOTHING_HAPPENS, PATIENCE, TestEnv, assert_exactly_once,
     count_log_lines, dead_letter_cmd, dead_letter_list, gzip_bytes, lp_id, new_env,
-    open_session_line, open_session_lines, quarantine_list, running_as_root, status_json,
-    status_u64, thousands, wait_delivered, wait_for_status, wait_until, write_atomically,
+    open_session_line, open_session_lines, quarantine_list, run_command, running_as_root,
+    status_json, status_u64, thousands, wait_delivered, wait_for_status, wait_until,
+    write_atomically,
 };
 
 /// eventIds of this module: `BASE + test * 1_000_000 + i`.
@@ -345,7 +347,9 @@ fn an_unreadable_file_is_quarantined_and_read_once_it_becomes_readable() {
     let mut agent = if as_root {
         let bin = binary_for_others(env.root());
         env.write_config();
-        Agent::start_as(&bin, &env.config_path, uid, gid)
+        let mut cmd = run_command(&bin, &env.config_path);
+        cmd.uid(uid).gid(gid);
+        Agent::spawn(cmd, &env.config_path)
     } else {
         env.start_agent()
     };

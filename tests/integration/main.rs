@@ -3,8 +3,10 @@
 //! spool, checking the contract of SPEC sections 2, 3, 5 and 6 from the outside.
 //!
 //! # Layout
-//! - [`util`]: the harness: fake Segment server, the agent as a child process, config builder,
-//!   file helpers, polling.
+//! - [`util`]: the harness (also included by the benchmarks): a threaded HTTP server under the
+//!   fake Segment and Leanplum servers, the agent as a child process, config builder, test
+//!   world, subcommands and `status --json`, files, generated exports, delivery checks.
+//! - [`harness`]: the fake Segment server answers every request, many at once, in both modes.
 //! - [`events`]: expected Segment events (the shipped fixture and ones derived from it) and the
 //!   comparison that reports missing, extra and duplicated events field by field.
 //! - [`end_to_end`]: every input format through the daemon into Segment, exactly once.
@@ -51,6 +53,7 @@ mod csv_export;
 mod delivery_faults;
 mod end_to_end;
 mod events;
+mod harness;
 mod input_files;
 mod input_model;
 mod network;

@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::util::{
     Agent, BIN, CmdOutput, EX_CONFIG, PATIENCE, Reply, SegmentServer, TestEnv, WRITE_KEY,
     assert_exactly_once, count_log_lines, free_port, kill_pid, open_session_lines, pid_alive,
-    ready_lines, run_cli, scrubbed_command, status_json, wait_for_status, wait_until,
+    ready_lines, run_cli, run_command, scrubbed_command, status_json, wait_for_status, wait_until,
     write_atomically,
 };
 
@@ -398,7 +398,7 @@ fn notify_protocol() {
     .env("NOTIFY_SOCKET", &notify.path)
     .env("WATCHDOG_USEC", "2000000");
     let started = Instant::now();
-    let mut agent = Agent::spawn_logged(cmd, &config);
+    let mut agent = Agent::spawn(cmd, &config);
 
     let ready = notify.wait_for(0, "READY=1", Duration::from_secs(15));
     let dump = |notify: &NotifySocket, agent: &Agent| {
@@ -1181,12 +1181,9 @@ fn json_logs_are_one_object_per_line() {
 fn a_panicking_task_stops_the_agent_with_an_error_naming_it() {
     let env = TestEnv::new();
     let config = env.write_config();
-    let mut cmd = crate::util::agent_command();
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("LSA_FAILPOINT", "drain");
-    let mut agent = Agent::spawn_logged(cmd, &config);
+    let mut cmd = run_command(BIN, &config);
+    cmd.env("LSA_FAILPOINT", "drain");
+    let mut agent = Agent::spawn(cmd, &config);
     let exit = agent
         .wait_exit(PATIENCE)
         .unwrap_or_else(|| panic!("the agent kept running\n{}", agent.log_tail(20)));
