@@ -869,3 +869,96 @@ fn a_session_of_megabytes_delivers_every_engagement_exactly_once() {
     );
     assert!(quarantine_list(&env.config_path).is_empty());
 }
+
+/// A file whose last line has no newline yet: the complete lines are delivered, the last one
+/// is held (the log says so), and once its writer finishes it, within the hold, it is
+/// delivered once and nothing goes to the quarantine.
+#[test]
+fn a_partial_last_line_finished_within_the_hold_is_delivered_once() {
+    let env = new_env();
+    let agent = env.start_agent();
+    let (mut bytes, mut ids) = open_session_lines(ids_base(21), 3);
+    let last = open_session_line(ids_base(21) + 3);
+    let (head, tail) = last.as_bytes().split_at(last.len() / 2);
+    bytes.extend_from_slice(head);
+    let path = env.watch_dir().join("growing.jsonl");
+    fs::write(&path, &bytes).expect("write the file with its last line cut");
+    wait_delivered(&env, &agent, &ids, "the complete lines before the cut");
+    assert!(
+        agent.wait_for_log("holding it until it is complete", PATIENCE),
+        "the last line is held\n{}",
+        agent.log_tail(20)
+    );
+
+    let mut rest = tail.to_vec();
+    rest.push(b'\n');
+    append(&path, &rest);
+    ids.push(crate::util::lp_id(ids_base(21) + 3));
+    wait_delivered(&env, &agent, &ids, "the finished last line");
+    env.server
+        .wait_for_quiet(Duration::from_millis(1500), PATIENCE);
+    assert_exactly_once(
+        &env.server,
+        &ids,
+        &agent,
+        "a last line finished in the hold",
+    );
+    assert!(
+        quarantine_list(&env.config_path).is_empty(),
+        "nothing quarantined: {:?}",
+        quarantine_list(&env.config_path)
+    );
+}
+
+/// The same across a restart: the agent holding the cut line is stopped (SIGTERM), the writer
+/// finishes the line, the agent starts again and delivers that line once, and the lines it
+/// had delivered not again.
+#[test]
+fn a_partial_last_line_held_across_a_sigterm_is_delivered_once_when_finished() {
+    let env = new_env();
+    let mut agent = env.start_agent();
+    let (mut bytes, mut ids) = open_session_lines(ids_base(22), 3);
+    let last = open_session_line(ids_base(22) + 3);
+    let (head, tail) = last.as_bytes().split_at(last.len() / 2);
+    bytes.extend_from_slice(head);
+    let path = env.watch_dir().join("growing.jsonl");
+    fs::write(&path, &bytes).expect("write the file with its last line cut");
+    wait_delivered(&env, &agent, &ids, "the complete lines before the cut");
+    assert!(
+        agent.wait_for_log("holding it until it is complete", PATIENCE),
+        "the last line is held\n{}",
+        agent.log_tail(20)
+    );
+    let exit = agent.stop();
+    assert_eq!(
+        exit.and_then(|e| e.code()),
+        Some(0),
+        "SIGTERM exits 0\n{}",
+        agent.log_tail(20)
+    );
+
+    let mut rest = tail.to_vec();
+    rest.push(b'\n');
+    append(&path, &rest);
+    let agent = env.start_agent();
+    ids.push(crate::util::lp_id(ids_base(22) + 3));
+    wait_delivered(
+        &env,
+        &agent,
+        &ids,
+        "the line finished while the agent was stopped",
+    );
+    env.server
+        .wait_for_quiet(Duration::from_millis(1500), PATIENCE);
+    assert_exactly_once(
+        &env.server,
+        &ids,
+        &agent,
+        "a held line finished across a restart",
+    );
+    assert!(
+        quarantine_list(&env.config_path).is_empty(),
+        "nothing quarantined: {:?}",
+        quarantine_list(&env.config_path)
+    );
+}

@@ -35,6 +35,9 @@
 //! - [`network`]: `segment.proxy` (a loopback proxy counting what goes through it), the
 //!   environment's `HTTP_PROXY` / `NO_PROXY`, and `ca_file` with a loopback TLS server and a
 //!   test CA (SPEC section 3).
+//! - [`reload`]: SIGHUP: a write key rotated in its file after `auth_failed`, a catalog with a
+//!   changed channel, a smaller `max_batch_events`, a `[watch]` change needing a restart; `run`
+//!   exiting 78 on a bad config.
 //! - [`operate`]: `files` in each state, running and stopped; `replay` of files and directories.
 //! - [`power_cut`]: power cuts during ingest, on [`powercut_fs`] (a FUSE file system that drops
 //!   what was not fsynced), lose no committed event (SPEC section 7).
@@ -61,6 +64,7 @@ mod operate;
 mod parking;
 mod power_cut;
 mod powercut_fs;
+mod reload;
 mod retries;
 mod service;
 mod spool_limits;

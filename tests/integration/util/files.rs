@@ -81,3 +81,17 @@ pub(crate) fn read_lossy(path: &Path) -> String {
         Err(e) => panic!("read {}: {e}", path.display()),
     }
 }
+
+/// Bytes of every file under `dir` (0 when it does not exist), e.g. a spool's disk usage.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}

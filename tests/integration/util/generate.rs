@@ -210,3 +210,24 @@ pub fn gzip_bytes(bytes: &[u8]) -> Vec<u8> {
     enc.write_all(bytes).expect("gzip in memory");
     enc.finish().expect("gzip in memory")
 }
+
+/// `n` newline-terminated session lines, one email link click each (eventIds `first ..`), whose
+/// link URL is `url_bytes` long: large events, for a spool of many bytes from few events.
+/// Returns the lines and their messageIds.
+pub fn click_session_lines(first: u64, n: usize, url_bytes: usize) -> (Vec<u8>, Vec<String>) {
+    let (message, action, _) = GENERATED_ACTIONS[3];
+    let path = "p".repeat(url_bytes.saturating_sub(20));
+    let mut bytes = Vec::new();
+    let mut ids = Vec::with_capacity(n);
+    for event_id in first..first + n as u64 {
+        bytes.extend_from_slice(
+            format!(
+                r#"{{"deviceId":"CLICK-{event_id}","time":1793534899.5,"experiments":[],"states":[{{"events":[{{"eventId":{event_id},"name":".m{message} {action}","time":1793534900.5,"parameters":{{"url":"https://example.com/{path}","index":1}}}}]}}]}}"#
+            )
+            .as_bytes(),
+        );
+        bytes.push(b'\n');
+        ids.push(lp_id(event_id));
+    }
+    (bytes, ids)
+}
