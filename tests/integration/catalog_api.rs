@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use crate::events::{assert_same_events, expected_shard_0};
 use crate::util::http;
 use crate::util::{
-    PATIENCE, SHARD_0, TestEnv, copy_into, repo_path, run_cli, toml_str, wait_until,
+    NOTHING_HAPPENS, PATIENCE, SHARD_0, TestEnv, copy_into, repo_path, run_cli, toml_str,
+    wait_until,
 };
 
 const APP_ID: &str = "app_5629499534213120";
@@ -508,7 +509,8 @@ fn api_down_with_a_cold_cache_waits_then_delivers_everything_once() {
         "{status}"
     );
     assert_no_content_key("status", &status.to_string());
-    thread::sleep(Duration::from_secs(3));
+    // A window in which a file that did not wait would be delivered.
+    thread::sleep(NOTHING_HAPPENS);
     let early = env.server.accepted_count();
     assert!(
         early < expected_shard_0().len(),
