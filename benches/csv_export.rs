@@ -17,11 +17,14 @@ use std::time::{Duration, Instant};
 
 // The integration tests' harness: the config builder, the agent process, `status --json`. The
 // benchmark uses a part of it.
+mod common;
 #[allow(dead_code, unused_imports)]
 #[path = "../tests/integration/util/mod.rs"]
 mod util;
 
-use util::{Agent, AgentConfig, try_status_json};
+use common::bench_config;
+
+use util::{Agent, try_status_json};
 
 const JOB: &str = "5629499534213120-0b7c3a52-bench-4bbb-8ccc-000000000001";
 const SHARDS: usize = 4;
@@ -174,15 +177,10 @@ fn generate(json_dir: &Path, csv_dir: &Path, csv_size: u64) -> (u64, u64, u64) {
 /// The benchmark's config: Segment unreachable (nothing listens on port 9), a spool that never
 /// fills.
 fn write_config(root: &Path) -> PathBuf {
-    let mut c = AgentConfig::new(root, "http://127.0.0.1:9");
+    let mut c = bench_config(root, "http://127.0.0.1:9");
     c.flush_interval_ms = None;
-    c.request_timeout_secs = None;
-    c.gzip = None;
     c.initial_backoff_ms = Some(1000);
     c.max_backoff_secs = Some(5);
-    c.rescan_interval_secs = Some(5);
-    c.spool_max_bytes = Some(107_374_182_400);
-    c.log_level = Some("warn".into());
     let config = root.join("config.toml");
     c.write(&config);
     config

@@ -41,9 +41,12 @@ use leanplum_segment_agent::mapping::{MappingOptions, Output};
 
 // The integration tests' harness: its counting Segment server, the agent process, the config
 // builder. The benchmark uses a part of it.
+mod common;
 #[allow(dead_code, unused_imports)]
 #[path = "../tests/integration/util/mod.rs"]
 mod util;
+
+use common::bench_config;
 
 use util::{AgentConfig, BIN, Reply, SegmentServer, dir_bytes, run_command, try_status_json};
 
@@ -275,14 +278,9 @@ fn accepted_events(server: &SegmentServer) -> u64 {
 
 /// The benchmark's config: fast timers, 4 requests at once, a spool that never fills.
 fn write_config(root: &Path, server: &SegmentServer) -> PathBuf {
-    let mut c = AgentConfig::new(root, &server.url());
-    c.request_timeout_secs = None;
-    c.gzip = None;
+    let mut c = bench_config(root, &server.url());
     c.concurrency = Some(4);
     c.max_backoff_secs = Some(1);
-    c.rescan_interval_secs = Some(5);
-    c.spool_max_bytes = Some(107_374_182_400);
-    c.log_level = Some("warn".into());
     let config = root.join("config.toml");
     c.write(&config);
     config
@@ -597,19 +595,15 @@ mod round_trip {
     /// A config for one run: the spool `spool`, concurrency `concurrency` (a number or
     /// "adaptive"), every other delivery and retry setting at its default.
     fn config(root: &Path, server: &SegmentServer, spool: &Path, concurrency: &str) -> PathBuf {
-        let mut c = AgentConfig::new(root, &server.url());
+        let mut c = bench_config(root, &server.url());
         c.flush_interval_ms = None;
-        c.request_timeout_secs = None;
-        c.gzip = None;
         c.initial_backoff_ms = None;
         c.max_backoff_secs = None;
         c.watch_dir = root.join("rt-in");
         c.settle_secs = None;
         c.rescan_interval_secs = None;
         c.spool_dir = spool.to_owned();
-        c.spool_max_bytes = Some(107_374_182_400);
         c.control_socket = root.join("rt.sock");
-        c.log_level = Some("warn".into());
         let c = match concurrency.parse::<u64>() {
             Ok(n) => AgentConfig {
                 concurrency: Some(n),

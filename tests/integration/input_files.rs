@@ -874,6 +874,45 @@ fn a_session_of_megabytes_delivers_every_engagement_exactly_once() {
     assert!(quarantine_list(&env.config_path).is_empty());
 }
 
+/// Writes `growing.jsonl`: three complete one-event lines (eventIds from `first`) and half of a
+/// fourth, no newline; waits until the three are delivered and the log says the last line is
+/// held. Returns the file, the ids of all four lines, and the bytes that finish the fourth.
+fn write_with_a_cut_last_line(
+    env: &TestEnv,
+    agent: &Agent,
+    first: u64,
+) -> (std::path::PathBuf, Vec<String>, Vec<u8>) {
+    let (mut bytes, mut ids) = open_session_lines(first, 3);
+    let last = open_session_line(first + 3);
+    let (head, tail) = last.as_bytes().split_at(last.len() / 2);
+    bytes.extend_from_slice(head);
+    let path = env.watch_dir().join("growing.jsonl");
+    fs::write(&path, &bytes).expect("write the file with its last line cut");
+    wait_delivered(env, agent, &ids, "the complete lines before the cut");
+    assert!(
+        agent.wait_for_log("holding it until it is complete", PATIENCE),
+        "the last line is held\n{}",
+        agent.log_tail(20)
+    );
+    ids.push(crate::util::lp_id(first + 3));
+    let mut rest = tail.to_vec();
+    rest.push(b'\n');
+    (path, ids, rest)
+}
+
+/// Every line of the file delivered once, nothing quarantined.
+fn assert_finished_line_delivered_once(env: &TestEnv, agent: &Agent, ids: &[String], what: &str) {
+    wait_delivered(env, agent, ids, what);
+    env.server
+        .wait_for_quiet(Duration::from_millis(1500), PATIENCE);
+    assert_exactly_once(&env.server, ids, agent, what);
+    assert!(
+        quarantine_list(&env.config_path).is_empty(),
+        "{what}: nothing quarantined: {:?}",
+        quarantine_list(&env.config_path)
+    );
+}
+
 /// A file whose last line has no newline yet: the complete lines are delivered, the last one
 /// is held (the log says so), and once its writer finishes it, within the hold, it is
 /// delivered once and nothing goes to the quarantine.
@@ -881,37 +920,9 @@ fn a_session_of_megabytes_delivers_every_engagement_exactly_once() {
 fn a_partial_last_line_finished_within_the_hold_is_delivered_once() {
     let env = new_env();
     let agent = env.start_agent();
-    let (mut bytes, mut ids) = open_session_lines(ids_base(21), 3);
-    let last = open_session_line(ids_base(21) + 3);
-    let (head, tail) = last.as_bytes().split_at(last.len() / 2);
-    bytes.extend_from_slice(head);
-    let path = env.watch_dir().join("growing.jsonl");
-    fs::write(&path, &bytes).expect("write the file with its last line cut");
-    wait_delivered(&env, &agent, &ids, "the complete lines before the cut");
-    assert!(
-        agent.wait_for_log("holding it until it is complete", PATIENCE),
-        "the last line is held\n{}",
-        agent.log_tail(20)
-    );
-
-    let mut rest = tail.to_vec();
-    rest.push(b'\n');
+    let (path, ids, rest) = write_with_a_cut_last_line(&env, &agent, ids_base(21));
     append(&path, &rest);
-    ids.push(crate::util::lp_id(ids_base(21) + 3));
-    wait_delivered(&env, &agent, &ids, "the finished last line");
-    env.server
-        .wait_for_quiet(Duration::from_millis(1500), PATIENCE);
-    assert_exactly_once(
-        &env.server,
-        &ids,
-        &agent,
-        "a last line finished in the hold",
-    );
-    assert!(
-        quarantine_list(&env.config_path).is_empty(),
-        "nothing quarantined: {:?}",
-        quarantine_list(&env.config_path)
-    );
+    assert_finished_line_delivered_once(&env, &agent, &ids, "a last line finished in the hold");
 }
 
 /// The same across a restart: the agent holding the cut line is stopped (SIGTERM), the writer
@@ -921,18 +932,7 @@ fn a_partial_last_line_finished_within_the_hold_is_delivered_once() {
 fn a_partial_last_line_held_across_a_sigterm_is_delivered_once_when_finished() {
     let env = new_env();
     let mut agent = env.start_agent();
-    let (mut bytes, mut ids) = open_session_lines(ids_base(22), 3);
-    let last = open_session_line(ids_base(22) + 3);
-    let (head, tail) = last.as_bytes().split_at(last.len() / 2);
-    bytes.extend_from_slice(head);
-    let path = env.watch_dir().join("growing.jsonl");
-    fs::write(&path, &bytes).expect("write the file with its last line cut");
-    wait_delivered(&env, &agent, &ids, "the complete lines before the cut");
-    assert!(
-        agent.wait_for_log("holding it until it is complete", PATIENCE),
-        "the last line is held\n{}",
-        agent.log_tail(20)
-    );
+    let (path, ids, rest) = write_with_a_cut_last_line(&env, &agent, ids_base(22));
     let exit = agent.stop();
     assert_eq!(
         exit.and_then(|e| e.code()),
@@ -940,29 +940,12 @@ fn a_partial_last_line_held_across_a_sigterm_is_delivered_once_when_finished() {
         "SIGTERM exits 0\n{}",
         agent.log_tail(20)
     );
-
-    let mut rest = tail.to_vec();
-    rest.push(b'\n');
     append(&path, &rest);
     let agent = env.start_agent();
-    ids.push(crate::util::lp_id(ids_base(22) + 3));
-    wait_delivered(
+    assert_finished_line_delivered_once(
         &env,
         &agent,
         &ids,
-        "the line finished while the agent was stopped",
-    );
-    env.server
-        .wait_for_quiet(Duration::from_millis(1500), PATIENCE);
-    assert_exactly_once(
-        &env.server,
-        &ids,
-        &agent,
         "a held line finished across a restart",
-    );
-    assert!(
-        quarantine_list(&env.config_path).is_empty(),
-        "nothing quarantined: {:?}",
-        quarantine_list(&env.config_path)
     );
 }

@@ -228,15 +228,7 @@ fn run_exits_78_on_a_bad_config() {
     let bad = env.config.clone().with_extra("segment", "bogus_key = 1");
     let config = env.root().join("bad.toml");
     bad.write(&config);
-    let mut agent = Agent::start(&config);
-    let exit = agent.wait_exit(PATIENCE);
-    assert_eq!(
-        exit.and_then(|e| e.code()),
-        Some(EX_CONFIG),
-        "{}",
-        agent.log_tail(20)
-    );
-    let logs = agent.logs();
+    let logs = Agent::run_until_exit(&config, EX_CONFIG);
     assert!(logs.contains("bogus_key"), "names the unknown key:\n{logs}");
     assert!(
         !logs.contains(": ready"),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use super::{BIN, STOP_TIMEOUT, read_lossy, wait_until};
+use super::{BIN, PATIENCE, STOP_TIMEOUT, read_lossy, wait_until};
 
 /// A `Command` for `program` (the agent, or e.g. `sh` wrapping it) with an environment that
 /// cannot change what a test means:
@@ -69,6 +69,20 @@ impl Agent {
     /// Spawns `run --config config_path` ([`run_command`] of [`BIN`]).
     pub fn start(config_path: &Path) -> Agent {
         Agent::spawn(run_command(BIN, config_path), config_path)
+    }
+
+    /// Runs `run --config config_path` until it exits by itself (within [`PATIENCE`]), asserts
+    /// the exit code, and returns its log: for configs `run` must refuse.
+    pub fn run_until_exit(config_path: &Path, code: i32) -> String {
+        let mut agent = Agent::start(config_path);
+        let exit = agent.wait_exit(PATIENCE);
+        assert_eq!(
+            exit.and_then(|e| e.code()),
+            Some(code),
+            "exit code of run\n{}",
+            agent.log_tail(30)
+        );
+        agent.logs()
     }
 
     /// Spawns a prepared `cmd` (see [`run_command`]) in the config's directory, stdout and
