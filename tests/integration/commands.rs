@@ -62,7 +62,7 @@ fn a_stalled_loop_stops_the_watchdog_pings() {
     cmd.env("NOTIFY_SOCKET", env.root().join("notify.sock"))
         .env("WATCHDOG_USEC", "2000000")
         .env("LSA_FAILPOINT", "ingest-stall");
-    let mut agent = Agent::spawn_logged(cmd, &config);
+    let mut agent = Agent::spawn(cmd, &config);
 
     assert!(
         wait_until(PATIENCE, || !notify.find(0, "READY=1").is_empty()),
@@ -120,7 +120,7 @@ fn a_hung_loop_does_not_hold_the_exit_past_the_shutdown_deadline() {
     cmd.args(["run", "--config"])
         .arg(&config)
         .env("LSA_FAILPOINT", "ingest-hang");
-    let mut agent = Agent::spawn_logged(cmd, &config);
+    let mut agent = Agent::spawn(cmd, &config);
     assert!(
         wait_until(PATIENCE, || agent.logs().contains("failpoint ingest-hang")),
         "{}",
