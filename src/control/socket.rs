@@ -9,9 +9,10 @@
 //! request gets `{"error":"unknown request"}`.
 //!
 //! The socket file has mode 0660, so the agent's user and group may ask; with systemd's
-//! `RuntimeDirectory` the directory is the agent's own. Each connection runs in its own task
-//! and is closed after [`REQUEST_TIMEOUT`], so a client that connects and says nothing holds
-//! nobody up. The socket file is removed on shutdown; one left by a crash is found stale (no
+//! `RuntimeDirectory` the directory is the agent's own. Each connection runs in its own task;
+//! a client gets [`REQUEST_TIMEOUT`] to send its request and to take the answer, so one that
+//! connects and says nothing holds nobody up, while the answer itself may take longer (a status
+//! over a big quarantine on a loaded machine) up to `ANSWER_LIMIT`. The socket file is removed on shutdown; one left by a crash is found stale (no
 //! one accepts on it) and replaced at the next start, while one a live agent answers on is left
 //! alone and the new agent refuses to start.
 
@@ -29,8 +30,11 @@ use tokio_util::sync::CancellationToken;
 use super::protocol::{Answer, Request, decode_request, encode_answer};
 use super::status::StatusReport;
 
-/// How long one connection may take, request and answer together.
+/// How long a client may take to send its request, and to take the answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the agent works on one answer before it answers with an error instead.
+const ANSWER_LIMIT: Duration = Duration::from_secs(60);
 
 /// Owner and group read/write: `status` run by an operator in the agent's group works, others
 /// cannot read the backlog or the endpoint.
@@ -201,36 +205,64 @@ async fn remove_stale(path: &Path) -> io::Result<()> {
 /// Serves one connection within `limit`; a client that is slow or leaves is not an error
 /// worth more than a debug line.
 async fn handle(stream: UnixStream, handler: Handler, limit: Duration) {
-    match tokio::time::timeout(limit, answer(stream, handler)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(error = %e, "control socket: connection failed"),
-        Err(_) => tracing::debug!("control socket: client too slow; connection closed"),
+    match answer(stream, handler, limit).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            tracing::debug!(error = %e, "control socket: client too slow; connection closed")
+        }
+        Err(e) => tracing::debug!(error = %e, "control socket: connection failed"),
     }
 }
 
-async fn answer(mut stream: UnixStream, handler: Handler) -> io::Result<()> {
+/// Reads one request and writes its answer. `limit` bounds the client's side of the talk
+/// (reading the request, writing the answer): a client that connects and says nothing holds
+/// nobody up. The answer itself takes what it takes (a status over a big quarantine on a
+/// loaded machine can take seconds), up to [`ANSWER_LIMIT`]: cutting it at `limit` turned a
+/// slow answer into a closed connection the operator could not tell from a crash.
+async fn answer(mut stream: UnixStream, handler: Handler, limit: Duration) -> io::Result<()> {
+    let timed_out = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{what} took longer than {limit:?}"),
+        )
+    };
     let (read, mut write) = stream.split();
     let mut line = Vec::new();
-    tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES))
-        .read_until(b'\n', &mut line)
-        .await?;
+    tokio::time::timeout(
+        limit,
+        tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES)).read_until(b'\n', &mut line),
+    )
+    .await
+    .map_err(|_| timed_out("reading the request"))??;
     if line.is_empty() {
         // Connected and left without a word: the start-up probe of another agent.
         return Ok(());
     }
     let answered = match decode_request(&line) {
-        Ok(request) => tokio::task::spawn_blocking(move || handler(request))
-            .await
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "answering a control request failed");
-                Err("internal error".to_owned())
-            }),
+        Ok(request) => {
+            let work = tokio::task::spawn_blocking(move || handler(request));
+            match tokio::time::timeout(ANSWER_LIMIT, work).await {
+                Ok(Ok(answered)) => answered,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "answering a control request failed");
+                    Err("internal error".to_owned())
+                }
+                Err(_) => {
+                    tracing::warn!(limit = ?ANSWER_LIMIT, "a control request took too long to answer");
+                    Err(format!("the answer took longer than {ANSWER_LIMIT:?}"))
+                }
+            }
+        }
         Err(e) => Err(e),
     };
     let mut reply = encode_answer(&answered);
     reply.push(b'\n');
-    write.write_all(&reply).await?;
-    write.shutdown().await
+    tokio::time::timeout(limit, async {
+        write.write_all(&reply).await?;
+        write.shutdown().await
+    })
+    .await
+    .map_err(|_| timed_out("writing the answer"))?
 }
 
 fn annotate(e: io::Error, path: &Path) -> io::Error {
@@ -397,6 +429,26 @@ mod tests {
         assert_eq!(got.unwrap(), report());
         stop.cancel();
         server.await.unwrap().unwrap();
+    }
+
+    /// An answer slower than the client's limit is still answered: the limit is for the client
+    /// (say nothing, take nothing), not for the agent's work. Before, the connection was closed
+    /// and `status` said "the connection closed without an answer".
+    #[tokio::test]
+    async fn a_slow_answer_is_answered_not_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let sock = ControlSocket::bind(&path).await.expect("bind");
+        let stop = CancellationToken::new();
+        let limit = Duration::from_millis(100);
+        let slow: Handler = Arc::new(move |_| {
+            std::thread::sleep(limit * 5);
+            Ok(Answer::Status(Box::new(report())))
+        });
+        let task = tokio::spawn(sock.run_with_timeout(slow, stop.clone(), limit));
+        assert_eq!(query(&path).await.unwrap(), report());
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]
