@@ -292,6 +292,7 @@ pub async fn run(
         heartbeat_ms: ingest_heartbeat.clone(),
         files_delivered: Some(delivered_tx.clone()),
         catalog: catalog.api_enabled().then(|| catalog.clone()),
+        ingest_threads: config.watch.ingest_threads(),
     };
     let retry_after = Duration::from_secs(config.watch.settle_secs.max(1));
     let ingest_stop = intake_stop.clone();
