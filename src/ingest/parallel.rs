@@ -166,11 +166,11 @@ impl Ingestor {
                 }));
             }
             drop(pieces_tx);
+            // However the committer ends (a panic too), the threads stop at their next batch:
+            // the reader is not given room for another, the workers skip what is left.
+            let stop = Stop(budget, stopped);
             let result = self.commit_in_order(pass, chunk, pieces_rx, budget, cancel);
-            // The threads stop at their next batch: the reader is not given room for another,
-            // the workers skip what is left.
-            stopped.store(true, Ordering::Relaxed);
-            budget.close();
+            drop(stop);
             for thread in threads {
                 if let Err(panic) = thread.join() {
                     std::panic::resume_unwind(panic);
@@ -406,6 +406,16 @@ impl Drop for OnPanic<'_> {
         if std::thread::panicking() {
             let _ = self.0.send((u64::MAX, Piece::Lost));
         }
+    }
+}
+
+/// Stops the reader and the workers when dropped: the committer is done.
+struct Stop<'a>(&'a Budget, &'a AtomicBool);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.1.store(true, Ordering::Relaxed);
+        self.0.close();
     }
 }
 
