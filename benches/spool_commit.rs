@@ -29,7 +29,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::open(dir.path(), cache_mb << 20).unwrap();
     let fid = spool
-        .begin_file(Path::new("f"), &FileRecord::default())
+        .ledger()
+        .begin(Path::new("f"), &FileRecord::default())
         .unwrap();
     println!(
         "spool_commit: {n} events, sled cache {cache_mb} MB; RSS at start {} MB",
@@ -44,6 +45,7 @@ fn main() {
             .map(|i| SpoolEvent {
                 message_id: format!("lp-e-{}", 7_000_000_000_000_000_000u64 + i as u64),
                 json: format!("{{\"messageId\":\"lp-e-{i}\",\"pad\":\"{pad}\"}}").into_bytes(),
+                refused: None,
             })
             .collect();
         let one = Instant::now();
@@ -73,12 +75,12 @@ fn main() {
     let t = Instant::now();
     let mut drained = 0;
     loop {
-        let batch = spool.peek(None, 2500, 475_000).unwrap().items;
+        let batch = spool.queue().peek(None, 2500, 475_000).unwrap().items;
         if batch.is_empty() {
             break;
         }
         drained += batch.len();
-        spool.ack(&batch).unwrap();
+        spool.queue().ack(&batch).unwrap();
     }
     let d = t.elapsed();
     println!(

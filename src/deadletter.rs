@@ -58,6 +58,7 @@ pub fn show(spool: &Spool, id: u64) -> Result<Option<Shown>, spool::Error> {
     };
     let (content_kind, content) = if entry.kind == "dead-letter" {
         let event = spool
+            .letters()
             .dead_letters()?
             .into_iter()
             .find(|(i, _)| *i == id)
@@ -66,6 +67,7 @@ pub fn show(spool: &Spool, id: u64) -> Result<Option<Shown>, spool::Error> {
         ("event", event)
     } else {
         let raw = spool
+            .letters()
             .quarantine_entries()?
             .into_iter()
             .find(|(i, _)| *i == id)
@@ -137,6 +139,7 @@ pub struct RetryOutcome {
 
 pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
     let mut out: Vec<Entry> = spool
+        .letters()
         .quarantine_entries()?
         .into_iter()
         .map(|(id, q)| Entry {
@@ -153,14 +156,14 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
             message_id: (!q.message_ids.is_empty()).then(|| q.message_ids.join(",")),
         })
         .collect();
-    out.extend(spool.dead_letters()?.into_iter().map(|(id, d)| {
+    out.extend(spool.letters().dead_letters()?.into_iter().map(|(id, d)| {
         Entry {
             id,
             kind: "dead-letter".into(),
             time: crate::segment::rfc3339_millis(d.time_ms as i64),
             file: d
                 .file_id
-                .and_then(|f| spool.file(f).ok().flatten())
+                .and_then(|f| spool.ledger().file(f).ok().flatten())
                 .map(|r| r.path),
             line: None,
             reason: d.reason,
@@ -179,7 +182,7 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
 /// wait for (there can be millions of them). Id 0: they are not retried or purged by id; they
 /// leave when what they wait for is read (or the job's tables are dropped in again).
 fn waiting_entries(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
-    let now = crate::segment::rfc3339_millis(spool::now_ms() as i64);
+    let now = crate::segment::rfc3339_millis(crate::clock::now_ms() as i64);
     Ok(spool
         .join_waiting_groups()?
         .into_iter()
@@ -220,10 +223,10 @@ pub fn retry(
     max_line_bytes: usize,
 ) -> Result<RetryOutcome, spool::Error> {
     let mut outcome = RetryOutcome {
-        requeued: spool.requeue_dead(ids)?,
+        requeued: spool.letters().requeue_dead(ids)?,
         ..RetryOutcome::default()
     };
-    for (id, mut q) in spool.quarantine_entries()? {
+    for (id, mut q) in spool.letters().quarantine_entries()? {
         if !ids.is_empty() && !ids.contains(&id) {
             continue;
         }
@@ -242,13 +245,13 @@ pub fn retry(
                     events,
                     ..Chunk::default()
                 })?;
-                spool.set_quarantine(id, None)?;
+                spool.letters().set_quarantine(id, None)?;
                 outcome.recovered += 1;
             }
             Err(why) => {
                 q.reason = format!("retry failed: {why}");
-                q.time_ms = spool::now_ms();
-                spool.set_quarantine(id, Some(&q))?;
+                q.time_ms = crate::clock::now_ms();
+                spool.letters().set_quarantine(id, Some(&q))?;
                 outcome.still_bad.push((id, why));
             }
         }
@@ -328,6 +331,7 @@ pub fn handle_request(
         "retry" => retry(spool, &ids, catalog, opts, max_line_bytes)
             .map(|o| serde_json::json!({ "retry": o })),
         "purge" => spool
+            .letters()
             .purge(&ids)
             .map(|n| serde_json::json!({ "purged": n })),
         _ => return Some(serde_json::json!({"error": "unknown dead-letter request"})),
@@ -381,7 +385,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 8 << 20).unwrap();
         let fid = spool
-            .begin_file(
+            .ledger()
+            .begin(
                 Path::new("in/f"),
                 &FileRecord {
                     path: "in/f".into(),
@@ -396,6 +401,7 @@ mod tests {
                 events: vec![SpoolEvent {
                     message_id: "lp-e-1".into(),
                     json: br#"{"messageId":"lp-e-1"}"#.to_vec(),
+                    refused: None,
                 }],
                 quarantine: vec![
                     QuarantineEntry {
@@ -418,8 +424,11 @@ mod tests {
                 ..Chunk::default()
             })
             .unwrap();
-        let q = spool.peek(None, 10, usize::MAX).unwrap().items;
-        spool.dead_letter(&q, "HTTP 400: bad", Some(400)).unwrap();
+        let q = spool.queue().peek(None, 10, usize::MAX).unwrap().items;
+        spool
+            .queue()
+            .dead_letter(&q, "HTTP 400: bad", Some(400))
+            .unwrap();
 
         let entries = list(&spool).unwrap();
         assert_eq!(entries.len(), 3);
@@ -433,6 +442,7 @@ mod tests {
         assert_eq!(out.recovered, 1, "the quarantined line maps today");
         assert_eq!(out.still_bad.len(), 1);
         let queued: Vec<String> = spool
+            .queue()
             .peek(None, 10, usize::MAX)
             .unwrap()
             .items
@@ -442,12 +452,12 @@ mod tests {
         assert_eq!(queued.len(), 2);
         assert!(queued[0].contains("lp-e-1"));
         assert!(queued[1].contains("lp-e-77"));
-        assert_eq!(spool.depth().unwrap().events, 2);
+        assert_eq!(spool.queue().depth().unwrap().events, 2);
 
         let left = list(&spool).unwrap();
         assert_eq!(left.len(), 1);
         assert!(left[0].reason.starts_with("retry failed"), "{:?}", left[0]);
-        assert_eq!(spool.purge(&[]).unwrap(), 1);
+        assert_eq!(spool.letters().purge(&[]).unwrap(), 1);
         assert!(list(&spool).unwrap().is_empty());
     }
 
@@ -472,6 +482,7 @@ mod tests {
         // Its kept start happens to be a whole session: still not what the line held.
         let start = r#"{"deviceId":"D1","time":1793534899.612,"states":[{"events":[{"eventId":78,"name":".m5680127476129675 Open","time":1793534900}]}]}"#;
         spool
+            .letters()
             .quarantine(&QuarantineEntry {
                 reason: input::over_limit_reason("line", 3_000_000, 1 << 20),
                 file: "in/big".into(),
@@ -500,7 +511,7 @@ mod tests {
             "{}",
             out.still_bad[0].1
         );
-        assert_eq!(spool.depth().unwrap().events, 0, "nothing spooled");
+        assert_eq!(spool.queue().depth().unwrap().events, 0, "nothing spooled");
         assert_eq!(list(&spool).unwrap().len(), 1);
     }
 }

@@ -28,13 +28,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::segment::batch::{encode_body, event_budget};
 use crate::segment::client::{Answer, Client};
 use crate::segment::concurrency::{Controller, Mode, Outcome};
 use crate::segment::rate::TokenBucket;
 use crate::segment::retry::{Backoff, RetryAction, retry_action};
 use crate::segment::rfc3339_millis;
-use crate::spool::{Queued, Spool, now_ms};
+use crate::spool::{Queued, Spool};
 use crate::stats::Stats;
 
 /// How long in-flight requests get to finish once shutdown starts.
@@ -247,7 +248,7 @@ impl Drain {
                     limiter.launched(flights.len());
                     continue;
                 }
-                let peeked = match self.spool.peek(cursor, max_events, budget) {
+                let peeked = match self.spool.queue().peek(cursor, max_events, budget) {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read the spool");
@@ -354,7 +355,7 @@ impl Drain {
         let n = batch.items.len() as u64;
         match retry_action(answer.status) {
             RetryAction::Delivered => {
-                match self.spool.ack(&batch.items) {
+                match self.spool.queue().ack(&batch.items) {
                     Ok(done) => {
                         for id in done {
                             if let Some(tx) = &self.files_delivered {
@@ -388,10 +389,11 @@ impl Drain {
             RetryAction::Split => {
                 if batch.items.len() == 1 {
                     tracing::warn!(detail = %answer.detail, "Segment rejected an event; dead-lettered");
-                    match self
-                        .spool
-                        .dead_letter(&batch.items, &answer.detail, answer.status)
-                    {
+                    match self.spool.queue().dead_letter(
+                        &batch.items,
+                        &answer.detail,
+                        answer.status,
+                    ) {
                         Ok(_) => Stats::add(&self.stats.dead_lettered, 1),
                         Err(e) => {
                             tracing::error!(error = %e, "cannot dead-letter an event; it stays queued");

@@ -18,6 +18,7 @@
 //! # Layout
 //! - [`cli`]: the command line (clap).
 //! - [`config`]: the TOML config, its defaults, `validate()`, and the write key (a secret).
+//! - `clock`: the wall clock (`now_ms`, file times); every "now" of the crate comes from it.
 //! - [`app`]: wires the tasks together; owns startup and shutdown order.
 //! - [`watch`]: which files are ready to read.
 //! - [`input`]: format detection and streaming readers that yield records with offsets.
@@ -32,7 +33,8 @@
 //! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk; the join
 //!   of Leanplum's CSV export tables (on disk, in the spool).
 //! - [`spool`]: segment files for the events, sled for where they are, read offsets and the rest,
-//!   a hash table file for dedupe; its module doc is the on-disk format.
+//!   a hash table file for dedupe; its module doc is the on-disk format. Its parts: the queue,
+//!   the file ledger (identity, state transitions), letters (quarantine, dead letters), meta.
 //! - [`segment`]: event type, batch budget, HTTP client, retry policy.
 //! - [`deadletter`]: `dead-letter list | retry | purge` over the quarantine and dead letters.
 //! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
@@ -44,6 +46,7 @@
 pub mod app;
 pub mod catalog;
 pub mod cli;
+pub(crate) mod clock;
 pub mod config;
 pub mod control;
 pub mod deadletter;

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, watch as watch_channel};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{CatalogService, LoadedFiles};
+use crate::clock::now_ms;
 use crate::config::{Config, Purpose, Secret, WriteKey};
 use crate::control;
 use crate::drain::{Drain, DrainConfig, DrainHandle, DrainSettings};
@@ -33,7 +34,7 @@ use crate::ingest::Ingestor;
 use crate::leanplum::api::LeanplumApi;
 use crate::mapping::{MappingOptions, MappingState, SharedMapping};
 use crate::segment::client::Client;
-use crate::spool::{Spool, now_ms};
+use crate::spool::Spool;
 use crate::stats::Stats;
 use crate::transport::Transport;
 use crate::watch::{self, WatchHandles, WatchSettings};
@@ -120,7 +121,7 @@ pub async fn run(
     if let Some(note) = spool.recovered() {
         tracing::warn!("{note}");
     }
-    let depth = spool.depth()?;
+    let depth = spool.queue().depth()?;
     tracing::info!(
         path = %spool.path().display(),
         events = depth.events,
@@ -449,7 +450,7 @@ pub async fn run(
             SHUTDOWN_DEADLINE.as_secs()
         ),
     }
-    let depth = spool.depth()?;
+    let depth = spool.queue().depth()?;
     tracing::info!(
         queued = depth.events,
         delivered = Stats::get(&stats.events_delivered),

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::clock::now_ms;
 use crate::control;
-use crate::spool::now_ms;
 
 /// `STATUS=` for `systemctl status`, refreshed every few seconds (only under systemd).
 pub(super) async fn status_loop(report: control::ReportFn) {

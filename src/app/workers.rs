@@ -9,9 +9,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_ms;
 use crate::config::AfterIngest;
 use crate::ingest::{Ingestor, Outcome};
-use crate::spool::{FileStatus, Spool, now_ms};
+use crate::spool::{FileStatus, Spool, Transition};
 
 /// A file whose last line is unfinished and unparsable is held this many `settle_secs` after
 /// its last change before the line is taken as final.
@@ -118,7 +119,7 @@ pub(super) async fn after_ingest_worker(
     mut delivered: mpsc::UnboundedReceiver<u64>,
 ) {
     while let Some(id) = delivered.recv().await {
-        let Ok(Some(rec)) = spool.file(id) else {
+        let Ok(Some(rec)) = spool.ledger().file(id) else {
             continue;
         };
         if rec.status != FileStatus::Read || rec.replay {
@@ -141,7 +142,7 @@ pub(super) async fn after_ingest_worker(
                 if action != AfterIngest::Keep {
                     tracing::info!(path = %rec.path, action = ?action, "file delivered and removed from the watch directory");
                 }
-                let _ = spool.update_file(id, |r| r.status = FileStatus::Done);
+                let _ = spool.ledger().transition(id, Transition::Delivered);
             }
             Err(e) => {
                 tracing::warn!(path = %rec.path, error = %e, "after_ingest failed; the file stays")
@@ -169,9 +170,9 @@ pub(super) async fn maintenance(spool: Arc<Spool>, dedupe_window: Duration, keep
             if pruned > 0 {
                 tracing::info!(pruned, "dedupe entries older than the window removed");
             }
-            spool.remove_drained_segments()?;
+            spool.queue().remove_drained_segments()?;
             let cutoff = now_ms().saturating_sub(keep_bad.as_millis() as u64);
-            let (quarantined, dead) = spool.drop_letters_before(cutoff)?;
+            let (quarantined, dead) = spool.letters().drop_letters_before(cutoff)?;
             if quarantined + dead > 0 {
                 tracing::info!(
                     quarantined,

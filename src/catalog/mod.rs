@@ -42,10 +42,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::clock::now_ms;
 use crate::leanplum::Id;
 use crate::leanplum::catalog::{AbTest, Catalog, Message};
 use crate::mapping::{MappingOptions, MappingState, SharedMapping};
-use crate::spool::{Spool, now_ms};
+use crate::spool::Spool;
 
 /// How long "Leanplum says this message does not exist" is believed before asking again.
 pub const MISSING_TTL: Duration = Duration::from_secs(15 * 60);
@@ -319,7 +320,7 @@ impl CatalogService {
             })
             .expect("plain data serializes")
         };
-        if let Err(e) = spool.store_catalog_cache(&bytes) {
+        if let Err(e) = spool.meta().store_catalog_cache(&bytes) {
             tracing::warn!(error = %e, "cannot cache the Leanplum catalog in the spool");
         }
     }
@@ -371,7 +372,7 @@ fn wait_on(
 
 /// Loads the cached API layer into `st`; a damaged cache is logged and ignored.
 fn load_cache(spool: &Spool, st: &mut State) {
-    let bytes = match spool.catalog_cache() {
+    let bytes = match spool.meta().catalog_cache() {
         Ok(Some(b)) => b,
         Ok(None) => return,
         Err(e) => {

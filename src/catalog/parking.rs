@@ -20,12 +20,11 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::CatalogService;
+use crate::clock::now_ms;
 use crate::input::Record;
 use crate::leanplum::Id;
 use crate::mapping::{MappingState, Output, SharedMapping, parked_part};
-use crate::spool::{
-    self, Chunk, NO_FILE, QuarantineEntry, QuarantineKind, QuarantineTag, Spool, now_ms,
-};
+use crate::spool::{self, Chunk, NO_FILE, QuarantineEntry, QuarantineKind, QuarantineTag, Spool};
 use crate::stats::Stats;
 
 /// How many message ids `status` names.
@@ -82,11 +81,11 @@ pub fn remap(spool: &Spool, mapping: &MappingState) -> Result<Remapped, spool::E
                 .spooled;
         }
         for (id, change) in changes.drain(..) {
-            spool.set_quarantine(id, change.as_ref())?;
+            spool.letters().set_quarantine(id, change.as_ref())?;
         }
         Ok::<u64, spool::Error>(spooled)
     };
-    for (id, q) in spool.quarantine_entries()? {
+    for (id, q) in spool.letters().quarantine_entries()? {
         if q.kind != QuarantineKind::Parked {
             continue;
         }
@@ -148,11 +147,11 @@ pub struct ParkedMessage {
 
 /// Counts the parked records and their message ids (one walk of the quarantine).
 pub fn summary(spool: &Spool) -> Result<ParkedSummary, spool::Error> {
-    Ok(summarize(spool.quarantine_tags()?))
+    Ok(summarize(spool.letters().quarantine_tags()?))
 }
 
 /// [`summary`] of tags already read.
-pub fn summarize(tags: Vec<QuarantineTag>) -> ParkedSummary {
+pub(crate) fn summarize(tags: Vec<QuarantineTag>) -> ParkedSummary {
     let mut by_id: BTreeMap<String, u64> = BTreeMap::new();
     let mut records = 0;
     for q in tags {
@@ -266,7 +265,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 8 << 20).unwrap();
         let fid = spool
-            .begin_file(
+            .ledger()
+            .begin(
                 Path::new("f"),
                 &FileRecord {
                     path: "f".into(),
@@ -299,7 +299,7 @@ mod tests {
         let r = remap(&spool, &state(&[(LATE, "Late")])).unwrap();
         assert_eq!((r.released, r.events, r.still_parked), (1, 2, 0));
         assert_eq!(summary(&spool).unwrap().records, 0);
-        let queued = spool.peek(None, 10, usize::MAX).unwrap().items;
+        let queued = spool.queue().peek(None, 10, usize::MAX).unwrap().items;
         let events: Vec<serde_json::Value> = queued
             .iter()
             .map(|q| serde_json::from_slice(&q.json).unwrap())

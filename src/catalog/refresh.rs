@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{CatalogService, LOOKUPS_PER_SEC, Lookup, MISSING_TTL, Source, State};
+use crate::clock::now_ms;
 use crate::leanplum::Id;
 use crate::leanplum::api::{ApiError, LeanplumApi};
 use crate::leanplum::catalog::{Catalog, Message};
 use crate::segment::retry::Backoff;
-use crate::spool::now_ms;
 
 /// Backoff of a failed refresh: from this, doubling, up to the refresh interval (at most).
 const REFRESH_RETRY_INITIAL: Duration = Duration::from_secs(5);

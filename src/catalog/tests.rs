@@ -149,7 +149,7 @@ async fn files_override_the_api_and_the_cache_survives_a_restart() {
 fn a_damaged_cache_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Arc::new(Spool::open(dir.path(), 8 << 20).unwrap());
-    spool.store_catalog_cache(b"{not json").unwrap();
+    spool.meta().store_catalog_cache(b"{not json").unwrap();
     let (s, _) = service(Catalog::empty(), Some(spool), true);
     assert_eq!(s.status().messages, 0);
     assert_eq!(s.status().source, "files (API not reached yet)");

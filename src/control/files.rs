@@ -87,6 +87,7 @@ pub fn list(
     state_filter: Option<&str>,
 ) -> Result<Vec<FileEntry>, spool::Error> {
     Ok(spool
+        .ledger()
         .files()?
         .into_iter()
         .map(|(id, rec)| {

@@ -53,8 +53,9 @@ use std::time::Instant;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::now_ms;
 use crate::drain::{DeliveryState, DrainStatus};
-use crate::spool::{self, FileStatus, Spool, now_ms};
+use crate::spool::{self, FileStatus, Spool};
 use crate::stats::Stats;
 
 /// The `state` of an agent that is not running.
@@ -336,11 +337,11 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
     {
         notes.push(note.to_string());
     }
-    let depth = src.spool.depth().unwrap_or_else(|e| {
+    let depth = src.spool.queue().depth().unwrap_or_else(|e| {
         notes.push(format!("cannot read the spool depth: {e}"));
         spool::Depth::default()
     });
-    let oldest = src.spool.oldest_enqueued_ms().unwrap_or_else(|e| {
+    let oldest = src.spool.queue().oldest_enqueued_ms().unwrap_or_else(|e| {
         notes.push(format!("cannot read the oldest queued event: {e}"));
         None
     });
@@ -409,11 +410,11 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
 /// `stopped`, the figures only the spool knows (depth, oldest event age, quarantine and
 /// dead-letter counts, files by status), the process counters 0.
 pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spool::Error> {
-    let depth = spool.depth()?;
-    let oldest = spool.oldest_enqueued_ms()?;
+    let depth = spool.queue().depth()?;
+    let oldest = spool.queue().oldest_enqueued_ms()?;
     let counts = file_counts(spool)?;
     // One walk of the quarantine for both counts.
-    let tags = spool.quarantine_tags()?;
+    let tags = spool.letters().quarantine_tags()?;
     let quarantined = tags
         .iter()
         .filter(|t| t.kind == spool::QuarantineKind::Bad)
@@ -431,7 +432,7 @@ pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spo
         spool_bytes: depth.bytes,
         oldest_event_age_secs: oldest.map(|t| now.saturating_sub(t) / 1000),
         quarantined,
-        dead_lettered: spool.dead_letters()?.len() as u64,
+        dead_lettered: spool.letters().dead_letters()?.len() as u64,
         files_seen: counts.seen,
         files_in_progress: counts.in_progress,
         files_done: counts.done,
@@ -479,7 +480,7 @@ impl FileCounts {
 /// too much to run every second.
 fn file_counts(spool: &Spool) -> Result<FileCounts, spool::Error> {
     let mut counts = FileCounts::default();
-    for (_, rec) in spool.files()? {
+    for (_, rec) in spool.ledger().files()? {
         counts.add(rec.status);
     }
     Ok(counts)
@@ -842,13 +843,15 @@ mod tests {
     fn spool_with_backlog(dir: &Path) -> Spool {
         let spool = Spool::open(dir, 8 << 20).unwrap();
         let fid = spool
-            .begin_file(Path::new("a.json"), &file_record("a.json"))
+            .ledger()
+            .begin(Path::new("a.json"), &file_record("a.json"))
             .unwrap();
         let events = ["e1", "e2", "e3"]
             .iter()
             .map(|id| SpoolEvent {
                 message_id: (*id).into(),
                 json: format!("{{\"messageId\":\"{id}\"}}").into_bytes(),
+                refused: None,
             })
             .collect();
         spool
@@ -870,9 +873,24 @@ mod tests {
             .unwrap();
         for (path, status) in [("b.json", FileStatus::Read), ("c.json", FileStatus::Failed)] {
             let id = spool
-                .begin_file(Path::new(path), &file_record(path))
+                .ledger()
+                .begin(Path::new(path), &file_record(path))
                 .unwrap();
-            spool.update_file(id, |r| r.status = status).unwrap();
+            match status {
+                FileStatus::Read => {
+                    spool
+                        .commit_file_chunk(&Chunk {
+                            file_id: id,
+                            file_done: true,
+                            ..Chunk::default()
+                        })
+                        .unwrap();
+                }
+                _ => spool
+                    .ledger()
+                    .transition(id, crate::spool::Transition::Failed("bad".into()))
+                    .unwrap(),
+            }
         }
         spool
     }

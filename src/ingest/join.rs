@@ -57,6 +57,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{Ingestor, Outcome, Skipped, spool_event};
+use crate::clock::now_ms;
 use crate::input::leanplum_csv::{TableItem, TableReader};
 use crate::input::{InputError, Record};
 use crate::leanplum::csv_export::{
@@ -65,7 +66,7 @@ use crate::leanplum::csv_export::{
 use crate::leanplum::{Event, Experiment, Id, LpTime, Session, State};
 use crate::mapping::{MappingState, Output, map_session};
 use crate::spool::join as keys;
-use crate::spool::{self, Chunk, FileStatus, JoinOp, JoinTree, QuarantineEntry, Spool, now_ms};
+use crate::spool::{self, Chunk, JoinOp, JoinTree, QuarantineEntry, Spool};
 use crate::stats::Stats;
 
 /// Rows per commit.
@@ -695,10 +696,9 @@ impl Ingestor {
         if let Some(e) = stream_error {
             let reason = e.to_string();
             tracing::warn!(path = %shown, error = %reason, "file damaged; rows before the damage were kept");
-            self.spool.update_file(file_id, |r| {
-                r.status = FileStatus::Failed;
-                r.error = Some(reason.clone());
-            })?;
+            self.spool
+                .ledger()
+                .transition(file_id, spool::Transition::Failed(reason.clone()))?;
             return Ok(Outcome::Failed(reason));
         }
         if waiting {

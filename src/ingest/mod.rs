@@ -21,19 +21,20 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-mod fingerprint;
 mod join;
 mod parallel;
 
+use crate::clock::{self, now_ms};
 use crate::input::{BadRecord, InputError, Item, Reader, Record};
 use crate::leanplum::catalog::Catalog;
 use crate::mapping::{
     self, MapError, MappingOptions, MappingState, Output, SharedMapping, map_engagement,
     map_session,
 };
-use crate::segment::TrackEvent;
+use crate::segment::{MAX_EVENT_BYTES, TrackEvent};
 use crate::spool::{
-    self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, now_ms,
+    self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, Transition,
+    fingerprint,
 };
 use crate::stats::Stats;
 use fingerprint::Relation;
@@ -86,7 +87,7 @@ fn unknown_ids(
 pub fn begin_replay(spool: &Spool, abs: &Path) -> Result<u64, spool::Error> {
     let now = now_ms();
     let len = std::fs::metadata(abs).map_or(0, |m| m.len());
-    spool.begin_file(
+    spool.ledger().begin(
         abs,
         &FileRecord {
             path: abs.to_string_lossy().into_owned(),
@@ -100,11 +101,23 @@ pub fn begin_replay(spool: &Spool, abs: &Path) -> Result<u64, spool::Error> {
     )
 }
 
-/// A mapped event as the spool stores it: its JSON, keyed for dedupe by its `messageId`.
+/// A mapped event as the spool stores it: its JSON, keyed for dedupe by its `messageId`. An
+/// event over Segment's size limit is refused here (Segment would reject it): the spool keeps
+/// it as a dead letter, with this reason, instead of queueing it. Every event into the spool
+/// comes through here (files, the CSV join, parked records, quarantine retries).
 pub fn spool_event(ev: TrackEvent) -> SpoolEvent {
+    let json = serde_json::to_vec(&ev).unwrap_or_default();
+    let refused = (json.len() > MAX_EVENT_BYTES).then(|| {
+        format!(
+            "event is {} bytes, over Segment's {} byte limit",
+            json.len(),
+            MAX_EVENT_BYTES
+        )
+    });
     SpoolEvent {
-        json: serde_json::to_vec(&ev).unwrap_or_default(),
+        json,
         message_id: ev.message_id,
+        refused,
     }
 }
 
@@ -193,15 +206,15 @@ impl Ingestor {
             _ => {
                 // Gone before it was read to the end (say, deleted while its last line was
                 // held): it is no longer in progress.
-                if let Some((id, rec)) = self.spool.file_by_path(rel)?
+                if let Some((id, rec)) = self.spool.ledger().file_by_path(rel)?
                     && rec.status == FileStatus::Reading
                     && Path::new(&rec.path) == rel
                 {
                     tracing::warn!(path = %shown, "file vanished before it was read to the end");
-                    self.spool.update_file(id, |r| {
-                        r.status = FileStatus::Failed;
-                        r.error = Some("vanished before it was read to the end".into());
-                    })?;
+                    self.spool.ledger().transition(
+                        id,
+                        Transition::Failed("vanished before it was read to the end".into()),
+                    )?;
                 }
                 return Ok(Outcome::Gone);
             }
@@ -211,7 +224,7 @@ impl Ingestor {
             Err(e) => {
                 // A record (with no content known) so status counts the file as failed, and a
                 // permission fix (a ctime change) gets it read.
-                let id = match self.spool.file_by_path(rel)? {
+                let id = match self.spool.ledger().file_by_path(rel)? {
                     Some((_, rec)) if rec.status == FileStatus::Failed => {
                         return Ok(Outcome::Failed(rec.error.unwrap_or_default()));
                     }
@@ -229,7 +242,7 @@ impl Ingestor {
         let gzip = fingerprint::is_gzip_head(&head);
 
         let known = match replay {
-            Some(id) => match self.spool.file(id)? {
+            Some(id) => match self.spool.ledger().file(id)? {
                 Some(rec) => (id, rec, Relation::Grown),
                 None => return Ok(Outcome::Gone),
             },
@@ -246,14 +259,12 @@ impl Ingestor {
         if relation == Relation::Same
             && (rec.status == FileStatus::Read
                 || rec.status == FileStatus::Done
-                || rec.status == FileStatus::Failed && rec.updated_ms > mtime_ms(&meta))
+                || rec.status == FileStatus::Failed && rec.updated_ms > clock::mtime_ms(&meta))
         {
             return Ok(Outcome::Unchanged);
         }
-        if rec.status != FileStatus::Reading && rec.status != FileStatus::Failed {
-            self.spool
-                .update_file(id, |r| r.status = FileStatus::Reading)?;
-        }
+        // Content past what was read: Read or Done goes back to Reading.
+        self.spool.ledger().transition(id, Transition::ReadAgain)?;
         if replay.is_none()
             && !gzip
             && rec.head_len < fingerprint::HEAD_BYTES
@@ -261,6 +272,7 @@ impl Ingestor {
         {
             // A small file grew: its identity now covers more of it.
             self.spool
+                .ledger()
                 .update_head(id, head.len() as u64, &fingerprint::hash(&head))?;
         }
         let (file_id, offset, line) = (id, rec.offset, rec.line);
@@ -302,9 +314,9 @@ impl Ingestor {
         };
         if offset == 0 {
             tracing::info!(path = %shown, format = %reader.format(), gzip = reader.is_gzip(), replay = replay.is_some(), "reading file");
-            let format = reader.format().to_string();
             self.spool
-                .update_file(file_id, |r| r.format.clone_from(&format))?;
+                .ledger()
+                .set_format(file_id, &reader.format().to_string())?;
         } else {
             tracing::debug!(path = %shown, offset, "reading on from the committed offset");
         }
@@ -337,10 +349,9 @@ impl Ingestor {
             End::Damaged(e) => {
                 let reason = e.to_string();
                 tracing::warn!(path = %shown, line = line + 1, error = %reason, "file damaged; records before the damage were kept");
-                self.spool.update_file(file_id, |r| {
-                    r.status = FileStatus::Failed;
-                    r.error = Some(reason.clone());
-                })?;
+                self.spool
+                    .ledger()
+                    .transition(file_id, Transition::Failed(reason.clone()))?;
                 return Ok(Outcome::Failed(reason));
             }
             End::Waiting => {
@@ -388,7 +399,7 @@ impl Ingestor {
             path: self.watch_dir.join(rel),
             source: e,
         };
-        if let Some((id, rec)) = self.spool.file_by_path(rel)? {
+        if let Some((id, rec)) = self.spool.ledger().file_by_path(rel)? {
             match fingerprint::relate(file, len, &rec).map_err(io)? {
                 Relation::Different(why) => {
                     tracing::warn!(path = %shown, reason = why, "file content changed; reading it as a new file");
@@ -404,7 +415,11 @@ impl Ingestor {
         // since): the one read furthest into this content is the match, so nothing already
         // read is read again.
         let mut best: Option<(u64, FileRecord, Relation)> = None;
-        for (id, rec) in self.spool.files_with_head(&fingerprint::hash(head))? {
+        for (id, rec) in self
+            .spool
+            .ledger()
+            .files_with_head(&fingerprint::hash(head))?
+        {
             if !join::may_be_same_file(rel, &rec.path) {
                 continue;
             }
@@ -422,7 +437,7 @@ impl Ingestor {
                 && std::fs::symlink_metadata(&original).is_ok_and(|m| m.is_file());
             if !copied {
                 tracing::info!(path = %shown, was = %rec.path, "same content as a file already read (renamed); not read again");
-                self.spool.link_path(rel, id)?;
+                self.spool.ledger().link_path(rel, id)?;
                 return Ok(Some((id, rec, relation)));
             }
             // A copy (a re-sync under another name) gets a record of its own, starting where
@@ -430,15 +445,7 @@ impl Ingestor {
             tracing::info!(path = %shown, same_as = %rec.path, "same content as a file already read (a copy); not read again");
             let delivered =
                 rec.pending == 0 && matches!(rec.status, FileStatus::Read | FileStatus::Done);
-            let mut copy = rec.clone();
-            copy.path = rel.to_string_lossy().into_owned();
-            copy.events_spooled = 0;
-            copy.pending = 0;
-            copy.first_seen_ms = now_ms();
-            if copy.status == FileStatus::Done {
-                copy.status = FileStatus::Read;
-            }
-            let copy_id = self.spool.begin_file(rel, &copy)?;
+            let (copy_id, copy) = self.spool.ledger().begin_copy(rel, &rec)?;
             if delivered && let Some(tx) = &self.files_delivered {
                 // Everything in it already reached Segment: after_ingest applies now.
                 let _ = tx.send(copy_id);
@@ -450,7 +457,7 @@ impl Ingestor {
 
     fn begin(&self, rel: &Path, head: &[u8], gzip: bool, len: u64) -> Result<u64, spool::Error> {
         let now = now_ms();
-        self.spool.begin_file(
+        self.spool.ledger().begin(
             rel,
             &FileRecord {
                 path: rel.to_string_lossy().into_owned(),
@@ -486,13 +493,12 @@ impl Ingestor {
                     ..Chunk::default()
                 };
                 self.spool.commit_file_chunk(&chunk).and_then(|_| {
-                    self.spool.update_file(id, |r| {
-                        r.status = FileStatus::Failed;
-                        r.error = Some(reason.to_owned());
-                    })
+                    self.spool
+                        .ledger()
+                        .transition(id, Transition::Failed(reason.to_owned()))
                 })
             }
-            None => self.spool.quarantine(&entry),
+            None => self.spool.letters().quarantine(&entry),
         };
         match result {
             Ok(()) => Stats::add(&self.stats.quarantined, 1),
@@ -546,7 +552,7 @@ impl Ingestor {
     fn may_still_grow(&self, meta: &std::fs::Metadata) -> bool {
         meta.modified()
             .ok()
-            .and_then(|t| t.elapsed().ok())
+            .and_then(clock::age)
             .is_some_and(|age| age < self.partial_line_hold)
     }
 
@@ -603,7 +609,7 @@ impl Ingestor {
             }
             self.heartbeat_ms
                 .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-            let depth = self.spool.depth()?.bytes;
+            let depth = self.spool.queue().depth()?.bytes;
             let why = if depth >= self.max_spool_bytes {
                 Some("spool full (spool.max_bytes); reading paused until the drain catches up")
             } else if self.spool.disk_nearly_full(incoming) {
@@ -716,13 +722,6 @@ type Skipped = std::collections::BTreeMap<String, u64>;
 /// Events spooled, duplicates and quarantined records of a chunk; `None` when shutdown
 /// interrupted its commit.
 type Committed = Result<Option<(u64, u64, u64)>, spool::Error>;
-
-fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// What `dry-run` saw.
 #[derive(Debug, Default)]
@@ -970,4 +969,42 @@ fn dry_run_table(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(id: &str, pad: usize) -> TrackEvent {
+        let mut properties = serde_json::Map::new();
+        properties.insert("pad".into(), "x".repeat(pad).into());
+        TrackEvent {
+            kind: "track",
+            message_id: id.into(),
+            event: "Message Open".into(),
+            user_id: Some("u".into()),
+            anonymous_id: None,
+            timestamp: "2026-11-01T12:08:19.612Z".into(),
+            properties,
+            context: Default::default(),
+        }
+    }
+
+    #[test]
+    fn events_over_segments_limit_are_refused_before_the_spool() {
+        let small = spool_event(track("lp-e-1", 10));
+        assert_eq!((small.message_id.as_str(), small.refused), ("lp-e-1", None));
+        let big = spool_event(track("lp-e-2", MAX_EVENT_BYTES));
+        assert!(big.json.len() > MAX_EVENT_BYTES);
+        assert_eq!(
+            big.refused.as_deref(),
+            Some(
+                format!(
+                    "event is {} bytes, over Segment's {MAX_EVENT_BYTES} byte limit",
+                    big.json.len()
+                )
+                .as_str()
+            )
+        );
+    }
 }

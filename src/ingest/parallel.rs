@@ -36,10 +36,11 @@ use std::sync::{Condvar, Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{BadLog, CHUNK_EVENTS, CHUNK_RECORDS, Ingestor, Skipped, unknown_ids};
+use crate::clock::now_ms;
 use crate::input::{Filled, InputError, Item, Parser, RawBatch, Reader};
 use crate::leanplum::Id;
 use crate::mapping::{MappingState, Output};
-use crate::spool::{self, Chunk, QuarantineEntry, SpoolEvent, now_ms};
+use crate::spool::{self, Chunk, QuarantineEntry, SpoolEvent};
 use crate::stats::Stats;
 
 /// Raw bytes the reader frames into one batch (the batch ends with the record that reaches it):

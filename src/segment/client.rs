@@ -3,7 +3,7 @@
 
 use base64::Engine;
 use reqwest::header::{self, HeaderMap, HeaderValue};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::retry::parse_retry_after;
 use crate::config::WriteKey;
@@ -98,7 +98,7 @@ impl Client {
                     .headers()
                     .get(header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                    .and_then(|v| parse_retry_after(v, crate::clock::now()));
                 let text = resp.text().await.unwrap_or_default();
                 let mut detail = format!("HTTP {status}");
                 let text = text.trim();

@@ -41,24 +41,45 @@
 //! has passed; [`Spool::compact`] copies sled's live data into a fresh generation when its
 //! files have grown far past it.
 //!
+//! # Parts
+//!
+//! [`Spool`] opens the store and holds what crosses its parts: the commit of a chunk (one
+//! transaction over all of them, below), the dedupe table and its log (`dedupe.rs`), flushes
+//! and checkpoints, the disk-space policy and compaction (`store.rs`). The rest is reached
+//! through its parts, each a view of the open spool with its own methods:
+//! - [`Spool::queue`] ([`Queue`], `queue.rs`): the segments and the packet index: peek, ack,
+//!   dead-letter, watermark, depth, age, deleting drained segments.
+//! - [`Spool::ledger`] ([`Ledger`], `ledger/`): file identity (by path and by content,
+//!   `ledger/fingerprint.rs`) and every change of a file's state ([`Transition`]).
+//! - [`Spool::letters`] ([`Letters`], `letters.rs`): the quarantine (bad input, parked
+//!   records) and the dead letters, their listing, retry, purge and retention.
+//! - [`Spool::meta`] ([`Meta`], `meta.rs`): the format version, counters, the catalog cache.
+//! - `join.rs`: the CSV export join's trees.
+//!
+//! The spool stores what it is given: which events can never be delivered is decided before
+//! (see [`SpoolEvent::refused`]); it knows no HTTP and no Segment limits.
+//!
 //! # Transactions
 //!
 //! 1. [`Spool::commit_file_chunk`]: the chunk's new events are appended to the active segment
 //!    as packets and the segment is `fdatasync`ed; then one sled transaction takes the packets'
 //!    locations into `queue`, the segments' new end into `meta`, the new events' dedupe
-//!    entries into the `dedupe` log (duplicates skipped, oversize events into `dead`), the bad
-//!    lines into `quarantine`, the chunk's writes to the join trees ([`Chunk::join`]: what the
-//!    rows contributed, and the removal of the waiting records whose events the chunk
-//!    carries), the file's new offset into `files`, and `live_bytes`/`depth`/`join_waiting`
-//!    into `meta`; then `Db::flush` and an fsync of sled's data file. The offset counts as
+//!    entries into the `dedupe` log (duplicates skipped, events the ingest refused into
+//!    `dead`), the bad lines into `quarantine`, the chunk's writes to the join trees
+//!    ([`Chunk::join`]: what the rows contributed, and the removal of the waiting records whose
+//!    events the chunk carries), the file's new offset into `files` (the ledger's
+//!    `Progress::Chunk`), and `live_bytes`/`depth`/`join_waiting` into `meta`; then `Db::flush` and an fsync of sled's data file. The offset counts as
 //!    durable only once that returns. Then the dedupe entries go into `dedupe.tab` (see
 //!    `dedupe.rs`).
-//! 2. [`Spool::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
+//! 2. [`Queue::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
 //!    events are all marked leaves `queue` and `acked`), `meta` and the files' `pending` counts
 //!    go down; one transaction, not flushed here (sled writes its buffers out
 //!    every 200 ms, see `store.rs`). A crash that loses it re-sends that batch: Segment dedupes
 //!    by `messageId`.
-//! 3. [`Spool::dead_letter`]: events Segment rejected for good move from `queue` to `dead`.
+//! 3. [`Queue::dead_letter`]: events Segment rejected for good move from `queue` to `dead`.
+//! 4. [`Letters::requeue_dead`]: dead letters go back to the end of the queue, appended and
+//!    synced like a chunk's events, in one transaction with their removal from `dead` and the
+//!    files' `pending` counts; flushed.
 //!
 //! # What a crash leaves
 //!
@@ -84,7 +105,7 @@
 //!
 //! A packet whose bytes are missing or fail their checksum (a damaged disk, a deleted segment)
 //! is taken out of the queue with a quarantine entry naming its file and the events lost, so the
-//! drain goes on (see [`Spool::peek`]). A database sled cannot open is moved aside (see
+//! drain goes on (see [`Queue::peek`]). A database sled cannot open is moved aside (see
 //! `store.rs`).
 //!
 //! # Power loss
@@ -129,38 +150,43 @@
 //!
 //! Queue keys come from a counter initialised past the last key at open and are allocated under
 //! the writer lock, so keys are committed in increasing order; the drain reads only below
-//! [`Spool::watermark`], the first key not yet committed, so it never skips a key that a
+//! [`Queue::watermark`], the first key not yet committed, so it never skips a key that a
 //! transaction was still writing.
 
 mod dedupe;
 pub mod join;
+mod ledger;
+mod letters;
+mod meta;
 mod packet;
-mod records;
+mod queue;
 mod segments;
 mod store;
 
 use store::Store;
 
 pub use join::{JoinOp, JoinTree};
-pub use records::{
-    DeadLetter, FileRecord, FileStatus, QuarantineEntry, QuarantineKind, QuarantineTag,
-};
+pub(crate) use ledger::fingerprint;
+pub use ledger::{FileRecord, FileStatus, Ledger};
+pub(crate) use ledger::{NO_FILE, Transition};
+pub(crate) use letters::QuarantineTag;
+pub use letters::{DeadLetter, Letters, QuarantineEntry, QuarantineKind};
+pub(crate) use meta::{FORMAT_VERSION, Meta};
+pub(crate) use queue::Depth;
+pub use queue::{Peeked, Queue, Queued};
 
-use sled::IVec;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::transaction::{ConflictableTransactionError, Transactional};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
-use crate::segment::MAX_EVENT_BYTES;
-
-/// The file id of events that belong to no file record (quarantined records retried by hand).
-pub const NO_FILE: u64 = u64::MAX;
-
-/// Bumped when the layout above changes; an older binary refuses a newer spool, a newer one
-/// upgrades an older spool when an agent opens it (see [`Spool::open`]).
-pub const FORMAT_VERSION: u32 = 3;
+use crate::clock::now_ms;
+use ledger::Progress;
+use meta::DEDUPE_NEXT;
+// `join.rs` adds to its counter under this name.
+use meta::add as add_meta;
+use queue::QueueState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -191,7 +217,7 @@ pub enum Error {
 
 impl Error {
     /// True when the disk is full: the caller pauses reading instead of failing.
-    pub fn is_disk_full(&self) -> bool {
+    pub(crate) fn is_disk_full(&self) -> bool {
         let io = match self {
             Error::Io { source, .. } => Some(source),
             Error::Sled {
@@ -212,6 +238,11 @@ impl Error {
 pub struct SpoolEvent {
     pub message_id: String,
     pub json: Vec<u8>,
+    /// `Some(reason)`: the producer decided the event can never be delivered (over Segment's
+    /// size limit, see `ingest::spool_event`). The spool keeps it as a dead letter with this
+    /// reason instead of queueing it, after the same dedupe check as any event. The spool
+    /// itself knows no delivery limits.
+    pub refused: Option<String>,
 }
 
 /// One chunk of a file: its events and bad lines, and where reading got to.
@@ -243,43 +274,15 @@ pub struct ChunkOutcome {
     pub quarantined: u64,
 }
 
-/// A queued event as the drain sees it.
-#[derive(Debug, Clone)]
-pub struct Queued {
-    pub key: u64,
-    pub file_id: u64,
-    pub enqueued_ms: u64,
-    /// The event JSON (no header).
-    pub json: IVec,
-    /// The packet holding the event (its first event's key), the event's place in it, and
-    /// the packet's number of events (see `packet.rs`).
-    pub packet: u64,
-    pub index: u16,
-    pub packet_len: u16,
-}
-
 /// What a compaction gave back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Compaction {
+pub(crate) struct Compaction {
     pub disk_before: u64,
     pub disk_after: u64,
 }
 
-/// The result of [`Spool::peek`].
-#[derive(Debug, Default)]
-pub struct Peeked {
-    pub items: Vec<Queued>,
-    /// Stopped at `max_events` or the byte budget: more events are waiting.
-    pub full: bool,
-}
-
-/// Depth of the queue, kept by us (see the module doc).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Depth {
-    pub events: u64,
-    pub bytes: u64,
-}
-
+/// An open spool (see the module doc). Its parts are reached through [`Spool::queue`],
+/// [`Spool::ledger`], [`Spool::letters`] and [`Spool::meta`]; what crosses them is here.
 pub struct Spool {
     /// `spool.dir`: holds `CURRENT` and the generations (see the module doc).
     dir: PathBuf,
@@ -290,12 +293,8 @@ pub struct Spool {
     /// Next queue key and the segment writer; held for the whole of a commit so keys commit
     /// in order.
     writer: Mutex<Writer>,
-    /// `spool.dir/segments` (see `segments.rs`).
-    segments_dir: PathBuf,
-    /// Segments below this one are known to be deleted already.
-    segments_removed_below: AtomicU64,
-    /// First queue key not yet committed.
-    watermark: AtomicU64,
+    /// The queue's segments directory, watermark and deleted segments (see `queue.rs`).
+    queue_state: QueueState,
     /// The day dedupe entries were last pruned below (see [`Spool::prune_dedupe`]).
     pruned_day: std::sync::atomic::AtomicU32,
     /// The "no size" warning of [`Spool::disk_nearly_full`] was given.
@@ -305,12 +304,6 @@ pub struct Spool {
     /// Our flock on `spool.dir/LOCK`, held as long as an agent has the spool open (`None` for
     /// a look by `status`).
     _lock: Option<File>,
-}
-
-/// A queued packet whose bytes cannot be read (see [`Spool::set_aside_damaged`]).
-struct Damaged {
-    first: u64,
-    loc: segments::Location,
 }
 
 /// What the writer lock guards.
@@ -323,32 +316,6 @@ struct Writer {
     /// The next dedupe log sequence number, and the entries logged since the last checkpoint.
     log_seq: u64,
     unsynced: u64,
-}
-
-/// Queue entries to commit: a packet's first key and its location.
-type QueueEntries = Vec<(u64, segments::LocationBytes)>;
-
-impl Writer {
-    /// Appends packets (encoded, with their numbers of events) to the segments, durably.
-    /// Returns the queue entries to commit (first key -> location), the segment end to commit
-    /// with them, and the key after the last event.
-    fn write_packets(
-        &mut self,
-        first_key: u64,
-        packets: &[segments::Packet],
-    ) -> Result<(QueueEntries, segments::End, u64), Error> {
-        let (locations, end) = self.segments.append(packets)?;
-        let mut key = first_key;
-        let entries = locations
-            .iter()
-            .map(|l| {
-                let k = key;
-                key += u64::from(l.events);
-                (k, l.encode())
-            })
-            .collect();
-        Ok((entries, end, key))
-    }
 }
 
 impl std::fmt::Debug for Spool {
@@ -433,20 +400,19 @@ impl Spool {
         let next = store.next_queue_key()?;
         let end = store.segment_end()?;
         let segments_dir = segments::dir(dir);
+        let segments = segments::Writer::new(&segments_dir, end);
         Ok(Spool {
             dir: dir.to_owned(),
             cache_bytes,
             store: RwLock::new(store),
             writer: Mutex::new(Writer {
                 next,
-                segments: segments::Writer::new(&segments_dir, end),
+                segments,
                 dedupe: None,
                 log_seq: 0,
                 unsynced: 0,
             }),
-            segments_dir,
-            segments_removed_below: AtomicU64::new(0),
-            watermark: AtomicU64::new(next),
+            queue_state: QueueState::new(segments_dir, next),
             pruned_day: Default::default(),
             unsized_fs_logged: Default::default(),
             recovered,
@@ -506,7 +472,7 @@ impl Spool {
     }
 
     /// Makes the dedupe table durable and drops the log values it covers (see `dedupe.rs`).
-    pub fn checkpoint_dedupe(&self) -> Result<(), Error> {
+    pub(crate) fn checkpoint_dedupe(&self) -> Result<(), Error> {
         let mut w = self.writer();
         self.checkpoint_dedupe_with(&mut w, &self.store())
     }
@@ -522,23 +488,38 @@ impl Spool {
     }
 
     /// The open generation's directory.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.store().path.clone()
     }
 
     /// Set when `open` found the spool unreadable and started a new one: what happened.
-    pub fn recovered(&self) -> Option<&str> {
+    pub(crate) fn recovered(&self) -> Option<&str> {
         self.recovered.as_deref()
     }
 
     /// Makes everything written so far durable: sled's flush, then an fsync of its data file.
-    pub fn flush(&self) -> Result<(), Error> {
+    pub(crate) fn flush(&self) -> Result<(), Error> {
         self.store().flush()
     }
 
-    /// The first queue key not yet committed; keys below it are safe to read.
-    pub fn watermark(&self) -> u64 {
-        self.watermark.load(Ordering::Acquire)
+    /// The queue: segments and packet index (see `queue.rs`).
+    pub fn queue(&self) -> Queue<'_> {
+        Queue { spool: self }
+    }
+
+    /// The file ledger: identity and state of every input file (see `ledger/`).
+    pub fn ledger(&self) -> Ledger<'_> {
+        Ledger { spool: self }
+    }
+
+    /// The quarantine and the dead letters (see `letters.rs`).
+    pub fn letters(&self) -> Letters<'_> {
+        Letters { spool: self }
+    }
+
+    /// Format version, counters, catalog cache (see `meta.rs`).
+    pub(crate) fn meta(&self) -> Meta<'_> {
+        Meta { spool: self }
     }
 
     /// Commits one chunk of a file in one transaction and flushes it (see the module doc).
@@ -546,17 +527,12 @@ impl Spool {
         // The writer lock before the store lock, as everywhere (compaction takes both).
         let mut w = self.writer();
         let s = self.store();
-        let first_key = w.next;
         let now = now_ms();
         let today = dedupe::day(now);
         let q_ids = (0..chunk.quarantine.len())
             .map(|_| s.new_id())
             .collect::<Result<Vec<_>, _>>()?;
-        let quarantine_json: Vec<Vec<u8>> = chunk
-            .quarantine
-            .iter()
-            .map(|q| serde_json::to_vec(q).unwrap_or_default())
-            .collect();
+        let quarantine_json: Vec<Vec<u8>> = chunk.quarantine.iter().map(letters::encode).collect();
 
         // Duplicates are found before the transaction: only this writer (holding `writer`)
         // changes the dedupe table.
@@ -575,10 +551,10 @@ impl Spool {
         let mut in_chunk = std::collections::HashSet::with_capacity(chunk.events.len());
         let mut added = Vec::with_capacity(chunk.events.len());
 
-        // New events: oversize ones become dead letters, the rest go into packets; both are
-        // remembered as seen.
+        // New events: refused ones (see `SpoolEvent::refused`) become dead letters, the rest go
+        // into packets; both are remembered as seen.
         let mut out = ChunkOutcome::default();
-        let mut letters = Vec::new();
+        let mut dead_letters = Vec::new();
         let mut fresh: Vec<&[u8]> = Vec::with_capacity(chunk.events.len());
         for ((ev, f), seen) in chunk.events.iter().zip(&fingerprints).zip(seen) {
             if seen || !in_chunk.insert(*f) {
@@ -586,20 +562,16 @@ impl Spool {
                 continue;
             }
             added.push((*f, today));
-            if ev.json.len() > MAX_EVENT_BYTES {
+            if let Some(reason) = &ev.refused {
                 let letter = DeadLetter {
-                    reason: format!(
-                        "event is {} bytes, over Segment's {} byte limit",
-                        ev.json.len(),
-                        MAX_EVENT_BYTES
-                    ),
+                    reason: reason.clone(),
                     status: None,
                     file_id: Some(chunk.file_id),
                     time_ms: now,
                     message_id: ev.message_id.clone(),
                     event: String::from_utf8_lossy(&ev.json).into_owned(),
                 };
-                letters.push((s.new_id()?, serde_json::to_vec(&letter).unwrap_or_default()));
+                dead_letters.push((s.new_id()?, letters::encode(&letter)));
                 out.dead_lettered += 1;
             } else {
                 fresh.push(&ev.json);
@@ -610,14 +582,8 @@ impl Spool {
         let bytes: u64 = fresh.iter().map(|j| j.len() as u64).sum();
         out.spooled = fresh.len() as u64;
         let mut packets = Vec::new();
-        for events in packet::split(&fresh, |j| j.len()) {
-            packets.push(segments::Packet {
-                bytes: packet::encode(now, chunk.file_id, events.iter().copied()),
-                events: events.len() as u16,
-                file_id: chunk.file_id,
-            });
-        }
-        let (packets, end, key) = w.write_packets(first_key, &packets)?;
+        queue::packets(now, chunk.file_id, &fresh, &mut packets);
+        let appended = w.append(&packets)?;
         out.quarantined = chunk.quarantine.len() as u64;
 
         (
@@ -645,43 +611,30 @@ impl Spool {
                     join_params,
                     join_jobs,
                 )| {
-                    for (k, v) in &packets {
-                        queue.insert(&k.to_be_bytes(), v.as_slice())?;
-                    }
-                    meta.insert(SEGMENT_END, &end.encode())?;
+                    queue::insert(queue, meta, &appended, out.spooled, bytes)?;
                     if !log_value.is_empty() {
                         dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
                         // What the table may hold at most (see `install_table`).
                         meta.insert(DEDUPE_NEXT, &(log_seq + 1).to_be_bytes())?;
                     }
-                    for (id, v) in &letters {
+                    for (id, v) in &dead_letters {
                         dead.insert(&id.to_be_bytes(), v.as_slice())?;
                     }
                     for (id, q) in q_ids.iter().zip(&quarantine_json) {
                         quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
                     }
-                    let fkey = chunk.file_id.to_be_bytes();
-                    let mut rec = match files.get(fkey)? {
-                        Some(v) => decode_file(&v)?,
-                        None if chunk.file_id == NO_FILE => FileRecord::default(),
-                        None => return abort(format!("file record {}", chunk.file_id)),
-                    };
-                    rec.offset = chunk.offset;
-                    rec.line = chunk.line;
-                    if let Some(t) = &chunk.tail_hash {
-                        rec.tail_hash.clone_from(t);
-                    }
-                    rec.events_spooled += out.spooled;
-                    rec.pending += out.spooled;
-                    rec.updated_ms = now;
-                    if chunk.file_done {
-                        rec.status = FileStatus::Read;
-                    }
-                    if chunk.file_id != NO_FILE {
-                        files.insert(&fkey, encode_file(&rec))?;
-                    }
-                    add_meta(meta, "live_bytes", bytes as i64)?;
-                    add_meta(meta, "depth", out.spooled as i64)?;
+                    ledger::progress(
+                        files,
+                        chunk.file_id,
+                        &Progress::Chunk {
+                            offset: chunk.offset,
+                            line: chunk.line,
+                            tail_hash: chunk.tail_hash.as_deref(),
+                            spooled: out.spooled,
+                            file_done: chunk.file_done,
+                            now,
+                        },
+                    )?;
                     join::apply(
                         &chunk.join,
                         [join_sessions, join_waiting, join_params, join_jobs],
@@ -692,7 +645,7 @@ impl Spool {
             )
             .map_err(|e| s.tx_err(e))?;
         s.flush()?;
-        self.committed(&mut w, key, end);
+        queue::committed(&self.queue_state, &mut w, appended);
         if !added.is_empty() {
             w.log_seq += 1;
             w.unsynced += added.len() as u64;
@@ -710,650 +663,12 @@ impl Spool {
         Ok(out)
     }
 
-    /// After a commit's flush: its keys and segment bytes are the spool's; the drain may read
-    /// up to `next`.
-    fn committed(&self, w: &mut Writer, next: u64, end: segments::End) {
-        w.segments.committed(end);
-        w.next = next;
-        self.watermark.store(next, Ordering::Release);
-    }
-
-    /// A queue entry's first key, packet bytes and decoded packet: read from its segment, or
-    /// the value itself for a version 2 packet kept in sled. `Err(Damaged)`: the segment's
-    /// bytes are missing or fail their checksum.
-    fn load_packet(
-        &self,
-        s: &Store,
-        reader: &mut segments::Reader,
-        k: &[u8],
-        v: IVec,
-    ) -> Result<Result<(u64, IVec, packet::Packet), Damaged>, Error> {
-        let corrupt = || s.corrupt(format!("queue entry {k:?}"));
-        let first = decode_u64(k).ok_or_else(corrupt)?;
-        let Some(loc) = segments::Location::decode(&v) else {
-            let p = packet::decode(&v).ok_or_else(corrupt)?;
-            return Ok(Ok((first, v, p)));
-        };
-        let read = reader.read(&self.segments_dir, &loc)?;
-        Ok(match read.as_deref().and_then(packet::decode) {
-            Some(p) => Ok((first, read.expect("decoded above"), p)),
-            None => Err(Damaged { first, loc }),
-        })
-    }
-
-    /// Takes a packet whose bytes are lost (damage on disk, a deleted segment) out of the
-    /// queue, so the drain goes on past it, and leaves a quarantine entry saying what was lost
-    /// and from which file. Its events are gone: the one case where the spool loses events,
-    /// and only because the disk did. The file keeps its pending count (it is never taken for
-    /// delivered, so `after_ingest` leaves it in place).
-    fn set_aside_damaged(&self, s: &Store, d: &Damaged) -> Result<(), Error> {
-        let pkey = d.first.to_be_bytes();
-        let acked = s
-            .acked
-            .get(pkey)
-            .map_err(|e| s.sled_err(e))?
-            .map_or(0, |b| packet::count(&b) as u64);
-        let lost = u64::from(d.loc.events).saturating_sub(acked);
-        let file = s
-            .files
-            .get(d.loc.file_id.to_be_bytes())
-            .map_err(|e| s.sled_err(e))?
-            .and_then(|v| serde_json::from_slice::<FileRecord>(&v).ok())
-            .map(|r| r.path)
-            .unwrap_or_default();
-        let reason = format!(
-            "spool damaged on disk: {lost} queued events (queue keys {} to {}) could not be read \
-             from segment {} at offset {} (missing, or failing their checksum) and are lost; \
-             they came from {}",
-            d.first,
-            d.first + u64::from(d.loc.events) - 1,
-            d.loc.segment,
-            d.loc.offset,
-            if file.is_empty() {
-                "an unknown file"
-            } else {
-                &file
-            }
-        );
-        tracing::error!(
-            file = %file,
-            events = lost,
-            segment = d.loc.segment,
-            offset = d.loc.offset,
-            "spool damaged on disk: events lost; see dead-letter list"
-        );
-        let entry = QuarantineEntry {
-            reason,
-            file,
-            line: 0,
-            time_ms: now_ms(),
-            raw: String::new(),
-            ..QuarantineEntry::default()
-        };
-        let id = s.new_id()?;
-        let value = serde_json::to_vec(&entry).unwrap_or_default();
-        // The events' JSON is unknown: the packet's bytes less its header, shared out.
-        let body =
-            (d.loc.len as usize).saturating_sub(packet::header_len(d.loc.events.into())) as u64;
-        let bytes = body * lost / u64::from(d.loc.events).max(1);
-        (&s.queue, &s.acked, &s.meta, &s.quarantine)
-            .transaction(|(queue, acked, meta, quarantine)| {
-                queue.remove(&pkey)?;
-                acked.remove(&pkey)?;
-                quarantine.insert(&id.to_be_bytes(), value.as_slice())?;
-                add_meta(meta, "depth", -(lost as i64))?;
-                add_meta(meta, "live_bytes", -(bytes as i64))?;
-                Ok(())
-            })
-            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
-        s.flush()
-    }
-
-    /// Deletes the segments whose packets are all gone: those below the segment of the first
-    /// packet still queued. When nothing is queued, the one being written goes too, if `w` (the
-    /// writer lock) is given: then no commit can be adding to it. Called after every ack
-    /// (with the lock only if it is free) and at the maintenance tick (see
-    /// [`Spool::remove_drained_segments`]).
-    fn delete_drained_segments(&self, s: &Store, w: Option<&mut Writer>) -> Result<(), Error> {
-        let first_live = match s.queue.first().map_err(|e| s.sled_err(e))? {
-            Some((_, v)) => match segments::Location::decode(&v) {
-                Some(l) => l.segment,
-                // A version 2 packet kept in sled: older than any segment.
-                None => return Ok(()),
-            },
-            None => match w {
-                Some(w) => w.segments.retire().map_or(0, |id| id + 1),
-                // A commit holds the lock: the next ack or tick deletes what it may.
-                None => return Ok(()),
-            },
-        };
-        if first_live > self.segments_removed_below.load(Ordering::Relaxed) {
-            // The acks that emptied these segments become durable first: after a power cut
-            // that took them, the queue would point into deleted segments and take its
-            // delivered packets for damage.
-            s.flush()?;
-            segments::remove_below(&self.segments_dir, first_live);
-            self.segments_removed_below
-                .fetch_max(first_live, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Deletes the segments the drain has emptied, the one being written included when
-    /// nothing is queued (the maintenance tick; acks do the same when the writer is free).
-    pub fn remove_drained_segments(&self) -> Result<(), Error> {
-        let mut w = self.writer();
-        self.delete_drained_segments(&self.store(), Some(&mut w))
-    }
-
-    /// Up to `max_events` queued events with keys in `(after, watermark)`, oldest first, whose
-    /// sizes add up to at most `budget`, each counted as its JSON plus one separator byte (see
-    /// `segment::batch::event_budget`). The first event is always returned, whatever its size,
-    /// so no event can block the queue. `full` says the batch stopped at a limit rather than at
-    /// the end of the queue.
-    pub fn peek(
-        &self,
-        after: Option<u64>,
-        max_events: usize,
-        budget: usize,
-    ) -> Result<Peeked, Error> {
-        let s = self.store();
-        let start = after.map_or(0, |k| k.saturating_add(1));
-        let end = self.watermark();
-        let mut out = Peeked::default();
-        if start >= end {
-            return Ok(out);
-        }
-        // The packet holding `start` begins at or before it.
-        let from = match s
-            .queue
-            .range(..=start.to_be_bytes())
-            .next_back()
-            .transpose()
-            .map_err(|e| s.sled_err(e))?
-        {
-            Some((k, _)) => decode_u64(&k).unwrap_or(start),
-            None => start,
-        };
-        let mut bytes = 0usize;
-        let mut reader = segments::Reader::default();
-        'packets: for item in s.queue.range(from.to_be_bytes()..end.to_be_bytes()) {
-            let (k, v) = item.map_err(|e| s.sled_err(e))?;
-            let (first, v, p) = match self.load_packet(&s, &mut reader, &k, v)? {
-                Ok(loaded) => loaded,
-                Err(damaged) => {
-                    self.set_aside_damaged(&s, &damaged)?;
-                    continue;
-                }
-            };
-            let acked = s
-                .acked
-                .get(k)
-                .map_err(|e| s.sled_err(e))?
-                .map(|b| b.to_vec());
-            for (i, range) in p.events.iter().enumerate() {
-                let key = first + i as u64;
-                if key < start || acked.as_deref().is_some_and(|b| packet::is_set(b, i)) {
-                    continue;
-                }
-                let size = range.len() + 1;
-                if !out.items.is_empty() && (out.items.len() >= max_events || bytes + size > budget)
-                {
-                    out.full = true;
-                    break 'packets;
-                }
-                bytes += size;
-                out.items.push(Queued {
-                    key,
-                    file_id: p.file_id,
-                    enqueued_ms: p.enqueued_ms,
-                    json: v.subslice(range.start, range.len()),
-                    packet: first,
-                    index: i as u16,
-                    packet_len: p.len() as u16,
-                });
-            }
-        }
-        if out.items.len() >= max_events {
-            out.full = true;
-        }
-        Ok(out)
-    }
-
-    /// Removes delivered events. Returns the ids of files whose events are now all delivered
-    /// and which are fully read (candidates for `after_ingest`).
-    pub fn ack(&self, items: &[Queued]) -> Result<Vec<u64>, Error> {
-        self.remove_from_queue(items, None)
-    }
-
-    /// Moves events Segment rejected for good from the queue to the dead letters.
-    pub fn dead_letter(
-        &self,
-        items: &[Queued],
-        reason: &str,
-        status: Option<u16>,
-    ) -> Result<Vec<u64>, Error> {
-        self.remove_from_queue(items, Some((reason, status)))
-    }
-
-    fn remove_from_queue(
-        &self,
-        items: &[Queued],
-        dead_reason: Option<(&str, Option<u16>)>,
-    ) -> Result<Vec<u64>, Error> {
-        let s = self.store();
-        let now = now_ms();
-        let mut per_file: Vec<(u64, u64)> = Vec::new();
-        for q in items {
-            match per_file.iter_mut().find(|(f, _)| *f == q.file_id) {
-                Some((_, n)) => *n += 1,
-                None => per_file.push((q.file_id, 1)),
-            }
-        }
-        let letters: Vec<(u64, Vec<u8>)> = match dead_reason {
-            None => Vec::new(),
-            Some((reason, status)) => items
-                .iter()
-                .map(|q| {
-                    let letter = DeadLetter {
-                        reason: reason.to_owned(),
-                        status,
-                        file_id: Some(q.file_id),
-                        time_ms: now,
-                        message_id: message_id_of(&q.json),
-                        event: String::from_utf8_lossy(&q.json).into_owned(),
-                    };
-                    let id = s.new_id()?;
-                    Ok((id, serde_json::to_vec(&letter).unwrap_or_default()))
-                })
-                .collect::<Result<_, Error>>()?,
-        };
-        // Items by packet, in the order given.
-        let mut by_packet: Vec<(u64, u16, Vec<usize>)> = Vec::new();
-        for (i, q) in items.iter().enumerate() {
-            match by_packet.iter_mut().find(|(p, _, _)| *p == q.packet) {
-                Some((_, _, list)) => list.push(i),
-                None => by_packet.push((q.packet, q.packet_len, vec![i])),
-            }
-        }
-        let done = (&s.queue, &s.acked, &s.files, &s.meta, &s.dead)
-            .transaction(|(queue, acked, files, meta, dead)| {
-                let mut removed = 0i64;
-                let mut bytes = 0i64;
-                let mut removed_per_file = per_file.clone();
-                for (first, len, list) in &by_packet {
-                    let pkey = first.to_be_bytes();
-                    let mut bitmap = match acked.get(pkey)? {
-                        Some(b) => b.to_vec(),
-                        None if queue.get(pkey)?.is_some() => {
-                            packet::empty_bitmap(usize::from(*len))
-                        }
-                        // The whole packet was delivered (or dead-lettered) before.
-                        None => Vec::new(),
-                    };
-                    for &i in list {
-                        let q = &items[i];
-                        let index = usize::from(q.index);
-                        if bitmap.is_empty() || packet::is_set(&bitmap, index) {
-                            // Already gone: not counted again, and not dead-lettered: it is
-                            // not ours any more.
-                            if let Some((_, n)) =
-                                removed_per_file.iter_mut().find(|(f, _)| *f == q.file_id)
-                            {
-                                *n -= 1;
-                            }
-                            continue;
-                        }
-                        packet::set(&mut bitmap, index);
-                        removed += 1;
-                        bytes += q.json.len() as i64;
-                        if let Some((id, v)) = letters.get(i) {
-                            dead.insert(&id.to_be_bytes(), v.as_slice())?;
-                        }
-                    }
-                    if bitmap.is_empty() {
-                        continue;
-                    }
-                    if packet::count(&bitmap) >= usize::from(*len) {
-                        queue.remove(&pkey)?;
-                        acked.remove(&pkey)?;
-                    } else {
-                        acked.insert(&pkey, bitmap)?;
-                    }
-                }
-                let mut done = Vec::new();
-                for (file_id, n) in &removed_per_file {
-                    let fkey = file_id.to_be_bytes();
-                    if let Some(v) = files.get(fkey)? {
-                        let mut rec = decode_file(&v)?;
-                        rec.pending = rec.pending.saturating_sub(*n);
-                        if rec.pending == 0 && rec.status == FileStatus::Read {
-                            done.push(*file_id);
-                        }
-                        files.insert(&fkey, encode_file(&rec))?;
-                    }
-                }
-                add_meta(meta, "live_bytes", -bytes)?;
-                add_meta(meta, "depth", -removed)?;
-                Ok(done)
-            })
-            .map_err(|e| s.tx_err(e))?;
-        self.delete_drained_segments(&s, self.writer.try_lock().ok().as_deref_mut())?;
-        Ok(done)
-    }
-
-    /// The catalog last fetched from Leanplum (see `crate::catalog`), as it was stored.
-    pub fn catalog_cache(&self) -> Result<Option<Vec<u8>>, Error> {
-        let s = self.store();
-        Ok(s.meta
-            .get(CATALOG_CACHE)
-            .map_err(|e| s.sled_err(e))?
-            .map(|v| v.to_vec()))
-    }
-
-    /// Replaces the cached catalog and flushes it: a restart while Leanplum is unreachable maps
-    /// with it.
-    pub fn store_catalog_cache(&self, bytes: &[u8]) -> Result<(), Error> {
-        let s = self.store();
-        s.meta
-            .insert(CATALOG_CACHE, bytes)
-            .map_err(|e| s.sled_err(e))?;
-        s.flush()
-    }
-
-    /// Events and bytes queued (our own count; see the module doc).
-    pub fn depth(&self) -> Result<Depth, Error> {
-        let s = self.store();
-        let get = |name: &str| -> Result<u64, Error> {
-            Ok(s.meta
-                .get(name)
-                .map_err(|e| s.sled_err(e))?
-                .and_then(|v| decode_u64(&v))
-                .unwrap_or(0))
-        };
-        Ok(Depth {
-            events: get("depth")?,
-            bytes: get("live_bytes")?,
-        })
-    }
-
-    /// When the oldest queued event was spooled (ms since the epoch).
-    pub fn oldest_enqueued_ms(&self) -> Result<Option<u64>, Error> {
-        let s = self.store();
-        match s.queue.first().map_err(|e| s.sled_err(e))? {
-            Some((k, v)) => {
-                let mut reader = segments::Reader::default();
-                // A damaged packet is set aside by the drain's next read; no age meanwhile.
-                Ok(self
-                    .load_packet(&s, &mut reader, &k, v)?
-                    .ok()
-                    .map(|(_, _, p)| p.enqueued_ms))
-            }
-            None => Ok(None),
-        }
-    }
-
-    /// The file last seen at `path` (relative to the watch dir).
-    pub fn file_by_path(&self, path: &Path) -> Result<Option<(u64, FileRecord)>, Error> {
-        let s = self.store();
-        let Some(id) = s
-            .paths
-            .get(path_key(path))
-            .map_err(|e| s.sled_err(e))?
-            .and_then(|v| decode_u64(&v))
-        else {
-            return Ok(None);
-        };
-        Ok(self.file(id)?.map(|r| (id, r)))
-    }
-
-    pub fn file(&self, id: u64) -> Result<Option<FileRecord>, Error> {
-        let s = self.store();
-        match s.files.get(id.to_be_bytes()).map_err(|e| s.sled_err(e))? {
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|_| Error::Corrupt {
-                    path: s.path.clone(),
-                    what: format!("file record {id}"),
-                }),
-            None => Ok(None),
-        }
-    }
-
-    /// Registers a file about to be read for the first time (or read anew because its content
-    /// changed) and points its path at it. Durable before it returns.
-    pub fn begin_file(&self, path: &Path, record: &FileRecord) -> Result<u64, Error> {
-        let s = self.store();
-        let id = s.new_id()?;
-        (&s.files, &s.paths, &s.heads)
-            .transaction(|(files, paths, heads)| {
-                files.insert(&id.to_be_bytes(), encode_file(record))?;
-                if !record.replay {
-                    paths.insert(path_key(path), &id.to_be_bytes())?;
-                    heads.insert(head_key(&record.head_hash, id), &[])?;
-                }
-                Ok(())
-            })
-            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
-        s.flush()?;
-        Ok(id)
-    }
-
-    /// Files whose first bytes hash to `head_hash`: candidates for "the same content".
-    pub fn files_with_head(&self, head_hash: &str) -> Result<Vec<(u64, FileRecord)>, Error> {
-        let s = self.store();
-        let mut out = Vec::new();
-        for item in s.heads.scan_prefix(head_hash.as_bytes()) {
-            let (k, _) = item.map_err(|e| s.sled_err(e))?;
-            let Some(id) = k.get(k.len().saturating_sub(8)..).and_then(decode_u64) else {
-                continue;
-            };
-            if let Some(v) = s.files.get(id.to_be_bytes()).map_err(|e| s.sled_err(e))? {
-                let rec = serde_json::from_slice(&v).map_err(|_| Error::Corrupt {
-                    path: s.path.clone(),
-                    what: format!("file record {id}"),
-                })?;
-                out.push((id, rec));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Points `path` at a known file (a rename, or a copy of content already read).
-    pub fn link_path(&self, path: &Path, id: u64) -> Result<(), Error> {
-        let s = self.store();
-        let shown = path.to_string_lossy().into_owned();
-        (&s.files, &s.paths)
-            .transaction(|(files, paths)| {
-                paths.insert(path_key(path), &id.to_be_bytes())?;
-                if let Some(v) = files.get(id.to_be_bytes())? {
-                    let mut rec = decode_file(&v)?;
-                    rec.path.clone_from(&shown);
-                    files.insert(&id.to_be_bytes(), encode_file(&rec))?;
-                }
-                Ok(())
-            })
-            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
-        s.flush()
-    }
-
-    /// Widens a file's head (a small file that grew) and re-indexes it.
-    pub fn update_head(&self, id: u64, head_len: u64, head_hash: &str) -> Result<(), Error> {
-        let s = self.store();
-        (&s.files, &s.heads)
-            .transaction(|(files, heads)| {
-                let Some(v) = files.get(id.to_be_bytes())? else {
-                    return Ok(());
-                };
-                let mut rec = decode_file(&v)?;
-                heads.remove(head_key(&rec.head_hash, id))?;
-                rec.head_len = head_len;
-                rec.head_hash = head_hash.to_owned();
-                heads.insert(head_key(head_hash, id), &[])?;
-                files.insert(&id.to_be_bytes(), encode_file(&rec))?;
-                Ok(())
-            })
-            .map_err(|e: TransactionError<String>| s.tx_err(e))
-    }
-
-    /// Quarantines a problem that belongs to no file record (a file that cannot even be
-    /// opened).
-    pub fn quarantine(&self, entry: &QuarantineEntry) -> Result<(), Error> {
-        let s = self.store();
-        let id = s.new_id()?;
-        let v = serde_json::to_vec(entry).unwrap_or_default();
-        s.quarantine
-            .insert(id.to_be_bytes(), v)
-            .map_err(|e| s.sled_err(e))?;
-        s.flush()
-    }
-
-    /// Rewrites a file record (status changes outside a chunk commit).
-    pub fn update_file(&self, id: u64, f: impl Fn(&mut FileRecord)) -> Result<(), Error> {
-        let s = self.store();
-        s.files
-            .transaction(|files| {
-                let key = id.to_be_bytes();
-                if let Some(v) = files.get(key)? {
-                    let mut rec = decode_file(&v)?;
-                    f(&mut rec);
-                    rec.updated_ms = now_ms();
-                    files.insert(&key, encode_file(&rec))?;
-                }
-                Ok(())
-            })
-            .map_err(|e: TransactionError<String>| s.tx_err(e))
-    }
-
-    /// Puts dead letters back in the queue (after the operator fixed what Segment refused),
-    /// at the end, in id order. `ids` empty means all. Returns how many went back.
-    pub fn requeue_dead(&self, ids: &[u64]) -> Result<u64, Error> {
-        let mut w = self.writer();
-        let s = self.store();
-        let letters: Vec<(u64, DeadLetter)> = s
-            .json_entries(&s.dead, "dead letter")?
-            .into_iter()
-            .filter(|(id, _)| ids.is_empty() || ids.contains(id))
-            .collect();
-        let now = now_ms();
-        // Packets of letters of one file each, in id order.
-        let mut packets = Vec::new();
-        for group in letters.chunk_by(|a, b| a.1.file_id == b.1.file_id) {
-            let file_id = group[0].1.file_id.unwrap_or(NO_FILE);
-            for part in packet::split(group, |(_, l)| l.event.len()) {
-                packets.push(segments::Packet {
-                    bytes: packet::encode(
-                        now,
-                        file_id,
-                        part.iter().map(|(_, l)| l.event.as_bytes()),
-                    ),
-                    events: part.len() as u16,
-                    file_id,
-                });
-            }
-        }
-        let first_key = w.next;
-        let (packets, end, key) = w.write_packets(first_key, &packets)?;
-        (&s.queue, &s.dead, &s.meta, &s.files)
-            .transaction(|(queue, dead, meta, files)| {
-                for (k, v) in &packets {
-                    queue.insert(&k.to_be_bytes(), v.as_slice())?;
-                }
-                meta.insert(SEGMENT_END, &end.encode())?;
-                let mut bytes = 0i64;
-                for (id, letter) in &letters {
-                    let file_id = letter.file_id.unwrap_or(NO_FILE);
-                    dead.remove(&id.to_be_bytes())?;
-                    bytes += letter.event.len() as i64;
-                    if let Some(v) = files.get(file_id.to_be_bytes())? {
-                        let mut rec = decode_file(&v)?;
-                        rec.pending += 1;
-                        files.insert(&file_id.to_be_bytes(), encode_file(&rec))?;
-                    }
-                }
-                add_meta(meta, "live_bytes", bytes)?;
-                add_meta(meta, "depth", letters.len() as i64)?;
-                Ok(())
-            })
-            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
-        s.flush()?;
-        self.committed(&mut w, key, end);
-        Ok(letters.len() as u64)
-    }
-
-    /// Drops quarantine entries and dead letters for good. `ids` empty means all of them.
-    pub fn purge(&self, ids: &[u64]) -> Result<u64, Error> {
-        let s = self.store();
-        let mut removed = 0;
-        for tree in [&s.quarantine, &s.dead] {
-            let mut batch = sled::Batch::default();
-            for item in tree.iter() {
-                let (k, _) = item.map_err(|e| s.sled_err(e))?;
-                if ids.is_empty() || decode_u64(&k).is_some_and(|id| ids.contains(&id)) {
-                    batch.remove(k);
-                    removed += 1;
-                }
-            }
-            tree.apply_batch(batch).map_err(|e| s.sled_err(e))?;
-        }
-        s.flush()?;
-        Ok(removed)
-    }
-
-    /// Drops quarantined (bad and parked) entries and dead letters recorded before `cutoff_ms`
-    /// (`spool.keep_bad_days`); returns how many of each went.
-    pub fn drop_letters_before(&self, cutoff_ms: u64) -> Result<(u64, u64), Error> {
-        #[derive(serde::Deserialize)]
-        struct Stamp {
-            time_ms: u64,
-        }
-        let s = self.store();
-        let mut dropped = [0u64; 2];
-        for (n, tree) in [&s.quarantine, &s.dead].into_iter().enumerate() {
-            let mut batch = sled::Batch::default();
-            for item in tree.iter() {
-                let (k, v) = item.map_err(|e| s.sled_err(e))?;
-                // An entry whose time cannot be read is kept: better listed than lost unseen.
-                if serde_json::from_slice::<Stamp>(&v).is_ok_and(|st| st.time_ms < cutoff_ms) {
-                    batch.remove(k);
-                    dropped[n] += 1;
-                }
-            }
-            tree.apply_batch(batch).map_err(|e| s.sled_err(e))?;
-        }
-        if dropped != [0, 0] {
-            s.flush()?;
-        }
-        Ok((dropped[0], dropped[1]))
-    }
-
-    /// Replaces a quarantine entry (its reason after a failed retry), or removes it (`None`).
-    pub fn set_quarantine(&self, id: u64, entry: Option<&QuarantineEntry>) -> Result<(), Error> {
-        let s = self.store();
-        let key = id.to_be_bytes();
-        match entry {
-            Some(e) => s
-                .quarantine
-                .insert(key, serde_json::to_vec(e).unwrap_or_default())
-                .map(|_| ()),
-            None => s.quarantine.remove(key).map(|_| ()),
-        }
-        .map_err(|e| s.sled_err(e))?;
-        s.flush()
-    }
-
-    /// Every file the spool knows, by id.
-    pub fn files(&self) -> Result<Vec<(u64, FileRecord)>, Error> {
-        let s = self.store();
-        s.json_entries(&s.files, "file record")
-    }
-
     /// Forgets dedupe entries from days before the day of `cutoff_ms`: from now on they count
     /// as absent, and their slots are cleared, a slice of the table at a time under the writer
     /// lock so commits go on in between. A day already pruned is not walked again. Returns how
     /// many entries went. Ends with a checkpoint of the table (this runs at every maintenance
     /// tick).
-    pub fn prune_dedupe(&self, cutoff_ms: u64) -> Result<u64, Error> {
+    pub(crate) fn prune_dedupe(&self, cutoff_ms: u64) -> Result<u64, Error> {
         let min_day = dedupe::day(cutoff_ms);
         let mut removed = 0;
         if self.pruned_day.load(Ordering::Relaxed) != u32::from(min_day) {
@@ -1382,7 +697,7 @@ impl Spool {
     /// write until reopened, so the agent stops writing before the disk is full: it keeps a
     /// reserve of 5% of the filesystem (between 1 MiB and 256 MiB), plus a quarter of sled's
     /// files (for the drain's removals), plus twice what the commit adds.
-    pub fn disk_nearly_full(&self, incoming: u64) -> bool {
+    pub(crate) fn disk_nearly_full(&self, incoming: u64) -> bool {
         let (Ok(free), Ok(total)) = (fs2::available_space(&self.dir), fs2::total_space(&self.dir))
         else {
             return false;
@@ -1412,14 +727,14 @@ impl Spool {
     /// [`Spool::depth`]).
     pub fn disk_bytes(&self) -> u64 {
         self.store().size_on_disk()
-            + segments::disk_bytes(&self.segments_dir)
+            + segments::disk_bytes(&self.queue_state.segments_dir)
             + file_len(&dedupe::path(&self.dir))
     }
 
     /// Whether sled's files are so much larger than the live data that [`Spool::compact`] is
     /// worth its pause: over `min_disk_bytes`, and over `ratio` times the live data. Reading
     /// the live size walks every tree, so it is done only past the first test.
-    pub fn is_bloated(&self, min_disk_bytes: u64, ratio: u64) -> Result<bool, Error> {
+    pub(crate) fn is_bloated(&self, min_disk_bytes: u64, ratio: u64) -> Result<bool, Error> {
         let s = self.store();
         let disk = s.size_on_disk();
         if disk < min_disk_bytes {
@@ -1434,7 +749,7 @@ impl Spool {
     /// and page headers). A copy that still runs out of space fails harmlessly: it is deleted,
     /// and the current generation was not written to meanwhile (the copy holds the writer and
     /// store locks). Walks every tree once.
-    pub fn compaction_helps_and_fits(&self) -> Result<bool, Error> {
+    pub(crate) fn compaction_helps_and_fits(&self) -> Result<bool, Error> {
         let Ok(free) = fs2::available_space(&self.dir) else {
             return Ok(false);
         };
@@ -1447,7 +762,7 @@ impl Spool {
     /// Rebuilds the spool into a fresh sled generation and swaps it in, crash-safely (see
     /// `store::compact`), so disk space comes back after a backlog drained: sled 0.34 never
     /// shrinks its files. Commits and the drain wait during the copy.
-    pub fn compact(&self) -> Result<Compaction, Error> {
+    pub(crate) fn compact(&self) -> Result<Compaction, Error> {
         let _writer = self.writer();
         let mut current = self.store.write().unwrap_or_else(|e| e.into_inner());
         let before = current.size_on_disk();
@@ -1460,27 +775,6 @@ impl Spool {
             disk_before: before,
             disk_after: current.size_on_disk(),
         })
-    }
-
-    /// Quarantine entries, oldest first.
-    pub fn quarantine_entries(&self) -> Result<Vec<(u64, QuarantineEntry)>, Error> {
-        let s = self.store();
-        s.json_entries(&s.quarantine, "quarantine entry")
-    }
-
-    /// The kind and message ids of every quarantine entry (for counts), oldest first.
-    pub fn quarantine_tags(&self) -> Result<Vec<QuarantineTag>, Error> {
-        let s = self.store();
-        Ok(s.json_entries(&s.quarantine, "quarantine entry")?
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect())
-    }
-
-    /// Dead letters, oldest first.
-    pub fn dead_letters(&self) -> Result<Vec<(u64, DeadLetter)>, Error> {
-        let s = self.store();
-        s.json_entries(&s.dead, "dead letter")
     }
 }
 
@@ -1516,65 +810,8 @@ fn abort<T>(what: String) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(what))
 }
 
-/// The `meta` key of the cached Leanplum catalog (JSON, see `crate::catalog`).
-const CATALOG_CACHE: &str = "catalog_cache";
-/// The `meta` key of the segments' committed end (see `segments.rs`).
-const SEGMENT_END: &str = "segment_end";
-/// The dedupe log's next sequence number, committed with every log value: the table can never
-/// rightly hold a later one (see `Spool::install_table`).
-const DEDUPE_NEXT: &str = "dedupe_next";
-
-fn add_meta(meta: &sled::transaction::TransactionalTree, name: &str, delta: i64) -> TxResult<()> {
-    let cur = meta.get(name)?.and_then(|v| decode_u64(&v)).unwrap_or(0);
-    let new = if delta >= 0 {
-        cur.saturating_add(delta as u64)
-    } else {
-        cur.saturating_sub(delta.unsigned_abs())
-    };
-    meta.insert(name, &new.to_be_bytes())?;
-    Ok(())
-}
-
-fn encode_file(rec: &FileRecord) -> Vec<u8> {
-    serde_json::to_vec(rec).unwrap_or_default()
-}
-
-fn decode_file(v: &[u8]) -> TxResult<FileRecord> {
-    serde_json::from_slice(v)
-        .map_err(|e| ConflictableTransactionError::Abort(format!("file record: {e}")))
-}
-
 fn decode_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.try_into().ok()?))
-}
-
-fn head_key(head_hash: &str, id: u64) -> Vec<u8> {
-    let mut k = head_hash.as_bytes().to_vec();
-    k.extend_from_slice(&id.to_be_bytes());
-    k
-}
-
-fn path_key(path: &Path) -> &[u8] {
-    use std::os::unix::ffi::OsStrExt;
-    path.as_os_str().as_bytes()
-}
-
-/// The `messageId` of a serialized event, for dead-letter listings.
-fn message_id_of(json: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Id {
-        #[serde(rename = "messageId")]
-        message_id: String,
-    }
-    serde_json::from_slice::<Id>(json)
-        .map(|i| i.message_id)
-        .unwrap_or_default()
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! Property test: the spool against a VecDeque model across simulated restarts.
 //!
 //! Random sequences of what the ingest and the drain do to a spool (commit a chunk with new,
-//! repeated and oversize events; peek a batch after the drain's cursor or from the start; ack
-//! or dead-letter a peeked batch; flush; drop and reopen the spool) run against a real sled in
-//! a temp dir and against a plain model. After every step the whole queue (order, keys,
+//! repeated and refused events (dead-lettered by the commit); peek a batch after the drain's
+//! cursor or from the start; ack or dead-letter a peeked batch; flush; drop and reopen the
+//! spool) run against a real sled in a temp dir and against a plain model. After every step the whole queue (order, keys,
 //! payloads), the depth counters, the files' pending counts and the dead letters must match.
 //!
 //! Set `LSA_PROPTEST_CASES` to run more (or fewer) than the default 24 cases.
@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 
 use super::*;
+use crate::spool::letters::message_id_of;
 
 /// Files the chunks go to; their ids come from `begin_file`.
 const FILES: usize = 3;
@@ -34,7 +35,7 @@ enum Op {
         fresh: Vec<usize>,
         repeats: Vec<prop::sample::Index>,
         repeat_within: bool,
-        oversize: bool,
+        refused: bool,
         done: bool,
     },
     /// What the drain does: a batch after its cursor (claiming it), or a look from the start
@@ -63,12 +64,12 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         prop::bool::weighted(0.3),
     )
         .prop_map(
-            |(file, fresh, repeats, repeat_within, oversize, done)| Op::Commit {
+            |(file, fresh, repeats, repeat_within, refused, done)| Op::Commit {
                 file,
                 fresh,
                 repeats,
                 repeat_within,
-                oversize,
+                refused,
                 done,
             },
         );
@@ -214,6 +215,7 @@ fn event_json(id: &str, pad: usize) -> Vec<u8> {
 fn check(spool: &Spool, model: &Model, step: usize, op: &Op) -> Result<(), TestCaseError> {
     let ctx = || format!("after step {step} ({op:?})");
     let all = spool
+        .queue()
         .peek(None, usize::MAX, usize::MAX)
         .map_err(|e| TestCaseError::fail(format!("{}: peek: {e}", ctx())))?;
     let got: Vec<Item> = all
@@ -239,7 +241,7 @@ fn check(spool: &Spool, model: &Model, step: usize, op: &Op) -> Result<(), TestC
             ids(&want)
         )));
     }
-    let depth = spool.depth().expect("depth");
+    let depth = spool.queue().depth().expect("depth");
     prop_assert_eq!(
         depth,
         Depth {
@@ -250,6 +252,7 @@ fn check(spool: &Spool, model: &Model, step: usize, op: &Op) -> Result<(), TestC
         ctx()
     );
     let letters: Vec<Letter> = spool
+        .letters()
         .dead_letters()
         .expect("dead letters")
         .into_iter()
@@ -274,7 +277,11 @@ fn check(spool: &Spool, model: &Model, step: usize, op: &Op) -> Result<(), TestC
         )));
     }
     for f in &model.files {
-        let rec = spool.file(f.id).expect("file").expect("file record exists");
+        let rec = spool
+            .ledger()
+            .file(f.id)
+            .expect("file")
+            .expect("file record exists");
         prop_assert_eq!(rec.pending, f.pending, "{}: file {} pending", ctx(), f.id);
         prop_assert_eq!(
             rec.status == FileStatus::Read,
@@ -301,7 +308,8 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
         let id = spool
             .as_ref()
             .expect("open")
-            .begin_file(Path::new(&path), &record)
+            .ledger()
+            .begin(Path::new(&path), &record)
             .expect("begin file");
         model.files.push(ModelFile {
             id,
@@ -320,7 +328,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 fresh,
                 repeats,
                 repeat_within,
-                oversize,
+                refused,
                 done,
             } => {
                 let file_id = model.files[*file].id;
@@ -331,14 +339,16 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     events.push(SpoolEvent {
                         json: event_json(&id, *pad),
                         message_id: id,
+                        refused: None,
                     });
                 }
-                if *oversize {
+                if *refused {
                     let id = format!("m-{}", model.next_event);
                     model.next_event += 1;
                     events.push(SpoolEvent {
-                        json: event_json(&id, MAX_EVENT_BYTES),
+                        json: event_json(&id, 64),
                         message_id: id,
+                        refused: Some("refused by the producer".into()),
                     });
                 }
                 if !model.seen_order.is_empty() {
@@ -347,6 +357,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         events.push(SpoolEvent {
                             json: event_json(&id, 7),
                             message_id: id,
+                            refused: None,
                         });
                     }
                 }
@@ -361,7 +372,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         continue;
                     }
                     model.seen_order.push(ev.message_id.clone());
-                    if ev.json.len() > MAX_EVENT_BYTES {
+                    if ev.refused.is_some() {
                         want.dead_lettered += 1;
                         model.dead.push(Letter {
                             message_id: ev.message_id.clone(),
@@ -402,6 +413,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             } => {
                 let after = if *from_start { None } else { cursor };
                 let got = s
+                    .queue()
                     .peek(after, *max_events, *budget)
                     .map_err(|e| TestCaseError::fail(format!("step {step}: peek: {e}")))?;
                 let (want, want_full) = model.peek(after, *max_events, *budget);
@@ -430,6 +442,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 let batch = batches.remove(index.index(batches.len()));
                 let want = model.remove(&batch, None);
                 let got = s
+                    .queue()
                     .ack(&batch)
                     .map_err(|e| TestCaseError::fail(format!("step {step}: ack: {e}")))?;
                 prop_assert_eq!(got, want, "step {}: files delivered by the ack", step);
@@ -441,6 +454,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 let batch = batches.remove(index.index(batches.len()));
                 let want = model.remove(&batch, Some(("rejected", *status)));
                 let got = s
+                    .queue()
                     .dead_letter(&batch, "rejected", *status)
                     .map_err(|e| TestCaseError::fail(format!("step {step}: dead_letter: {e}")))?;
                 prop_assert_eq!(got, want, "step {}: files done by the dead letters", step);
@@ -460,7 +474,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 // Keys continue past the last queued packet: past the last queued event, or
                 // further when that packet's last events were delivered (0 when the queue was
                 // emptied).
-                let next = reopened.watermark();
+                let next = reopened.queue().watermark();
                 let last = model.queue.back().map_or(0, |i| i.key + 1);
                 prop_assert!(
                     next >= last && (next == 0) == model.queue.is_empty(),

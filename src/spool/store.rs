@@ -19,11 +19,11 @@ use sled::transaction::TransactionError;
 use sled::{IVec, Tree};
 
 use super::dedupe;
+use super::meta::{DEDUPE_NEXT, FORMAT, FORMAT_VERSION, SEGMENT_END};
 use super::packet;
 use super::segments::{self, End, Location};
-use super::{
-    DEDUPE_NEXT, Error, FORMAT_VERSION, SEGMENT_END, decode_u64, io_err, now_ms, sync_dir,
-};
+use super::{Error, decode_u64, io_err, sync_dir};
+use crate::clock::now_ms;
 
 const CURRENT: &str = "CURRENT";
 /// sled's background flush of its write buffers into its files. Commits flush (and fsync)
@@ -277,11 +277,11 @@ impl Store {
         // What sled wrote while opening (a new `conf`, a snapshot, the directories) is made
         // durable before anything is committed on top of it.
         store.sync_sled_files()?;
-        match store.meta.get("format_version").map_err(sled_err)? {
+        match store.meta.get(FORMAT).map_err(sled_err)? {
             None => {
                 store
                     .meta
-                    .insert("format_version", &FORMAT_VERSION.to_be_bytes())
+                    .insert(FORMAT, &FORMAT_VERSION.to_be_bytes())
                     .map_err(sled_err)?;
                 store.flush()?;
             }
@@ -289,7 +289,7 @@ impl Store {
                 let found =
                     u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Corrupt {
                         path: path.to_owned(),
-                        what: "format_version".into(),
+                        what: FORMAT.into(),
                     })?);
                 // Version 1 differs in the dedupe tree, version 2 in keeping packets in the
                 // queue tree, which version 3 still reads; `Spool::open` upgrades both.
@@ -447,7 +447,7 @@ impl Store {
     /// Records the current format version (an older spool needing no data moved).
     pub(super) fn set_format_version(&self) -> Result<(), Error> {
         self.meta
-            .insert("format_version", &FORMAT_VERSION.to_be_bytes())
+            .insert(FORMAT, &FORMAT_VERSION.to_be_bytes())
             .map_err(|e| self.sled_err(e))?;
         self.flush()
     }
@@ -502,7 +502,7 @@ impl Store {
     pub(super) fn format_version(&self) -> Result<u32, Error> {
         Ok(self
             .meta
-            .get("format_version")
+            .get(FORMAT)
             .map_err(|e| self.sled_err(e))?
             .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes))
             .unwrap_or(FORMAT_VERSION))

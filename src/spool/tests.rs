@@ -1,6 +1,8 @@
 //! Spool unit tests against a real sled in a temp dir.
 
 use super::*;
+use crate::clock::now_ms;
+use crate::spool::letters::message_id_of;
 
 fn open(dir: &Path) -> Spool {
     Spool::open(dir, 8 << 20).expect("open spool")
@@ -17,13 +19,15 @@ fn event(id: &str) -> SpoolEvent {
     SpoolEvent {
         message_id: id.into(),
         json: format!("{{\"messageId\":\"{id}\"}}").into_bytes(),
+        refused: None,
     }
 }
 
 /// A new file `name` and one chunk of `events` in it; the file's id.
 fn file_with(spool: &Spool, name: &str, events: Vec<SpoolEvent>) -> u64 {
     let fid = spool
-        .begin_file(Path::new(name), &file_record(name))
+        .ledger()
+        .begin(Path::new(name), &file_record(name))
         .unwrap();
     spool
         .commit_file_chunk(&Chunk {
@@ -46,7 +50,8 @@ fn chunks_commit_events_and_offset_together_and_survive_reopen() {
     {
         let spool = open(dir.path());
         fid = spool
-            .begin_file(Path::new("a/b"), &file_record("a/b"))
+            .ledger()
+            .begin(Path::new("a/b"), &file_record("a/b"))
             .unwrap();
         let out = spool
             .commit_file_chunk(&Chunk {
@@ -61,11 +66,15 @@ fn chunks_commit_events_and_offset_together_and_survive_reopen() {
         assert_eq!(out.duplicates, 1);
     }
     let spool = open(dir.path());
-    let (id, rec) = spool.file_by_path(Path::new("a/b")).unwrap().unwrap();
+    let (id, rec) = spool
+        .ledger()
+        .file_by_path(Path::new("a/b"))
+        .unwrap()
+        .unwrap();
     assert_eq!(id, fid);
     assert_eq!((rec.offset, rec.line, rec.pending), (120, 3, 2));
-    assert_eq!(spool.depth().unwrap().events, 2);
-    let q = spool.peek(None, 10, 1 << 20).unwrap().items;
+    assert_eq!(spool.queue().depth().unwrap().events, 2);
+    let q = spool.queue().peek(None, 10, 1 << 20).unwrap().items;
     assert_eq!(ids(&q), ["e1", "e2"]);
 }
 
@@ -73,7 +82,10 @@ fn chunks_commit_events_and_offset_together_and_survive_reopen() {
 fn fifo_order_across_chunks_and_ack_removes() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     for n in 0..5 {
         let events = (0..300).map(|i| event(&format!("e{n}-{i:03}"))).collect();
         spool
@@ -87,31 +99,35 @@ fn fifo_order_across_chunks_and_ack_removes() {
             .unwrap();
     }
     // Keys above 255 must still sort after smaller ones (big-endian keys).
-    let all = spool.peek(None, 10_000, usize::MAX).unwrap().items;
+    let all = spool.queue().peek(None, 10_000, usize::MAX).unwrap().items;
     assert_eq!(all.len(), 1500);
     assert!(all.windows(2).all(|w| w[0].key < w[1].key));
     assert_eq!(message_id_of(&all[299].json), "e0-299");
     assert_eq!(message_id_of(&all[300].json), "e1-000");
     // Reading after a cursor continues where the last batch ended.
-    let first = spool.peek(None, 100, usize::MAX).unwrap().items;
+    let first = spool.queue().peek(None, 100, usize::MAX).unwrap().items;
     let second = spool
+        .queue()
         .peek(Some(first[99].key), 100, usize::MAX)
         .unwrap()
         .items;
     assert_eq!(message_id_of(&second[0].json), "e0-100");
-    let done = spool.ack(&all[..1499]).unwrap();
+    let done = spool.queue().ack(&all[..1499]).unwrap();
     assert!(done.is_empty(), "one event of the file is still pending");
-    let done = spool.ack(&all[1499..]).unwrap();
+    let done = spool.queue().ack(&all[1499..]).unwrap();
     assert_eq!(done, vec![fid]);
-    assert_eq!(spool.depth().unwrap(), Depth::default());
-    assert!(spool.peek(None, 10, 1000).unwrap().items.is_empty());
+    assert_eq!(spool.queue().depth().unwrap(), Depth::default());
+    assert!(spool.queue().peek(None, 10, 1000).unwrap().items.is_empty());
 }
 
 #[test]
 fn peek_respects_the_byte_budget_but_always_returns_one() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     let events = (0..10).map(|i| event(&format!("e{i}"))).collect();
     spool
         .commit_file_chunk(&Chunk {
@@ -120,21 +136,30 @@ fn peek_respects_the_byte_budget_but_always_returns_one() {
             ..Chunk::default()
         })
         .unwrap();
-    let one = spool.peek(None, 10, 1).unwrap().items;
+    let one = spool.queue().peek(None, 10, 1).unwrap().items;
     assert_eq!(one.len(), 1);
     let len = one[0].json.len() + 1;
-    assert_eq!(spool.peek(None, 10, len * 3).unwrap().items.len(), 3);
-    assert_eq!(spool.peek(None, 4, usize::MAX).unwrap().items.len(), 4);
+    assert_eq!(
+        spool.queue().peek(None, 10, len * 3).unwrap().items.len(),
+        3
+    );
+    assert_eq!(
+        spool.queue().peek(None, 4, usize::MAX).unwrap().items.len(),
+        4
+    );
 }
 
 #[test]
-fn oversize_events_are_dead_lettered_not_queued() {
+fn refused_events_are_dead_lettered_not_queued() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     let big = SpoolEvent {
-        message_id: "big".into(),
-        json: vec![b'x'; MAX_EVENT_BYTES + 1],
+        refused: Some("too big".into()),
+        ..event("big")
     };
     let out = spool
         .commit_file_chunk(&Chunk {
@@ -144,11 +169,16 @@ fn oversize_events_are_dead_lettered_not_queued() {
         })
         .unwrap();
     assert_eq!((out.spooled, out.dead_lettered), (2, 1));
-    let dead = spool.dead_letters().unwrap();
+    let dead = spool.letters().dead_letters().unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].1.message_id, "big");
     assert_eq!(
-        ids(&spool.peek(None, 10, usize::MAX).unwrap().items),
+        (dead[0].1.reason.as_str(), dead[0].1.status),
+        ("too big", None)
+    );
+    assert_eq!(dead[0].1.file_id, Some(fid));
+    assert_eq!(
+        ids(&spool.queue().peek(None, 10, usize::MAX).unwrap().items),
         ["a", "b"]
     );
 }
@@ -158,25 +188,29 @@ fn dead_lettering_from_the_queue_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     file_with(&spool, "f", vec![event("a"), event("b"), event("c")]);
-    let q = spool.peek(None, 10, usize::MAX).unwrap().items;
+    let q = spool.queue().peek(None, 10, usize::MAX).unwrap().items;
     spool
+        .queue()
         .dead_letter(&q[1..2], "400 from Segment", Some(400))
         .unwrap();
     assert_eq!(
-        ids(&spool.peek(None, 10, usize::MAX).unwrap().items),
+        ids(&spool.queue().peek(None, 10, usize::MAX).unwrap().items),
         ["a", "c"]
     );
-    let dead = spool.dead_letters().unwrap();
+    let dead = spool.letters().dead_letters().unwrap();
     assert_eq!(dead[0].1.message_id, "b");
     assert_eq!(dead[0].1.status, Some(400));
-    assert_eq!(spool.depth().unwrap().events, 2);
+    assert_eq!(spool.queue().depth().unwrap().events, 2);
 }
 
 #[test]
 fn quarantine_entries_commit_with_the_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     spool
         .commit_file_chunk(&Chunk {
             file_id: fid,
@@ -193,7 +227,7 @@ fn quarantine_entries_commit_with_the_chunk() {
             ..Chunk::default()
         })
         .unwrap();
-    let q = spool.quarantine_entries().unwrap();
+    let q = spool.letters().quarantine_entries().unwrap();
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].1.line, 2);
 }
@@ -208,6 +242,7 @@ fn fill(spool: &Spool, file_id: u64, n: usize, prefix: &str) {
                     "x".repeat(400)
                 )
                 .into_bytes(),
+                refused: None,
             })
             .collect();
         spool
@@ -224,17 +259,22 @@ fn fill(spool: &Spool, file_id: u64, n: usize, prefix: &str) {
 fn compaction_gives_disk_back_and_keeps_everything_live() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     fill(&spool, fid, 60_000, "e");
     // Deliver all but the last 10.
     loop {
-        let batch = spool.peek(None, 2500, usize::MAX).unwrap().items;
-        let keep = spool.depth().unwrap().events as usize <= 10;
+        let batch = spool.queue().peek(None, 2500, usize::MAX).unwrap().items;
+        let keep = spool.queue().depth().unwrap().events as usize <= 10;
         if keep || batch.is_empty() {
             break;
         }
-        let n = batch.len().min(spool.depth().unwrap().events as usize - 10);
-        spool.ack(&batch[..n]).unwrap();
+        let n = batch
+            .len()
+            .min(spool.queue().depth().unwrap().events as usize - 10);
+        spool.queue().ack(&batch[..n]).unwrap();
     }
     spool.flush().unwrap();
     // The drained segments went as the drain went: what is left is the segment of the last
@@ -258,21 +298,24 @@ fn compaction_gives_disk_back_and_keeps_everything_live() {
         spool.disk_bytes() < before + (8 << 20),
         "{c:?}, {before} bytes before in all"
     );
-    let left = ids(&spool.peek(None, 100, usize::MAX).unwrap().items);
+    let left = ids(&spool.queue().peek(None, 100, usize::MAX).unwrap().items);
     assert_eq!(left.len(), 10);
     assert_eq!(left[0], "e-59990");
     // Dedupe, files and new commits work on the new generation, and survive a reopen.
     fill(&spool, fid, 1, "e");
     assert_eq!(
-        spool.depth().unwrap().events,
+        spool.queue().depth().unwrap().events,
         10,
         "e-0 is still a duplicate"
     );
     fill(&spool, fid, 1, "new");
     drop(spool);
     let spool = open(dir.path());
-    assert_eq!(spool.depth().unwrap().events, 11);
-    assert_eq!(spool.file(fid).unwrap().unwrap().events_spooled, 60_001);
+    assert_eq!(spool.queue().depth().unwrap().events, 11);
+    assert_eq!(
+        spool.ledger().file(fid).unwrap().unwrap().events_spooled,
+        60_001
+    );
     let gens: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -286,7 +329,10 @@ fn debris_of_an_interrupted_compaction_is_removed_at_open() {
     let dir = tempfile::tempdir().unwrap();
     {
         let spool = open(dir.path());
-        let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+        let fid = spool
+            .ledger()
+            .begin(Path::new("f"), &file_record("f"))
+            .unwrap();
         fill(&spool, fid, 5, "e");
     }
     // A compaction that died before switching CURRENT leaves a half-built gen-2.
@@ -294,7 +340,7 @@ fn debris_of_an_interrupted_compaction_is_removed_at_open() {
     std::fs::write(dir.path().join("gen-2/db"), b"half").unwrap();
     let spool = open(dir.path());
     assert!(spool.recovered().is_none());
-    assert_eq!(spool.depth().unwrap().events, 5);
+    assert_eq!(spool.queue().depth().unwrap().events, 5);
     assert!(!dir.path().join("gen-2").exists());
 }
 
@@ -303,7 +349,10 @@ fn a_spool_sled_cannot_open_is_moved_aside_and_replaced() {
     let dir = tempfile::tempdir().unwrap();
     {
         let spool = open(dir.path());
-        let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+        let fid = spool
+            .ledger()
+            .begin(Path::new("f"), &file_record("f"))
+            .unwrap();
         fill(&spool, fid, 5, "e");
     }
     // Damage sled's files: its config file holds the segment size and version.
@@ -311,7 +360,7 @@ fn a_spool_sled_cannot_open_is_moved_aside_and_replaced() {
     let spool = open(dir.path());
     let note = spool.recovered().expect("the repair is reported");
     assert!(note.contains("moved to"), "{note}");
-    assert_eq!(spool.depth().unwrap().events, 0);
+    assert_eq!(spool.queue().depth().unwrap().events, 0);
     let aside = std::fs::read_dir(dir.path())
         .unwrap()
         .filter(|e| {
@@ -324,9 +373,12 @@ fn a_spool_sled_cannot_open_is_moved_aside_and_replaced() {
         .count();
     assert_eq!(aside, 1);
     // And the new spool works.
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     fill(&spool, fid, 3, "e");
-    assert_eq!(spool.depth().unwrap().events, 3);
+    assert_eq!(spool.queue().depth().unwrap().events, 3);
 }
 
 #[test]
@@ -335,11 +387,14 @@ fn dedupe_entries_older_than_the_window_are_pruned() {
     const DAY: u64 = 86_400_000;
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     fill(&spool, fid, 3, "old");
     assert_eq!(spool.prune_dedupe(now_ms()).unwrap(), 0, "today is kept");
     fill(&spool, fid, 3, "old");
-    assert_eq!(spool.depth().unwrap().events, 3, "still duplicates");
+    assert_eq!(spool.queue().depth().unwrap().events, 3, "still duplicates");
     assert_eq!(spool.prune_dedupe(now_ms() + DAY).unwrap(), 3);
     assert_eq!(
         spool.prune_dedupe(now_ms() + DAY).unwrap(),
@@ -348,14 +403,17 @@ fn dedupe_entries_older_than_the_window_are_pruned() {
     );
     // Pruned ids are new again.
     fill(&spool, fid, 3, "old");
-    assert_eq!(spool.depth().unwrap().events, 6);
+    assert_eq!(spool.queue().depth().unwrap().events, 6);
 }
 
 #[test]
 fn a_second_open_is_refused_and_never_taken_for_damage() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     fill(&spool, fid, 3, "e");
     let err = Spool::open(dir.path(), 8 << 20).unwrap_err();
     assert!(matches!(err, Error::Locked { .. }), "{err}");
@@ -367,7 +425,7 @@ fn a_second_open_is_refused_and_never_taken_for_damage() {
     // Nothing was moved aside; the data is all there.
     let look = Spool::open_existing(dir.path(), 8 << 20).unwrap().unwrap();
     assert!(look.recovered().is_none());
-    assert_eq!(look.depth().unwrap().events, 3);
+    assert_eq!(look.queue().depth().unwrap().events, 3);
     let empty = tempfile::tempdir().unwrap();
     assert!(
         Spool::open_existing(empty.path(), 8 << 20)
@@ -385,16 +443,28 @@ fn a_second_open_is_refused_and_never_taken_for_damage() {
 fn ids_handed_out_after_a_compaction_never_reuse_live_ones() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let a = spool.begin_file(Path::new("a"), &file_record("a")).unwrap();
-    let b = spool.begin_file(Path::new("b"), &file_record("b")).unwrap();
+    let a = spool
+        .ledger()
+        .begin(Path::new("a"), &file_record("a"))
+        .unwrap();
+    let b = spool
+        .ledger()
+        .begin(Path::new("b"), &file_record("b"))
+        .unwrap();
     spool.compact().unwrap();
-    let c = spool.begin_file(Path::new("c"), &file_record("c")).unwrap();
+    let c = spool
+        .ledger()
+        .begin(Path::new("c"), &file_record("c"))
+        .unwrap();
     assert!(c > a && c > b, "{a} {b} {c}");
-    assert_eq!(spool.file(a).unwrap().unwrap().path, "a");
-    assert_eq!(spool.file(b).unwrap().unwrap().path, "b");
+    assert_eq!(spool.ledger().file(a).unwrap().unwrap().path, "a");
+    assert_eq!(spool.ledger().file(b).unwrap().unwrap().path, "b");
     drop(spool);
     let spool = open(dir.path());
-    let d = spool.begin_file(Path::new("d"), &file_record("d")).unwrap();
+    let d = spool
+        .ledger()
+        .begin(Path::new("d"), &file_record("d"))
+        .unwrap();
     assert!(d > c);
 }
 
@@ -408,27 +478,31 @@ fn events_of_a_packet_are_acked_out_of_order_and_across_a_restart() {
             "f",
             (0..10).map(|i| event(&format!("e{i}"))).collect(),
         );
-        let all = spool.peek(None, 100, 1 << 20).unwrap().items;
+        let all = spool.queue().peek(None, 100, 1 << 20).unwrap().items;
         assert_eq!(all.len(), 10);
         assert!(all.iter().all(|q| q.packet == all[0].packet), "one packet");
         // The middle, then the end, delivered first (concurrent batches).
-        spool.ack(&all[4..6]).unwrap();
-        spool.ack(&all[8..]).unwrap();
+        spool.queue().ack(&all[4..6]).unwrap();
+        spool.queue().ack(&all[8..]).unwrap();
         // Acking again changes nothing.
-        spool.ack(&all[4..5]).unwrap();
-        assert_eq!(spool.depth().unwrap().events, 6);
+        spool.queue().ack(&all[4..5]).unwrap();
+        assert_eq!(spool.queue().depth().unwrap().events, 6);
         spool.flush().unwrap();
     }
     let spool = open(dir.path());
-    let left = spool.peek(None, 100, 1 << 20).unwrap().items;
+    let left = spool.queue().peek(None, 100, 1 << 20).unwrap().items;
     assert_eq!(ids(&left), ["e0", "e1", "e2", "e3", "e6", "e7"]);
     // Peeking after a key inside the packet starts there.
-    let after = spool.peek(Some(left[1].key), 100, 1 << 20).unwrap().items;
+    let after = spool
+        .queue()
+        .peek(Some(left[1].key), 100, 1 << 20)
+        .unwrap()
+        .items;
     assert_eq!(ids(&after), ["e2", "e3", "e6", "e7"]);
     let fid = left[0].file_id;
-    let done = spool.ack(&left).unwrap();
-    assert_eq!(spool.depth().unwrap().events, 0);
-    assert_eq!(spool.file(fid).unwrap().unwrap().pending, 0);
+    let done = spool.queue().ack(&left).unwrap();
+    assert_eq!(spool.queue().depth().unwrap().events, 0);
+    assert_eq!(spool.ledger().file(fid).unwrap().unwrap().pending, 0);
     assert!(done.is_empty(), "the file is not read to its end");
     let s = spool.store();
     assert!(
@@ -467,11 +541,14 @@ fn a_format_1_spool_is_upgraded_when_an_agent_opens_it() {
             .all(|k| k.unwrap().len() == 8),
         "only log values (none yet) are left in the dedupe tree"
     );
-    let q = spool.peek(None, 10, 1 << 20).unwrap().items;
+    let q = spool.queue().peek(None, 10, 1 << 20).unwrap().items;
     assert_eq!(ids(&q), ["old-1"]);
     assert_eq!(q[0].enqueued_ms, 1_700_000_000_000);
     // New events go after it; the old id is still a duplicate.
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     let out = spool
         .commit_file_chunk(&Chunk {
             file_id: fid,
@@ -480,12 +557,12 @@ fn a_format_1_spool_is_upgraded_when_an_agent_opens_it() {
         })
         .unwrap();
     assert_eq!((out.spooled, out.duplicates), (1, 1));
-    let q = spool.peek(None, 10, 1 << 20).unwrap().items;
+    let q = spool.queue().peek(None, 10, 1 << 20).unwrap().items;
     assert_eq!(ids(&q), ["old-1", "new-1"]);
     assert!(q[1].key > q[0].key);
-    spool.ack(&q[..1]).unwrap();
+    spool.queue().ack(&q[..1]).unwrap();
     assert_eq!(
-        ids(&spool.peek(None, 10, 1 << 20).unwrap().items),
+        ids(&spool.queue().peek(None, 10, 1 << 20).unwrap().items),
         ["new-1"]
     );
 }
@@ -515,26 +592,33 @@ fn a_format_2_spool_drains_its_packets_from_sled_then_from_segments() {
     }
     let spool = open(dir.path());
     assert_eq!(spool.store().format_version().unwrap(), FORMAT_VERSION);
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     // Enough new events to fill more than one (test-sized) segment.
     fill(&spool, fid, 6000, "new");
     let segs = segments::dir(dir.path());
     let on_disk = segments::disk_bytes(&segs);
     assert!(on_disk > segments::SEGMENT_BYTES, "{on_disk}");
-    let q = spool.peek(None, 3, 1 << 20).unwrap().items;
+    let q = spool.queue().peek(None, 3, 1 << 20).unwrap().items;
     assert_eq!(ids(&q), ["old-1", "old-2", "new-0"]);
     assert_eq!(q[0].enqueued_ms, 1_700_000_000_000);
     // Delivering new events while the old packet is queued deletes no segment: the old packet
     // comes first in the queue.
-    let first_new = spool.peek(Some(q[1].key), 4000, usize::MAX).unwrap().items;
-    spool.ack(&first_new).unwrap();
+    let first_new = spool
+        .queue()
+        .peek(Some(q[1].key), 4000, usize::MAX)
+        .unwrap()
+        .items;
+    spool.queue().ack(&first_new).unwrap();
     assert_eq!(segments::disk_bytes(&segs), on_disk);
     // Once it is delivered, the drained segments go.
-    spool.ack(&q[..2]).unwrap();
+    spool.queue().ack(&q[..2]).unwrap();
     assert!(segments::disk_bytes(&segs) < on_disk);
     drop(spool);
     let spool = open(dir.path());
-    let rest = spool.peek(None, 10_000, usize::MAX).unwrap().items;
+    let rest = spool.queue().peek(None, 10_000, usize::MAX).unwrap().items;
     assert_eq!(rest.len(), 2000);
     assert_eq!(ids(&rest[..1]), ["new-4000"]);
 }
@@ -546,7 +630,10 @@ fn dedupe_entries_the_table_lost_come_back_from_the_log() {
     let saved = dir.path().join("saved.tab");
     {
         let spool = open(dir.path());
-        let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+        let fid = spool
+            .ledger()
+            .begin(Path::new("f"), &file_record("f"))
+            .unwrap();
         fill(&spool, fid, 3, "a");
         spool.checkpoint_dedupe().unwrap();
         std::fs::copy(&table, &saved).unwrap();
@@ -557,11 +644,11 @@ fn dedupe_entries_the_table_lost_come_back_from_the_log() {
     }
     std::fs::copy(&saved, &table).unwrap();
     let spool = open(dir.path());
-    let fid = spool.files().unwrap()[0].0;
+    let fid = spool.ledger().files().unwrap()[0].0;
     fill(&spool, fid, 3, "a");
     fill(&spool, fid, 3, "b");
     assert_eq!(
-        spool.depth().unwrap().events,
+        spool.queue().depth().unwrap().events,
         6,
         "a-* and b-* are duplicates"
     );
@@ -569,9 +656,9 @@ fn dedupe_entries_the_table_lost_come_back_from_the_log() {
     drop(spool);
     let spool = open(dir.path());
     assert_eq!(spool.store().dedupe.len(), 0, "log trimmed");
-    let fid = spool.files().unwrap()[0].0;
+    let fid = spool.ledger().files().unwrap()[0].0;
     fill(&spool, fid, 3, "b");
-    assert_eq!(spool.depth().unwrap().events, 6);
+    assert_eq!(spool.queue().depth().unwrap().events, 6);
 }
 
 /// A copy of the directory tree `from` at `to` (files only; the spool has no links).
@@ -597,7 +684,10 @@ fn a_dedupe_table_ahead_of_the_database_is_not_trusted() {
     let fid;
     {
         let spool = open(dir.path());
-        fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+        fid = spool
+            .ledger()
+            .begin(Path::new("f"), &file_record("f"))
+            .unwrap();
         fill(&spool, fid, 3, "a");
         // The database as a power cut would bring it back: copied while closed.
         let gen_dir = spool.path();
@@ -611,11 +701,11 @@ fn a_dedupe_table_ahead_of_the_database_is_not_trusted() {
         std::fs::rename(&old_db, &gen_dir).unwrap();
     }
     let spool = open(dir.path());
-    let depth = spool.depth().unwrap().events;
+    let depth = spool.queue().depth().unwrap().events;
     assert_eq!(depth, 3, "the database went back to a-* only");
     fill(&spool, fid, 3, "b");
     assert_eq!(
-        spool.depth().unwrap().events,
+        spool.queue().depth().unwrap().events,
         6,
         "b-* spooled again: the table that held them was not trusted"
     );
@@ -626,11 +716,12 @@ fn a_packet_damaged_on_disk_is_set_aside_and_the_drain_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
     let fid = spool
-        .begin_file(Path::new("f.json"), &file_record("f.json"))
+        .ledger()
+        .begin(Path::new("f.json"), &file_record("f.json"))
         .unwrap();
     fill(&spool, fid, 3000, "e");
     // Flip a byte inside the second packet of the first segment.
-    let all = spool.peek(None, 10_000, usize::MAX).unwrap().items;
+    let all = spool.queue().peek(None, 10_000, usize::MAX).unwrap().items;
     let second = all.iter().find(|q| q.packet != all[0].packet).unwrap();
     let s = spool.store();
     let loc =
@@ -642,12 +733,12 @@ fn a_packet_damaged_on_disk_is_set_aside_and_the_drain_goes_on() {
     std::os::unix::fs::FileExt::write_all_at(&f, b"\xff", loc.offset + 100).unwrap();
     let lost = u64::from(loc.events);
     // The drain reads past it; its events are gone, the others all there, in order.
-    let left = spool.peek(None, 10_000, usize::MAX).unwrap().items;
+    let left = spool.queue().peek(None, 10_000, usize::MAX).unwrap().items;
     assert_eq!(left.len() as u64, 3000 - lost);
     assert!(left.iter().all(|q| q.packet != second.packet));
     assert!(left.windows(2).all(|w| w[0].key < w[1].key));
-    assert_eq!(spool.depth().unwrap().events, 3000 - lost);
-    let q = spool.quarantine_entries().unwrap();
+    assert_eq!(spool.queue().depth().unwrap().events, 3000 - lost);
+    let q = spool.letters().quarantine_entries().unwrap();
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].1.file, "f.json");
     assert!(
@@ -657,9 +748,9 @@ fn a_packet_damaged_on_disk_is_set_aside_and_the_drain_goes_on() {
         q[0].1.reason
     );
     // Delivering the rest empties the queue; the file is not taken for delivered.
-    spool.ack(&left).unwrap();
-    assert_eq!(spool.depth().unwrap().events, 0);
-    assert_eq!(spool.file(fid).unwrap().unwrap().pending, lost);
+    spool.queue().ack(&left).unwrap();
+    assert_eq!(spool.queue().depth().unwrap().events, 0);
+    assert_eq!(spool.ledger().file(fid).unwrap().unwrap().pending, lost);
 }
 
 #[test]
@@ -668,31 +759,34 @@ fn a_drained_spool_keeps_no_segment_and_writes_on_after_a_restart() {
     let segs = segments::dir(dir.path());
     {
         let spool = open(dir.path());
-        let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+        let fid = spool
+            .ledger()
+            .begin(Path::new("f"), &file_record("f"))
+            .unwrap();
         fill(&spool, fid, 6000, "a");
         assert!(segments::disk_bytes(&segs) > segments::SEGMENT_BYTES);
-        let all = spool.peek(None, 10_000, usize::MAX).unwrap().items;
-        spool.ack(&all).unwrap();
+        let all = spool.queue().peek(None, 10_000, usize::MAX).unwrap().items;
+        spool.queue().ack(&all).unwrap();
         // Everything delivered: the segment being written went too.
         assert_eq!(segments::disk_bytes(&segs), 0);
         fill(&spool, fid, 10, "b");
         assert_eq!(
-            ids(&spool.peek(None, 100, usize::MAX).unwrap().items)[0],
+            ids(&spool.queue().peek(None, 100, usize::MAX).unwrap().items)[0],
             "b-0"
         );
-        let all = spool.peek(None, 100, usize::MAX).unwrap().items;
-        spool.ack(&all).unwrap();
+        let all = spool.queue().peek(None, 100, usize::MAX).unwrap().items;
+        spool.queue().ack(&all).unwrap();
         assert_eq!(segments::disk_bytes(&segs), 0);
     }
     // The committed end names a segment that is gone: the next commit starts a new one.
     let spool = open(dir.path());
-    let fid = spool.files().unwrap()[0].0;
+    let fid = spool.ledger().files().unwrap()[0].0;
     fill(&spool, fid, 10, "c");
-    assert_eq!(spool.depth().unwrap().events, 10);
+    assert_eq!(spool.queue().depth().unwrap().events, 10);
     drop(spool);
     let spool = open(dir.path());
     assert_eq!(
-        ids(&spool.peek(None, 100, usize::MAX).unwrap().items),
+        ids(&spool.queue().peek(None, 100, usize::MAX).unwrap().items),
         (0..10).map(|i| format!("c-{i}")).collect::<Vec<_>>()
     );
 }
@@ -702,53 +796,23 @@ fn segments_an_ack_could_not_retire_go_at_the_maintenance_tick() {
     let dir = tempfile::tempdir().unwrap();
     let segs = segments::dir(dir.path());
     let spool = open(dir.path());
-    let fid = spool.begin_file(Path::new("f"), &file_record("f")).unwrap();
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
     fill(&spool, fid, 100, "a");
-    let all = spool.peek(None, 1000, usize::MAX).unwrap().items;
+    let all = spool.queue().peek(None, 1000, usize::MAX).unwrap().items;
     {
         // A commit holds the writer lock while the last ack comes in.
         let _busy = spool.writer();
-        spool.ack(&all).unwrap();
+        spool.queue().ack(&all).unwrap();
     }
     assert!(
         segments::disk_bytes(&segs) > 0,
         "the segment being written stays while a commit may be adding to it"
     );
-    spool.remove_drained_segments().unwrap();
+    spool.queue().remove_drained_segments().unwrap();
     assert_eq!(segments::disk_bytes(&segs), 0);
     fill(&spool, fid, 3, "b");
-    assert_eq!(spool.depth().unwrap().events, 3);
-}
-
-#[test]
-fn letters_older_than_the_cutoff_are_dropped_and_newer_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = open(dir.path());
-    for (id, time_ms) in [(1u64, 1_000u64), (2, 5_000)] {
-        let letter = DeadLetter {
-            reason: "HTTP 400".into(),
-            status: Some(400),
-            file_id: None,
-            time_ms,
-            message_id: format!("m{id}"),
-            event: "{}".into(),
-        };
-        spool
-            .store()
-            .dead
-            .insert(id.to_be_bytes(), serde_json::to_vec(&letter).unwrap())
-            .unwrap();
-        spool
-            .quarantine(&QuarantineEntry {
-                reason: "bad".into(),
-                time_ms,
-                ..QuarantineEntry::default()
-            })
-            .unwrap();
-    }
-    assert_eq!(spool.drop_letters_before(3_000).unwrap(), (1, 1));
-    assert_eq!(spool.dead_letters().unwrap().len(), 1);
-    assert_eq!(spool.dead_letters().unwrap()[0].1.time_ms, 5_000);
-    assert_eq!(spool.quarantine_entries().unwrap().len(), 1);
-    assert_eq!(spool.drop_letters_before(3_000).unwrap(), (0, 0));
+    assert_eq!(spool.queue().depth().unwrap().events, 3);
 }

@@ -281,9 +281,7 @@ impl Watcher {
             }
             None => {
                 // A file first seen by a scan has been still since its mtime.
-                let age = SystemTime::now()
-                    .duration_since(mtime)
-                    .unwrap_or(Duration::ZERO);
+                let age = crate::clock::age(mtime).unwrap_or(Duration::ZERO);
                 let changed_at = now.checked_sub(age).unwrap_or(now);
                 self.tracked.insert(
                     rel,

@@ -650,6 +650,7 @@ fn entries_older_than_keep_bad_days_are_dropped() {
         let spool = Spool::open(&env.config.spool_dir, 8 << 20).unwrap();
         for (age_days, line) in [(400u64, 1u64), (31, 2), (29, 3), (0, 4)] {
             spool
+                .letters()
                 .quarantine(&QuarantineEntry {
                     reason: "malformed JSON".into(),
                     file: "old.jsonl".into(),

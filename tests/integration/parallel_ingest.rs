@@ -91,6 +91,7 @@ fn spooled(spool_dir: &Path) -> Vec<(u64, String)> {
     let mut after = None;
     loop {
         let peeked = spool
+            .queue()
             .peek(after, 10_000, usize::MAX)
             .expect("peek the spool");
         let Some(last) = peeked.items.last() else {

@@ -1580,6 +1580,7 @@ pub fn dead_letters(spool_dir: &Path) -> Vec<leanplum_segment_agent::spool::Dead
     let spool = leanplum_segment_agent::spool::Spool::open(spool_dir, 8 << 20)
         .unwrap_or_else(|e| panic!("open the spool {}: {e}", spool_dir.display()));
     spool
+        .letters()
         .dead_letters()
         .expect("read the dead letters")
         .into_iter()

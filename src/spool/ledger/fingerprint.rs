@@ -25,7 +25,7 @@ use std::os::unix::fs::FileExt;
 
 use sha2::{Digest, Sha256};
 
-use crate::spool::FileRecord;
+use super::FileRecord;
 
 /// Bytes of a file's start that identify it.
 pub const HEAD_BYTES: u64 = 1024;
