@@ -604,15 +604,13 @@ fn real_message(id: u64, name: &str, kind: &str) -> Value {
     json!({"messageType": kind, "created": 1.506018056324E9, "name": name, "active": true, "id": id})
 }
 
-/// Real-world catalog trouble at once: files naming messages deleted in Leanplum (`getMessage`
-/// answers 404 "Message not found.") and a message created after the last `getMessages` (found
-/// by `getMessage`). Every other event arrives exactly once, the late message maps with its
-/// name, the deleted ones are parked (the default), and every file ends done.
-#[test]
-fn deleted_and_late_messages_as_leanplum_answers_them() {
-    const KNOWN: u64 = 5342363864268800;
-    const LATE: u64 = 5342363864268801;
-    const DELETED: [u64; 2] = [5342363864268802, 5342363864268803];
+/// An email message Leanplum lists.
+const KNOWN: u64 = 5342363864268800;
+/// A push message created after the last `getMessages`: only `getMessage` finds it.
+const LATE: u64 = 5342363864268801;
+
+/// A Leanplum that lists [`KNOWN`] and finds [`LATE`] when asked.
+fn known_and_late() -> LeanplumServer {
     let lp = LeanplumServer::start(
         vec![real_message(KNOWN, "Welcome mail", "Email")],
         Vec::new(),
@@ -620,6 +618,17 @@ fn deleted_and_late_messages_as_leanplum_answers_them() {
     lp.state()
         .unlisted
         .push(real_message(LATE, "Black Friday push", "Push Notification"));
+    lp
+}
+
+/// Real-world catalog trouble at once: files naming messages deleted in Leanplum (`getMessage`
+/// answers 404 "Message not found.") and a message created after the last `getMessages` (found
+/// by `getMessage`). Every other event arrives exactly once, the late message maps with its
+/// name, the deleted ones are parked (the default), and every file ends done.
+#[test]
+fn deleted_and_late_messages_as_leanplum_answers_them() {
+    const DELETED: [u64; 2] = [5342363864268802, 5342363864268803];
+    let lp = known_and_late();
     let env = env_with_api(&lp.url);
     let config = env.write_config();
     let agent = env.start_agent();
@@ -779,18 +788,10 @@ fn a_refused_content_key_is_a_catalog_error_and_files_wait() {
 /// Leanplum answers, the rest arrives, each event once, the looked-up message with its kind.
 #[test]
 fn a_lookup_in_the_middle_of_a_big_file_holds_back_exactly_what_follows_it() {
-    const KNOWN: u64 = 5342363864268800;
-    const LATE: u64 = 5342363864268801;
     const LINES: usize = 20_000;
     /// The line (0-based) naming the late message.
     const AT: usize = 12_345;
-    let lp = LeanplumServer::start(
-        vec![real_message(KNOWN, "Welcome mail", "Email")],
-        Vec::new(),
-    );
-    lp.state()
-        .unlisted
-        .push(real_message(LATE, "Black Friday push", "Push Notification"));
+    let lp = known_and_late();
     let mut env = env_with_api(&lp.url);
     env.config = env.config.clone().with_extra("watch", "ingest_threads = 4");
     let config = env.write_config();
