@@ -47,9 +47,10 @@ use crate::stats::Stats;
 /// large enough that handing batches around costs nothing beside parsing them, small enough
 /// that the workers share the end of a file and memory stays small.
 const BATCH_BYTES: usize = 512 << 10;
-/// Batches in flight per worker: one being parsed, one waiting for it, one parsed and waiting
-/// for its turn at the committer.
-const IN_FLIGHT_BATCHES: usize = 3;
+/// Batches in flight per worker (read, being parsed, or parsed and waiting for their turn):
+/// enough that the workers parse a few chunks ahead while the committer waits for a commit's
+/// fsyncs (a chunk of 2000 events is 2-3 MB of session export).
+const IN_FLIGHT_BATCHES: usize = 8;
 
 /// The file being read, as the workers and the committer see it.
 pub(super) struct Pass<'a> {
@@ -461,5 +462,34 @@ impl Budget {
     fn close(&self) {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
         self.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Budget;
+
+    #[test]
+    fn the_budget_bounds_bytes_in_flight_lets_a_big_batch_go_alone_and_closing_frees_a_waiter() {
+        let budget = Budget::new(100);
+        assert!(budget.take(60));
+        assert!(budget.take(40));
+        // Over the limit while something is in flight: waits until room is given back.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| budget.take(30));
+            budget.give(60);
+            assert!(waiter.join().unwrap());
+        });
+        budget.give(40);
+        budget.give(30);
+        // A batch larger than the whole budget goes when nothing else is in flight.
+        assert!(budget.take(1000));
+        // Closing wakes a waiter, which gets nothing; nothing is given after.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| budget.take(1));
+            budget.close();
+            assert!(!waiter.join().unwrap());
+        });
+        assert!(!budget.take(1));
     }
 }
