@@ -13,10 +13,19 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_leanplum-segment-agent");
+// The integration tests' harness: the config builder, the agent process, `status --json`. The
+// benchmark uses a part of it.
+mod common;
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/integration/util/mod.rs"]
+mod util;
+
+use common::bench_config;
+
+use util::{Agent, try_status_json};
+
 const JOB: &str = "5629499534213120-0b7c3a52-bench-4bbb-8ccc-000000000001";
 const SHARDS: usize = 4;
 
@@ -165,46 +174,20 @@ fn generate(json_dir: &Path, csv_dir: &Path, csv_size: u64) -> (u64, u64, u64) {
     (json_bytes, csv_bytes, sessions)
 }
 
+/// The benchmark's config: Segment unreachable (nothing listens on port 9), a spool that never
+/// fills.
 fn write_config(root: &Path) -> PathBuf {
+    let mut c = bench_config(root, "http://127.0.0.1:9");
+    c.flush_interval_ms = None;
+    c.initial_backoff_ms = Some(1000);
+    c.max_backoff_secs = Some(5);
     let config = root.join("config.toml");
-    let text = format!(
-        r#"[segment]
-write_key = "wk_bench_secret"
-endpoint = "http://127.0.0.1:9"
-[retry]
-initial_backoff_ms = 1000
-max_backoff_secs = 5
-[watch]
-dir = "{watch}"
-settle_secs = 1
-rescan_interval_secs = 5
-[spool]
-dir = "{spool}"
-max_bytes = 107374182400
-[mapping]
-catalog_dir = "{catalog}"
-[control]
-socket = "{socket}"
-[log]
-level = "warn"
-"#,
-        watch = root.join("in").display(),
-        spool = root.join("spool").display(),
-        catalog = repo("examples/catalog").display(),
-        socket = root.join("control.sock").display(),
-    );
-    std::fs::write(&config, text).unwrap();
+    c.write(&config);
     config
 }
 
 fn status(config: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--config"])
-        .arg(config)
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
+    try_status_json(config).ok()
 }
 
 fn proc_kb(pid: u32, field: &str) -> u64 {
@@ -221,14 +204,8 @@ fn proc_kb(pid: u32, field: &str) -> u64 {
 fn run(root: &Path, files: u64) -> (Duration, u64, serde_json::Value) {
     let config = root.join("config.toml");
     let started = Instant::now();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
+    let mut agent = Agent::start(&config);
+    let pid = agent.pid();
     let mut peak = 0;
     let last = loop {
         std::thread::sleep(Duration::from_millis(200));
@@ -241,8 +218,7 @@ fn run(root: &Path, files: u64) -> (Duration, u64, serde_json::Value) {
     };
     let elapsed = started.elapsed();
     peak = peak.max(proc_kb(pid, "VmHWM:"));
-    let _ = Command::new("kill").arg(pid.to_string()).status();
-    let _ = child.wait();
+    agent.stop_within(Duration::from_secs(3600));
     (elapsed, peak, last)
 }
 

@@ -27,13 +27,10 @@
 //! (observed for 10 s). Retry settings are the defaults (backoff from 500 ms, no
 //! `Retry-After`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use leanplum_segment_agent::config::DEFAULT_MAX_LINE_BYTES;
@@ -42,8 +39,16 @@ use leanplum_segment_agent::input::Reader;
 use leanplum_segment_agent::leanplum::catalog::Catalog;
 use leanplum_segment_agent::mapping::{MappingOptions, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_leanplum-segment-agent");
-const KEY: &str = "wk_bench_secret";
+// The integration tests' harness: its counting Segment server, the agent process, the config
+// builder. The benchmark uses a part of it.
+mod common;
+#[allow(dead_code, unused_imports)]
+#[path = "../tests/integration/util/mod.rs"]
+mod util;
+
+use common::bench_config;
+
+use util::{AgentConfig, BIN, Reply, SegmentServer, dir_bytes, run_command, try_status_json};
 
 struct Args {
     size_mb: u64,
@@ -249,248 +254,75 @@ fn generate(dir: &Path, size: u64, gzip_share: f64, seed: u64) -> (u64, u64, Vec
 }
 
 // ---------------------------------------------------------------------------------------------
-// Counting Segment server
+// The daemon and the server, from the harness
 // ---------------------------------------------------------------------------------------------
 
-/// A minimal HTTP/1.1 server with keep-alive that answers every `POST /v1/batch` with 200 (or
-/// 503 while `down`), counting requests and events (by counting `"messageId"` in the body).
-struct Server {
-    port: u16,
-    down: Arc<AtomicBool>,
-    requests: Arc<AtomicU64>,
-    events: Arc<AtomicU64>,
-    /// Round-trip benchmark: every answer this much later; 429 instead of 200 while set; the
-    /// requests in flight at the server (read, not yet answered) and every change of that
-    /// count with its time.
-    knobs: Arc<Knobs>,
+/// The harness's server in counting mode: every `POST /v1/batch` answered 200 (or the default
+/// set: 503 while "down", 429 in the round-trip benchmark), events counted by `"messageId"`.
+fn counting_server() -> SegmentServer {
+    SegmentServer::start_counting()
 }
 
-#[derive(Default)]
-struct Knobs {
-    delay_ms: AtomicU64,
-    too_many: AtomicBool,
-    in_flight: AtomicU64,
-    changes: std::sync::Mutex<Vec<(Instant, u64)>>,
-    first_request: std::sync::Mutex<Option<Instant>>,
+/// Events and requests the server accepted so far.
+fn accepted(server: &SegmentServer) -> (u64, u64) {
+    (
+        server.accepted_count() as u64,
+        server.accepted_requests().len() as u64,
+    )
 }
 
-impl Knobs {
-    fn change(&self, up: bool) {
-        let mut log = self.changes.lock().unwrap();
-        let n = if up {
-            self.in_flight.fetch_add(1, Ordering::SeqCst) + 1
-        } else {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1
-        };
-        log.push((Instant::now(), n));
-    }
+/// Events the server accepted so far (cheap: nothing copied).
+fn accepted_events(server: &SegmentServer) -> u64 {
+    server.accepted_count() as u64
 }
 
-impl Server {
-    fn start() -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let s = Server {
-            port,
-            down: Arc::new(AtomicBool::new(false)),
-            requests: Arc::new(AtomicU64::new(0)),
-            events: Arc::new(AtomicU64::new(0)),
-            knobs: Arc::new(Knobs::default()),
-        };
-        let (down, requests, events, knobs) = (
-            s.down.clone(),
-            s.requests.clone(),
-            s.events.clone(),
-            s.knobs.clone(),
-        );
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let (down, requests, events, knobs) = (
-                    down.clone(),
-                    requests.clone(),
-                    events.clone(),
-                    knobs.clone(),
-                );
-                std::thread::spawn(move || serve(conn, &down, &requests, &events, &knobs));
-            }
-        });
-        s
-    }
-}
-
-fn serve(
-    conn: TcpStream,
-    down: &AtomicBool,
-    requests: &AtomicU64,
-    events: &AtomicU64,
-    knobs: &Knobs,
-) {
-    let mut reader = BufReader::with_capacity(1 << 20, conn.try_clone().unwrap());
-    let mut writer = conn;
-    let mut body = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let (mut len, mut gzip) = (0usize, false);
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let lower = h.to_ascii_lowercase();
-            if let Some(v) = lower.strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-            if lower.starts_with("content-encoding:") && lower.contains("gzip") {
-                gzip = true;
-            }
-        }
-        body.resize(len, 0);
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        knobs
-            .first_request
-            .lock()
-            .unwrap()
-            .get_or_insert_with(Instant::now);
-        knobs.change(true);
-        let delay = knobs.delay_ms.load(Ordering::Relaxed);
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
-        }
-        let status = if down.load(Ordering::Relaxed) {
-            "503 Service Unavailable"
-        } else if knobs.too_many.load(Ordering::Relaxed) {
-            "429 Too Many Requests"
-        } else {
-            let plain = if gzip {
-                let mut out = Vec::with_capacity(len * 5);
-                flate2::read::GzDecoder::new(&body[..])
-                    .read_to_end(&mut out)
-                    .unwrap();
-                out
-            } else {
-                std::mem::take(&mut body)
-            };
-            let n = memchr_count(&plain, b"\"messageId\"");
-            events.fetch_add(n, Ordering::Relaxed);
-            requests.fetch_add(1, Ordering::Relaxed);
-            "200 OK"
-        };
-        let reply = format!(
-            "HTTP/1.1 {status}\r\nContent-Length: 16\r\nContent-Type: application/json\r\n\r\n{{\"success\":true}}"
-        );
-        let written = writer.write_all(reply.as_bytes());
-        knobs.change(false);
-        if written.is_err() {
-            return;
-        }
-    }
-}
-
-fn memchr_count(hay: &[u8], needle: &[u8]) -> u64 {
-    hay.windows(needle.len()).filter(|w| *w == needle).count() as u64
-}
-
-// ---------------------------------------------------------------------------------------------
-// The daemon
-// ---------------------------------------------------------------------------------------------
-
-struct Agent {
-    child: Child,
-    config: PathBuf,
-}
-
-fn write_config(root: &Path, port: u16) -> PathBuf {
+/// The benchmark's config: fast timers, 4 requests at once, a spool that never fills.
+fn write_config(root: &Path, server: &SegmentServer) -> PathBuf {
+    let mut c = bench_config(root, &server.url());
+    c.concurrency = Some(4);
+    c.max_backoff_secs = Some(1);
     let config = root.join("config.toml");
-    let text = format!(
-        r#"[segment]
-write_key = "{KEY}"
-endpoint = "http://127.0.0.1:{port}"
-flush_interval_ms = 200
-concurrency = 4
-[retry]
-initial_backoff_ms = 100
-max_backoff_secs = 1
-[watch]
-dir = "{watch}"
-settle_secs = 1
-rescan_interval_secs = 5
-[spool]
-dir = "{spool}"
-max_bytes = 107374182400
-[mapping]
-catalog_dir = "{catalog}"
-[control]
-socket = "{socket}"
-[log]
-level = "warn"
-"#,
-        watch = root.join("in").display(),
-        spool = root.join("spool").display(),
-        catalog = repo("examples/catalog").display(),
-        socket = root.join("control.sock").display(),
-    );
-    std::fs::write(&config, text).unwrap();
+    c.write(&config);
     config
+}
+
+/// The daemon, with its pid's memory figures.
+struct Agent {
+    agent: util::Agent,
+    config: PathBuf,
 }
 
 impl Agent {
     fn start(config: &Path, notify: Option<&Path>) -> Agent {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["run", "--config"]).arg(config);
-        cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET");
+        let mut cmd = run_command(BIN, config);
         if let Some(n) = notify {
             cmd.env("NOTIFY_SOCKET", n);
         }
-        let child = cmd.stdin(Stdio::null()).spawn().unwrap();
         Agent {
-            child,
+            agent: util::Agent::spawn(cmd, config),
             config: config.to_owned(),
         }
     }
 
     fn status(&self) -> Option<serde_json::Value> {
-        let out = Command::new(BIN)
-            .args(["status", "--json", "--config"])
-            .arg(&self.config)
-            .output()
-            .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
+        try_status_json(&self.config).ok()
     }
 
     fn rss_peak_kb(&self) -> u64 {
-        proc_status_kb(self.child.id(), "VmHWM:")
+        proc_status_kb(self.agent.pid(), "VmHWM:")
     }
 
     fn rss_kb(&self) -> u64 {
-        proc_status_kb(self.child.id(), "VmRSS:")
+        proc_status_kb(self.agent.pid(), "VmRSS:")
     }
 
     fn stop(mut self) {
-        unsafe_free_kill(self.child.id(), "TERM");
-        let _ = self.child.wait();
+        self.agent.stop_within(Duration::from_secs(3600));
     }
 
     fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.agent.kill();
     }
-}
-
-fn unsafe_free_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
 }
 
 fn proc_status_kb(pid: u32, field: &str) -> u64 {
@@ -504,25 +336,7 @@ fn proc_status_kb(pid: u32, field: &str) -> u64 {
 }
 
 fn du(path: &Path) -> u64 {
-    walk(path)
-        .iter()
-        .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
-        .sum()
-}
-
-fn walk(path: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(path) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
+    dir_bytes(path)
 }
 
 fn field(v: &serde_json::Value, name: &str) -> u64 {
@@ -622,9 +436,9 @@ fn main() {
     );
 
     // 2. Ingest with Segment down: durable commits only.
-    let server = Server::start();
-    server.down.store(true, Ordering::Relaxed);
-    let config = write_config(&root, server.port);
+    let server = counting_server();
+    server.set_default(Reply::status(503));
+    let config = write_config(&root, &server);
     let agent = Agent::start(&config, None);
     wait_status(&agent, |s| s["state"].is_string(), || {});
     let t = Instant::now();
@@ -713,7 +527,7 @@ fn main() {
 
     // 4. Drain from the full spool.
     let t = Instant::now();
-    server.down.store(false, Ordering::Relaxed);
+    server.set_default(Reply::ok());
     let mut rss_drain = 0;
     wait_status(
         &agent,
@@ -721,10 +535,7 @@ fn main() {
         || rss_drain = rss_drain.max(agent.rss_kb()),
     );
     let drain = t.elapsed();
-    let (events, requests) = (
-        server.events.load(Ordering::Relaxed),
-        server.requests.load(Ordering::Relaxed),
-    );
+    let (events, requests) = accepted(&server);
     println!(
         "drain: {:.0} events/s, {:.0} requests/s ({} events in {} requests, {:.1?}); peak RSS while draining {} MB",
         events as f64 / drain.as_secs_f64(),
@@ -745,8 +556,8 @@ fn main() {
     let gen2 = root.join("gen2");
     std::fs::create_dir_all(&gen2).unwrap();
     let (_, _, shards2) = generate(&gen2, a.size_mb << 20, a.gzip_share, 43);
-    let server2 = Server::start();
-    let config2 = write_config(&root, server2.port);
+    let server2 = counting_server();
+    let config2 = write_config(&root, &server2);
     let agent = Agent::start(&config2, None);
     wait_status(&agent, |s| s["state"].is_string(), || {});
     let t = Instant::now();
@@ -765,7 +576,7 @@ fn main() {
         mb(export_bytes),
         e2e,
         mb(export_bytes) / e2e.as_secs_f64(),
-        server2.events.load(Ordering::Relaxed),
+        accepted_events(&server2),
         rss_e2e / 1024
     );
     agent.stop();
@@ -784,36 +595,52 @@ mod round_trip {
 
     /// A config for one run: the spool `spool`, concurrency `concurrency` (a number or
     /// "adaptive"), every other delivery and retry setting at its default.
-    fn config(root: &Path, port: u16, spool: &Path, concurrency: &str) -> PathBuf {
-        let path = root.join("rt-config.toml");
-        let concurrency = match concurrency.parse::<u64>() {
-            Ok(n) => n.to_string(),
-            Err(_) => format!("{concurrency:?}"),
+    fn config(root: &Path, server: &SegmentServer, spool: &Path, concurrency: &str) -> PathBuf {
+        let mut c = bench_config(root, &server.url());
+        c.flush_interval_ms = None;
+        c.initial_backoff_ms = None;
+        c.max_backoff_secs = None;
+        c.watch_dir = root.join("rt-in");
+        c.settle_secs = None;
+        c.rescan_interval_secs = None;
+        c.spool_dir = spool.to_owned();
+        c.control_socket = root.join("rt.sock");
+        let c = match concurrency.parse::<u64>() {
+            Ok(n) => AgentConfig {
+                concurrency: Some(n),
+                ..c
+            },
+            Err(_) => c.with_extra("segment", &format!("concurrency = {concurrency:?}")),
         };
-        let text = format!(
-            r#"[segment]
-write_key = "{KEY}"
-endpoint = "http://127.0.0.1:{port}"
-concurrency = {concurrency}
-[watch]
-dir = "{watch}"
-[spool]
-dir = "{spool}"
-max_bytes = 107374182400
-[mapping]
-catalog_dir = "{catalog}"
-[control]
-socket = "{socket}"
-[log]
-level = "warn"
-"#,
-            watch = root.join("rt-in").display(),
-            spool = spool.display(),
-            catalog = repo("examples/catalog").display(),
-            socket = root.join("rt.sock").display(),
-        );
-        std::fs::write(&path, text).unwrap();
+        let path = root.join("rt-config.toml");
+        c.write(&path);
         path
+    }
+
+    /// When the server received its first request.
+    fn first_request(server: &SegmentServer) -> Option<Instant> {
+        server.requests().first().map(|r| r.received_at)
+    }
+
+    /// Every change of the number of requests in flight at the server (read, not yet
+    /// answered), with its time.
+    fn in_flight_changes(server: &SegmentServer) -> Vec<(Instant, u64)> {
+        let mut steps: Vec<(Instant, i64)> = Vec::new();
+        for r in server.requests() {
+            steps.push((r.received_at, 1));
+            if let Some(at) = r.answered_at {
+                steps.push((at, -1));
+            }
+        }
+        steps.sort_by_key(|(at, _)| *at);
+        let mut n = 0i64;
+        steps
+            .into_iter()
+            .map(|(at, step)| {
+                n += step;
+                (at, n.max(0) as u64)
+            })
+            .collect()
     }
 
     fn copy_spool(master: &Path, to: &Path) {
@@ -850,17 +677,18 @@ level = "warn"
     ) -> Throughput {
         let spool = root.join("rt-spool");
         copy_spool(master, &spool);
-        let server = Server::start();
-        server.knobs.delay_ms.store(delay_ms, Ordering::Relaxed);
-        let cfg = config(root, server.port, &spool, mode);
+        let server = counting_server();
+        server.set_delay(Duration::from_millis(delay_ms));
+        let cfg = config(root, &server, &spool, mode);
         let agent = Agent::start(&cfg, None);
         let cap = Duration::from_secs(secs);
         let mut samples: Vec<(Instant, u64)> = Vec::new();
+        let mut first = None;
         let mut status_at = Instant::now();
         let (mut last_limit, mut rtt_ms) = (None, None);
         let drained = loop {
             std::thread::sleep(Duration::from_millis(100));
-            let events = server.events.load(Ordering::Relaxed);
+            let events = accepted_events(&server);
             let now = Instant::now();
             samples.push((now, events));
             if status_at.elapsed() >= Duration::from_secs(2)
@@ -873,13 +701,14 @@ level = "warn"
             if events >= total {
                 break true;
             }
-            let first = *server.knobs.first_request.lock().unwrap();
+            // Looked up until the first request arrived (the log is copied to look).
+            first = first.or_else(|| first_request(&server));
             if first.is_some_and(|f| now.duration_since(f) >= cap) {
                 break false;
             }
         };
         agent.kill();
-        let start = server.knobs.first_request.lock().unwrap().unwrap();
+        let start = first_request(&server).expect("a request arrived");
         let (end, events) = *samples.last().unwrap();
         let span = end.duration_since(start).as_secs_f64();
         let after_5s = samples
@@ -918,27 +747,29 @@ level = "warn"
     ) -> Backoff {
         let spool = root.join("rt-spool");
         copy_spool(master, &spool);
-        let server = Server::start();
-        server.knobs.delay_ms.store(delay_ms, Ordering::Relaxed);
-        let cfg = config(root, server.port, &spool, mode);
+        let server = counting_server();
+        server.set_delay(Duration::from_millis(delay_ms));
+        let cfg = config(root, &server, &spool, mode);
         let agent = Agent::start(&cfg, None);
         // Switch while there is plenty left to send: after `warmup`, or once half the
         // backlog arrived.
         let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(warmup)
-            && server.events.load(Ordering::Relaxed) < total / 2
-        {
+        while t.elapsed() < Duration::from_secs(warmup) && accepted_events(&server) < total / 2 {
             std::thread::sleep(Duration::from_millis(50));
         }
         let limit_before = agent.status().and_then(|s| s["concurrency_limit"].as_u64());
         let switch = Instant::now();
-        server.knobs.too_many.store(true, Ordering::Relaxed);
-        let in_flight_at_switch = server.knobs.in_flight.load(Ordering::SeqCst);
+        server.set_default(Reply::status(429));
+        let in_flight_at_switch = server
+            .requests()
+            .iter()
+            .filter(|r| r.answered_at.is_none())
+            .count() as u64;
         let observe = Duration::from_secs(10);
         std::thread::sleep(observe);
         let limit_after = agent.status().and_then(|s| s["concurrency_limit"].as_u64());
         agent.kill();
-        let changes = server.knobs.changes.lock().unwrap().clone();
+        let changes = in_flight_changes(&server);
         let after: Vec<&(Instant, u64)> = changes
             .iter()
             .filter(|(t, _)| *t >= switch && t.duration_since(switch) <= observe)
@@ -983,9 +814,9 @@ level = "warn"
         // One backlog, spooled once with Segment down, copied for every run.
         let (export_bytes, _, shards) =
             generate(&root.join("gen"), a.size_mb << 20, a.gzip_share, 42);
-        let server = Server::start();
-        server.down.store(true, Ordering::Relaxed);
-        let cfg = write_config(&root, server.port);
+        let server = counting_server();
+        server.set_default(Reply::status(503));
+        let cfg = write_config(&root, &server);
         let agent = Agent::start(&cfg, None);
         wait_status(&agent, |s| s["state"].is_string(), || {});
         for p in &shards {

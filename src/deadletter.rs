@@ -19,6 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::protocol::{Answer, DeadLetterRequest};
 use crate::input::{self, Format};
 use crate::leanplum::catalog::Catalog;
 use crate::mapping::{MappingOptions, Output};
@@ -300,43 +301,29 @@ fn reparse(
         .collect())
 }
 
-/// Answers a control-socket request (`dead-letter list`, `dead-letter retry [ID...]`,
-/// `dead-letter purge [ID...]`) as one JSON value; `None` for a request that is not ours.
-/// `max_line_bytes` is the configured `watch.max_line_bytes`, for retries.
-pub fn handle_request(
-    request: &str,
+/// Answers a `dead-letter` request, in the agent (over the control socket) or on a stopped
+/// agent's spool alike; `Err` is the error for the operator. `max_line_bytes` is the
+/// configured `watch.max_line_bytes`, for retries.
+pub(crate) fn answer(
+    request: &DeadLetterRequest,
     spool: &Spool,
     catalog: &Catalog,
     opts: &MappingOptions,
     max_line_bytes: usize,
-) -> Option<serde_json::Value> {
-    let mut words = request.split_whitespace();
-    if words.next() != Some("dead-letter") {
-        return None;
-    }
-    let verb = words.next().unwrap_or("");
-    let ids: Result<Vec<u64>, _> = words.map(str::parse::<u64>).collect();
-    let Ok(ids) = ids else {
-        return Some(serde_json::json!({"error": "ids must be numbers"}));
-    };
-    let answer = match verb {
-        "list" => list(spool).map(|e| serde_json::json!({ "entries": e })),
-        "show" => match ids.as_slice() {
-            [id] => show(spool, *id).map(|s| match s {
-                Some(s) => serde_json::json!({ "shown": s }),
-                None => serde_json::json!({ "error": format!("no entry {id}") }),
-            }),
-            _ => return Some(serde_json::json!({"error": "show takes one id"})),
+) -> Result<Answer, String> {
+    let answered = match request {
+        DeadLetterRequest::List => list(spool).map(Answer::DeadLetters),
+        DeadLetterRequest::Show { id } => match show(spool, *id) {
+            Ok(Some(s)) => Ok(Answer::DeadLetter(Box::new(s))),
+            Ok(None) => return Err(format!("no entry {id}")),
+            Err(e) => Err(e),
         },
-        "retry" => retry(spool, &ids, catalog, opts, max_line_bytes)
-            .map(|o| serde_json::json!({ "retry": o })),
-        "purge" => spool
-            .letters()
-            .purge(&ids)
-            .map(|n| serde_json::json!({ "purged": n })),
-        _ => return Some(serde_json::json!({"error": "unknown dead-letter request"})),
+        DeadLetterRequest::Retry { ids } => {
+            retry(spool, ids, catalog, opts, max_line_bytes).map(Answer::Retried)
+        }
+        DeadLetterRequest::Purge { ids } => spool.letters().purge(ids).map(Answer::Purged),
     };
-    Some(answer.unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() })))
+    answered.map_err(|e| e.to_string())
 }
 
 /// `dead-letter list` for people: one entry per line.
@@ -462,17 +449,23 @@ mod tests {
     }
 
     #[test]
-    fn requests_over_the_socket_protocol() {
+    fn requests_of_the_control_protocol() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 8 << 20).unwrap();
         let (c, o) = (catalog(), MappingOptions::default());
-        assert_eq!(handle_request("status", &spool, &c, &o, LIMIT), None);
-        let v = handle_request("dead-letter list", &spool, &c, &o, LIMIT).unwrap();
-        assert_eq!(v["entries"].as_array().unwrap().len(), 0);
-        let v = handle_request("dead-letter purge x", &spool, &c, &o, LIMIT).unwrap();
-        assert!(v["error"].is_string());
-        let v = handle_request("dead-letter purge 5", &spool, &c, &o, LIMIT).unwrap();
-        assert_eq!(v["purged"], 0);
+        let ask = |r| answer(&r, &spool, &c, &o, LIMIT);
+        assert_eq!(
+            ask(DeadLetterRequest::List),
+            Ok(Answer::DeadLetters(vec![]))
+        );
+        assert_eq!(
+            ask(DeadLetterRequest::Show { id: 5 }),
+            Err("no entry 5".to_owned())
+        );
+        assert_eq!(
+            ask(DeadLetterRequest::Purge { ids: vec![5] }),
+            Ok(Answer::Purged(0))
+        );
     }
 
     #[test]

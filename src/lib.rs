@@ -17,9 +17,12 @@
 //!
 //! # Layout
 //! - [`cli`]: the command line (clap).
+//! - [`commands`]: one module per subcommand, and the one mapping of outcomes and errors to
+//!   exit codes; `logging` sets up the log for them.
 //! - [`config`]: the TOML config, its defaults, `validate()`, and the write key (a secret).
 //! - `clock`: the wall clock (`now_ms`, file times); every "now" of the crate comes from it.
-//! - [`app`]: wires the tasks together; owns startup and shutdown order.
+//! - [`app`]: the agent's life: start the tasks, supervise them (SIGHUP, the watchdog, a task
+//!   that ends), shut down under a deadline; `run --daemonize`.
 //! - [`watch`]: which files are ready to read.
 //! - [`input`]: format detection and streaming readers that yield records with offsets.
 //! - [`leanplum`]: Leanplum's record types, ids, times, the message / A/B-test catalog files,
@@ -39,7 +42,7 @@
 //! - [`deadletter`]: `dead-letter list | retry | purge` over the quarantine and dead letters.
 //! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
 //! - [`stats`]: counters shared by the tasks, read by status.
-//! - [`control`]: control socket, status report.
+//! - [`control`]: the typed control protocol, the control socket, the status report, signals.
 //! - [`transport`]: the proxy and extra CA roots both HTTP clients (Segment, Leanplum) use.
 #![forbid(unsafe_code)]
 
@@ -47,6 +50,7 @@ pub mod app;
 pub mod catalog;
 pub mod cli;
 pub(crate) mod clock;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod deadletter;
@@ -54,6 +58,7 @@ pub mod drain;
 pub mod ingest;
 pub mod input;
 pub mod leanplum;
+mod logging;
 pub mod mapping;
 pub mod segment;
 pub mod spool;

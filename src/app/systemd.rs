@@ -41,33 +41,92 @@ pub(super) fn reloading() {
     }
 }
 
-/// Sends `WATCHDOG=1` at half the `WatchdogSec` systemd asked for, but only while every
-/// heartbeat has moved within that period: a hung drain or ingest loop stops the pings and
-/// systemd restarts the service.
-pub(super) async fn watchdog_loop(heartbeats: Vec<(&'static str, Arc<AtomicU64>)>) {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return std::future::pending().await;
+/// The watchdog (`WatchdogSec=`): `WATCHDOG=1` at half the period systemd asked for, sent by
+/// the supervision loop (`Agent::supervise`) and only while every heartbeat has moved within
+/// that period. A task that ended stops the loop, a hung drain or ingest loop stops the pings,
+/// and a runtime too busy to run the loop sends none: systemd then restarts the service.
+pub(super) struct Watchdog {
+    period: Duration,
+    every: tokio::time::Interval,
+    heartbeats: Vec<(&'static str, Arc<AtomicU64>)>,
+    stale_logged: bool,
+}
+
+impl Watchdog {
+    /// `None` when systemd asked for no watchdog (`$WATCHDOG_USEC` unset, or for another pid).
+    pub(super) fn from_env(heartbeats: Vec<(&'static str, Arc<AtomicU64>)>) -> Option<Watchdog> {
+        let mut usec = 0u64;
+        if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+            return None;
+        }
+        let period = Duration::from_micros(usec);
+        Some(Watchdog {
+            period,
+            every: tokio::time::interval(period / 2),
+            heartbeats,
+            stale_logged: false,
+        })
     }
-    let period = Duration::from_micros(usec);
-    let mut every = tokio::time::interval(period / 2);
-    let mut stale_logged = false;
-    loop {
-        every.tick().await;
-        let now = now_ms();
-        let stale: Vec<&str> = heartbeats
-            .iter()
-            .filter(|(_, hb)| {
-                now.saturating_sub(hb.load(Ordering::Relaxed)) > period.as_millis() as u64
-            })
-            .map(|(name, _)| *name)
-            .collect();
+
+    /// When the next ping is due; never without a watchdog.
+    pub(super) async fn tick(watchdog: &mut Option<Watchdog>) {
+        match watchdog {
+            Some(w) => {
+                w.every.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// `WATCHDOG=1` if every heartbeat is fresh; else an error, logged once per stall.
+    pub(super) fn ping_if_alive(&mut self) {
+        let stale = stale(&self.heartbeats, now_ms(), self.period);
         if stale.is_empty() {
             notify(&[sd_notify::NotifyState::Watchdog]);
-            stale_logged = false;
-        } else if !stale_logged {
+            self.stale_logged = false;
+        } else if !self.stale_logged {
             tracing::error!(loops = ?stale, "a main loop has not gone round within WatchdogSec; not pinging the watchdog");
-            stale_logged = true;
+            self.stale_logged = true;
         }
+    }
+}
+
+/// The loops whose heartbeat (ms since the epoch) is older than `period` at `now_ms`.
+fn stale(
+    heartbeats: &[(&'static str, Arc<AtomicU64>)],
+    now_ms: u64,
+    period: Duration,
+) -> Vec<&'static str> {
+    heartbeats
+        .iter()
+        .filter(|(_, hb)| {
+            now_ms.saturating_sub(hb.load(Ordering::Relaxed)) > period.as_millis() as u64
+        })
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_heartbeat_older_than_the_period_is_stale() {
+        let beat = |ms| Arc::new(AtomicU64::new(ms));
+        let heartbeats = vec![("drain", beat(100_000)), ("ingest", beat(80_000))];
+        let period = Duration::from_secs(30);
+        assert!(stale(&heartbeats, 100_000, period).is_empty());
+        assert!(stale(&heartbeats, 110_000, period).is_empty());
+        assert_eq!(stale(&heartbeats, 110_001, period), vec!["ingest"]);
+        assert_eq!(stale(&heartbeats, 130_001, period), vec!["drain", "ingest"]);
+        // A heartbeat from a clock that went back is not stale.
+        assert!(stale(&heartbeats, 10_000, period).is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_a_watchdog_no_ping_is_ever_due() {
+        let mut none = None;
+        let due = tokio::time::timeout(Duration::from_millis(10), Watchdog::tick(&mut none));
+        assert!(due.await.is_err());
     }
 }

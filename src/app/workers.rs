@@ -1,7 +1,7 @@
 //! The long-running helpers of the agent besides the drain and the watcher: the ingest worker,
 //! `after_ingest`, and spool maintenance.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,6 +36,7 @@ pub(super) fn ingest_worker(
     // Files waiting on the catalog, with the generation they saw.
     let mut waiting: Vec<(u64, std::time::Instant, PathBuf)> = Vec::new();
     let generation = || ingestor.catalog.as_ref().map_or(0, |c| c.generation());
+    super::failpoint_stall("ingest", &stop);
     loop {
         if stop.is_cancelled() {
             return;
@@ -110,7 +111,8 @@ pub(super) fn ingest_worker(
 /// A file waiting on a catalog lookup is looked at again at least this often.
 const CATALOG_WAIT_RECHECK: Duration = Duration::from_secs(30);
 
-/// Deletes or moves a file once every one of its events was delivered (SPEC section 7).
+/// Deletes or moves a file once every one of its events was delivered (SPEC section 7). The
+/// spool and the file system are worked on a blocking thread, one file at a time.
 pub(super) async fn after_ingest_worker(
     spool: Arc<Spool>,
     watch_dir: PathBuf,
@@ -118,35 +120,48 @@ pub(super) async fn after_ingest_worker(
     move_to: PathBuf,
     mut delivered: mpsc::UnboundedReceiver<u64>,
 ) {
+    let place = Arc::new((watch_dir, move_to));
     while let Some(id) = delivered.recv().await {
-        let Ok(Some(rec)) = spool.ledger().file(id) else {
-            continue;
-        };
-        if rec.status != FileStatus::Read || rec.replay {
-            // A replayed file is the operator's, wherever it lies: left alone.
-            continue;
+        let (spool, place) = (spool.clone(), place.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            after_ingest(&spool, id, action, &place.0, &place.1)
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, file_id = id, "after_ingest failed; the file stays");
         }
-        let src = watch_dir.join(&rec.path);
-        let result = match action {
-            AfterIngest::Keep => Ok(()),
-            AfterIngest::Delete => std::fs::remove_file(&src),
-            AfterIngest::Move => {
-                let dst = move_to.join(&rec.path);
-                dst.parent()
-                    .map_or(Ok(()), std::fs::create_dir_all)
-                    .and_then(|_| std::fs::rename(&src, &dst))
+    }
+}
+
+/// `after_ingest` for the file `id`, once delivered.
+fn after_ingest(spool: &Spool, id: u64, action: AfterIngest, watch_dir: &Path, move_to: &Path) {
+    let Ok(Some(rec)) = spool.ledger().file(id) else {
+        return;
+    };
+    if rec.status != FileStatus::Read || rec.replay {
+        // A replayed file is the operator's, wherever it lies: left alone.
+        return;
+    }
+    let src = watch_dir.join(&rec.path);
+    let result = match action {
+        AfterIngest::Keep => Ok(()),
+        AfterIngest::Delete => std::fs::remove_file(&src),
+        AfterIngest::Move => {
+            let dst = move_to.join(&rec.path);
+            dst.parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|_| std::fs::rename(&src, &dst))
+        }
+    };
+    match result {
+        Ok(()) => {
+            if action != AfterIngest::Keep {
+                tracing::info!(path = %rec.path, action = ?action, "file delivered and removed from the watch directory");
             }
-        };
-        match result {
-            Ok(()) => {
-                if action != AfterIngest::Keep {
-                    tracing::info!(path = %rec.path, action = ?action, "file delivered and removed from the watch directory");
-                }
-                let _ = spool.ledger().transition(id, Transition::Delivered);
-            }
-            Err(e) => {
-                tracing::warn!(path = %rec.path, error = %e, "after_ingest failed; the file stays")
-            }
+            let _ = spool.ledger().transition(id, Transition::Delivered);
+        }
+        Err(e) => {
+            tracing::warn!(path = %rec.path, error = %e, "after_ingest failed; the file stays")
         }
     }
 }

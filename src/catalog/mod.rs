@@ -40,7 +40,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
 use crate::clock::now_ms;
 use crate::leanplum::Id;
@@ -296,8 +295,8 @@ impl CatalogService {
         status_of(&self.lock(), self.api_enabled)
     }
 
-    /// What `catalog show [ID]` prints, as JSON.
-    pub fn show(&self, id: Option<Id>) -> Value {
+    /// What `catalog show [ID]` prints.
+    pub fn show(&self, id: Option<Id>) -> Shown {
         show_of(&self.lock(), self.api_enabled, id)
     }
 
@@ -409,7 +408,7 @@ pub fn offline_show(
     spool: Option<&Spool>,
     api_enabled: bool,
     id: Option<Id>,
-) -> Value {
+) -> Shown {
     let mut st = State {
         files,
         ..State::default()
@@ -504,37 +503,79 @@ fn status_of(st: &State, api_enabled: bool) -> CatalogStatus {
     }
 }
 
-fn message_json(m: &Message, source: Source) -> Value {
-    json!({
-        "kind": "message",
-        "id": m.id.to_string(),
-        "channel": m.channel.as_str(),
-        "name": m.name,
-        "subject": m.subject,
-        "campaign_id": m.campaign_id.map(|c| c.to_string()),
-        "campaign_name": m.campaign_name,
-        "source": source.as_str(),
-    })
+/// What `catalog show [ID]` answers, and `catalog show --json` prints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Shown {
+    pub status: CatalogStatus,
+    /// Every entry, or those with the id asked for.
+    pub entries: Vec<ShownEntry>,
+    /// For an id asked for and not in the catalog: whether Leanplum is being asked about it, or
+    /// said it does not exist.
+    pub lookup: Option<String>,
 }
 
-fn abtest_json(t: &AbTest, source: Source) -> Value {
+/// One entry of `catalog show`; ids are strings (they pass 2^53).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ShownEntry {
+    Message {
+        id: String,
+        /// `email`, `push` or `in-app`.
+        channel: String,
+        name: Option<String>,
+        subject: Option<String>,
+        campaign_id: Option<String>,
+        campaign_name: Option<String>,
+        /// `files`, `api` or `cache`.
+        source: String,
+    },
+    Abtest {
+        id: String,
+        name: Option<String>,
+        /// By id.
+        variants: Vec<ShownVariant>,
+        source: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShownVariant {
+    pub id: String,
+    pub name: Option<String>,
+}
+
+fn message_entry(m: &Message, source: Source) -> ShownEntry {
+    ShownEntry::Message {
+        id: m.id.to_string(),
+        channel: m.channel.as_str().to_owned(),
+        name: m.name.clone(),
+        subject: m.subject.clone(),
+        campaign_id: m.campaign_id.map(|c| c.to_string()),
+        campaign_name: m.campaign_name.clone(),
+        source: source.as_str().to_owned(),
+    }
+}
+
+fn abtest_entry(t: &AbTest, source: Source) -> ShownEntry {
     let mut variants: Vec<(Id, Option<String>)> =
         t.variants.iter().map(|(k, v)| (*k, v.clone())).collect();
     variants.sort_by_key(|(k, _)| *k);
-    json!({
-        "kind": "abtest",
-        "id": t.id.to_string(),
-        "name": t.name,
-        "variants": variants
+    ShownEntry::Abtest {
+        id: t.id.to_string(),
+        name: t.name.clone(),
+        variants: variants
             .into_iter()
-            .map(|(id, name)| json!({"id": id.to_string(), "name": name}))
-            .collect::<Vec<_>>(),
-        "source": source.as_str(),
-    })
+            .map(|(id, name)| ShownVariant {
+                id: id.to_string(),
+                name,
+            })
+            .collect(),
+        source: source.as_str().to_owned(),
+    }
 }
 
-/// `{"status": CatalogStatus, "entries": [...], "lookup": ...}`: every entry, or those with `id`.
-fn show_of(st: &State, api_enabled: bool, id: Option<Id>) -> Value {
+/// Every entry, or those with `id`.
+fn show_of(st: &State, api_enabled: bool, id: Option<Id>) -> Shown {
     let api_source = st.api_source.unwrap_or(Source::Api);
     let mut entries = Vec::new();
     let merged = &st.merged;
@@ -544,10 +585,10 @@ fn show_of(st: &State, api_enabled: bool, id: Option<Id>) -> Value {
     match id {
         Some(id) => {
             if let Some(m) = merged.message(id) {
-                entries.push(message_json(m, message_source(id)));
+                entries.push(message_entry(m, message_source(id)));
             }
             if let Some(t) = merged.abtest(id) {
-                entries.push(abtest_json(t, abtest_source(id)));
+                entries.push(abtest_entry(t, abtest_source(id)));
             }
         }
         None => {
@@ -555,13 +596,13 @@ fn show_of(st: &State, api_enabled: bool, id: Option<Id>) -> Value {
                 merged
                     .messages()
                     .into_iter()
-                    .map(|m| message_json(m, message_source(m.id))),
+                    .map(|m| message_entry(m, message_source(m.id))),
             );
             entries.extend(
                 merged
                     .abtests()
                     .into_iter()
-                    .map(|t| abtest_json(t, abtest_source(t.id))),
+                    .map(|t| abtest_entry(t, abtest_source(t.id))),
             );
         }
     }
@@ -572,18 +613,17 @@ fn show_of(st: &State, api_enabled: bool, id: Option<Id>) -> Value {
             None => "being looked up".to_owned(),
         },
     });
-    json!({
-        "status": status_of(st, api_enabled),
-        "entries": entries,
-        "lookup": lookup,
-    })
+    Shown {
+        status: status_of(st, api_enabled),
+        entries,
+        lookup,
+    }
 }
 
-/// `catalog show` for people.
-pub fn render_show(answer: &Value, id: Option<&str>) -> String {
+/// `catalog show` for people; `id` is the one asked for, if any.
+pub fn render_show(shown: &Shown, id: Option<&str>) -> String {
     let mut out = String::new();
-    let status: CatalogStatus =
-        serde_json::from_value(answer["status"].clone()).unwrap_or_default();
+    let status = &shown.status;
     out.push_str(&format!(
         "catalog: {} messages, {} A/B tests; source {}",
         status.messages, status.abtests, status.source
@@ -610,17 +650,16 @@ pub fn render_show(answer: &Value, id: Option<&str>) -> String {
             w.files.join(", ")
         ));
     }
-    let entries = answer["entries"].as_array().cloned().unwrap_or_default();
-    for e in &entries {
+    for e in &shown.entries {
         out.push_str(&render_entry(e));
     }
     if let Some(id) = id
-        && entries.is_empty()
+        && shown.entries.is_empty()
     {
         out.push_str(&format!(
             "{id}: neither a message nor an A/B test in the catalog"
         ));
-        match answer["lookup"].as_str() {
+        match &shown.lookup {
             Some(l) => out.push_str(&format!(" ({l})\n")),
             None => out.push_str(" (its events map with mapping.unknown_message_channel)\n"),
         }
@@ -628,63 +667,48 @@ pub fn render_show(answer: &Value, id: Option<&str>) -> String {
     out
 }
 
-fn render_entry(e: &Value) -> String {
-    let s = |k: &str| e[k].as_str().map(str::to_owned);
-    let quoted = |k: &str| s(k).map(|v| format!("{v:?}")).unwrap_or_else(|| "-".into());
-    if e["kind"] == "message" {
-        let campaign = match s("campaign_id") {
-            Some(c) => format!(" campaign {c} {}", quoted("campaign_name")),
-            None => String::new(),
-        };
-        format!(
-            "message {} [{}] {} {}: subject {}{}\n",
-            s("id").unwrap_or_default(),
-            s("source").unwrap_or_default(),
-            s("channel").unwrap_or_default(),
-            quoted("name"),
-            quoted("subject"),
-            campaign
-        )
-    } else {
-        let variants: Vec<String> = e["variants"]
-            .as_array()
-            .map(|vs| {
-                vs.iter()
-                    .map(|v| {
-                        format!(
-                            "{} {}",
-                            v["id"].as_str().unwrap_or(""),
-                            v["name"]
-                                .as_str()
-                                .map(|n| format!("{n:?}"))
-                                .unwrap_or_else(|| "-".into())
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        format!(
-            "abtest {} [{}] {}: variants {}\n",
-            s("id").unwrap_or_default(),
-            s("source").unwrap_or_default(),
-            quoted("name"),
-            variants.join(", ")
-        )
-    }
-}
-
-/// Answers `catalog show [ID]` on the control socket; `None` for other requests.
-pub fn handle_request(request: &str, service: &CatalogService) -> Option<Value> {
-    let mut words = request.split_whitespace();
-    if words.next() != Some("catalog") {
-        return None;
-    }
-    if words.next() != Some("show") {
-        return Some(json!({"error": "unknown catalog request"}));
-    }
-    match parse_id(words.next()) {
-        Ok(id) => Some(service.show(id)),
-        Err(e) => Some(json!({ "error": e })),
+fn render_entry(e: &ShownEntry) -> String {
+    let quoted = |v: &Option<String>| {
+        v.as_ref()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    match e {
+        ShownEntry::Message {
+            id,
+            channel,
+            name,
+            subject,
+            campaign_id,
+            campaign_name,
+            source,
+        } => {
+            let campaign = match campaign_id {
+                Some(c) => format!(" campaign {c} {}", quoted(campaign_name)),
+                None => String::new(),
+            };
+            format!(
+                "message {id} [{source}] {channel} {}: subject {}{campaign}\n",
+                quoted(name),
+                quoted(subject),
+            )
+        }
+        ShownEntry::Abtest {
+            id,
+            name,
+            variants,
+            source,
+        } => {
+            let variants: Vec<String> = variants
+                .iter()
+                .map(|v| format!("{} {}", v.id, quoted(&v.name)))
+                .collect();
+            format!(
+                "abtest {id} [{source}] {}: variants {}\n",
+                quoted(name),
+                variants.join(", ")
+            )
+        }
     }
 }
 

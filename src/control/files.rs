@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
+use super::protocol::{ReplayStarted, Replayed};
 use crate::spool::{self, FileRecord, FileStatus, Spool};
 
 /// One line of `files`.
@@ -167,46 +167,28 @@ pub fn replay_targets(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     Ok(out)
 }
 
-/// Answers `files [STATE]` and `replay <JSON list of absolute paths>` on the control socket;
-/// `None` for other requests. A replay creates the files' records and hands them to the
-/// reader through `replay`.
-pub fn handle_request(
-    request: &str,
+/// Starts the replay of `paths` (absolute files or directories, see [`replay_targets`]):
+/// creates each file's record and hands it to the reader through `reader`. `Err` when the
+/// paths are refused as a whole; a file that cannot be handed over ends the replay with the
+/// files before it started.
+pub(crate) fn replay(
+    paths: &[PathBuf],
     spool: &Spool,
-    live: &LiveFiles,
-    replay: &std::sync::mpsc::Sender<(PathBuf, u64)>,
-) -> Option<Value> {
-    let (verb, rest) = request.split_once(' ').unwrap_or((request, ""));
-    match verb {
-        "files" => {
-            let filter = Some(rest.trim()).filter(|s| !s.is_empty());
-            Some(match list(spool, Some(live), filter) {
-                Ok(entries) => json!({ "files": entries }),
-                Err(e) => json!({ "error": e.to_string() }),
-            })
-        }
-        "replay" => {
-            let paths: Vec<PathBuf> = match serde_json::from_str(rest) {
-                Ok(p) => p,
-                Err(e) => return Some(json!({ "error": format!("bad replay request: {e}") })),
-            };
-            let targets = match replay_targets(&paths) {
-                Ok(t) => t,
-                Err(e) => return Some(json!({ "error": e })),
-            };
-            let mut started = Vec::new();
-            for abs in targets {
-                match crate::ingest::begin_replay(spool, &abs) {
-                    Ok(id) => {
-                        tracing::info!(path = %abs.display(), file_id = id, "replay requested");
-                        let _ = replay.send((abs.clone(), id));
-                        started.push(json!({ "path": abs, "id": id }));
-                    }
-                    Err(e) => return Some(json!({ "error": e.to_string(), "started": started })),
-                }
+    reader: &std::sync::mpsc::Sender<(PathBuf, u64)>,
+) -> Result<Replayed, String> {
+    let mut replayed = Replayed::default();
+    for abs in replay_targets(paths)? {
+        match crate::ingest::begin_replay(spool, &abs) {
+            Ok(id) => {
+                tracing::info!(path = %abs.display(), file_id = id, "replay requested");
+                let _ = reader.send((abs.clone(), id));
+                replayed.started.push(ReplayStarted { path: abs, id });
             }
-            Some(json!({ "started": started }))
+            Err(e) => {
+                replayed.error = Some(e.to_string());
+                break;
+            }
         }
-        _ => None,
     }
+    Ok(replayed)
 }

@@ -1,15 +1,12 @@
-//! The control socket (`[control] socket`): a Unix stream socket where `status` asks the running
-//! agent for its [`StatusReport`].
+//! The control socket (`[control] socket`): a Unix stream socket where the commands (`status`,
+//! `files`, `replay`, `dead-letter`, `catalog`) ask the running agent, and the client's side
+//! of the wire ([`exchange`], used by [`super::protocol::ask`]).
 //!
 //! # Protocol
 //!
-//! One request per connection. The client writes one line, the agent answers one line of JSON
-//! and closes:
-//!
-//! | request | answer |
-//! | --- | --- |
-//! | `status\n` | the [`StatusReport`] as one JSON object |
-//! | anything else | `{"error":"unknown request"}` |
+//! One request per connection: one line of JSON each way, typed in [`super::protocol`]. Every
+//! request is answered by the one handler the agent gives ([`Handler`]); a line that is not a
+//! request gets `{"error":"unknown request"}`.
 //!
 //! The socket file has mode 0660, so the agent's user and group may ask; with systemd's
 //! `RuntimeDirectory` the directory is the agent's own. Each connection runs in its own task
@@ -29,6 +26,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::protocol::{Answer, Request, decode_request, encode_answer};
 use super::status::StatusReport;
 
 /// How long one connection may take, request and answer together.
@@ -38,8 +36,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// cannot read the backlog or the endpoint.
 const SOCKET_MODE: u32 = 0o660;
 
-/// A request is one short word; anything longer is not a request we know.
-const MAX_REQUEST_BYTES: u64 = 1024;
+/// A request is one short line (a replay's paths are the longest); anything longer is not a
+/// request we know.
+const MAX_REQUEST_BYTES: u64 = 64 << 10;
 
 /// Far above any real report; a bound so a wrong process on the socket cannot eat our memory.
 const MAX_ANSWER_BYTES: u64 = 4 << 20;
@@ -50,20 +49,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Builds the report on demand; called from a blocking thread, because it reads the spool.
 pub type ReportFn = Arc<dyn Fn() -> StatusReport + Send + Sync>;
 
-/// Answers the other requests (`dead-letter ...`) with one JSON value, `None` when the request
-/// is unknown; called from a blocking thread.
-pub type CommandFn = Arc<dyn Fn(&str) -> Option<serde_json::Value> + Send + Sync>;
-
-/// Binds the control socket at `path` and answers on it until `shutdown`, then removes it.
-///
-/// Creates the parent directory if missing and replaces a stale socket file. Fails with
-/// [`io::ErrorKind::AddrInUse`] if another agent answers on `path`, and with
-/// [`io::ErrorKind::AlreadyExists`] if `path` is something other than a socket. Errors only
-/// happen before serving starts; use [`ControlSocket::bind`] to learn of them before spawning.
-pub async fn serve(path: &Path, report: ReportFn, shutdown: CancellationToken) -> io::Result<()> {
-    ControlSocket::bind(path).await?.run(report, shutdown).await;
-    Ok(())
-}
+/// The agent's one dispatcher: answers every [`Request`], or says why it cannot; called from a
+/// blocking thread, because answers read the spool.
+pub(crate) type Handler = Arc<dyn Fn(Request) -> Result<Answer, String> + Send + Sync>;
 
 /// A bound control socket, not yet answering: lets the caller fail start-up on a bind error
 /// and then spawn [`ControlSocket::run`].
@@ -77,7 +65,10 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
-    /// Binds at `path`; see [`serve`] for what can fail.
+    /// Binds the control socket at `path`: creates the parent directory if missing and
+    /// replaces a stale socket file. Fails with [`io::ErrorKind::AddrInUse`] if another agent
+    /// answers on `path`, and with [`io::ErrorKind::AlreadyExists`] if `path` is something
+    /// other than a socket; so the caller fails start-up here, before spawning [`Self::run`].
     pub async fn bind(path: &Path) -> io::Result<ControlSocket> {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
@@ -109,28 +100,16 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Answers requests until `shutdown`, then stops accepting, drops the connections still
-    /// open and removes the socket file.
-    pub async fn run(self, report: ReportFn, shutdown: CancellationToken) {
-        self.run_with_timeout(report, None, shutdown, REQUEST_TIMEOUT)
-            .await;
-    }
-
-    /// [`ControlSocket::run`], with `commands` answering the requests other than `status`.
-    pub async fn run_with_commands(
-        self,
-        report: ReportFn,
-        commands: CommandFn,
-        shutdown: CancellationToken,
-    ) {
-        self.run_with_timeout(report, Some(commands), shutdown, REQUEST_TIMEOUT)
+    /// Answers requests with `handler` until `shutdown`, then stops accepting, drops the
+    /// connections still open and removes the socket file.
+    pub(crate) async fn run(self, handler: Handler, shutdown: CancellationToken) {
+        self.run_with_timeout(handler, shutdown, REQUEST_TIMEOUT)
             .await;
     }
 
     async fn run_with_timeout(
         self,
-        report: ReportFn,
-        commands: Option<CommandFn>,
+        handler: Handler,
         shutdown: CancellationToken,
         limit: Duration,
     ) {
@@ -148,7 +127,7 @@ impl ControlSocket {
                             tracing::info!("control socket accepting again");
                             accept_failing = false;
                         }
-                        conns.spawn(handle(stream, report.clone(), commands.clone(), limit));
+                        conns.spawn(handle(stream, handler.clone(), limit));
                     }
                     Err(e) => {
                         if !accept_failing {
@@ -221,58 +200,34 @@ async fn remove_stale(path: &Path) -> io::Result<()> {
 
 /// Serves one connection within `limit`; a client that is slow or leaves is not an error
 /// worth more than a debug line.
-async fn handle(
-    stream: UnixStream,
-    report: ReportFn,
-    commands: Option<CommandFn>,
-    limit: Duration,
-) {
-    match tokio::time::timeout(limit, answer(stream, report, commands)).await {
+async fn handle(stream: UnixStream, handler: Handler, limit: Duration) {
+    match tokio::time::timeout(limit, answer(stream, handler)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(error = %e, "control socket: connection failed"),
         Err(_) => tracing::debug!("control socket: client too slow; connection closed"),
     }
 }
 
-async fn answer(
-    mut stream: UnixStream,
-    report: ReportFn,
-    commands: Option<CommandFn>,
-) -> io::Result<()> {
+async fn answer(mut stream: UnixStream, handler: Handler) -> io::Result<()> {
     let (read, mut write) = stream.split();
-    let mut request = Vec::new();
+    let mut line = Vec::new();
     tokio::io::BufReader::new(read.take(MAX_REQUEST_BYTES))
-        .read_until(b'\n', &mut request)
+        .read_until(b'\n', &mut line)
         .await?;
-    if request.is_empty() {
+    if line.is_empty() {
         // Connected and left without a word: the start-up probe of another agent.
         return Ok(());
     }
-    let mut reply = match request.trim_ascii() {
-        b"status" => match tokio::task::spawn_blocking(move || report()).await {
-            Ok(r) => serde_json::to_vec(&r)
-                .unwrap_or_else(|_| br#"{"error":"cannot encode the report"}"#.to_vec()),
-            Err(e) => {
-                tracing::error!(error = %e, "building the status report failed");
-                br#"{"error":"internal error"}"#.to_vec()
-            }
-        },
-        other => {
-            let text = String::from_utf8_lossy(other).into_owned();
-            let answered = match commands {
-                Some(c) => tokio::task::spawn_blocking(move || c(&text))
-                    .await
-                    .ok()
-                    .flatten(),
-                None => None,
-            };
-            match answered {
-                Some(v) => serde_json::to_vec(&v)
-                    .unwrap_or_else(|_| br#"{"error":"cannot encode the answer"}"#.to_vec()),
-                None => br#"{"error":"unknown request"}"#.to_vec(),
-            }
-        }
+    let answered = match decode_request(&line) {
+        Ok(request) => tokio::task::spawn_blocking(move || handler(request))
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "answering a control request failed");
+                Err("internal error".to_owned())
+            }),
+        Err(e) => Err(e),
     };
+    let mut reply = encode_answer(&answered);
     reply.push(b'\n');
     write.write_all(&reply).await?;
     write.shutdown().await
@@ -282,7 +237,7 @@ fn annotate(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
 }
 
-/// Why [`query_status`] got no report. [`QueryError::NoDaemon`] means no agent runs (`status`
+/// Why [`super::protocol::ask`] got no answer. [`QueryError::NoDaemon`] means no agent runs (`status`
 /// then reads the spool and exits 3); every other variant is a failure (exit 1).
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -314,46 +269,12 @@ impl QueryError {
     }
 }
 
-/// Asks the agent on `path` for its status (blocking; for the CLI). `timeout` bounds each read
-/// and write. Connecting to a Unix socket does not wait unless the agent's backlog is full.
-pub fn query_status(path: &Path, timeout: Duration) -> Result<StatusReport, QueryError> {
-    let line = exchange(path, "status", timeout)?;
-    parse_answer(&line).map_err(|e| match e {
-        Answer::Agent(message) => QueryError::Agent {
-            path: path.to_path_buf(),
-            message,
-        },
-        Answer::Garbage(detail) => QueryError::Protocol {
-            path: path.to_path_buf(),
-            detail,
-        },
-    })
-}
-
-/// Sends any request line (`dead-letter list`, ...) and returns the agent's JSON answer; an
-/// answer `{"error": ...}` is [`QueryError::Agent`].
-pub fn request(
+/// One request, one answer line.
+pub(crate) fn exchange(
     path: &Path,
     request: &str,
     timeout: Duration,
-) -> Result<serde_json::Value, QueryError> {
-    let line = exchange(path, request, timeout)?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&line).map_err(|e| QueryError::Protocol {
-            path: path.to_path_buf(),
-            detail: format!("not JSON ({e})"),
-        })?;
-    if let Some(err) = value.get("error") {
-        return Err(QueryError::Agent {
-            path: path.to_path_buf(),
-            message: err.as_str().map_or_else(|| err.to_string(), str::to_string),
-        });
-    }
-    Ok(value)
-}
-
-/// One request, one answer line.
-fn exchange(path: &Path, request: &str, timeout: Duration) -> Result<Vec<u8>, QueryError> {
+) -> Result<Vec<u8>, QueryError> {
     let io_err = |source: io::Error| {
         if matches!(
             source.kind(),
@@ -394,34 +315,6 @@ fn exchange(path: &Path, request: &str, timeout: Duration) -> Result<Vec<u8>, Qu
     Ok(line)
 }
 
-enum Answer {
-    Agent(String),
-    Garbage(String),
-}
-
-fn parse_answer(line: &[u8]) -> Result<StatusReport, Answer> {
-    if line.is_empty() {
-        return Err(Answer::Garbage(
-            "the connection closed without an answer".into(),
-        ));
-    }
-    let value: serde_json::Value =
-        serde_json::from_slice(line).map_err(|e| Answer::Garbage(format!("not JSON ({e})")))?;
-    let Some(obj) = value.as_object() else {
-        return Err(Answer::Garbage("not a JSON object".into()));
-    };
-    if let Some(err) = obj.get("error") {
-        let message = err.as_str().map_or_else(|| err.to_string(), str::to_string);
-        return Err(Answer::Agent(message));
-    }
-    // The report's fields all have defaults (for version skew), so `state` is what tells a
-    // report from any other object.
-    if !obj.get("state").is_some_and(serde_json::Value::is_string) {
-        return Err(Answer::Garbage("no \"state\" field".into()));
-    }
-    serde_json::from_value(value).map_err(|e| Answer::Garbage(format!("not a status report ({e})")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,8 +333,29 @@ mod tests {
         }
     }
 
-    fn report_fn() -> ReportFn {
-        Arc::new(report)
+    /// An agent that answers `status` only.
+    fn report_fn() -> Handler {
+        Arc::new(|request| match request {
+            Request::Status => Ok(Answer::Status(Box::new(report()))),
+            _ => Err("not here".into()),
+        })
+    }
+
+    /// [`super::super::protocol::ask`] for the status report.
+    fn query_status(path: &Path, timeout: Duration) -> Result<StatusReport, QueryError> {
+        match super::super::protocol::ask(path, &Request::Status, timeout)? {
+            Answer::Status(r) => Ok(*r),
+            other => panic!("not a report: {other:?}"),
+        }
+    }
+
+    /// Binds at `path` and answers until `shutdown`.
+    async fn serve(path: &Path, handler: Handler, shutdown: CancellationToken) -> io::Result<()> {
+        ControlSocket::bind(path)
+            .await?
+            .run(handler, shutdown)
+            .await;
+        Ok(())
     }
 
     /// Binds and serves in a task; returns the token that stops it and the task.
@@ -451,7 +365,7 @@ mod tests {
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let sock = ControlSocket::bind(path).await.expect("bind");
         let stop = CancellationToken::new();
-        let task = tokio::spawn(sock.run_with_timeout(report_fn(), None, stop.clone(), limit));
+        let task = tokio::spawn(sock.run_with_timeout(report_fn(), stop.clone(), limit));
         (stop, task)
     }
 
@@ -624,18 +538,5 @@ mod tests {
         assert!(matches!(err, QueryError::Protocol { .. }), "{err:?}");
         assert!(!err.is_no_daemon());
         server.join().unwrap();
-    }
-
-    #[test]
-    fn answers_are_told_apart() {
-        assert!(matches!(
-            parse_answer(br#"{"error":"unknown request"}"#),
-            Err(Answer::Agent(m)) if m == "unknown request"
-        ));
-        assert!(matches!(parse_answer(b"{}\n"), Err(Answer::Garbage(_))));
-        assert!(matches!(parse_answer(b"[1]\n"), Err(Answer::Garbage(_))));
-        assert!(matches!(parse_answer(b""), Err(Answer::Garbage(_))));
-        let line = serde_json::to_vec(&report()).unwrap();
-        assert_eq!(parse_answer(&line).ok(), Some(report()));
     }
 }

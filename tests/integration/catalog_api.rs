@@ -4,16 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::events::{assert_same_events, expected_shard_0};
+use crate::util::http;
 use crate::util::{
-    PATIENCE, SHARD_0, TestEnv, copy_into, repo_path, run_cli, toml_str, wait_until,
+    NOTHING_HAPPENS, PATIENCE, SHARD_0, TestEnv, copy_into, repo_path, run_cli, toml_str,
+    wait_until,
 };
 
 const APP_ID: &str = "app_5629499534213120";
@@ -43,52 +44,43 @@ struct LpState {
 /// A Leanplum API stand-in: `GET /api?appId&clientKey&apiVersion&action[&id]`.
 struct LeanplumServer {
     url: String,
-    state: Arc<Mutex<LpState>>,
-    stop: Arc<AtomicBool>,
-    worker: Option<JoinHandle<()>>,
+    state: Arc<LpStateLock>,
+    /// Serves until dropped.
+    _http: http::Server,
+}
+
+/// The server's state, shared with the connections it serves.
+struct LpStateLock(Mutex<LpState>);
+
+impl http::Handler for LpStateLock {
+    fn answer(&self, request: http::Request) -> (http::Response, Option<http::Sent>) {
+        let (status, body) = answer(&self.0, &request.path);
+        let response = http::Response {
+            status,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: body.into_bytes(),
+        };
+        (response, None)
+    }
 }
 
 impl LeanplumServer {
     fn start(listed: Vec<Value>, abtests: Vec<Value>) -> LeanplumServer {
-        let http = tiny_http::Server::http("127.0.0.1:0").expect("bind the fake Leanplum server");
-        let url = format!(
-            "http://{}",
-            http.server_addr().to_ip().expect("an IP address")
-        );
-        let state = Arc::new(Mutex::new(LpState {
+        let state = Arc::new(LpStateLock(Mutex::new(LpState {
             listed,
             abtests,
             ..LpState::default()
-        }));
-        let stop = Arc::new(AtomicBool::new(false));
-        let worker = {
-            let (state, stop) = (state.clone(), stop.clone());
-            thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    if let Ok(Some(request)) = http.recv_timeout(Duration::from_millis(100)) {
-                        let (status, body) = answer(&state, request.url());
-                        let response = tiny_http::Response::from_string(body)
-                            .with_status_code(status)
-                            .with_header(
-                                "Content-Type: application/json"
-                                    .parse::<tiny_http::Header>()
-                                    .expect("a header"),
-                            );
-                        let _ = request.respond(response);
-                    }
-                }
-            })
-        };
+        })));
+        let http = http::Server::serve(http::bind(0), state.clone());
         LeanplumServer {
-            url,
+            url: format!("http://{}", http.addr()),
             state,
-            stop,
-            worker: Some(worker),
+            _http: http,
         }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, LpState> {
-        self.state.lock().expect("fake Leanplum lock")
+        self.state.0.lock().expect("fake Leanplum lock")
     }
 
     fn requests(&self, action: &str) -> Vec<LpRequest> {
@@ -98,15 +90,6 @@ impl LeanplumServer {
             .filter(|r| r.action == action)
             .cloned()
             .collect()
-    }
-}
-
-impl Drop for LeanplumServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
     }
 }
 
@@ -526,7 +509,8 @@ fn api_down_with_a_cold_cache_waits_then_delivers_everything_once() {
         "{status}"
     );
     assert_no_content_key("status", &status.to_string());
-    thread::sleep(Duration::from_secs(3));
+    // A window in which a file that did not wait would be delivered.
+    thread::sleep(NOTHING_HAPPENS);
     let early = env.server.accepted_count();
     assert!(
         early < expected_shard_0().len(),

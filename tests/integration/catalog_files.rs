@@ -207,15 +207,7 @@ fn a_broken_catalog_file_at_start_is_a_config_error() {
     );
     assert_no_page("check-config", &check.all_output());
 
-    let mut agent = Agent::start(&config);
-    let exit = agent.wait_exit(PATIENCE);
-    assert_eq!(
-        exit.and_then(|e| e.code()),
-        Some(EX_CONFIG),
-        "{}",
-        agent.log_tail(30)
-    );
-    let logs = agent.logs();
+    let logs = Agent::run_until_exit(&config, EX_CONFIG);
     assert!(logs.contains(file), "run names the file:\n{logs}");
     assert_no_page("run", &logs);
 

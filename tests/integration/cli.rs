@@ -234,7 +234,7 @@ fn check_config_finds_the_write_key_in_the_environment_and_credentials() {
     env.config.write_key = None;
     let config = env.write_config();
     let check = |vars: &[(&str, &std::path::Path)], key_env: Option<&str>| {
-        let mut cmd = crate::util::agent_command();
+        let mut cmd = crate::util::scrubbed_command(crate::util::BIN);
         cmd.args(["check-config", "--config"]).arg(&config);
         for (k, v) in vars {
             cmd.env(k, v);

@@ -1,8 +1,7 @@
 //! Expected Segment events: the fixture for the sample shard, the events of its gzipped sibling
 //! derived from it, and the comparison of what the server got against what was expected.
-#![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -212,11 +211,6 @@ pub fn assert_same_events(actual: &[Value], expected: &[Value], what: &str) {
         problems.len(),
         problems.join("\n  ")
     );
-}
-
-/// The set of messageIds of `events`.
-pub fn message_id_set(events: &[Value]) -> BTreeSet<String> {
-    events.iter().map(message_id).collect()
 }
 
 #[cfg(test)]

@@ -3,8 +3,10 @@
 //! spool, checking the contract of SPEC sections 2, 3, 5 and 6 from the outside.
 //!
 //! # Layout
-//! - [`util`]: the harness: fake Segment server, the agent as a child process, config builder,
-//!   file helpers, polling.
+//! - [`util`]: the harness (also included by the benchmarks): a threaded HTTP server under the
+//!   fake Segment and Leanplum servers, the agent as a child process, config builder, test
+//!   world, subcommands and `status --json`, files, generated exports, delivery checks.
+//! - [`harness`]: the fake Segment server answers every request, many at once, in both modes.
 //! - [`events`]: expected Segment events (the shipped fixture and ones derived from it) and the
 //!   comparison that reports missing, extra and duplicated events field by field.
 //! - [`end_to_end`]: every input format through the daemon into Segment, exactly once.
@@ -13,6 +15,8 @@
 //! - [`concurrency`]: the adaptive concurrency limit against a server whose delay and answers
 //!   the test controls, and `max_events_per_sec` measured at the server.
 //! - [`cli`]: `check-config` exit codes and messages, `dry-run`.
+//! - [`commands`]: the supervision seen from outside: the watchdog stops on a stalled loop,
+//!   `run` exits 78 on a bad config.
 //! - [`delivery_faults`]: Segment misbehaving: 400 bisection, oversize events, 401, outages,
 //!   connection refused, timeouts, `Retry-After` dates, backoff reset (SPEC section 6).
 //! - [`spool_limits`]: `spool.max_bytes`, a full disk, a corrupt spool (SPEC section 7).
@@ -35,6 +39,9 @@
 //! - [`network`]: `segment.proxy` (a loopback proxy counting what goes through it), the
 //!   environment's `HTTP_PROXY` / `NO_PROXY`, and `ca_file` with a loopback TLS server and a
 //!   test CA (SPEC section 3).
+//! - [`reload`]: SIGHUP: a write key rotated in its file after `auth_failed`, a catalog with a
+//!   changed channel, a smaller `max_batch_events`, a `[watch]` change needing a restart; `run`
+//!   exiting 78 on a bad config.
 //! - [`operate`]: `files` in each state, running and stopped; `replay` of files and directories.
 //! - [`power_cut`]: power cuts during ingest, on [`powercut_fs`] (a FUSE file system that drops
 //!   what was not fsynced), lose no committed event (SPEC section 7).
@@ -47,12 +54,14 @@ mod batch_limits;
 mod catalog_api;
 mod catalog_files;
 mod cli;
+mod commands;
 mod concurrency;
 mod crash;
 mod csv_export;
 mod delivery_faults;
 mod end_to_end;
 mod events;
+mod harness;
 mod input_files;
 mod input_model;
 mod network;
@@ -61,6 +70,7 @@ mod parallel_ingest;
 mod parking;
 mod power_cut;
 mod powercut_fs;
+mod reload;
 mod retries;
 mod service;
 mod spool_limits;

@@ -22,8 +22,8 @@ use std::time::Duration;
 use base64::Engine as _;
 
 use crate::util::{
-    Agent, BIN, EX_CONFIG, PATIENCE, TestEnv, new_env, open_session_lines, run_cli,
-    scrubbed_command, status_json, toml_str, wait_delivered, wait_for_status, write_atomically,
+    Agent, BIN, EX_CONFIG, PATIENCE, TestEnv, new_env, open_session_lines, run_cli, run_command,
+    status_json, toml_str, wait_delivered, wait_for_status, write_atomically,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -405,12 +405,11 @@ fn drop_sessions(env: &TestEnv, name: &str, first: u64, n: usize) -> Vec<String>
 /// Starts the agent on `env`'s config with `vars` in its (otherwise scrubbed) environment.
 fn start_with_env(env: &TestEnv, vars: &[(&str, String)]) -> Agent {
     let config_path = env.write_config();
-    let mut cmd = scrubbed_command(BIN);
-    cmd.arg("run").arg("--config").arg(&config_path);
+    let mut cmd = run_command(BIN, &config_path);
     for (name, value) in vars {
         cmd.env(name, value);
     }
-    Agent::spawn_logged(cmd, &config_path)
+    Agent::spawn(cmd, &config_path)
 }
 
 /// Waits until the fake Segment server has been quiet for a second, and returns how many

@@ -168,6 +168,7 @@ fn enospc_on_a_small_filesystem() {
         expected.extend(export.message_ids);
         files += 1;
         if filled_at.is_some() {
+            // The scenario: the agent keeps trying to commit on a full disk for a while.
             thread::sleep(Duration::from_secs(2));
             break;
         }
@@ -376,6 +377,7 @@ fn corrupt_spool_is_moved_aside_and_files_read_again() {
             .iter()
             .all(|id| counts.get(id).copied().unwrap_or(0) >= 2)
     });
+    // A window in which a crash on the corrupt spool would show.
     thread::sleep(Duration::from_secs(1));
     let running = agent.is_running();
     let exit = agent.stop();

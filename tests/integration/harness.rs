@@ -1,0 +1,73 @@
+//! The harness's own guarantees, which every delivery test relies on: the fake Segment server
+//! answers every request, however many arrive at once and however long their answers are
+//! delayed, in both its modes (recording for the tests, counting for the benchmarks).
+
+use std::time::Duration;
+
+use crate::util::{PATIENCE, SegmentServer, WRITE_KEY, basic_auth, wait_until};
+
+/// More connections at once than the agent ever opens (`max_concurrency` 32), each answer
+/// delayed: every request is answered, and recorded as answered.
+#[test]
+fn the_fake_segment_server_answers_every_request_of_many_at_once() {
+    const CONNECTIONS: usize = 64;
+    const ROUNDS: usize = 3;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    for (mode, server) in [
+        ("recording", SegmentServer::start()),
+        ("counting", SegmentServer::start_counting()),
+    ] {
+        server.set_delay(Duration::from_millis(300));
+        let url = format!("{}/v1/batch", server.url());
+        let statuses: Vec<u16> = runtime.block_on(async {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(PATIENCE)
+                .build()
+                .expect("an HTTP client");
+            let tasks: Vec<_> = (0..CONNECTIONS)
+                .map(|c| {
+                    let (client, url) = (client.clone(), url.clone());
+                    tokio::spawn(async move {
+                        let mut statuses = Vec::new();
+                        for round in 0..ROUNDS {
+                            let body = format!(
+                                r#"{{"batch":[{{"messageId":"m-{c}-{round}-a"}},{{"messageId":"m-{c}-{round}-b"}}]}}"#
+                            );
+                            let response = client
+                                .post(&url)
+                                .header("Authorization", basic_auth(WRITE_KEY))
+                                .header("Content-Type", "application/json")
+                                .body(body)
+                                .send()
+                                .await
+                                .expect("an answer");
+                            statuses.push(response.status().as_u16());
+                        }
+                        statuses
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for task in tasks {
+                all.extend(task.await.expect("a client task"));
+            }
+            all
+        });
+        assert_eq!(statuses, vec![200; CONNECTIONS * ROUNDS], "{mode}");
+        assert_eq!(server.requests().len(), CONNECTIONS * ROUNDS, "{mode}");
+        // The answer is recorded just after it was written.
+        assert!(
+            wait_until(PATIENCE, || server
+                .requests()
+                .iter()
+                .all(|r| r.answered_at.is_some() && r.respond_error.is_none())),
+            "{mode}: every request recorded as answered"
+        );
+        assert_eq!(server.accepted_count(), 2 * CONNECTIONS * ROUNDS, "{mode}");
+    }
+}
