@@ -423,7 +423,8 @@ fn main() {
         t.elapsed()
     );
 
-    // 1. Parse-only floor (one core: the daemon reads one file at a time).
+    // 1. Parse-only floor (one core, one record after the other: the daemon parses a file on
+    // every core, see `ingest/parallel.rs`).
     let (d, floor_events, event_bytes) = parse_floor(&shards);
     let floor_mbs = mb(export_bytes) / d.as_secs_f64();
     println!(

@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
 pub const MIN_MAX_LINE_BYTES: usize = 1 << 10;
 /// The largest `watch.max_line_bytes` accepted: one line is held in memory whole.
 pub const MAX_MAX_LINE_BYTES: usize = 1 << 30;
+/// The most `watch.ingest_threads` accepted.
+pub const MAX_INGEST_THREADS: usize = 256;
 
 /// A config that cannot be used. `check-config` and `run` exit 78 (EX_CONFIG) on it.
 #[derive(Debug, thiserror::Error)]
@@ -228,10 +230,23 @@ pub struct WatchConfig {
     /// session is one line, and an active user's is megabytes. At most this much of one line is
     /// held in memory at a time.
     pub max_line_bytes: usize,
+    /// Threads that parse, map and serialize a file's records (its commits stay in order, on
+    /// one thread); 0, the default, is one per core.
+    pub ingest_threads: usize,
     /// Leanplum shards wait for their job's `-output-manifest`.
     pub require_manifest: bool,
     pub after_ingest: AfterIngest,
     pub move_to: PathBuf,
+}
+
+impl WatchConfig {
+    /// `ingest_threads` with 0 resolved: one per core (at least 1).
+    pub fn ingest_threads(&self) -> usize {
+        match self.ingest_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for WatchConfig {
@@ -243,6 +258,7 @@ impl Default for WatchConfig {
             settle_secs: 5,
             rescan_interval_secs: 30,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            ingest_threads: 0,
             require_manifest: false,
             after_ingest: AfterIngest::Keep,
             move_to: PathBuf::new(),
@@ -711,6 +727,15 @@ impl Config {
                 ),
             );
         }
+        if w.ingest_threads > MAX_INGEST_THREADS {
+            bad(
+                "watch.ingest_threads",
+                format!(
+                    "{} is over {MAX_INGEST_THREADS} (0 is one per core)",
+                    w.ingest_threads
+                ),
+            );
+        }
         if w.after_ingest == AfterIngest::Move {
             if w.move_to.as_os_str().is_empty() {
                 bad(
@@ -993,6 +1018,8 @@ mod tests {
         assert_eq!(c.watch.settle_secs, 5);
         assert_eq!(c.watch.rescan_interval_secs, 30);
         assert_eq!(c.watch.max_line_bytes, 67_108_864);
+        assert_eq!(c.watch.ingest_threads, 0);
+        assert!(c.watch.ingest_threads() >= 1);
         assert!(!c.watch.require_manifest);
         assert_eq!(c.watch.after_ingest, AfterIngest::Keep);
         assert_eq!(
@@ -1208,6 +1235,20 @@ mod tests {
         }
         let err = Config::parse("[watch]\nmax_line_bytes = -1\n").unwrap_err();
         assert!(err.starts_with("watch.max_line_bytes"), "{err}");
+    }
+
+    #[test]
+    fn ingest_threads_default_to_the_cores_and_are_bounded() {
+        let parse = |line: &str| Config::parse(&format!("{}{line}\n", minimal())).unwrap();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(parse("ingest_threads = 0").watch.ingest_threads(), cores);
+        let three = parse("ingest_threads = 3");
+        assert_eq!(three.watch.ingest_threads(), 3);
+        assert_eq!(three.validate(Purpose::DryRun), vec![]);
+        let p = parse("ingest_threads = 257").validate(Purpose::DryRun);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "watch.ingest_threads");
+        assert!(p[0].message.starts_with("257 is over 256"), "{}", p[0]);
     }
 
     #[test]

@@ -480,6 +480,7 @@ async fn start(startup: Startup, controls: &Controls) -> anyhow::Result<Agent> {
         heartbeat_ms: ingest_heartbeat.clone(),
         files_delivered: Some(delivered_tx.clone()),
         catalog: catalog.api_enabled().then(|| catalog.clone()),
+        ingest_threads: config.watch.ingest_threads(),
     };
     let retry_after = Duration::from_secs(config.watch.settle_secs.max(1));
     let ingest_task = Task::blocking("ingest", {

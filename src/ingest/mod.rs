@@ -5,7 +5,12 @@
 //! same path with the same head is the same file, read on from its committed offset; a
 //! different head, or a plain file now shorter than its offset, is a new file read from the
 //! start. Each chunk (its events, its bad lines, and the offset after them) is one spool commit,
-//! so a crash re-reads at most the chunk that was being built.
+//! so a crash re-reads at most the chunks that were being built.
+//!
+//! Session exports and flat engagement records are parsed, mapped and serialized on
+//! `watch.ingest_threads` threads and committed in file order on one (`parallel.rs`, whose doc
+//! says how that keeps the crash story); CSV export tables (`join.rs`) and `dry-run` read one
+//! record after the other.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -17,6 +22,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 mod join;
+mod parallel;
 
 use crate::clock::{self, now_ms};
 use crate::input::{BadRecord, InputError, Item, Reader, Record};
@@ -32,6 +38,7 @@ use crate::spool::{
 };
 use crate::stats::Stats;
 use fingerprint::Relation;
+use parallel::{End, Pass, Passed};
 
 /// Events per spool commit: large enough to amortize the flush, small enough that a crash
 /// re-reads little and memory stays flat.
@@ -162,6 +169,9 @@ pub struct Ingestor {
     /// With the Leanplum API configured: asked before mapping a record that names an unknown
     /// message, which then waits for its lookup.
     pub catalog: Option<Arc<crate::catalog::CatalogService>>,
+    /// Threads that parse, map and serialize a file's records (`watch.ingest_threads`, at
+    /// least 1; see `parallel.rs`).
+    pub ingest_threads: usize,
 }
 
 impl Ingestor {
@@ -284,7 +294,7 @@ impl Ingestor {
             }
             other => other,
         };
-        let mut reader = match opened {
+        let reader = match opened {
             Ok(r) => r,
             Err(InputError::Empty) => {
                 let chunk = Chunk {
@@ -311,102 +321,50 @@ impl Ingestor {
             tracing::debug!(path = %shown, offset, "reading on from the committed offset");
         }
 
-        let mut chunk = Chunk {
+        let chunk = Chunk {
             file_id,
             offset,
             line,
             skip_dedupe: replay.is_some(),
             ..Chunk::default()
         };
-        let mut records = 0usize;
-        let mut output = Output::default();
         // The generation first: a catalog published after this read is sure to move it.
         let generation = self.catalog.as_ref().map(|c| c.generation());
         let mapping = mapping::current(&self.mapping);
-        let mut stream_error = None;
-        let mut held = false;
-        let mut waiting = false;
-        // Chunks are committed on a thread of their own while the next one is parsed.
-        let committed = std::thread::scope(|scope| {
-            let committer = Committer::start(scope, self, cancel);
-            loop {
-                let item = match reader.next_item() {
-                    None => break,
-                    Some(Ok(item)) => item,
-                    Some(Err(e)) => {
-                        stream_error = Some(e);
-                        break;
-                    }
-                };
-                if !item.complete
-                    && !gzip
-                    && item.result.is_err()
-                    && replay.is_none()
-                    && self.may_still_grow(&meta)
-                {
-                    // A last line with no newline that does not parse: the writer is most
-                    // likely mid-line. Keep it out of the commit and look again later.
-                    held = true;
-                    break;
-                }
-                if self.must_wait_for_catalog(&item, &mapping, &shown) {
-                    // The offset stays before this record; what came before is committed.
-                    waiting = true;
-                    break;
-                }
-                records += 1;
-                self.add_item(&mapping, &shown, item, &mut chunk, &mut output);
-                if chunk.events.len() >= CHUNK_EVENTS || records >= CHUNK_RECORDS {
-                    if cancel.is_cancelled() {
-                        // The rest is read again at the next start.
-                        return committer.finish().map(|_| None);
-                    }
-                    self.seal(&mut chunk, &file, gzip);
-                    if !committer.send(&mut chunk, &mut output) {
-                        // A commit failed or was cancelled: nothing after it may commit.
-                        return committer.finish();
-                    }
-                    records = 0;
-                }
-            }
-            if let Some(e) = &stream_error {
-                // Keep what was read before the damage, and a pointer to where it is.
-                chunk.quarantine.push(QuarantineEntry {
-                    reason: e.to_string(),
-                    file: shown.clone(),
-                    line: chunk.line + 1,
-                    time_ms: now_ms(),
-                    raw: String::new(),
-                    ..QuarantineEntry::default()
-                });
-            } else if !held && !waiting {
-                chunk.offset = reader.offset();
-                chunk.file_done = true;
-            }
-            self.seal(&mut chunk, &file, gzip);
-            committer.send(&mut chunk, &mut output);
-            committer.finish()
-        });
-        let Some(totals) = committed? else {
+        let pass = Pass {
+            shown: &shown,
+            file: &file,
+            meta: &meta,
+            gzip,
+            replay: replay.is_some(),
+            mapping: &mapping,
+        };
+        // Parsed on several threads, committed in order on this one (see `parallel.rs`).
+        let Some(Passed { totals, end, line }) = self.read_records(reader, &pass, chunk, cancel)?
+        else {
             return Ok(Outcome::Cancelled);
         };
 
-        if let Some(e) = stream_error {
-            let reason = e.to_string();
-            tracing::warn!(path = %shown, line = chunk.line + 1, error = %reason, "file damaged; records before the damage were kept");
-            self.spool
-                .ledger()
-                .transition(file_id, Transition::Failed(reason.clone()))?;
-            return Ok(Outcome::Failed(reason));
-        }
-        if waiting {
-            tracing::debug!(path = %shown, line = chunk.line + 1, "reading waits for a catalog lookup");
-            return Ok(Outcome::WaitingOnCatalog(generation.unwrap_or(0)));
-        }
+        let held = match end {
+            End::Damaged(e) => {
+                let reason = e.to_string();
+                tracing::warn!(path = %shown, line = line + 1, error = %reason, "file damaged; records before the damage were kept");
+                self.spool
+                    .ledger()
+                    .transition(file_id, Transition::Failed(reason.clone()))?;
+                return Ok(Outcome::Failed(reason));
+            }
+            End::Waiting => {
+                tracing::debug!(path = %shown, line = line + 1, "reading waits for a catalog lookup");
+                return Ok(Outcome::WaitingOnCatalog(generation.unwrap_or(0)));
+            }
+            End::Held => true,
+            End::Eof => false,
+        };
         let mut holding = self.holding.lock().unwrap_or_else(|e| e.into_inner());
         if held {
             if holding.insert(rel.to_path_buf()) {
-                tracing::info!(path = %shown, line = chunk.line + 1, "last line unfinished; holding it until it is complete");
+                tracing::info!(path = %shown, line = line + 1, "last line unfinished; holding it until it is complete");
             }
             return Ok(Outcome::Held);
         }
@@ -558,7 +516,6 @@ impl Ingestor {
         chunk: &mut Chunk,
         output: &mut Output,
     ) {
-        Stats::add(&self.stats.records_read, 1);
         chunk.offset = item.end_offset;
         chunk.line = item.line;
         let bad = |reason: String, raw: &[u8]| QuarantineEntry {
@@ -589,16 +546,6 @@ impl Ingestor {
             }
             Err(BadRecord { reason, raw }) => chunk.quarantine.push(bad(reason, &raw)),
         }
-    }
-
-    /// With the Leanplum API configured: whether the record names a message or A/B test the
-    /// catalog is still finding out about (see `crate::catalog`).
-    fn must_wait_for_catalog(&self, item: &Item, mapping: &MappingState, shown: &str) -> bool {
-        let (Some(catalog), Ok(record)) = (&self.catalog, &item.result) else {
-            return false;
-        };
-        let (messages, abtests) = unknown_ids(record, mapping);
-        catalog.must_wait(&messages, &abtests, shown)
     }
 
     /// Whether the file changed recently enough that its writer may still finish the last line.
@@ -715,16 +662,6 @@ impl Ingestor {
     }
 }
 
-/// Commits the chunks of one file in order on a thread of its own, while the reader parses the
-/// next chunk: parsing and committing each take a good part of the time, and a host has more
-/// than one core. One chunk waits at most (two are in memory). A commit that fails, or that
-/// shutdown interrupts, ends the thread: the chunks after it are never committed, since their
-/// offsets lie past it, and the reader is told at its next [`Committer::send`].
-struct Committer<'scope> {
-    tx: std::sync::mpsc::SyncSender<(Chunk, Skipped)>,
-    handle: std::thread::ScopedJoinHandle<'scope, Committed>,
-}
-
 /// The bad and parked records of one pass over a file, logged once per kind with their count
 /// when the pass ends (SPEC section 8: one line per file and kind, never one per record;
 /// `status` and `dead-letter list` have the rest). A file of 100,000 malformed lines logs one
@@ -782,58 +719,9 @@ fn bad_kind(reason: &str) -> String {
 
 /// A chunk's skipped engagements by action, counted once the chunk is committed.
 type Skipped = std::collections::BTreeMap<String, u64>;
-/// Events spooled, duplicates and quarantined records of a file's chunks; `None` when shutdown
-/// interrupted a commit.
+/// Events spooled, duplicates and quarantined records of a chunk; `None` when shutdown
+/// interrupted its commit.
 type Committed = Result<Option<(u64, u64, u64)>, spool::Error>;
-
-impl<'scope> Committer<'scope> {
-    fn start<'env>(
-        scope: &'scope std::thread::Scope<'scope, 'env>,
-        ingestor: &'env Ingestor,
-        cancel: &'env CancellationToken,
-    ) -> Committer<'scope> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Chunk, Skipped)>(1);
-        let handle = scope.spawn(move || {
-            let mut totals = (0u64, 0u64, 0u64);
-            // Logs this pass's bad records when it ends, however it ends.
-            let mut bad_log = BadLog::default();
-            for (chunk, skipped) in rx {
-                let Some(t) = ingestor.commit_counted(&chunk, &skipped, &mut bad_log, cancel)?
-                else {
-                    return Ok(None);
-                };
-                totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);
-            }
-            Ok(Some(totals))
-        });
-        Committer { tx, handle }
-    }
-
-    /// Hands the chunk over and starts the next one where it ends. False when the committer
-    /// has stopped (a failed or cancelled commit).
-    fn send(&self, chunk: &mut Chunk, output: &mut Output) -> bool {
-        let next = Chunk {
-            file_id: chunk.file_id,
-            offset: chunk.offset,
-            line: chunk.line,
-            skip_dedupe: chunk.skip_dedupe,
-            ..Chunk::default()
-        };
-        let full = std::mem::replace(chunk, next);
-        self.tx
-            .send((full, std::mem::take(&mut output.skipped)))
-            .is_ok()
-    }
-
-    /// Waits for every chunk sent: the file's totals, `None` if shutdown interrupted a commit.
-    fn finish(self) -> Committed {
-        drop(self.tx);
-        match self.handle.join() {
-            Ok(result) => result,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    }
-}
 
 /// What `dry-run` saw.
 #[derive(Debug, Default)]

@@ -107,10 +107,27 @@ impl<R: BufRead> LineReader<R> {
         }
     }
 
-    /// Reads the next record, or `None` at the end of the stream. An error leaves the reader
-    /// mid-record; the caller stops reading.
+    /// Reads the next record into [`Self::record`], or `None` at the end of the stream. An error
+    /// leaves the reader mid-record; the caller stops reading.
     pub(crate) fn read_record(&mut self, framing: Framing) -> io::Result<Option<RawRecord>> {
-        self.buf.clear();
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        let result = self.read_record_into(framing, &mut buf);
+        self.buf = buf;
+        result
+    }
+
+    /// Reads the next record onto the end of `out`, keeping what `out` already holds (a batch
+    /// of records framed for parsing elsewhere, see `Reader::fill_batch`): the same framing,
+    /// limit and offsets as [`Self::read_record`], without copying the record again. After
+    /// an error `out` may hold part of a record past its old length.
+    pub(crate) fn read_record_into(
+        &mut self,
+        framing: Framing,
+        out: &mut Vec<u8>,
+    ) -> io::Result<Option<RawRecord>> {
+        // The record's first byte in `out`: the limit applies to what comes after it.
+        let base = out.len();
         let start = self.offset;
         let line = self.newlines + 1;
         let mut scan = CsvScan::StartOfField;
@@ -143,16 +160,17 @@ impl<R: BufRead> LineReader<R> {
                 // Past the limit the rest is only scanned, never stored: a 2 GB line costs at
                 // most the limit, and only until the overflow is seen.
                 let content = &chunk[..content_len];
-                if content.len() > self.limit - self.buf.len() {
+                let stored = out.len() - base;
+                if content.len() > self.limit - stored {
                     overflow = true;
                     // Only the start is kept, for the quarantine; the memory goes back now.
                     let keep = OVERFLOW_KEEP_BYTES.min(self.limit);
-                    let more = keep.saturating_sub(self.buf.len());
-                    self.buf.extend_from_slice(&content[..more]);
-                    self.buf.truncate(keep);
-                    self.buf.shrink_to(keep);
+                    let more = keep.saturating_sub(stored);
+                    out.extend_from_slice(&content[..more]);
+                    out.truncate(base + keep);
+                    out.shrink_to(base + keep);
                 } else {
-                    store(&mut self.buf, self.limit, content);
+                    store(out, base, self.limit, content);
                 }
             }
             let consumed = end.map_or(chunk.len(), |i| i + 1);
@@ -208,20 +226,20 @@ impl<R: BufRead> LineReader<R> {
     }
 }
 
-/// Appends `content` to a record buffer, never growing it past `limit`. Up to
-/// [`KEEP_BUFFER_BYTES`] it grows by doubling. A record longer than that is a long one (a
-/// session of megabytes): the buffer then reserves the whole limit at once, so it is never
-/// copied to grow again, since each copy would hold the record twice at its peak. The pages the
-/// record does not fill are never touched and cost no memory; the buffer is given back after
-/// the record (see [`LineReader::release_large_buffer`]). If the system refuses that much
-/// address space, growth goes on by doubling.
-fn store(buf: &mut Vec<u8>, limit: usize, content: &[u8]) {
+/// Appends `content` to the record that starts at `base` in `buf`, never growing the record
+/// past `limit`. Up to [`KEEP_BUFFER_BYTES`] it grows by doubling. A record longer than that is a
+/// long one (a session of megabytes): the buffer then reserves room for the whole limit at once,
+/// so it is never copied to grow again, since each copy would hold the record twice at its
+/// peak. The pages the record does not fill are never touched and cost no memory; the buffer is
+/// given back after the record (see [`LineReader::release_large_buffer`]; a batch is dropped
+/// once parsed). If the system refuses that much address space, growth goes on by doubling.
+fn store(buf: &mut Vec<u8>, base: usize, limit: usize, content: &[u8]) {
     let needed = buf.len() + content.len();
     if needed > buf.capacity() {
-        let at_once =
-            needed > KEEP_BUFFER_BYTES && buf.try_reserve_exact(limit - buf.len()).is_ok();
+        let at_once = needed - base > KEEP_BUFFER_BYTES
+            && buf.try_reserve_exact(base + limit - buf.len()).is_ok();
         if !at_once {
-            let target = needed.max(buf.capacity() * 2).min(limit);
+            let target = needed.max(buf.capacity() * 2).min(base + limit);
             buf.reserve_exact(target - buf.len());
         }
     }

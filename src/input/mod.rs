@@ -9,10 +9,16 @@
 //! A bad record is an [`Item`] carrying a [`BadRecord`], never an error that stops the file;
 //! only stream-level failures (I/O, truncated or corrupt gzip) end a file.
 //!
+//! Ingest reads a file on one thread and parses it on several: `Reader::fill_batch` frames
+//! records into batches of raw bytes without parsing them, and `Parser::items` turns a batch
+//! into the very items `next_item` gives (`batch.rs`). The batches in flight are bounded by
+//! the caller (`crate::ingest`); each record in them is still at most the limit.
+//!
 //! Offsets are positions in the *decompressed* stream, counting every byte (a BOM, blank lines,
 //! `\r`). Resuming a gzip file decompresses and discards up to the offset; resuming any file reads
 //! through the skipped part to count its lines, so line numbers stay right after a restart.
 
+mod batch;
 mod csv;
 mod detect;
 pub mod leanplum_csv;
@@ -25,6 +31,8 @@ use std::path::Path;
 use flate2::read::MultiGzDecoder;
 
 use crate::leanplum::{Engagement, Session};
+use batch::is_blank;
+pub(crate) use batch::{Filled, Parser, RawBatch};
 pub use detect::detect;
 use detect::{BOM, HEAD_BYTES};
 use lines::{Framing, LineReader};
@@ -129,13 +137,10 @@ pub enum InputError {
 /// A streaming reader over one file: detection happened at [`Reader::open`], records come from
 /// [`Reader::next_item`].
 pub struct Reader {
-    format: Format,
     gzip: bool,
     lines: LineReader<BufReader<Box<dyn Read + Send>>>,
-    /// The longest record read (`watch.max_line_bytes`), for the reason of a longer one.
-    max_line_bytes: usize,
-    /// CSV column names, trimmed and lowercased; empty for JSON formats.
-    header: Vec<String>,
+    /// The format, the CSV header and the record limit: what parses a framed record.
+    parser: Parser,
     /// Set after the end of input or a stream error: nothing more will be read.
     done: bool,
 }
@@ -158,14 +163,16 @@ impl Reader {
         // The probe shared this descriptor's position; rewind for the real pass.
         file.seek(SeekFrom::Start(0))?;
         let mut reader = Reader {
-            format,
             gzip,
             lines: LineReader::new(
                 BufReader::with_capacity(STREAM_BUFFER_BYTES, decoded(file, gzip)),
                 max_line_bytes,
             ),
-            max_line_bytes,
-            header: Vec::new(),
+            parser: Parser {
+                format,
+                header: Vec::new(),
+                max_line_bytes,
+            },
             done: false,
         };
         if format == Format::EngagementCsv {
@@ -176,7 +183,7 @@ impl Reader {
     }
 
     pub fn format(&self) -> Format {
-        self.format
+        self.parser.format
     }
 
     pub fn is_gzip(&self) -> bool {
@@ -193,10 +200,7 @@ impl Reader {
     /// error, truncated or corrupt gzip): it is returned once, then `None`; items already
     /// returned stay valid.
     pub fn next_item(&mut self) -> Option<Result<Item, InputError>> {
-        let framing = match self.format {
-            Format::EngagementCsv => Framing::Csv,
-            Format::Sessions | Format::EngagementJson => Framing::Lines,
-        };
+        let framing = self.framing();
         while !self.done {
             let raw = match self.lines.read_record(framing) {
                 Ok(Some(raw)) => raw,
@@ -207,37 +211,25 @@ impl Reader {
                 }
             };
             let bytes = record_text(self.lines.record(), raw.start);
-            if !raw.overflow && bytes.trim_ascii().is_empty() {
+            if is_blank(&raw, bytes) {
                 continue;
             }
-            let result = if raw.overflow {
-                let what = match self.format {
-                    Format::EngagementCsv => "record",
-                    Format::Sessions | Format::EngagementJson => "line",
-                };
-                Err(bad(
-                    over_limit_reason(what, raw.len, self.max_line_bytes),
-                    bytes,
-                ))
-            } else {
-                self.parse(bytes).map_err(|reason| bad(reason, bytes))
-            };
+            let item = self.parser.item(&raw, bytes, self.lines.offset());
             // The record is parsed into owned values: a buffer a long one grew goes back now,
             // before the record is mapped.
             self.lines.release_large_buffer();
-            return Some(Ok(Item {
-                line: raw.line,
-                end_offset: self.lines.offset(),
-                complete: raw.terminated,
-                result,
-            }));
+            return Some(Ok(item));
         }
         self.done = true;
         None
     }
 
-    fn parse(&self, bytes: &[u8]) -> Result<Record, String> {
-        parse_record(self.format, &self.header, bytes)
+    /// Where this format's records end.
+    fn framing(&self) -> Framing {
+        match self.parser.format {
+            Format::EngagementCsv => Framing::Csv,
+            Format::Sessions | Format::EngagementJson => Framing::Lines,
+        }
     }
 
     /// Reads the CSV header row (the first non-blank record).
@@ -266,7 +258,7 @@ impl Reader {
             };
             // Leading blanks before a quoted first name are not part of it (detection skips
             // them too).
-            self.header = csv::header_names(header.trim_start());
+            self.parser.header = csv::header_names(header.trim_start());
             return Ok(());
         }
     }
@@ -984,6 +976,106 @@ mod tests {
             panic!("{json:?} {csv:?}")
         };
         assert_eq!(j, c);
+    }
+
+    /// Every item of `path` from `offset` through [`Reader::fill_batch`] (batches of at least
+    /// `batch_bytes`) and [`Parser::items`], then how the stream ended and its length.
+    fn batched(
+        path: &Path,
+        offset: u64,
+        limit: usize,
+        batch_bytes: usize,
+    ) -> (Vec<Item>, Option<String>, u64) {
+        let mut reader = Reader::open(path, offset, limit).unwrap();
+        let parser = reader.parser().clone();
+        let mut out = Vec::new();
+        loop {
+            let mut batch = RawBatch::default();
+            let filled = reader.fill_batch(&mut batch, batch_bytes);
+            assert_eq!(batch.len(), parser.items(&batch).count());
+            out.extend(parser.items(&batch));
+            match filled {
+                Filled::Full => assert!(batch.byte_len() >= batch_bytes),
+                Filled::End => return (out, None, reader.offset()),
+                Filled::Failed(e) => return (out, Some(e.to_string()), reader.offset()),
+            }
+        }
+    }
+
+    #[test]
+    fn batches_give_the_items_next_item_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = format!("{{\"sessionId\":\"{}\"}}", "x".repeat(3000));
+        let sessions = [
+            BOM,
+            SESSION_A.as_bytes(),
+            b"\r\n\n   \n{\"sessionId\": }\n",
+            long.as_bytes(),
+            b"\n",
+            SESSION_B.as_bytes(),
+            b"\r\n\n",
+            SESSION_A.as_bytes(),
+        ]
+        .concat();
+        let csv = format!("{CSV}Open,\"a\nb\",1,5\n\nOpen,u,2,5\r\nbad,row\n");
+        let engagements = format!("{ENGAGEMENT}\n[1]\n\n{ENGAGEMENT}\n");
+        let cases: [(&str, &[u8]); 3] = [
+            ("s", &sessions),
+            ("c", csv.as_bytes()),
+            ("e", engagements.as_bytes()),
+        ];
+        for (name, text) in cases {
+            for (gzip, bytes) in [(false, text.to_vec()), (true, gz(text))] {
+                let path = file(&dir, &format!("{name}-{gzip}"), &bytes);
+                let all = items(&path, 0);
+                assert!(all.len() >= 3, "{name}");
+                // From the start and from each item's end, limits above and below the long
+                // line, batches of one record and of several.
+                let offsets = std::iter::once(0).chain(all.iter().map(|i| i.end_offset));
+                for offset in offsets {
+                    for limit in [1024, LIMIT] {
+                        let mut expected = Vec::new();
+                        let mut reader = Reader::open(&path, offset, limit).unwrap();
+                        while let Some(item) = reader.next_item() {
+                            expected.push(item.unwrap());
+                        }
+                        for batch_bytes in [1, 200, 1 << 20] {
+                            let (got, error, end) = batched(&path, offset, limit, batch_bytes);
+                            let what = format!(
+                                "{name} gzip {gzip} from {offset} limit {limit} batch {batch_bytes}"
+                            );
+                            assert_eq!(shown(&got), shown(&expected), "{what}");
+                            assert_eq!((error, end), (None, text.len() as u64), "{what}");
+                        }
+                    }
+                }
+            }
+        }
+        // A gzip stream cut short: the records before the cut, then the error.
+        let text: String = (0..4000)
+            .map(|i| format!("{{\"sessionId\":\"{i}\",\"deviceId\":\"d{}\"}}\n", i * 7919))
+            .collect();
+        let full = gz(text.as_bytes());
+        let path = file(&dir, "cut", &full[..full.len() / 2]);
+        let mut reader = Reader::open(&path, 0, LIMIT).unwrap();
+        let mut expected = Vec::new();
+        let error = loop {
+            match reader.next_item() {
+                Some(Ok(item)) => expected.push(item),
+                Some(Err(e)) => break e.to_string(),
+                None => unreachable!("a truncated gzip ends in an error"),
+            }
+        };
+        let (got, got_error, _) = batched(&path, 0, LIMIT, 4096);
+        assert_eq!(shown(&got), shown(&expected));
+        assert_eq!(got_error, Some(error));
+        // A partial last line is the last item, marked incomplete.
+        let path = file(&dir, "p", format!("{SESSION_A}\n{SESSION_B}").as_bytes());
+        let (got, _, _) = batched(&path, 0, LIMIT, 1);
+        assert_eq!(
+            got.iter().map(|i| i.complete).collect::<Vec<_>>(),
+            [true, false]
+        );
     }
 
     #[test]

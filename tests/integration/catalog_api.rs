@@ -588,15 +588,13 @@ fn real_message(id: u64, name: &str, kind: &str) -> Value {
     json!({"messageType": kind, "created": 1.506018056324E9, "name": name, "active": true, "id": id})
 }
 
-/// Real-world catalog trouble at once: files naming messages deleted in Leanplum (`getMessage`
-/// answers 404 "Message not found.") and a message created after the last `getMessages` (found
-/// by `getMessage`). Every other event arrives exactly once, the late message maps with its
-/// name, the deleted ones are parked (the default), and every file ends done.
-#[test]
-fn deleted_and_late_messages_as_leanplum_answers_them() {
-    const KNOWN: u64 = 5342363864268800;
-    const LATE: u64 = 5342363864268801;
-    const DELETED: [u64; 2] = [5342363864268802, 5342363864268803];
+/// An email message Leanplum lists.
+const KNOWN: u64 = 5342363864268800;
+/// A push message created after the last `getMessages`: only `getMessage` finds it.
+const LATE: u64 = 5342363864268801;
+
+/// A Leanplum that lists [`KNOWN`] and finds [`LATE`] when asked.
+fn known_and_late() -> LeanplumServer {
     let lp = LeanplumServer::start(
         vec![real_message(KNOWN, "Welcome mail", "Email")],
         Vec::new(),
@@ -604,6 +602,17 @@ fn deleted_and_late_messages_as_leanplum_answers_them() {
     lp.state()
         .unlisted
         .push(real_message(LATE, "Black Friday push", "Push Notification"));
+    lp
+}
+
+/// Real-world catalog trouble at once: files naming messages deleted in Leanplum (`getMessage`
+/// answers 404 "Message not found.") and a message created after the last `getMessages` (found
+/// by `getMessage`). Every other event arrives exactly once, the late message maps with its
+/// name, the deleted ones are parked (the default), and every file ends done.
+#[test]
+fn deleted_and_late_messages_as_leanplum_answers_them() {
+    const DELETED: [u64; 2] = [5342363864268802, 5342363864268803];
+    let lp = known_and_late();
     let env = env_with_api(&lp.url);
     let config = env.write_config();
     let agent = env.start_agent();
@@ -755,4 +764,89 @@ fn a_refused_content_key_is_a_catalog_error_and_files_wait() {
             .is_some_and(|r| r.contains("5342363864268800")),
         "{files}"
     );
+}
+
+/// A record naming a message the catalog must look up, in the middle of a big file parsed on
+/// several threads (`watch.ingest_threads`, more than the cores), while Leanplum is down: every
+/// event before it is delivered and none after it, though the threads parsed past it; once
+/// Leanplum answers, the rest arrives, each event once, the looked-up message with its kind.
+#[test]
+fn a_lookup_in_the_middle_of_a_big_file_holds_back_exactly_what_follows_it() {
+    const LINES: usize = 20_000;
+    /// The line (0-based) naming the late message.
+    const AT: usize = 12_345;
+    let lp = known_and_late();
+    let mut env = env_with_api(&lp.url);
+    env.config = env.config.clone().with_extra("watch", "ingest_threads = 4");
+    let config = env.write_config();
+    let agent = env.start_agent();
+    assert!(agent.wait_for_log("catalog fetched from Leanplum", PATIENCE));
+    lp.state().down = true;
+
+    let mut lines = String::new();
+    let mut ids = Vec::with_capacity(LINES);
+    for n in 0..LINES {
+        let event_id = 6_100_000_000_000_000_000 + n as u64;
+        let message = if n == AT { LATE } else { KNOWN };
+        lines.push_str(
+            &json!({"deviceId": format!("D-{n}"), "time": 1793534899.612,
+                    "states": [{"events": [{"eventId": event_id, "name": format!(".m{message} Open"), "time": 1793534900.5}]}]})
+            .to_string(),
+        );
+        lines.push('\n');
+        ids.push(format!("lp-e-{event_id}"));
+    }
+    std::fs::write(
+        env.watch_dir()
+            .join(format!("export-{APP_ID}-job-output-0")),
+        lines,
+    )
+    .unwrap();
+    let (before, after) = ids.split_at(AT);
+    assert!(
+        env.server.wait_for_ids(before, PATIENCE),
+        "{}",
+        agent.log_tail(40)
+    );
+    crate::util::wait_for_status(&config, PATIENCE, |s| {
+        s["catalog"]["waiting"]
+            .as_array()
+            .is_some_and(|w| !w.is_empty())
+    })
+    .unwrap_or_else(|| panic!("the file waits\n{}", agent.log_tail(40)));
+    env.server.wait_for_quiet(Duration::from_secs(1), PATIENCE);
+    let accepted = env.server.accepted_id_counts();
+    let past: Vec<&String> = after
+        .iter()
+        .filter(|id| accepted.contains_key(*id))
+        .collect();
+    assert!(
+        past.is_empty(),
+        "{} events past the waiting record were sent, e.g. {:?}",
+        past.len(),
+        &past[..past.len().min(3)]
+    );
+    assert_eq!(accepted.len(), before.len());
+
+    lp.state().down = false;
+    assert!(
+        env.server.wait_for_ids(&ids, PATIENCE),
+        "{}",
+        agent.log_tail(40)
+    );
+    env.server.wait_for_quiet(Duration::from_secs(1), PATIENCE);
+    assert!(
+        env.server.accepted_id_counts().values().all(|n| *n == 1),
+        "each event once"
+    );
+    assert_eq!(env.server.accepted_count(), ids.len());
+    let late = env
+        .server
+        .accepted_events()
+        .into_iter()
+        .find(|e| e["messageId"] == ids[AT].as_str())
+        .expect("the looked-up message's event");
+    assert_eq!(late["event"], "Push Notification Tapped", "{late}");
+    crate::util::wait_for_status(&config, PATIENCE, |s| s["files_done"] == 1)
+        .unwrap_or_else(|| panic!("the file is done\n{}", agent.log_tail(40)));
 }

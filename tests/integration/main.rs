@@ -32,6 +32,8 @@
 //! - [`catalog_files`]: the catalog files rewritten while running (by rename, in place) are
 //!   reloaded without a signal; a broken one is refused (exit 78 at start, the last good
 //!   catalog kept while running) and shown in `status` (SPEC section 5).
+//! - [`parallel_ingest`]: big files parsed on several threads: file order, exact line numbers,
+//!   damage, and `kill -9` while parsed batches wait for their commit (SPEC sections 7 and 8).
 //! - [`parking`]: records of messages the catalog does not know are parked, delivered once it
 //!   learns them, listed and purged otherwise (SPEC section 5).
 //! - [`network`]: `segment.proxy` (a loopback proxy counting what goes through it), the
@@ -64,6 +66,7 @@ mod input_files;
 mod input_model;
 mod network;
 mod operate;
+mod parallel_ingest;
 mod parking;
 mod power_cut;
 mod powercut_fs;
