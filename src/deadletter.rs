@@ -145,7 +145,7 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
                 QuarantineKind::Bad => "quarantine".into(),
                 QuarantineKind::Parked => "parked".into(),
             },
-            time: crate::segment::rfc3339_millis(q.time_ms as i64),
+            time: crate::event::rfc3339_millis(q.time_ms as i64),
             file: Some(q.file),
             line: (q.line > 0).then_some(q.line),
             reason: q.reason,
@@ -157,7 +157,7 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
         Entry {
             id,
             kind: "dead-letter".into(),
-            time: crate::segment::rfc3339_millis(d.time_ms as i64),
+            time: crate::event::rfc3339_millis(d.time_ms as i64),
             file: d
                 .file_id
                 .and_then(|f| spool.file(f).ok().flatten())
@@ -179,7 +179,7 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
 /// wait for (there can be millions of them). Id 0: they are not retried or purged by id; they
 /// leave when what they wait for is read (or the job's tables are dropped in again).
 fn waiting_entries(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
-    let now = crate::segment::rfc3339_millis(spool::now_ms() as i64);
+    let now = crate::event::rfc3339_millis(spool::now_ms() as i64);
     Ok(spool
         .join_waiting_groups()?
         .into_iter()

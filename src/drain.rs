@@ -28,12 +28,12 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::event::rfc3339_millis;
 use crate::segment::batch::{encode_body, event_budget};
 use crate::segment::client::{Answer, Client};
 use crate::segment::concurrency::{Controller, Mode, Outcome};
 use crate::segment::rate::TokenBucket;
 use crate::segment::retry::{Backoff, RetryAction, retry_action};
-use crate::segment::rfc3339_millis;
 use crate::spool::{Queued, Spool, now_ms};
 use crate::stats::Stats;
 

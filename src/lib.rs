@@ -28,12 +28,13 @@
 //!   the config and watched by a task of their own ([`catalog::files`]: inotify on
 //!   `catalog_dir` plus a periodic stat), reloaded when they change, refused when they do not
 //!   parse.
+//! - [`event`]: the Segment track event, its time format and size limit; pure.
 //! - [`mapping`]: Leanplum record -> Segment events; pure, no I/O.
 //! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk; the join
 //!   of Leanplum's CSV export tables (on disk, in the spool).
 //! - [`spool`]: segment files for the events, sled for where they are, read offsets and the rest,
 //!   a hash table file for dedupe; its module doc is the on-disk format.
-//! - [`segment`]: event type, batch budget, HTTP client, retry policy.
+//! - [`segment`]: batch budget, HTTP client, retry policy.
 //! - [`deadletter`]: `dead-letter list | retry | purge` over the quarantine and dead letters.
 //! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
 //! - [`stats`]: counters shared by the tasks, read by status.
@@ -48,6 +49,7 @@ pub mod config;
 pub mod control;
 pub mod deadletter;
 pub mod drain;
+pub mod event;
 pub mod ingest;
 pub mod input;
 pub mod leanplum;

@@ -2,10 +2,10 @@
 //! push and Experiment Viewed properties, identity, context and deterministic `messageId`s.
 //! Pure: no I/O and no clock, so every rule is a table test below.
 
+use crate::event::{TrackEvent, rfc3339_millis};
 use crate::leanplum::catalog::{Catalog, Message, MessageKind};
 pub use crate::leanplum::parse_message_event;
 use crate::leanplum::{Channel, Engagement, Event, Experiment, Id, LpTime, Session};
-use crate::segment::{TrackEvent, rfc3339_millis};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};

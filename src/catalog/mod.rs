@@ -454,7 +454,7 @@ pub struct WaitingLookup {
 }
 
 fn rfc3339(ms: u64) -> String {
-    crate::segment::rfc3339_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+    crate::event::rfc3339_millis(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
 fn status_of(st: &State, api_enabled: bool) -> CatalogStatus {

@@ -19,13 +19,13 @@ use tokio_util::sync::CancellationToken;
 mod fingerprint;
 mod join;
 
+use crate::event::TrackEvent;
 use crate::input::{BadRecord, InputError, Item, Reader, Record};
 use crate::leanplum::catalog::Catalog;
 use crate::mapping::{
     self, MapError, MappingOptions, MappingState, Output, SharedMapping, map_engagement,
     map_session,
 };
-use crate::segment::TrackEvent;
 use crate::spool::{
     self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, now_ms,
 };

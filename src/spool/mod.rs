@@ -153,7 +153,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
-use crate::segment::MAX_EVENT_BYTES;
+use crate::event::MAX_EVENT_BYTES;
 
 /// The file id of events that belong to no file record (quarantined records retried by hand).
 pub const NO_FILE: u64 = u64::MAX;
