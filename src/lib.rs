@@ -34,21 +34,21 @@
 //!   of Leanplum's CSV export tables (on disk, in the spool).
 //! - [`spool`]: segment files for the events, sled for where they are, read offsets and the rest,
 //!   a hash table file for dedupe; its module doc is the on-disk format.
-//! - [`segment`]: batch budget, HTTP client, retry policy.
+//! - [`segment`]: delivery: batch budget, HTTP client, the decision table, the drain loop.
+//! - [`backoff`]: exponential backoff with jitter, for Segment and the Leanplum API.
 //! - [`deadletter`]: `dead-letter list | retry | purge` over the quarantine and dead letters.
-//! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
 //! - [`stats`]: counters shared by the tasks, read by status.
 //! - [`control`]: control socket, status report.
 //! - [`transport`]: the proxy and extra CA roots both HTTP clients (Segment, Leanplum) use.
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod backoff;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod deadletter;
-pub mod drain;
 pub mod event;
 pub mod ingest;
 pub mod input;

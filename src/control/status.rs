@@ -53,7 +53,7 @@ use std::time::Instant;
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::drain::{DeliveryState, DrainStatus};
+use crate::segment::drain::{DeliveryState, DrainStatus};
 use crate::spool::{self, FileStatus, Spool, now_ms};
 use crate::stats::Stats;
 

@@ -1,8 +1,12 @@
-//! Segment's side: batch assembly within Segment's limits, the HTTP client for `/v1/batch`,
-//! and the retry policy that reads its answers. The event itself is [`crate::event`].
+//! Delivery, spool -> Segment, in one place: batch assembly within Segment's limits
+//! (`batch`), the HTTP client for `/v1/batch` (`client`), the decision table that says what
+//! an answer does to a batch (`retry`), how many requests may be in flight (`concurrency`),
+//! the `max_events_per_sec` bucket (`rate`), and the drain loop that runs them (`drain`).
+//! The event itself is [`crate::event`]; the backoff timer is [`crate::backoff`].
 
 pub mod batch;
 pub mod client;
 pub mod concurrency;
+pub mod drain;
 pub mod rate;
 pub mod retry;

@@ -1,10 +1,10 @@
 //! Spool -> Segment. One coordinator task claims batches from the spool in FIFO order, keeps up
-//! to the concurrency limit of requests in flight, and applies the response table (SPEC
-//! section 6).
+//! to the concurrency limit of requests in flight, and applies the decision table of SPEC
+//! section 6 ([`super::retry::decide`]) to each answer.
 //!
-//! The limit is fixed or adaptive ([`crate::segment::concurrency`]): each request's round trip
+//! The limit is fixed or adaptive ([`super::concurrency`]): each request's round trip
 //! and answer go to the controller, which says how many may be in flight. Before a batch goes,
-//! it takes its events from the `max_events_per_sec` token bucket ([`crate::segment::rate`]),
+//! it takes its events from the `max_events_per_sec` token bucket ([`super::rate`]),
 //! and batches are made no larger than that bucket. Backoff and `Retry-After` come first:
 //! nothing is launched while the drain waits, whatever the limit and the bucket say.
 //!
@@ -28,12 +28,13 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{encode_body, event_budget};
+use super::client::{Answer, Client};
+use super::concurrency::{Controller, Mode};
+use super::rate::TokenBucket;
+use super::retry::{Decision, decide};
+use crate::backoff::Backoff;
 use crate::event::rfc3339_millis;
-use crate::segment::batch::{encode_body, event_budget};
-use crate::segment::client::{Answer, Client};
-use crate::segment::concurrency::{Controller, Mode, Outcome};
-use crate::segment::rate::TokenBucket;
-use crate::segment::retry::{Backoff, RetryAction, retry_action};
 use crate::spool::{Queued, Spool, now_ms};
 use crate::stats::Stats;
 
@@ -299,7 +300,8 @@ impl Drain {
             tokio::select! {
                 Some(done) = flights.join_next() => {
                     if let Ok((batch, answer, rtt, launched)) = done {
-                        limiter.observe(rtt, outcome(&answer), Instant::now().into_std());
+                        let load = decide(answer.status, batch.items.len()).outcome();
+                        limiter.observe(rtt, load, Instant::now().into_std());
                         let flight = (batch, answer, launched);
                         self.settle(flight, &mut backoff, &mut retry, &mut not_before);
                     }
@@ -352,8 +354,8 @@ impl Drain {
         not_before: &mut Instant,
     ) {
         let n = batch.items.len() as u64;
-        match retry_action(answer.status) {
-            RetryAction::Delivered => {
+        match decide(answer.status, batch.items.len()) {
+            Decision::Ack => {
                 match self.spool.ack(&batch.items) {
                     Ok(done) => {
                         for id in done {
@@ -385,33 +387,32 @@ impl Drain {
                 st.last_success_ms = Some(now_ms());
                 tracing::debug!(events = n, "batch delivered");
             }
-            RetryAction::Split => {
-                if batch.items.len() == 1 {
-                    tracing::warn!(detail = %answer.detail, "Segment rejected an event; dead-lettered");
-                    match self
-                        .spool
-                        .dead_letter(&batch.items, &answer.detail, answer.status)
-                    {
-                        Ok(_) => Stats::add(&self.stats.dead_lettered, 1),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot dead-letter an event; it stays queued");
-                        }
+            Decision::DeadLetter => {
+                tracing::warn!(detail = %answer.detail, "Segment rejected an event; dead-lettered");
+                match self
+                    .spool
+                    .dead_letter(&batch.items, &answer.detail, answer.status)
+                {
+                    Ok(_) => Stats::add(&self.stats.dead_lettered, n),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot dead-letter an event; it stays queued");
                     }
-                } else {
-                    // Bisect: both halves go to the front, in order, without a backoff.
-                    let mut items = batch.items;
-                    let second = items.split_off(items.len() / 2);
-                    retry.push_front(Batch { items: second });
-                    retry.push_front(Batch { items });
                 }
             }
-            action => {
-                let (state, delay) = match action {
-                    RetryAction::AuthFailed => {
+            Decision::Bisect => {
+                // Both halves go to the front, in order, without a backoff.
+                let mut items = batch.items;
+                let second = items.split_off(items.len() / 2);
+                retry.push_front(Batch { items: second });
+                retry.push_front(Batch { items });
+            }
+            decision => {
+                let (state, delay) = match decision {
+                    Decision::AuthFailed => {
                         backoff.backoff.next_delay(None);
                         (DeliveryState::AuthFailed, backoff.backoff.max())
                     }
-                    RetryAction::Rejected => {
+                    Decision::Rejected => {
                         backoff.backoff.next_delay(None);
                         (DeliveryState::Rejected, backoff.backoff.max())
                     }
@@ -495,16 +496,6 @@ fn take_tokens(bucket: &mut Option<TokenBucket>, n: usize) -> Result<(), Instant
             .try_take(n, Instant::now().into_std())
             .map_err(Instant::from_std),
         None => Ok(()),
-    }
-}
-
-/// What an answer says about load, for the concurrency controller.
-fn outcome(answer: &Answer) -> Outcome {
-    match retry_action(answer.status) {
-        RetryAction::Delivered => Outcome::Success,
-        // 408, 410, 429, 460, 5xx, timeouts and transport errors.
-        RetryAction::Retry => Outcome::Overloaded,
-        RetryAction::Split | RetryAction::AuthFailed | RetryAction::Rejected => Outcome::Neutral,
     }
 }
 
