@@ -33,7 +33,7 @@ pub const HEAD_BYTES: u64 = 1024;
 pub const TAIL_BYTES: u64 = 1024;
 
 pub fn is_gzip_head(head: &[u8]) -> bool {
-    head.starts_with(&[0x1f, 0x8b])
+    crate::input::is_gzip(head)
 }
 
 /// First 16 bytes of SHA-256, hex: enough to tell files apart, short enough to store per file.
