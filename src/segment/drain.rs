@@ -248,7 +248,8 @@ impl Drain {
                     limiter.launched(flights.len());
                     continue;
                 }
-                let peeked = match self.spool.peek(cursor, max_events, budget) {
+                let spool = self.spool.clone();
+                let peeked = match blocking(move || spool.peek(cursor, max_events, budget)).await {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read the spool");
@@ -303,7 +304,8 @@ impl Drain {
                         let load = decide(answer.status, batch.items.len()).outcome();
                         limiter.observe(rtt, load, Instant::now().into_std());
                         let flight = (batch, answer, launched);
-                        self.settle(flight, &mut backoff, &mut retry, &mut not_before);
+                        self.settle(flight, &mut backoff, &mut retry, &mut not_before)
+                            .await;
                     }
                 }
                 _ = self.handle.wake.notified() => {}
@@ -330,7 +332,8 @@ impl Drain {
                 Ok(Some(Ok((batch, answer, _, launched)))) => {
                     let mut ignore = VecDeque::new();
                     let flight = (batch, answer, launched);
-                    self.settle(flight, &mut backoff, &mut ignore, &mut not_before);
+                    self.settle(flight, &mut backoff, &mut ignore, &mut not_before)
+                        .await;
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -345,8 +348,9 @@ impl Drain {
         }
     }
 
-    /// Applies the response table to one finished request.
-    fn settle(
+    /// Applies the decision table to one finished request. The spool's side (the ack's fsync,
+    /// dead-lettering) runs on a blocking thread, never on an async worker.
+    async fn settle(
         &self,
         (batch, answer, launched): (Batch, Answer, Instant),
         backoff: &mut RoundBackoff,
@@ -356,7 +360,9 @@ impl Drain {
         let n = batch.items.len() as u64;
         match decide(answer.status, batch.items.len()) {
             Decision::Ack => {
-                match self.spool.ack(&batch.items) {
+                let spool = self.spool.clone();
+                let (acked, batch) = blocking(move || (spool.ack(&batch.items), batch)).await;
+                match acked {
                     Ok(done) => {
                         for id in done {
                             if let Some(tx) = &self.files_delivered {
@@ -389,10 +395,8 @@ impl Drain {
             }
             Decision::DeadLetter => {
                 tracing::warn!(detail = %answer.detail, "Segment rejected an event; dead-lettered");
-                match self
-                    .spool
-                    .dead_letter(&batch.items, &answer.detail, answer.status)
-                {
+                let (spool, detail, status) = (self.spool.clone(), answer.detail, answer.status);
+                match blocking(move || spool.dead_letter(&batch.items, &detail, status)).await {
                     Ok(_) => Stats::add(&self.stats.dead_lettered, n),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot dead-letter an event; it stays queued");
@@ -496,6 +500,20 @@ fn take_tokens(bucket: &mut Option<TokenBucket>, n: usize) -> Result<(), Instant
             .try_take(n, Instant::now().into_std())
             .map_err(Instant::from_std),
         None => Ok(()),
+    }
+}
+
+/// Runs `f` (spool reads, fsyncs) on tokio's blocking pool and waits for it, so the async
+/// workers (HTTP, timers, the control socket) never stall on the disk. A panic in `f` goes on
+/// in the caller, as if `f` had run there.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only when the runtime shuts down under us: nothing to go on with.
+            Err(e) => panic!("spool work on the blocking pool was cancelled: {e}"),
+        },
     }
 }
 
