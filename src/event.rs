@@ -3,9 +3,11 @@
 //! takes live here too, so the mapping, delivery, the dead letters and the status agree.
 //! Pure: no I/O, no clock (callers pass the time).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
+use serde::ser::Error as _;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// A Segment `track` call as it goes into a batch (`sentAt` belongs to the batch envelope, set
@@ -24,8 +26,60 @@ pub struct TrackEvent {
     /// RFC 3339, UTC, milliseconds: `2026-11-01T12:08:19.612Z` (see [`rfc3339_millis`]).
     pub timestamp: String,
     pub properties: Map<String, Value>,
-    /// Shared by every event of one session: built once, never copied.
-    pub context: Arc<Map<String, Value>>,
+    /// Shared by every event of one session: built once, serialized once, never copied.
+    pub context: Arc<Context>,
+}
+
+/// An event's `context` (device, app, place, library): the same for every event of a session,
+/// so it is serialized once, by the first event that needs it, and copied into the others as
+/// it is.
+#[derive(Debug, Clone)]
+pub struct Context {
+    map: Map<String, Value>,
+    json: OnceLock<Box<RawValue>>,
+}
+
+impl Context {
+    pub fn new(map: Map<String, Value>) -> Context {
+        Context {
+            map,
+            json: OnceLock::new(),
+        }
+    }
+}
+
+/// Read as the map it was built from.
+impl std::ops::Deref for Context {
+    type Target = Map<String, Value>;
+    fn deref(&self) -> &Map<String, Value> {
+        &self.map
+    }
+}
+
+impl PartialEq for Context {
+    fn eq(&self, other: &Context) -> bool {
+        self.map == other.map
+    }
+}
+
+impl PartialEq<Map<String, Value>> for Context {
+    fn eq(&self, other: &Map<String, Value>) -> bool {
+        self.map == *other
+    }
+}
+
+/// Byte for byte what serializing the map gives (serde_json writes a raw value as it is).
+impl Serialize for Context {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let json = match self.json.get() {
+            Some(json) => json,
+            None => {
+                let json = serde_json::value::to_raw_value(&self.map).map_err(S::Error::custom)?;
+                self.json.get_or_init(|| json)
+            }
+        };
+        json.serialize(s)
+    }
 }
 
 /// Events larger than this (serialized) are dead-lettered, never sent: Segment rejects them.
@@ -44,6 +98,21 @@ pub fn rfc3339_millis(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_context_serializes_as_its_map() {
+        let map: Map<String, Value> = serde_json::from_str(
+            r#"{"os":{"name":"iOS"},"library":{"name":"x","version":"1"},"locale":"en_US","q":"a\"b\u00e9"}"#,
+        )
+        .unwrap();
+        let c = Context::new(map.clone());
+        assert_eq!(
+            serde_json::to_string(&c).unwrap(),
+            serde_json::to_string(&map).unwrap()
+        );
+        assert_eq!(c, map);
+        assert_eq!(c["locale"], "en_US");
+    }
 
     #[test]
     fn timestamps_are_utc_with_milliseconds() {
