@@ -375,38 +375,21 @@ impl<'de> Visitor<'de> for KeptEvent {
         let mut parameters: Option<Option<Box<RawValue>>> = None;
         while let Some(field) = map.next_key::<EventField>()? {
             match field {
-                EventField::EventId => {
-                    if event_id.is_some() {
-                        return Err(de::Error::duplicate_field("eventId"));
-                    }
-                    event_id = Some(map.next_value()?);
-                }
-                EventField::Name => {
-                    if name.is_some() {
-                        return Err(de::Error::duplicate_field("name"));
-                    }
-                    name = Some(map.next_value_seed(Text)?);
-                }
-                EventField::Time => {
-                    if time.is_some() {
-                        return Err(de::Error::duplicate_field("time"));
-                    }
-                    time = Some(map.next_value()?);
-                }
+                EventField::EventId => once(&mut event_id, "eventId", || map.next_value())?,
+                EventField::Name => once(&mut name, "name", || map.next_value_seed(Text))?,
+                EventField::Time => once(&mut time, "time", || map.next_value())?,
                 EventField::Parameters => {
-                    if parameters.is_some() {
-                        return Err(de::Error::duplicate_field("parameters"));
-                    }
                     // Kept unless the name already says this is an app event.
                     let app_event = name
                         .as_deref()
                         .is_some_and(|n| parse_message_event(n).is_none());
-                    parameters = Some(if app_event {
-                        map.next_value::<de::IgnoredAny>()?;
-                        None
-                    } else {
-                        map.next_value()?
-                    });
+                    once(&mut parameters, "parameters", || {
+                        if app_event {
+                            map.next_value::<de::IgnoredAny>().map(|_| None)
+                        } else {
+                            map.next_value()
+                        }
+                    })?
                 }
                 EventField::Other => {
                     map.next_value::<de::IgnoredAny>()?;
@@ -418,6 +401,19 @@ impl<'de> Visitor<'de> for KeptEvent {
         let time = time.ok_or_else(|| de::Error::missing_field("time"))?;
         Ok(kept(event_id, name, time, parameters.flatten()))
     }
+}
+
+/// Fills `slot` with `value()`, once: a field given twice is refused as serde's derive does.
+fn once<T, E: de::Error>(
+    slot: &mut Option<T>,
+    field: &'static str,
+    value: impl FnOnce() -> Result<T, E>,
+) -> Result<(), E> {
+    if slot.is_some() {
+        return Err(E::duplicate_field(field));
+    }
+    *slot = Some(value()?);
+    Ok(())
 }
 
 /// The event if it is a message event (`None`: an app event, only counted).
