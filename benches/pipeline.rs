@@ -13,7 +13,8 @@
 //!
 //! Options: `--size-mb` export size (default 1024; 7500 gives a backlog of about 5M events),
 //! `--gzip-share` fraction of shards gzipped (default 0.25), `--keep DIR` to keep the work
-//! directory.
+//! directory, `--floor-only` to stop after the parse-only floor (which also prints its CPU
+//! time and a CRC-32 of the serialized events, to compare builds).
 //!
 //! `--round-trip` runs the round-trip benchmark instead (issue 13): one backlog is spooled
 //! (`--size-mb`, default 1024 there too), then for each server delay (`--delays`, ms, default
@@ -59,6 +60,7 @@ struct Args {
     modes: Vec<String>,
     secs: u64,
     warmup: u64,
+    floor_only: bool,
 }
 
 fn args() -> Args {
@@ -71,6 +73,7 @@ fn args() -> Args {
         modes: vec!["4".into(), "16".into(), "adaptive".into()],
         secs: 30,
         warmup: 10,
+        floor_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -84,6 +87,7 @@ fn args() -> Args {
             }
             "--keep" => a.keep = it.next().map(PathBuf::from),
             "--round-trip" => a.round_trip = true,
+            "--floor-only" => a.floor_only = true,
             "--delays" => {
                 a.delays = it
                     .next()
@@ -362,10 +366,14 @@ fn wait_status(
 
 // ---------------------------------------------------------------------------------------------
 
-fn parse_floor(paths: &[PathBuf]) -> (Duration, u64, u64) {
+/// The parse floor: (wall time, CPU time of this thread, events, serialized bytes, CRC-32 of
+/// every serialized event in order: the same export must give the same bytes).
+fn parse_floor(paths: &[PathBuf]) -> (Duration, Duration, u64, u64, u32) {
     let catalog = Catalog::load_dir(&repo("examples/catalog")).unwrap();
     let opts = MappingOptions::default();
     let start = Instant::now();
+    let cpu_start = thread_cpu();
+    let mut digest = crc32fast::Hasher::new();
     let (mut events, mut bytes) = (0u64, 0u64);
     for p in paths {
         let mut r = Reader::open(p, 0, DEFAULT_MAX_LINE_BYTES).unwrap();
@@ -379,11 +387,28 @@ fn parse_floor(paths: &[PathBuf]) -> (Duration, u64, u64) {
                     let json = serde_json::to_vec(&ev).unwrap();
                     bytes += json.len() as u64;
                     events += 1;
+                    digest.update(&json);
                 }
             }
         }
     }
-    (start.elapsed(), events, bytes)
+    let cpu = thread_cpu().saturating_sub(cpu_start);
+    (start.elapsed(), cpu, events, bytes, digest.finalize())
+}
+
+/// CPU time (user + system) of the calling thread, from /proc (clock ticks of 10 ms): on a
+/// loaded machine the wall time of the floor says more about the neighbours than the code.
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the command name (in parentheses, which may hold spaces): utime is the
+    // 14th field of the line, stime the 15th.
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 fn mb(b: u64) -> f64 {
@@ -425,15 +450,24 @@ fn main() {
 
     // 1. Parse-only floor (one core, one record after the other: the daemon parses a file on
     // every core, see `ingest/parallel.rs`).
-    let (d, floor_events, event_bytes) = parse_floor(&shards);
+    let (d, cpu, floor_events, event_bytes, digest) = parse_floor(&shards);
     let floor_mbs = mb(export_bytes) / d.as_secs_f64();
     println!(
-        "parse-only floor: {:.1} MB/s, {:.0} events/s ({} events, {:.1?})",
+        "parse-only floor: {:.1} MB/s, {:.0} events/s ({} events, {:.1?}); per CPU second of the thread: {:.1} MB/s ({:.1?} CPU); events CRC-32 {:08x}",
         floor_mbs,
         floor_events as f64 / d.as_secs_f64(),
         floor_events,
-        d
+        d,
+        mb(export_bytes) / cpu.as_secs_f64().max(0.01),
+        cpu,
+        digest
     );
+    if a.floor_only {
+        if a.keep.is_none() {
+            let _ = std::fs::remove_dir_all(&root);
+        }
+        return;
+    }
 
     // 2. Ingest with Segment down: durable commits only.
     let server = counting_server();

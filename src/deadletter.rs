@@ -149,7 +149,7 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
                 QuarantineKind::Bad => "quarantine".into(),
                 QuarantineKind::Parked => "parked".into(),
             },
-            time: crate::segment::rfc3339_millis(q.time_ms as i64),
+            time: crate::event::rfc3339_millis(q.time_ms as i64),
             file: Some(q.file),
             line: (q.line > 0).then_some(q.line),
             reason: q.reason,
@@ -161,7 +161,7 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
         Entry {
             id,
             kind: "dead-letter".into(),
-            time: crate::segment::rfc3339_millis(d.time_ms as i64),
+            time: crate::event::rfc3339_millis(d.time_ms as i64),
             file: d
                 .file_id
                 .and_then(|f| spool.ledger().file(f).ok().flatten())
@@ -183,7 +183,7 @@ pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
 /// wait for (there can be millions of them). Id 0: they are not retried or purged by id; they
 /// leave when what they wait for is read (or the job's tables are dropped in again).
 fn waiting_entries(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
-    let now = crate::segment::rfc3339_millis(crate::clock::now_ms() as i64);
+    let now = crate::event::rfc3339_millis(crate::clock::now_ms() as i64);
     Ok(spool
         .join_waiting_groups()?
         .into_iter()

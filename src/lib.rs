@@ -32,21 +32,23 @@
 //!   the config and watched by a task of their own ([`catalog::files`]: inotify on
 //!   `catalog_dir` plus a periodic stat), reloaded when they change, refused when they do not
 //!   parse.
+//! - [`event`]: the Segment track event, its time format and size limit; pure.
 //! - [`mapping`]: Leanplum record -> Segment events; pure, no I/O.
 //! - [`ingest`]: one file through input and mapping into the spool, chunk by chunk; the join
 //!   of Leanplum's CSV export tables (on disk, in the spool).
 //! - [`spool`]: segment files for the events, sled for where they are, read offsets and the rest,
 //!   a hash table file for dedupe; its module doc is the on-disk format. Its parts: the queue,
 //!   the file ledger (identity, state transitions), letters (quarantine, dead letters), meta.
-//! - [`segment`]: event type, batch budget, HTTP client, retry policy.
+//! - [`segment`]: delivery: batch budget, HTTP client, the decision table, the drain loop.
+//! - [`backoff`]: exponential backoff with jitter, for Segment and the Leanplum API.
 //! - [`deadletter`]: `dead-letter list | retry | purge` over the quarantine and dead letters.
-//! - [`drain`]: spool -> Segment, with concurrency, backoff and the response table.
 //! - [`stats`]: counters shared by the tasks, read by status.
 //! - [`control`]: the typed control protocol, the control socket, the status report, signals.
 //! - [`transport`]: the proxy and extra CA roots both HTTP clients (Segment, Leanplum) use.
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod backoff;
 pub mod catalog;
 pub mod cli;
 pub(crate) mod clock;
@@ -54,7 +56,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod deadletter;
-pub mod drain;
+pub mod event;
 pub mod ingest;
 pub mod input;
 pub mod leanplum;

@@ -2,10 +2,10 @@
 //! push and Experiment Viewed properties, identity, context and deterministic `messageId`s.
 //! Pure: no I/O and no clock, so every rule is a table test below.
 
+use crate::event::{Context, TrackEvent, rfc3339_millis};
 use crate::leanplum::catalog::{Catalog, Message, MessageKind};
 pub use crate::leanplum::parse_message_event;
 use crate::leanplum::{Channel, Engagement, Event, Experiment, Id, LpTime, Session};
-use crate::segment::{TrackEvent, rfc3339_millis};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -154,7 +154,7 @@ pub fn map_session(
     out: &mut Output,
 ) -> Result<(), MapError> {
     let who = Identity::new(s.user_id.as_deref(), s.device_id.as_deref())?;
-    let context = Arc::new(session_context(s));
+    let context = Arc::new(Context::new(session_context(s)));
     // Built apart and appended at the end, so a failing record leaves no partial output.
     let mut local = Output::default();
     if opts.send_experiment_viewed {
@@ -219,7 +219,7 @@ pub fn map_engagement(
         event.name(),
         e.timestamp_ms,
         properties(event, &facts),
-        Arc::new(engagement_context(e)),
+        Arc::new(Context::new(engagement_context(e))),
     ));
     Ok(())
 }
@@ -465,7 +465,7 @@ fn resolve(
 fn session_event(
     event: &Event,
     who: &Identity,
-    context: &Arc<Map<String, Value>>,
+    context: &Arc<Context>,
     catalog: &Catalog,
     opts: &MappingOptions,
     out: &mut Output,
@@ -507,7 +507,7 @@ fn experiment_viewed(
     x: &Experiment,
     session_time: Option<LpTime>,
     who: &Identity,
-    context: &Arc<Map<String, Value>>,
+    context: &Arc<Context>,
     catalog: &Catalog,
     out: &mut Output,
 ) {
@@ -589,7 +589,7 @@ fn track(
     event: &str,
     timestamp_ms: i64,
     properties: Map<String, Value>,
-    context: Arc<Map<String, Value>>,
+    context: Arc<Context>,
 ) -> TrackEvent {
     TrackEvent {
         kind: "track",

@@ -78,7 +78,8 @@ enum Lookup {
         since_ms: u64,
         /// Files whose reading waits on the answer.
         files: BTreeSet<String>,
-        failures: u32,
+        /// This message's own: one id, one caller, nothing to spread (no jitter).
+        backoff: crate::backoff::Backoff,
         next_at: Instant,
         error: Option<String>,
     },
@@ -359,7 +360,7 @@ fn wait_on(
                 Lookup::Pending {
                     since_ms: now_ms(),
                     files: BTreeSet::from([file.to_owned()]),
-                    failures: 0,
+                    backoff: refresh::lookup_backoff(),
                     next_at: now,
                     error: None,
                 },
@@ -454,7 +455,7 @@ pub struct WaitingLookup {
 }
 
 fn rfc3339(ms: u64) -> String {
-    crate::segment::rfc3339_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+    crate::event::rfc3339_millis(i64::try_from(ms).unwrap_or(i64::MAX))
 }
 
 fn status_of(st: &State, api_enabled: bool) -> CatalogStatus {

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{CatalogService, LOOKUPS_PER_SEC, Lookup, MISSING_TTL, Source, State};
+use crate::backoff::{Backoff, Jitter};
 use crate::clock::now_ms;
 use crate::leanplum::Id;
 use crate::leanplum::api::{ApiError, LeanplumApi};
 use crate::leanplum::catalog::{Catalog, Message};
-use crate::segment::retry::Backoff;
 
 /// Backoff of a failed refresh: from this, doubling, up to the refresh interval (at most).
 const REFRESH_RETRY_INITIAL: Duration = Duration::from_secs(5);
@@ -18,6 +18,11 @@ const REFRESH_RETRY_MAX: Duration = Duration::from_secs(300);
 /// Backoff of a failed lookup, per message.
 const LOOKUP_RETRY_INITIAL: Duration = Duration::from_secs(1);
 const LOOKUP_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The backoff of the lookups of one message (doubling, without jitter).
+pub(super) fn lookup_backoff() -> Backoff {
+    Backoff::with_jitter(LOOKUP_RETRY_INITIAL, LOOKUP_RETRY_MAX, Jitter::None)
+}
 
 /// Runs until `stop`: a refresh at once, then every `interval`; lookups as the reader asks.
 pub async fn run(
@@ -219,18 +224,13 @@ impl CatalogService {
                     st.last_lookup_error = Some(text.clone());
                 }
                 if let Some(Lookup::Pending {
-                    failures,
+                    backoff,
                     next_at,
                     error,
                     ..
                 }) = st.lookups.get_mut(&id)
                 {
-                    // Doubling, without jitter: one id, one caller, nothing to spread.
-                    let delay = LOOKUP_RETRY_INITIAL
-                        .saturating_mul(1 << (*failures).min(16))
-                        .min(LOOKUP_RETRY_MAX);
-                    *next_at = Instant::now() + delay;
-                    *failures += 1;
+                    *next_at = Instant::now() + backoff.next_delay(None);
                     *error = Some(text.clone());
                 }
                 st.last_error = Some(text);

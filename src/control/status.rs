@@ -54,7 +54,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
-use crate::drain::{DeliveryState, DrainStatus};
+use crate::segment::drain::{DeliveryState, DrainStatus};
 use crate::spool::{self, FileStatus, Spool};
 use crate::stats::Stats;
 

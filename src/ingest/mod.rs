@@ -25,13 +25,13 @@ mod join;
 mod parallel;
 
 use crate::clock::{self, now_ms};
+use crate::event::{MAX_EVENT_BYTES, TrackEvent};
 use crate::input::{BadRecord, InputError, Item, Reader, Record};
 use crate::leanplum::catalog::Catalog;
 use crate::mapping::{
     self, MapError, MappingOptions, MappingState, Output, SharedMapping, map_engagement,
     map_session,
 };
-use crate::segment::{MAX_EVENT_BYTES, TrackEvent};
 use crate::spool::{
     self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, Transition,
     fingerprint,
@@ -267,7 +267,7 @@ impl Ingestor {
         self.spool.ledger().transition(id, Transition::ReadAgain)?;
         if replay.is_none()
             && !gzip
-            && rec.head_len < fingerprint::HEAD_BYTES
+            && rec.head_len < fingerprint::IDENTITY_HEAD_BYTES
             && (head.len() as u64) > rec.head_len
         {
             // A small file grew: its identity now covers more of it.
@@ -986,7 +986,7 @@ mod tests {
             anonymous_id: None,
             timestamp: "2026-11-01T12:08:19.612Z".into(),
             properties,
-            context: Default::default(),
+            context: std::sync::Arc::new(crate::event::Context::new(serde_json::Map::new())),
         }
     }
 

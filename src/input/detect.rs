@@ -17,8 +17,9 @@ use super::{Format, InputError};
 /// The UTF-8 byte order mark some tools (Excel) write at the start of a file.
 pub(crate) const BOM: &[u8] = b"\xEF\xBB\xBF";
 
-/// How much of the decompressed stream `Reader::open` shows to [`detect`].
-pub(crate) const HEAD_BYTES: usize = 64 * 1024;
+/// How much of the decompressed stream `Reader::open` shows to [`detect`] (not to be confused
+/// with the 1 KiB that identifies a file, the ingest's `fingerprint::IDENTITY_HEAD_BYTES`).
+pub(crate) const FORMAT_PROBE_BYTES: usize = 64 * 1024;
 
 /// The format of a stream whose first (decompressed) bytes are `head`. `head` may be cut
 /// anywhere; a session line longer than `head` is still recognised by its first keys.
@@ -100,7 +101,7 @@ fn detect_csv(body: &[u8]) -> Result<Format, InputError> {
     let header = match end {
         Some(i) => &body[..i],
         // A header-only file with no newline is complete; a 64 KiB header is not a header.
-        None if body.len() < HEAD_BYTES => body,
+        None if body.len() < FORMAT_PROBE_BYTES => body,
         None => return unknown("first line is longer than 64 KiB and not a JSON object"),
     };
     let header = header.strip_suffix(b"\r").unwrap_or(header);

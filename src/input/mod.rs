@@ -34,7 +34,7 @@ use crate::leanplum::{Engagement, Session};
 use batch::is_blank;
 pub(crate) use batch::{Filled, Parser, RawBatch};
 pub use detect::detect;
-use detect::{BOM, HEAD_BYTES};
+use detect::{BOM, FORMAT_PROBE_BYTES};
 use lines::{Framing, LineReader};
 
 /// How much of an offending record a [`BadRecord`] keeps, for the quarantine.
@@ -414,7 +414,16 @@ fn bad(reason: impl Into<String>, bytes: &[u8]) -> BadRecord {
     }
 }
 
-/// Reads the first two bytes and rewinds. Any format may be gzipped, whatever the name says.
+/// gzip's first two bytes (RFC 1952, ID1 ID2).
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// Whether a file whose first bytes are `head` is gzip: the one check, for reading and for
+/// file identity. Any format may be gzipped, whatever the name says.
+pub fn is_gzip(head: &[u8]) -> bool {
+    head.starts_with(&GZIP_MAGIC)
+}
+
+/// Reads the first two bytes and rewinds: [`is_gzip`] on an open file.
 fn starts_with_gzip_magic(file: &mut File) -> Result<bool, InputError> {
     let mut magic = [0u8; 2];
     let mut got = 0;
@@ -430,7 +439,7 @@ fn starts_with_gzip_magic(file: &mut File) -> Result<bool, InputError> {
         return Err(InputError::Empty);
     }
     file.seek(SeekFrom::Start(0))?;
-    Ok(magic == [0x1f, 0x8b])
+    Ok(is_gzip(&magic[..got]))
 }
 
 fn decoded(file: File, gzip: bool) -> Box<dyn Read + Send> {
@@ -442,10 +451,10 @@ fn decoded(file: File, gzip: bool) -> Box<dyn Read + Send> {
     }
 }
 
-/// Decompresses the first [`HEAD_BYTES`] through a duplicate descriptor and detects the format.
+/// Decompresses the first [`FORMAT_PROBE_BYTES`] through a duplicate descriptor and detects the format.
 fn detect_file(file: &File, gzip: bool) -> Result<Format, InputError> {
     let mut probe = decoded(file.try_clone()?, gzip);
-    let mut head = vec![0u8; HEAD_BYTES];
+    let mut head = vec![0u8; FORMAT_PROBE_BYTES];
     let mut got = 0;
     while got < head.len() {
         match probe.read(&mut head[got..]) {
@@ -461,7 +470,7 @@ fn detect_file(file: &File, gzip: bool) -> Result<Format, InputError> {
     head.truncate(got);
     match detect(&head) {
         // 64 KiB of whitespace is not an empty file, and not one we understand either.
-        Err(InputError::Empty) if got == HEAD_BYTES => Err(InputError::UnknownFormat {
+        Err(InputError::Empty) if got == FORMAT_PROBE_BYTES => Err(InputError::UnknownFormat {
             reason: "more than 64 KiB of leading whitespace".into(),
         }),
         other => other,

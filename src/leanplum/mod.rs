@@ -8,7 +8,9 @@ pub mod csv_export;
 pub mod engagement;
 
 use serde::Deserialize;
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::fmt;
 
 pub use engagement::Engagement;
@@ -304,17 +306,155 @@ impl<'de> Deserialize<'de> for Events {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Events, A::Error> {
                 let mut out = Events::default();
-                while let Some(event) = seq.next_element::<Event>()? {
-                    if parse_message_event(&event.name).is_some() {
-                        out.messages.push(event);
-                    } else {
-                        out.app_events += 1;
+                while let Some(kept) = seq.next_element_seed(KeptEvent)? {
+                    match kept {
+                        Some(event) => out.messages.push(event),
+                        None => out.app_events += 1,
                     }
                 }
                 Ok(out)
             }
         }
         d.deserialize_seq(V)
+    }
+}
+
+/// One element of a state's `events`, checked as an [`Event`] is (a bad app event still makes
+/// the line a bad record) but kept only if it is a message event. Most of a session's events
+/// are app events: their names are borrowed from the line where they can be and their
+/// parameters skipped, not copied, so an app event costs no allocation.
+struct KeptEvent;
+
+/// The fields of an [`Event`], and the rest (skipped).
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum EventField {
+    EventId,
+    Name,
+    Time,
+    Parameters,
+    #[serde(other)]
+    Other,
+}
+
+const EVENT_FIELDS: &[&str] = &["eventId", "name", "time", "parameters"];
+
+impl<'de> DeserializeSeed<'de> for KeptEvent {
+    type Value = Option<Event>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<Event>, D::Error> {
+        d.deserialize_struct("Event", EVENT_FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeptEvent {
+    type Value = Option<Event>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("struct Event")
+    }
+
+    /// `[eventId, name, time, parameters?]`, as serde reads any struct from an array.
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<Event>, A::Error> {
+        let event_id: Id = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::invalid_length(0, &"struct Event with 4 elements"))?;
+        let name = seq
+            .next_element_seed(Text)?
+            .ok_or_else(|| de::Error::invalid_length(1, &"struct Event with 4 elements"))?;
+        let time: LpTime = seq
+            .next_element()?
+            .ok_or_else(|| de::Error::invalid_length(2, &"struct Event with 4 elements"))?;
+        let parameters: Option<Option<Box<RawValue>>> = seq.next_element()?;
+        Ok(kept(event_id, name, time, parameters.flatten()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<Event>, A::Error> {
+        let mut event_id: Option<Id> = None;
+        let mut name: Option<Cow<'de, str>> = None;
+        let mut time: Option<LpTime> = None;
+        let mut parameters: Option<Option<Box<RawValue>>> = None;
+        while let Some(field) = map.next_key::<EventField>()? {
+            match field {
+                EventField::EventId => once(&mut event_id, "eventId", || map.next_value())?,
+                EventField::Name => once(&mut name, "name", || map.next_value_seed(Text))?,
+                EventField::Time => once(&mut time, "time", || map.next_value())?,
+                EventField::Parameters => {
+                    // Kept unless the name already says this is an app event.
+                    let app_event = name
+                        .as_deref()
+                        .is_some_and(|n| parse_message_event(n).is_none());
+                    once(&mut parameters, "parameters", || {
+                        if app_event {
+                            map.next_value::<de::IgnoredAny>().map(|_| None)
+                        } else {
+                            map.next_value()
+                        }
+                    })?
+                }
+                EventField::Other => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        let event_id = event_id.ok_or_else(|| de::Error::missing_field("eventId"))?;
+        let name = name.ok_or_else(|| de::Error::missing_field("name"))?;
+        let time = time.ok_or_else(|| de::Error::missing_field("time"))?;
+        Ok(kept(event_id, name, time, parameters.flatten()))
+    }
+}
+
+/// Fills `slot` with `value()`, once: a field given twice is refused as serde's derive does.
+fn once<T, E: de::Error>(
+    slot: &mut Option<T>,
+    field: &'static str,
+    value: impl FnOnce() -> Result<T, E>,
+) -> Result<(), E> {
+    if slot.is_some() {
+        return Err(E::duplicate_field(field));
+    }
+    *slot = Some(value()?);
+    Ok(())
+}
+
+/// The event if it is a message event (`None`: an app event, only counted).
+fn kept(
+    event_id: Id,
+    name: Cow<'_, str>,
+    time: LpTime,
+    parameters: Option<Box<RawValue>>,
+) -> Option<Event> {
+    parse_message_event(&name)?;
+    Some(Event {
+        event_id,
+        name: name.into_owned(),
+        time,
+        parameters,
+    })
+}
+
+/// A JSON string, borrowed from the input when it has no escapes.
+struct Text;
+
+impl<'de> DeserializeSeed<'de> for Text {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Text {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v))
     }
 }
 
@@ -411,6 +551,66 @@ mod tests {
             .to_string();
         assert!(err.contains("not an integer"), "{err}");
         assert!(serde_json::from_str::<Session>(r#"{"states":[{"events":null}]}"#).is_err());
+    }
+
+    #[test]
+    fn events_keep_what_the_derived_event_would_and_refuse_the_same_lines() {
+        // The events list as `KeptEvent` reads it against a plain `Vec<Event>`, filtered: the
+        // same events kept, the same count of app events, the same errors word for word.
+        let cases = [
+            r#"{"eventId":1,"name":"Add To Cart","time":1,"parameters":{"sku":"A"}}"#,
+            r#"{"eventId":2,"name":".m5 Open","time":2,"parameters":{"x":[1,{"y":"\"z"}]}}"#,
+            r#"{"parameters":{"a":1},"eventId":"3","name":".m5","time":"3.5"}"#,
+            r#"{"parameters":{"a":1},"eventId":3,"name":"App","time":3}"#,
+            r#"{"eventId":4,"name":".m6 Cl\u0069ck","time":4,"value":1.5,"extra":[null]}"#,
+            r#"{"eventId":5,"name":"Esc\"aped","time":5,"parameters":null}"#,
+            r#"{"eventId":6,"name":".m7","time":6,"parameters":null}"#,
+            r#"[7,".m8 Open",7]"#,
+            r#"[7,"App",7,{"p":1}]"#,
+            r#"{"eventId":1.5,"name":"Add To Cart","time":1}"#,
+            r#"{"eventId":1,"name":5,"time":1}"#,
+            r#"{"eventId":1,"name":null,"time":1}"#,
+            r#"{"eventId":1,"name":"App","time":"soon"}"#,
+            r#"{"eventId":1,"time":1}"#,
+            r#"{"name":"App","time":1}"#,
+            r#"{"eventId":1,"name":"App"}"#,
+            r#"{"eventId":1,"name":"App","name":"B","time":1}"#,
+            r#"{"eventId":1,"eventId":2,"name":"App","time":1}"#,
+            r#"{"eventId":1,"name":"App","time":1,"parameters":{"a":1},"parameters":2}"#,
+            r#"{"eventId":1,"name":"App","time":1,"parameters":{"a":}}"#,
+            r#"[7]"#,
+            r#"7"#,
+            r#"null"#,
+        ];
+        fn summary(events: &[Event]) -> Vec<(u64, String, f64, Option<String>)> {
+            events
+                .iter()
+                .map(|e| {
+                    let p = e.parameters.as_ref().map(|p| p.get().to_owned());
+                    (e.event_id.0, e.name.clone(), e.time.0, p)
+                })
+                .collect()
+        }
+        for case in cases {
+            let line = format!("[{case}]");
+            let ours = serde_json::from_str::<Events>(&line)
+                .map(|e| (summary(&e.messages), e.app_events))
+                .map_err(|e| e.to_string());
+            let derived = serde_json::from_str::<Vec<Event>>(&line)
+                .map(|all| {
+                    let e = Events::from_events(all);
+                    (summary(&e.messages), e.app_events)
+                })
+                .map_err(|e| e.to_string());
+            assert_eq!(ours, derived, "{case}");
+        }
+        // Also when the input cannot be borrowed from.
+        let value: serde_json::Value = serde_json::from_str(
+            r#"[{"eventId":2,"name":".m5 Open","time":2},{"eventId":3,"name":"App","time":3}]"#,
+        )
+        .unwrap();
+        let e: Events = serde_json::from_value(value).unwrap();
+        assert_eq!((e.messages.len(), e.app_events), (1, 1));
     }
 
     #[test]

@@ -44,7 +44,7 @@ mod tests {
 
     #[test]
     fn body_is_valid_json_and_its_size_is_predicted() {
-        let sent_at = crate::segment::rfc3339_millis(1_793_534_899_612);
+        let sent_at = crate::event::rfc3339_millis(1_793_534_899_612);
         let events: Vec<&[u8]> = vec![br#"{"a":1}"#, br#"{"b":2}"#];
         let body = encode_body(events.iter().copied(), &sent_at);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

@@ -5,7 +5,7 @@ use base64::Engine;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use std::time::Duration;
 
-use super::retry::parse_retry_after;
+use crate::backoff::parse_retry_after;
 use crate::config::WriteKey;
 use crate::transport::Transport;
 

@@ -1,17 +1,22 @@
-//! What to do with Segment's answer (SPEC section 6), and how long to wait before trying again.
-//! Pure: the decision is a table over the status code, tested row by row.
+//! The decision table (SPEC section 6): the one place that maps Segment's answer to a batch
+//! (or a failure to get one) to what the drain does with the batch, and what the answer says
+//! about load. Pure: a table over the status code and the batch size, tested row by row. How
+//! long to wait is [`crate::backoff`]'s.
 
-use std::time::{Duration, SystemTime};
+use super::concurrency::Outcome;
 
-/// The decision for one response (or transport failure).
+/// What to do with a batch after one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RetryAction {
+pub enum Decision {
     /// 2xx: the events are Segment's now; remove them from the spool.
-    Delivered,
-    /// Transient: send the same events again after a backoff (or `Retry-After`).
+    Ack,
+    /// Transient (connect error, timeout, 408, 410, 429, 460, most 5xx): send the same events
+    /// again after a backoff (or `Retry-After`).
     Retry,
-    /// 400: some event in the batch is bad; split the batch to find it.
-    Split,
+    /// 400 on a batch of several events: some event is bad; send each half on its own.
+    Bisect,
+    /// 400 on a single event: Segment refuses that event; move it to the dead letters.
+    DeadLetter,
     /// The write key is wrong (401, 403): stop sending, keep everything, retry at max backoff.
     AuthFailed,
     /// Segment refuses this kind of request (other 4xx, 501, 505, 511): same as `AuthFailed`
@@ -19,78 +24,34 @@ pub enum RetryAction {
     Rejected,
 }
 
-/// The response table of SPEC section 6. `None` is a connect error or a timeout.
-pub fn retry_action(status: Option<u16>) -> RetryAction {
+/// The response table of SPEC section 6 for a batch of `events` events. `status` is `None` for
+/// a connect error, a reset or a timeout.
+pub fn decide(status: Option<u16>, events: usize) -> Decision {
     match status {
-        None => RetryAction::Retry,
-        Some(200..=299) => RetryAction::Delivered,
-        Some(400) => RetryAction::Split,
-        Some(401 | 403) => RetryAction::AuthFailed,
-        Some(408 | 410 | 429 | 460) => RetryAction::Retry,
-        Some(501 | 505 | 511) => RetryAction::Rejected,
-        Some(500..=599) => RetryAction::Retry,
+        None => Decision::Retry,
+        Some(200..=299) => Decision::Ack,
+        Some(400) if events <= 1 => Decision::DeadLetter,
+        Some(400) => Decision::Bisect,
+        Some(401 | 403) => Decision::AuthFailed,
+        Some(408 | 410 | 429 | 460) => Decision::Retry,
+        Some(501 | 505 | 511) => Decision::Rejected,
+        Some(500..=599) => Decision::Retry,
         // 1xx/3xx should never reach us (reqwest follows redirects); treat as transient.
-        Some(100..=399) => RetryAction::Retry,
-        Some(_) => RetryAction::Rejected,
+        Some(100..=399) => Decision::Retry,
+        Some(_) => Decision::Rejected,
     }
 }
 
-/// Parses `Retry-After`: delta-seconds or an HTTP date (RFC 9110 section 10.2.3). A date in the
-/// past means "now".
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
-/// Exponential backoff with full jitter (a uniform draw in `[0, min(max, initial * 2^n)]`),
-/// reset after a success.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    failures: u32,
-}
-
-impl Backoff {
-    pub fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max,
-            failures: 0,
-        }
-    }
-
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-
-    pub fn max(&self) -> Duration {
-        self.max
-    }
-
-    /// The ceiling of the next draw: `initial * 2^failures`, capped at `max`.
-    pub fn ceiling(&self) -> Duration {
-        let factor = 1u32.checked_shl(self.failures.min(31)).unwrap_or(u32::MAX);
-        self.initial.saturating_mul(factor).min(self.max)
-    }
-
-    /// Records a failure and returns how long to wait. `retry_after` (from the response) is a
-    /// floor, clamped to `max`: a server that asks for a pause gets at least that.
-    pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
-        let ceiling = self.ceiling();
-        self.failures = self.failures.saturating_add(1);
-        let jittered = Duration::from_millis(fastrand::u64(0..=ceiling.as_millis() as u64));
-        match retry_after {
-            Some(ra) => jittered.max(ra.min(self.max)),
-            None => jittered,
+impl Decision {
+    /// What the answer says about load: transient failures (408, 410, 429, 460, 5xx, timeouts
+    /// and transport errors) mean overload; a refusal of the content or the key says nothing.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Decision::Ack => Outcome::Success,
+            Decision::Retry => Outcome::Overloaded,
+            Decision::Bisect | Decision::DeadLetter | Decision::AuthFailed | Decision::Rejected => {
+                Outcome::Neutral
+            }
         }
     }
 }
@@ -101,84 +62,36 @@ mod tests {
 
     #[test]
     fn the_response_table() {
-        use RetryAction::*;
-        let rows: &[(Option<u16>, RetryAction)] = &[
-            (Some(200), Delivered),
-            (Some(204), Delivered),
-            (Some(400), Split),
-            (Some(401), AuthFailed),
-            (Some(403), AuthFailed),
-            (Some(404), Rejected),
-            (Some(408), Retry),
-            (Some(410), Retry),
-            (Some(413), Rejected),
-            (Some(429), Retry),
-            (Some(460), Retry),
-            (Some(500), Retry),
-            (Some(501), Rejected),
-            (Some(502), Retry),
-            (Some(503), Retry),
-            (Some(504), Retry),
-            (Some(505), Rejected),
-            (Some(511), Rejected),
-            (Some(599), Retry),
-            (None, Retry),
+        use Decision::*;
+        let rows: &[(Option<u16>, usize, Decision, Outcome)] = &[
+            (Some(200), 10, Ack, Outcome::Success),
+            (Some(204), 10, Ack, Outcome::Success),
+            (Some(400), 10, Bisect, Outcome::Neutral),
+            (Some(400), 2, Bisect, Outcome::Neutral),
+            (Some(400), 1, DeadLetter, Outcome::Neutral),
+            (Some(401), 10, AuthFailed, Outcome::Neutral),
+            (Some(403), 1, AuthFailed, Outcome::Neutral),
+            (Some(404), 10, Rejected, Outcome::Neutral),
+            (Some(408), 10, Retry, Outcome::Overloaded),
+            (Some(410), 10, Retry, Outcome::Overloaded),
+            (Some(413), 10, Rejected, Outcome::Neutral),
+            (Some(429), 1, Retry, Outcome::Overloaded),
+            (Some(460), 10, Retry, Outcome::Overloaded),
+            (Some(500), 10, Retry, Outcome::Overloaded),
+            (Some(501), 10, Rejected, Outcome::Neutral),
+            (Some(502), 10, Retry, Outcome::Overloaded),
+            (Some(503), 10, Retry, Outcome::Overloaded),
+            (Some(504), 10, Retry, Outcome::Overloaded),
+            (Some(505), 10, Rejected, Outcome::Neutral),
+            (Some(511), 10, Rejected, Outcome::Neutral),
+            (Some(599), 10, Retry, Outcome::Overloaded),
+            (None, 10, Retry, Outcome::Overloaded),
+            (None, 1, Retry, Outcome::Overloaded),
         ];
-        for (status, want) in rows {
-            assert_eq!(retry_action(*status), *want, "status {status:?}");
+        for (status, events, want, load) in rows {
+            let got = decide(*status, *events);
+            assert_eq!(got, *want, "status {status:?}, {events} events");
+            assert_eq!(got.outcome(), *load, "status {status:?}");
         }
-    }
-
-    #[test]
-    fn retry_after_as_seconds_or_http_date() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_784_000_000);
-        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
-        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(
-            parse_retry_after(&later, now),
-            Some(Duration::from_secs(30))
-        );
-        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("soon", now), None);
-    }
-
-    #[test]
-    fn backoff_grows_caps_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(4));
-        let ceilings: Vec<u128> = (0..6)
-            .map(|_| {
-                let c = b.ceiling();
-                let d = b.next_delay(None);
-                assert!(d <= c, "{d:?} above ceiling {c:?}");
-                c.as_millis()
-            })
-            .collect();
-        assert_eq!(ceilings, [500, 1000, 2000, 4000, 4000, 4000]);
-        b.reset();
-        assert_eq!(b.ceiling(), Duration::from_millis(500));
-    }
-
-    #[test]
-    fn retry_after_is_a_floor_clamped_to_max() {
-        let mut b = Backoff::new(Duration::from_millis(1), Duration::from_secs(10));
-        assert!(b.next_delay(Some(Duration::from_secs(3))) >= Duration::from_secs(3));
-        assert_eq!(
-            b.next_delay(Some(Duration::from_secs(3600))),
-            Duration::from_secs(10)
-        );
-    }
-
-    #[test]
-    fn full_jitter_spreads_over_the_whole_range() {
-        let mut lows = 0;
-        for _ in 0..200 {
-            let mut b = Backoff::new(Duration::from_millis(1000), Duration::from_secs(10));
-            if b.next_delay(None) < Duration::from_millis(500) {
-                lows += 1;
-            }
-        }
-        // Uniform on [0, 1000]: about half fall below 500; far from 0 or 200.
-        assert!((40..=160).contains(&lows), "{lows} of 200 below half");
     }
 }

@@ -122,7 +122,7 @@ pub async fn run(s: WatchSettings, mut h: WatchHandles, shutdown: CancellationTo
         ready: h.ready.clone(),
         s,
     };
-    w.scan_all();
+    w.scan_all().await;
     w.check_ready();
     if let Some(tx) = h.first_scan.take() {
         let _ = tx.send(());
@@ -133,12 +133,12 @@ pub async fn run(s: WatchSettings, mut h: WatchHandles, shutdown: CancellationTo
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            Some(e) = events.recv() => w.on_event(e),
+            Some(e) = events.recv() => w.on_event(e).await,
             _ = ticker.tick() => w.check_ready(),
-            _ = rescan.tick() => w.scan_all(),
+            _ = rescan.tick() => w.scan_all().await,
             _ = h.rescan_now.notified() => {
                 tracing::info!("rescan requested");
-                w.scan_all();
+                w.scan_all().await;
                 w.check_ready();
             }
         }
@@ -171,18 +171,18 @@ impl Watcher {
         path.strip_prefix(&self.s.dir).ok()
     }
 
-    fn on_event(&mut self, e: notify::Result<notify::Event>) {
+    async fn on_event(&mut self, e: notify::Result<notify::Event>) {
         let e = match e {
             Ok(e) => e,
             Err(err) => {
                 tracing::warn!(error = %err, "inotify error; rescanning");
-                self.scan_all();
+                self.scan_all().await;
                 return;
             }
         };
         if e.need_rescan() {
             tracing::warn!("inotify queue overflowed; rescanning");
-            self.scan_all();
+            self.scan_all().await;
             return;
         }
         // Reads and opens say nothing about readiness; reacting to them made our own
@@ -201,19 +201,20 @@ impl Watcher {
             EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
         );
         for (i, path) in e.paths.iter().enumerate() {
-            self.look_at(path, renamed_to(i), appeared);
+            self.look_at(path, renamed_to(i), appeared).await;
         }
     }
 
-    /// Re-reads one path's state after an event.
-    fn look_at(&mut self, path: &Path, renamed_in: bool, appeared: bool) {
+    /// Re-reads one path's state after an event (one `lstat`; a directory that appeared is
+    /// walked off the async workers).
+    async fn look_at(&mut self, path: &Path, renamed_in: bool, appeared: bool) {
         let Some(rel) = self.rel(path).map(Path::to_path_buf) else {
             return;
         };
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.is_dir() => {
                 if appeared {
-                    self.scan(path);
+                    self.scan(path).await;
                 }
             }
             Ok(m) if m.is_file() => self.track(rel, &m, renamed_in),
@@ -224,37 +225,26 @@ impl Watcher {
         }
     }
 
-    fn scan_all(&mut self) {
+    async fn scan_all(&mut self) {
         let dir = self.s.dir.clone();
-        if !dir.is_dir() {
+        let Some(found) = walk(self.s.dir.clone(), dir.clone()).await else {
             tracing::warn!(dir = %dir.display(), "watch directory is gone");
             self.tracked.clear();
             return;
+        };
+        let present: HashSet<PathBuf> = found.iter().map(|(rel, _)| rel.clone()).collect();
+        for (rel, m) in found {
+            self.track(rel, &m, false);
         }
-        let mut present = HashSet::new();
-        self.scan_into(&dir, Some(&mut present));
         self.tracked.retain(|p, _| present.contains(p));
     }
 
-    fn scan(&mut self, dir: &Path) {
-        self.scan_into(dir, None);
-    }
-
-    fn scan_into(&mut self, dir: &Path, mut present: Option<&mut HashSet<PathBuf>>) {
-        for entry in walkdir::WalkDir::new(dir).follow_links(false) {
-            let Ok(entry) = entry else { continue };
-            if !entry.file_type().is_file() {
-                continue;
-            }
-            let Some(rel) = self.rel(entry.path()).map(Path::to_path_buf) else {
-                continue;
-            };
-            if let Ok(m) = entry.metadata() {
-                if let Some(p) = present.as_deref_mut() {
-                    p.insert(rel.clone());
-                }
-                self.track(rel, &m, false);
-            }
+    async fn scan(&mut self, dir: &Path) {
+        for (rel, m) in walk(self.s.dir.clone(), dir.to_path_buf())
+            .await
+            .unwrap_or_default()
+        {
+            self.track(rel, &m, false);
         }
     }
 
@@ -352,6 +342,40 @@ impl Watcher {
                 tracing::warn!(path = %rel.display(), error = %e, "job manifest unreadable; waiting for it to change")
             }
         }
+    }
+}
+
+/// The regular files under `dir` (symlinks not followed), relative to `root`, with their
+/// metadata; `None` if `dir` is not a directory. Walked on tokio's blocking pool: a large tree
+/// (or a slow mount) never stalls the async workers.
+async fn walk(root: PathBuf, dir: PathBuf) -> Option<Vec<(PathBuf, std::fs::Metadata)>> {
+    let walked = tokio::task::spawn_blocking(move || {
+        if !dir.is_dir() {
+            return None;
+        }
+        let mut found = Vec::new();
+        for entry in walkdir::WalkDir::new(&dir).follow_links(false) {
+            let Ok(entry) = entry else { continue };
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let Ok(rel) = entry.path().strip_prefix(&root) else {
+                continue;
+            };
+            if let Ok(m) = entry.metadata() {
+                found.push((rel.to_path_buf(), m));
+            }
+        }
+        Some(found)
+    })
+    .await;
+    match walked {
+        Ok(found) => found,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // The runtime is shutting down: the watcher goes with it.
+            Err(_) => Some(Vec::new()),
+        },
     }
 }
 

@@ -28,12 +28,12 @@ use sha2::{Digest, Sha256};
 use super::FileRecord;
 
 /// Bytes of a file's start that identify it.
-pub const HEAD_BYTES: u64 = 1024;
+pub const IDENTITY_HEAD_BYTES: u64 = 1024;
 /// Bytes before the committed offset that must still be there for the file to read on.
 pub const TAIL_BYTES: u64 = 1024;
 
 pub fn is_gzip_head(head: &[u8]) -> bool {
-    head.starts_with(&[0x1f, 0x8b])
+    crate::input::is_gzip(head)
 }
 
 /// First 16 bytes of SHA-256, hex: enough to tell files apart, short enough to store per file.
@@ -56,9 +56,9 @@ pub fn read_at(file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The head of a file of `size` bytes: its first `min(size, HEAD_BYTES)` bytes.
+/// The head of a file of `size` bytes: its first `min(size, IDENTITY_HEAD_BYTES)` bytes.
 pub fn head(file: &File, size: u64) -> io::Result<Vec<u8>> {
-    read_at(file, 0, size.min(HEAD_BYTES))
+    read_at(file, 0, size.min(IDENTITY_HEAD_BYTES))
 }
 
 /// The hash of the `TAIL_BYTES` before `offset` (fewer near the start), recorded at a commit.
@@ -147,7 +147,7 @@ mod tests {
         let (_f, file) = file_with(&content);
         let size = content.len() as u64;
         let read_to = 2000;
-        let head = &content[..HEAD_BYTES as usize];
+        let head = &content[..IDENTITY_HEAD_BYTES as usize];
         let tail = tail_hash(&file, read_to).unwrap();
         let rec = record(head, false, 0, read_to, &tail);
         assert_eq!(relate(&file, size, &rec).unwrap(), Relation::Grown);

@@ -1,10 +1,10 @@
 //! Spool -> Segment. One coordinator task claims batches from the spool in FIFO order, keeps up
-//! to the concurrency limit of requests in flight, and applies the response table (SPEC
-//! section 6).
+//! to the concurrency limit of requests in flight, and applies the decision table of SPEC
+//! section 6 ([`super::retry::decide`]) to each answer.
 //!
-//! The limit is fixed or adaptive ([`crate::segment::concurrency`]): each request's round trip
+//! The limit is fixed or adaptive ([`super::concurrency`]): each request's round trip
 //! and answer go to the controller, which says how many may be in flight. Before a batch goes,
-//! it takes its events from the `max_events_per_sec` token bucket ([`crate::segment::rate`]),
+//! it takes its events from the `max_events_per_sec` token bucket ([`super::rate`]),
 //! and batches are made no larger than that bucket. Backoff and `Retry-After` come first:
 //! nothing is launched while the drain waits, whatever the limit and the bucket say.
 //!
@@ -28,13 +28,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::batch::{encode_body, event_budget};
+use super::client::{Answer, Client};
+use super::concurrency::{Controller, Mode};
+use super::rate::TokenBucket;
+use super::retry::{Decision, decide};
+use crate::backoff::Backoff;
 use crate::clock::now_ms;
-use crate::segment::batch::{encode_body, event_budget};
-use crate::segment::client::{Answer, Client};
-use crate::segment::concurrency::{Controller, Mode, Outcome};
-use crate::segment::rate::TokenBucket;
-use crate::segment::retry::{Backoff, RetryAction, retry_action};
-use crate::segment::rfc3339_millis;
+use crate::event::rfc3339_millis;
 use crate::spool::{Queued, Spool};
 use crate::stats::Stats;
 
@@ -248,14 +249,16 @@ impl Drain {
                     limiter.launched(flights.len());
                     continue;
                 }
-                let peeked = match self.spool.queue().peek(cursor, max_events, budget) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the spool");
-                        not_before = Instant::now() + s.max_backoff.min(Duration::from_secs(5));
-                        break;
-                    }
-                };
+                let spool = self.spool.clone();
+                let peeked =
+                    match blocking(move || spool.queue().peek(cursor, max_events, budget)).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read the spool");
+                            not_before = Instant::now() + s.max_backoff.min(Duration::from_secs(5));
+                            break;
+                        }
+                    };
                 let Some(first) = peeked.items.first() else {
                     break;
                 };
@@ -300,9 +303,11 @@ impl Drain {
             tokio::select! {
                 Some(done) = flights.join_next() => {
                     if let Ok((batch, answer, rtt, launched)) = done {
-                        limiter.observe(rtt, outcome(&answer), Instant::now().into_std());
+                        let load = decide(answer.status, batch.items.len()).outcome();
+                        limiter.observe(rtt, load, Instant::now().into_std());
                         let flight = (batch, answer, launched);
-                        self.settle(flight, &mut backoff, &mut retry, &mut not_before);
+                        self.settle(flight, &mut backoff, &mut retry, &mut not_before)
+                            .await;
                     }
                 }
                 _ = self.handle.wake.notified() => {}
@@ -329,7 +334,8 @@ impl Drain {
                 Ok(Some(Ok((batch, answer, _, launched)))) => {
                     let mut ignore = VecDeque::new();
                     let flight = (batch, answer, launched);
-                    self.settle(flight, &mut backoff, &mut ignore, &mut not_before);
+                    self.settle(flight, &mut backoff, &mut ignore, &mut not_before)
+                        .await;
                 }
                 Ok(_) => {}
                 Err(_) => {
@@ -344,8 +350,9 @@ impl Drain {
         }
     }
 
-    /// Applies the response table to one finished request.
-    fn settle(
+    /// Applies the decision table to one finished request. The spool's side (the ack's fsync,
+    /// dead-lettering) runs on a blocking thread, never on an async worker.
+    async fn settle(
         &self,
         (batch, answer, launched): (Batch, Answer, Instant),
         backoff: &mut RoundBackoff,
@@ -353,9 +360,12 @@ impl Drain {
         not_before: &mut Instant,
     ) {
         let n = batch.items.len() as u64;
-        match retry_action(answer.status) {
-            RetryAction::Delivered => {
-                match self.spool.queue().ack(&batch.items) {
+        match decide(answer.status, batch.items.len()) {
+            Decision::Ack => {
+                let spool = self.spool.clone();
+                let (acked, batch) =
+                    blocking(move || (spool.queue().ack(&batch.items), batch)).await;
+                match acked {
                     Ok(done) => {
                         for id in done {
                             if let Some(tx) = &self.files_delivered {
@@ -386,34 +396,32 @@ impl Drain {
                 st.last_success_ms = Some(now_ms());
                 tracing::debug!(events = n, "batch delivered");
             }
-            RetryAction::Split => {
-                if batch.items.len() == 1 {
-                    tracing::warn!(detail = %answer.detail, "Segment rejected an event; dead-lettered");
-                    match self.spool.queue().dead_letter(
-                        &batch.items,
-                        &answer.detail,
-                        answer.status,
-                    ) {
-                        Ok(_) => Stats::add(&self.stats.dead_lettered, 1),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot dead-letter an event; it stays queued");
-                        }
+            Decision::DeadLetter => {
+                tracing::warn!(detail = %answer.detail, "Segment rejected an event; dead-lettered");
+                let (spool, detail, status) = (self.spool.clone(), answer.detail, answer.status);
+                match blocking(move || spool.queue().dead_letter(&batch.items, &detail, status))
+                    .await
+                {
+                    Ok(_) => Stats::add(&self.stats.dead_lettered, n),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot dead-letter an event; it stays queued");
                     }
-                } else {
-                    // Bisect: both halves go to the front, in order, without a backoff.
-                    let mut items = batch.items;
-                    let second = items.split_off(items.len() / 2);
-                    retry.push_front(Batch { items: second });
-                    retry.push_front(Batch { items });
                 }
             }
-            action => {
-                let (state, delay) = match action {
-                    RetryAction::AuthFailed => {
+            Decision::Bisect => {
+                // Both halves go to the front, in order, without a backoff.
+                let mut items = batch.items;
+                let second = items.split_off(items.len() / 2);
+                retry.push_front(Batch { items: second });
+                retry.push_front(Batch { items });
+            }
+            decision => {
+                let (state, delay) = match decision {
+                    Decision::AuthFailed => {
                         backoff.backoff.next_delay(None);
                         (DeliveryState::AuthFailed, backoff.backoff.max())
                     }
-                    RetryAction::Rejected => {
+                    Decision::Rejected => {
                         backoff.backoff.next_delay(None);
                         (DeliveryState::Rejected, backoff.backoff.max())
                     }
@@ -500,13 +508,17 @@ fn take_tokens(bucket: &mut Option<TokenBucket>, n: usize) -> Result<(), Instant
     }
 }
 
-/// What an answer says about load, for the concurrency controller.
-fn outcome(answer: &Answer) -> Outcome {
-    match retry_action(answer.status) {
-        RetryAction::Delivered => Outcome::Success,
-        // 408, 410, 429, 460, 5xx, timeouts and transport errors.
-        RetryAction::Retry => Outcome::Overloaded,
-        RetryAction::Split | RetryAction::AuthFailed | RetryAction::Rejected => Outcome::Neutral,
+/// Runs `f` (spool reads, fsyncs) on tokio's blocking pool and waits for it, so the async
+/// workers (HTTP, timers, the control socket) never stall on the disk. A panic in `f` goes on
+/// in the caller, as if `f` had run there.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            // Only when the runtime shuts down under us: nothing to go on with.
+            Err(e) => panic!("spool work on the blocking pool was cancelled: {e}"),
+        },
     }
 }
 
