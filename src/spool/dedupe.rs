@@ -369,14 +369,28 @@ impl Table {
         while let Some(&(page, _)) = rest.first() {
             let (group, tail) = rest.split_at(rest.iter().take_while(|(p, _)| *p == page).count());
             self.read_page(page, &mut buf)?;
+            // The page's hashes, decoded once for the whole group: each entry is looked up
+            // against them, and the full slot read only where a hash matches.
+            let mut hashes = [0u64; SLOTS];
+            for (i, h) in hashes.iter_mut().enumerate() {
+                *h = slot_at(&buf, i).0.hash;
+            }
+            // Slots below this one are live (the group only fills slots).
+            let mut free_from = 0;
             let mut added = 0;
             let mut changed = false;
             let mut full = false;
             for &(_, (f, day)) in group {
-                if self.holds(&buf, f) {
+                let held = hashes.iter().enumerate().any(|(i, &h)| {
+                    h == f.hash && {
+                        let (g, d) = slot_at(&buf, i);
+                        g == f && self.live(d)
+                    }
+                });
+                if held {
                     continue;
                 }
-                match (0..SLOTS).find(|&s| !self.live(slot_at(&buf, s).1)) {
+                match (free_from..SLOTS).find(|&s| !self.live(slot_at(&buf, s).1)) {
                     Some(s) if slot_at(&buf, s).1 == 0 && self.used + added >= limit => {
                         // Three quarters full: grow before taking an empty slot.
                         full = true;
@@ -387,6 +401,8 @@ impl Table {
                             added += 1;
                         }
                         set_slot(&mut buf, s, f, day);
+                        hashes[s] = f.hash;
+                        free_from = s + 1;
                         changed = true;
                     }
                     None => {
