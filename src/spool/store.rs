@@ -353,20 +353,9 @@ impl Store {
         };
         let present: HashSet<OsString> = entries.flatten().map(|e| e.file_name()).collect();
         let mut synced = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
-        let mut changed = synced.len() != present.len();
-        for name in &present {
-            if synced.contains(name) {
-                continue;
-            }
-            let p = dir.join(name);
-            match File::open(&p).and_then(|f| f.sync_all()) {
-                Ok(()) => {}
-                // Removed by sled since the listing: a rewritten node's old blob.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&p)(e)),
-            }
-            changed = true;
-        }
+        let todo: Vec<&OsString> = present.iter().filter(|n| !synced.contains(*n)).collect();
+        let changed = synced.len() != present.len() || !todo.is_empty();
+        sync_files(&dir, &todo)?;
         if changed {
             sync_dir(&dir)?;
             *synced = present;
@@ -641,6 +630,36 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// fsyncs the files `names` under `dir`, several at once: each fsync waits for the disk to
+/// flush its cache, and flushes issued together are served together (an open after a
+/// `kill -9` finds dozens of blob files, all to be synced). A file gone meanwhile is skipped:
+/// sled removed a rewritten node's old blob.
+fn sync_files(dir: &Path, names: &[&OsString]) -> Result<(), Error> {
+    const AT_ONCE: usize = 8;
+    let sync = |names: &[&OsString]| {
+        for name in names {
+            let p = dir.join(name);
+            match File::open(&p).and_then(|f| f.sync_all()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&p)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    };
+    if names.len() <= 1 {
+        return sync(names);
+    }
+    std::thread::scope(|s| {
+        let threads: Vec<_> = names
+            .chunks(names.len().div_ceil(AT_ONCE))
+            .map(|part| s.spawn(move || sync(part)))
+            .collect();
+        threads
+            .into_iter()
+            .try_for_each(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })
 }
 
 /// Swaps in a compacted copy of `old`: builds `gen-<n+1>` beside it, points `CURRENT` at it,
