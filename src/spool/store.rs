@@ -31,8 +31,8 @@ const CURRENT: &str = "CURRENT";
 /// batches, which would otherwise be re-sent after a restart). The page cache survives a killed
 /// process, so no fsync is needed for that.
 const SLED_FLUSH_EVERY_MS: u64 = 200;
-/// Dedupe log entries replayed into the table at a time (16 bytes each, and as much again
-/// while they are sorted by page).
+/// Dedupe log entries replayed into the table at a time: 16 bytes each, and about 36 more
+/// while they are sorted by page, so about 14 MB at most.
 const REPLAY_BATCH: usize = 1 << 18;
 /// The trees of the current format, copied by compaction.
 pub(super) const TREES: [&str; 13] = [
