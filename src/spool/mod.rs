@@ -336,8 +336,12 @@ impl Spool {
         // on a stopped agent holds sled's own lock for a moment instead, which `open_current`
         // waits out.)
         let lock = store::lock(dir)?;
+        let t = std::time::Instant::now();
         let (store, recovered) = store::open_current(dir, cache_bytes)?;
+        tracing::debug!(ms = ms_since(t), "spool open: database opened");
+        let t = std::time::Instant::now();
         let cut = segments::repair(&segments::dir(dir), store.segment_end()?)?;
+        tracing::debug!(ms = ms_since(t), "spool open: segments repaired");
         if cut > 0 {
             tracing::info!(
                 bytes = cut,
@@ -356,11 +360,15 @@ impl Spool {
                 "spool upgraded from format version {version} to {FORMAT_VERSION}"
             );
         }
+        let t = std::time::Instant::now();
         let spool = Spool::from_store(dir, cache_bytes, store, recovered, Some(lock))?;
+        tracing::debug!(ms = ms_since(t), "spool open: queue state read");
         {
             // The table's log is replayed now, not at the first commit.
+            let t = std::time::Instant::now();
             let mut w = spool.writer();
             spool.install_table(&mut w, &spool.store(), table)?;
+            tracing::debug!(ms = ms_since(t), "spool open: dedupe table installed");
         }
         Ok(spool)
     }
@@ -785,6 +793,11 @@ impl Drop for Spool {
             tracing::warn!(error = %e, "dedupe checkpoint at close failed; the next start replays its log");
         }
     }
+}
+
+/// Milliseconds since `t`, for the open's debug timings.
+fn ms_since(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
 }
 
 /// Wraps an I/O error with the path it concerns.
