@@ -25,7 +25,7 @@
 //!   identity) if its session is known, else waits for it;
 //! - `states` and `userattributes` rows are counted.
 //!
-//! A session whose context is too large for one record of the table (over 8 KiB) is
+//! A session whose context is too large for one record of the table (about 4 KiB) is
 //! quarantined; what comes for it later waits, visibly. A job's state is removed some days
 //! after its last row once nothing of it waits (`crate::spool::join`, "Cleanup").
 //!

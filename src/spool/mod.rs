@@ -129,7 +129,7 @@
 //! `join.tab` follows the first rule the same way, with `meta/join_next`. A join table found
 //! ahead of the database is kept, not emptied (logged as an error): nothing else holds the
 //! join's state, and the rows of the lost transactions, read again, put the same records. A
-//! torn page of `join.tab` (a power cut in the middle of an 8 KiB write after its last
+//! torn page of `join.tab` (a power cut in the middle of a 4 KiB write after its last
 //! checkpoint) is not detected; the log puts every key it wrote again, so only records of
 //! older commits sharing that page are at risk.
 //!
@@ -154,6 +154,7 @@ mod packet;
 mod records;
 mod segments;
 mod store;
+mod table_file;
 
 use store::Store;
 
