@@ -73,8 +73,11 @@ use crate::spool::join as keys;
 use crate::spool::{self, Chunk, FileStatus, JoinOp, JoinTree, QuarantineEntry, Spool, now_ms};
 use crate::stats::Stats;
 
-/// Rows per commit.
-const CHUNK_ROWS: usize = 5000;
+/// Rows per commit. Most rows add nothing to the join (app events, parameters the mapping
+/// does not read), and what a chunk holds is bounded by [`CHUNK_OPS`] and the events: every
+/// commit costs its fsyncs, 3 or 4 with a join log value (sled writes a value over 128 KiB to
+/// a blob file of its own), so commits are few.
+const CHUNK_ROWS: usize = 50_000;
 /// Join writes per commit (a `sessions` row can release many).
 const CHUNK_OPS: usize = 20_000;
 /// Waiting records read from the spool at a time.

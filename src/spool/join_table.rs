@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use super::{Error, io_err, table_file};
 
 /// Bytes per page. Every lookup and write copies a page in or out of the kernel: that copying
-/// is most of the join's cost, so pages are small (8 KiB ones took 30% more CPU on a 1 GB job),
+/// is most of the join's cost, so pages are small (8 KiB ones took 25% more CPU on a 1 GB job),
 /// yet large enough for a session's context.
 pub(super) const PAGE: usize = 4096;
 const PAGE_HEADER: usize = 4;
