@@ -756,6 +756,70 @@ mod tests {
     }
 
     #[test]
+    fn the_state_of_a_spool_from_before_join_tab_moves_into_it_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // What the first agents with the join wrote: keys in four sled trees, and the
+            // count of `join_waiting` in `meta`.
+            let spool = Spool::open(dir.path(), 8 << 20).unwrap();
+            let s = spool.store();
+            s.join_sessions
+                .insert(session_key("j", "s1"), b"{\"userId\":\"u\"}".as_slice())
+                .unwrap();
+            s.join_params
+                .insert(param_key("j", 5, "url"), b"https://x".as_slice())
+                .unwrap();
+            s.join_jobs
+                .insert(params_read_key("j", 0), 7u64.to_be_bytes().as_slice())
+                .unwrap();
+            for i in 0..3 {
+                s.join_waiting
+                    .insert(waiting_event_key("j", "s2", i), b"{}".as_slice())
+                    .unwrap();
+            }
+            s.meta
+                .insert(JOIN_WAITING, 3u64.to_be_bytes().as_slice())
+                .unwrap();
+            s.flush().unwrap();
+        }
+        let spool = Spool::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(spool.join_waiting_count().unwrap(), 3);
+        assert_eq!(
+            spool
+                .join_get(JoinTree::Sessions, &session_key("j", "s1"))
+                .unwrap()
+                .as_deref(),
+            Some(b"{\"userId\":\"u\"}".as_slice())
+        );
+        assert!(
+            spool
+                .join_get(JoinTree::Params, &param_key("j", 5, "url"))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            spool
+                .join_get(JoinTree::Jobs, &params_read_key("j", 0))
+                .unwrap()
+                .is_some()
+        );
+        let waiting_prefix = waiting_for_session_prefix("j", "s2");
+        let waits = spool
+            .join_scan(JoinTree::Waiting, &waiting_prefix, 10)
+            .unwrap();
+        assert_eq!(waits.len(), 3);
+        let s = spool.store();
+        for t in [
+            &s.join_sessions,
+            &s.join_waiting,
+            &s.join_params,
+            &s.join_jobs,
+        ] {
+            assert!(t.is_empty(), "the old trees are emptied");
+        }
+    }
+
+    #[test]
     fn groups_are_what_is_read_together() {
         let t = |tree: JoinTree, k: Vec<u8>| tagged(tree, &k);
         let w = t(JoinTree::Waiting, waiting_event_key("j", "s", 1));
