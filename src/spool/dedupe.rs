@@ -416,11 +416,8 @@ impl Table {
                 }
             }
         }
-        new.file.sync_data().map_err(io_err(&new.path))?;
-        let tmp = new.path.clone();
-        new.path.clone_from(&self.path);
-        new.write_header(&tmp)?;
-        new.install(&tmp)?;
+        let tmp = std::mem::replace(&mut new.path, self.path.clone());
+        table_file::finish_rebuild(&new.file, &tmp, &new.path, || new.write_header(&tmp))?;
         new.durable = new.applied;
         new.pending = std::mem::take(&mut self.pending);
         new.pending_set = std::mem::take(&mut self.pending_set);

@@ -213,7 +213,7 @@ fn job_of(key: &[u8]) -> Option<String> {
 
 /// The join's table and the log's position, guarded by the spool's `join` lock (taken after
 /// the writer and store locks).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(super) struct State {
     /// Opened at open for an agent, at first use otherwise.
     table: Option<Table>,
@@ -266,21 +266,21 @@ impl Spool {
             .map_err(|e| s.sled_err(e))?
             .and_then(|v| decode_u64(&v))
             .unwrap_or(1);
-        if t.applied() >= committed {
+        if t.applied >= committed {
             // Writes of commits the database no longer has (a power cut took transactions it
             // had reported durable). Nothing can rebuild the join's state, so the table is
             // kept: the rows of those commits are read again and put the same; a waiting
             // record those commits had released is gone with the events they spooled.
             tracing::error!(
-                table_applied = t.applied(),
+                table_applied = t.applied,
                 database_next = committed,
                 "the join table is ahead of the spool database (a power cut took committed \
                  transactions); keeping it"
             );
         }
         let mut replayed = 0u64;
-        let mut next = committed.max(t.applied() + 1);
-        for item in s.join_log.range((t.applied() + 1).to_be_bytes()..) {
+        let mut next = committed.max(t.applied + 1);
+        for item in s.join_log.range((t.applied + 1).to_be_bytes()..) {
             let (k, v) = item.map_err(|e| s.sled_err(e))?;
             let seq = decode_u64(&k).unwrap_or(0);
             let writes = join_table::decode_log(&v).ok_or_else(|| Error::Corrupt {

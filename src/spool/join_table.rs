@@ -204,7 +204,7 @@ pub(super) struct Table {
     /// Records of the `join_waiting` tree.
     pub waiting: u64,
     /// The last log sequence number whose writes are all in the table.
-    applied: u64,
+    pub applied: u64,
     /// `applied` as the header on disk says.
     durable: u64,
     /// Bumped at every rebuild: page numbers of a scan in progress no longer hold.
@@ -212,17 +212,6 @@ pub(super) struct Table {
     /// Committed log values not yet in the table (a write to it failed): applied before
     /// anything else reads or writes it.
     pending: Vec<(u64, Vec<Write>)>,
-}
-
-impl std::fmt::Debug for Table {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JoinTable")
-            .field("path", &self.path)
-            .field("pages", &self.pages)
-            .field("used", &self.used)
-            .field("applied", &self.applied)
-            .finish()
-    }
 }
 
 /// Reads of the table are random: no readahead. Besides wasting the page cache, readahead
@@ -550,11 +539,8 @@ impl Table {
                 new.write_one(&w, &mut chain)?;
             }
         }
-        new.file.sync_data().map_err(io_err(&new.path))?;
-        let tmp = new.path.clone();
-        new.path.clone_from(&self.path);
-        new.write_header(&tmp)?;
-        new.install(&tmp)?;
+        let tmp = std::mem::replace(&mut new.path, self.path.clone());
+        table_file::finish_rebuild(&new.file, &tmp, &new.path, || new.write_header(&tmp))?;
         new.durable = new.applied;
         new.generation = self.generation + 1;
         new.pending = std::mem::take(&mut self.pending);
@@ -568,10 +554,6 @@ impl Table {
         self.durable =
             table_file::checkpoint(&self.file, &self.path, self.durable, self.applied, header)?;
         Ok(self.durable)
-    }
-
-    pub fn applied(&self) -> u64 {
-        self.applied
     }
 
     /// Counts the records of the waiting tree again (after a replay, whose writes may have
@@ -689,7 +671,7 @@ mod tests {
         assert_eq!(t.checkpoint().unwrap(), seq);
         drop(t);
         let mut t = Table::open(&path).unwrap();
-        assert_eq!((t.applied(), t.waiting), (seq, 7970));
+        assert_eq!((t.applied, t.waiting), (seq, 7970));
         // Applying the same log value again (a replay) changes nothing.
         let again = vec![put(&key(WAITING_TAG, 7, 3), G, b"new")];
         t.apply(seq, again).unwrap();

@@ -102,3 +102,16 @@ pub(super) fn apply_in_order<T>(
     }
     Ok(())
 }
+
+/// Makes a rebuilt table written at `tmp` durable (its pages, then its header, `header`) and
+/// moves it to `path`.
+pub(super) fn finish_rebuild(
+    file: &File,
+    tmp: &Path,
+    path: &Path,
+    header: impl FnOnce() -> Result<(), Error>,
+) -> Result<(), Error> {
+    file.sync_data().map_err(io_err(tmp))?;
+    header()?;
+    install(tmp, path)
+}
