@@ -1419,19 +1419,21 @@ impl Spool {
         }
         // sled logs every removal and moves live pages when it cleans segments, so draining
         // a large spool needs room too: a quarter of sled's files on top of the floor.
-        // And twice the dedupe table, which grows by rebuilding itself twice as large.
+        // And twice the dedupe and join tables, which grow by rebuilding twice as large.
         let reserve = (total / 20).clamp(1 << 20, 256 << 20)
             + self.store().size_on_disk() / 4
-            + 2 * file_len(&dedupe::path(&self.dir));
+            + 2 * file_len(&dedupe::path(&self.dir))
+            + 2 * file_len(&join_table::path(&self.dir));
         free < reserve.saturating_add(incoming.saturating_mul(2))
     }
 
-    /// Bytes the spool takes on disk: sled's files and the segments. Not the backlog (see
-    /// [`Spool::depth`]).
+    /// Bytes the spool takes on disk: sled's files, the segments and the tables. Not the
+    /// backlog (see [`Spool::depth`]).
     pub fn disk_bytes(&self) -> u64 {
         self.store().size_on_disk()
             + segments::disk_bytes(&self.segments_dir)
             + file_len(&dedupe::path(&self.dir))
+            + file_len(&join_table::path(&self.dir))
     }
 
     /// Whether sled's files are so much larger than the live data that [`Spool::compact`] is
