@@ -121,8 +121,8 @@ pub enum DeadLetterAction {
         #[arg(long)]
         json: bool,
         /// Only this kind: quarantine (bad input), parked (waiting for the catalog), dead-letter
-        /// (refused by Segment).
-        #[arg(long, value_parser = ["quarantine", "parked", "dead-letter"])]
+        /// (refused by Segment), waiting (CSV export records waiting in the join).
+        #[arg(long, value_parser = ["quarantine", "parked", "dead-letter", "waiting"])]
         kind: Option<String>,
         /// Only entries of this file (its path under watch.dir, or the end of it).
         #[arg(long)]

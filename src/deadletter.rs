@@ -111,7 +111,8 @@ pub fn render_shown(s: &Shown) -> String {
     out
 }
 
-/// `list --kind K --file F`: the entries of that kind (`quarantine`, `parked`, `dead-letter`)
+/// `list --kind K --file F`: the entries of that kind (`quarantine`, `parked`, `dead-letter`,
+/// `waiting`)
 /// and file (its path as listed, or any path ending with it).
 pub fn filter(entries: Vec<Entry>, kind: Option<&str>, file: Option<&str>) -> Vec<Entry> {
     entries

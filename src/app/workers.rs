@@ -167,8 +167,9 @@ fn after_ingest(spool: &Spool, id: u64, action: AfterIngest, watch_dir: &Path, m
 }
 
 /// How often the spool is tidied: dedupe entries past the window pruned (and the table
-/// checkpointed), drained segments deleted, and sled's files compacted when they have grown far
-/// past the live data.
+/// checkpointed), drained segments deleted, finished CSV export jobs' join state removed (and
+/// the join table checkpointed), and sled's files compacted when they have grown far past the
+/// live data.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(300);
 /// Compaction pauses commits and the drain for the copy, so only when it gives back a lot.
 const COMPACT_MIN_DISK_BYTES: u64 = 256 << 20;
@@ -186,6 +187,12 @@ pub(super) async fn maintenance(spool: Arc<Spool>, dedupe_window: Duration, keep
                 tracing::info!(pruned, "dedupe entries older than the window removed");
             }
             spool.queue().remove_drained_segments()?;
+            // Finished CSV export jobs' join state (see `spool::join`), and a checkpoint of it.
+            let day_ms = 86_400_000;
+            spool.sweep_join(
+                now_ms().saturating_sub(crate::spool::join::JOIN_RETENTION_DAYS * day_ms),
+            )?;
+            spool.checkpoint_join()?;
             let cutoff = now_ms().saturating_sub(keep_bad.as_millis() as u64);
             let (quarantined, dead) = spool.letters().drop_letters_before(cutoff)?;
             if quarantined + dead > 0 {

@@ -9,9 +9,10 @@
 //!
 //! # What is kept, and where
 //!
-//! The join's state lives in the spool's database (`crate::spool::join`), not in memory, and
-//! each change to it is committed in the transaction that moves the file's offset past the rows
-//! that caused it, together with the events it released:
+//! The join's state lives in the spool (`crate::spool::join`: a hash table file, `join.tab`,
+//! whose writes are logged in the spool's database), not in memory, and each change to it is
+//! committed in the transaction that moves the file's offset past the rows that caused it,
+//! together with the events it released:
 //! - a `sessions` row stores the session's identity and context (`join_sessions`), then
 //!   releases what waited for it;
 //! - an `events` row of a message event (`.m<id>...`) whose session is known, and whose shard's
@@ -23,6 +24,10 @@
 //! - an `experiments` row is mapped at once (Experiment Viewed, with its session's start and
 //!   identity) if its session is known, else waits for it;
 //! - `states` and `userattributes` rows are counted.
+//!
+//! A session whose context is too large for one record of the table (about 4 KiB) is
+//! quarantined; what comes for it later waits, visibly. A job's state is removed some days
+//! after its last row once nothing of it waits (`crate::spool::join`, "Cleanup").
 //!
 //! # Parameters that come late
 //!
@@ -69,8 +74,11 @@ use crate::spool::join as keys;
 use crate::spool::{self, Chunk, JoinOp, JoinTree, QuarantineEntry, Spool};
 use crate::stats::Stats;
 
-/// Rows per commit.
-const CHUNK_ROWS: usize = 5000;
+/// Rows per commit. Most rows add nothing to the join (app events, parameters the mapping
+/// does not read), and what a chunk holds is bounded by [`CHUNK_OPS`] and the events: every
+/// commit costs its fsyncs, 3 or 4 with a join log value (sled writes a value over 128 KiB to
+/// a blob file of its own), so commits are few.
+const CHUNK_ROWS: usize = 50_000;
 /// Join writes per commit (a `sessions` row can release many).
 const CHUNK_OPS: usize = 20_000;
 /// Waiting records read from the spool at a time.
@@ -119,6 +127,8 @@ pub(crate) struct Join<'a> {
     manifest: Option<Option<Vec<String>>>,
     /// The last session looked up.
     last_session: Option<(String, Arc<Session>)>,
+    /// Where the release of each shard's events waiting for parameters reads the table on.
+    release_cursor: HashMap<u32, keys::ScanCursor>,
 }
 
 impl<'a> Join<'a> {
@@ -138,6 +148,7 @@ impl<'a> Join<'a> {
             params_done: HashMap::new(),
             manifest: None,
             last_session: None,
+            release_cursor: HashMap::new(),
         }
     }
 
@@ -204,7 +215,7 @@ impl<'a> Join<'a> {
     /// An event's stored parameters, and the keys holding them.
     fn params(&self, event_id: Id) -> Result<ParamsFound, spool::Error> {
         let prefix = keys::params_prefix(self.job(), event_id.0);
-        let found = self.spool.join_scan(JoinTree::Params, &prefix, None, 64)?;
+        let found = self.spool.join_scan(JoinTree::Params, &prefix, 64)?;
         let mut params = Vec::new();
         let mut used = Vec::new();
         for (k, v) in found {
@@ -292,9 +303,7 @@ impl<'a> Join<'a> {
         match row {
             Row::Session(r) => {
                 let prefix = keys::waiting_for_session_prefix(self.job(), &r.session_id);
-                let page = self
-                    .spool
-                    .join_scan(JoinTree::Waiting, &prefix, None, PAGE)?;
+                let page = self.spool.join_scan(JoinTree::Waiting, &prefix, PAGE)?;
                 let more = page.len() >= PAGE;
                 let mut events = Vec::new();
                 let mut experiments = Vec::new();
@@ -340,11 +349,27 @@ impl<'a> Join<'a> {
                 if more {
                     return Ok(false);
                 }
-                chunk.join.push(put(
+                let op = put(
                     JoinTree::Sessions,
                     keys::session_key(self.job(), &r.session_id),
                     &r.session,
-                ));
+                );
+                if op.too_large() {
+                    // What waits for it later stays visible as waiting.
+                    chunk.quarantine.push(QuarantineEntry {
+                        reason: format!(
+                            "session {} too large to keep for the join ({} bytes of context)",
+                            r.session_id,
+                            op.value.as_ref().map_or(0, Vec::len)
+                        ),
+                        file: self.shown.clone(),
+                        line,
+                        time_ms: now_ms(),
+                        ..QuarantineEntry::default()
+                    });
+                    return Ok(true);
+                }
+                chunk.join.push(op);
                 self.last_session = Some((r.session_id.clone(), Arc::new(r.session.clone())));
             }
             Row::Event(e) => {
@@ -464,10 +489,11 @@ impl<'a> Join<'a> {
         out: &mut Output,
     ) -> Result<bool, spool::Error> {
         let prefix = keys::waiting_for_params_prefix(self.job(), shard);
-        let page = self
+        let cursor = self.release_cursor.entry(shard).or_default();
+        let (page, more) = self
             .spool
-            .join_scan(JoinTree::Waiting, &prefix, None, PAGE)?;
-        if page.is_empty() {
+            .join_scan_table(JoinTree::Waiting, &prefix, cursor, PAGE)?;
+        if page.is_empty() && !more {
             return Ok(false);
         }
         let line = chunk.line;

@@ -32,12 +32,11 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{Error, io_err, sync_dir};
+use super::{Error, io_err, table_file};
 
 /// An entry of a version 2 partition (sled keys of 2 bytes), read once to move it here.
 const PARTITION_ENTRY: usize = 10;
@@ -180,16 +179,7 @@ impl Table {
     /// Opens the table at `path`, or starts an empty one when it is missing or its header is
     /// damaged (saying so: ids spooled before may be spooled again).
     pub fn open(path: &Path) -> Result<Table, Error> {
-        // Temporary tables of a rebuild that did not finish.
-        if let (Some(dir), Some(stem)) = (path.parent(), path.file_stem()) {
-            let prefix = format!("{}.", stem.to_string_lossy());
-            for e in fs::read_dir(dir).into_iter().flatten().flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&prefix) && name.ends_with(".tmp") {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
+        table_file::remove_unfinished(path);
         match Table::open_existing(path)? {
             Some(t) => Ok(t),
             None => {
@@ -212,12 +202,10 @@ impl Table {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(path)(e)),
         };
-        let mut h = [0u8; HEADER_LEN + 4];
-        if file.read_exact_at(&mut h, 0).is_err() {
+        let Some(h) = table_file::read_header(&file, HEADER_LEN) else {
             return Ok(None);
-        }
-        let crc = u32::from_le_bytes(h[HEADER_LEN..].try_into().expect("4 bytes"));
-        if &h[..8] != MAGIC || crc32fast::hash(&h[..HEADER_LEN]) != crc {
+        };
+        if &h[..8] != MAGIC {
             return Ok(None);
         }
         let u64_at = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().expect("8 bytes"));
@@ -250,23 +238,18 @@ impl Table {
     }
 
     fn write_header(&self, path: &Path) -> Result<(), Error> {
-        let mut h = Vec::with_capacity(HEADER_LEN + 4);
+        let mut h = Vec::with_capacity(HEADER_LEN);
         h.extend_from_slice(MAGIC);
         h.extend_from_slice(&TABLE_VERSION.to_le_bytes());
         h.extend_from_slice(&self.pages.to_le_bytes());
         h.extend_from_slice(&self.applied.to_le_bytes());
         h.extend_from_slice(&self.used.to_le_bytes());
-        h.extend_from_slice(&crc32fast::hash(&h).to_le_bytes());
-        self.file
-            .write_all_at(&h, 0)
-            .and_then(|()| self.file.sync_data())
-            .map_err(io_err(path))
+        table_file::write_header(&self.file, path, &h)
     }
 
     /// Moves a fully written and synced table from `tmp` to its place, durably.
     fn install(&self, tmp: &Path) -> Result<(), Error> {
-        fs::rename(tmp, &self.path).map_err(io_err(tmp))?;
-        sync_dir(self.path.parent().unwrap_or(Path::new(".")))
+        table_file::install(tmp, &self.path)
     }
 
     fn page_of(&self, f: &Fingerprint) -> u64 {
@@ -275,15 +258,11 @@ impl Table {
     }
 
     fn read_page(&self, page: u64, buf: &mut [u8; PAGE]) -> Result<(), Error> {
-        self.file
-            .read_exact_at(buf, page * PAGE as u64)
-            .map_err(io_err(&self.path))
+        table_file::read_page(&self.file, &self.path, page, buf)
     }
 
     fn write_page(&self, page: u64, buf: &[u8; PAGE]) -> Result<(), Error> {
-        self.file
-            .write_all_at(buf, page * PAGE as u64)
-            .map_err(io_err(&self.path))
+        table_file::write_page(&self.file, &self.path, page, buf)
     }
 
     fn live(&self, day: u16) -> bool {
@@ -336,15 +315,10 @@ impl Table {
     }
 
     fn apply_pending(&mut self) -> Result<(), Error> {
-        while !self.pending.is_empty() {
-            let (seq, entries) = self.pending.remove(0);
-            if let Err(e) = self.insert(&entries) {
-                self.pending.insert(0, (seq, entries));
-                return Err(e);
-            }
-            self.applied = self.applied.max(seq);
-        }
-        Ok(())
+        let (mut pending, mut applied) = (std::mem::take(&mut self.pending), self.applied);
+        let result = table_file::apply_in_order(&mut pending, &mut applied, |e| self.insert(e));
+        (self.pending, self.applied) = (pending, applied);
+        result
     }
 
     /// Puts entries of an older format in and syncs them (before their old form is deleted).
@@ -469,11 +443,8 @@ impl Table {
                 }
             }
         }
-        new.file.sync_data().map_err(io_err(&new.path))?;
-        let tmp = new.path.clone();
-        new.path.clone_from(&self.path);
-        new.write_header(&tmp)?;
-        new.install(&tmp)?;
+        let tmp = std::mem::replace(&mut new.path, self.path.clone());
+        table_file::finish_rebuild(&new.file, &tmp, &new.path, || new.write_header(&tmp))?;
         new.durable = new.applied;
         new.pending = std::mem::take(&mut self.pending);
         new.pending_set = std::mem::take(&mut self.pending_set);
@@ -483,16 +454,7 @@ impl Table {
 
     /// An empty table at a temporary name beside `path` (installed by the caller).
     fn create_tmp(path: &Path, pages: u64, applied: u64, min_day: u16) -> Result<Table, Error> {
-        let tmp = path.with_extension(format!("{pages}.tmp"));
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        file.set_len((pages + 1) * PAGE as u64)
-            .map_err(io_err(&tmp))?;
+        let (tmp, file) = table_file::create_tmp(path, pages, PAGE)?;
         Ok(Table {
             path: tmp,
             file,
@@ -508,12 +470,9 @@ impl Table {
 
     /// Makes the table durable up to `applied` and returns it: the log values up to it can go.
     pub fn checkpoint(&mut self) -> Result<u64, Error> {
-        if self.durable == self.applied {
-            return Ok(self.durable);
-        }
-        self.file.sync_data().map_err(io_err(&self.path))?;
-        self.write_header(&self.path.clone())?;
-        self.durable = self.applied;
+        let header = || self.write_header(&self.path);
+        self.durable =
+            table_file::checkpoint(&self.file, &self.path, self.durable, self.applied, header)?;
         Ok(self.durable)
     }
 
@@ -554,6 +513,7 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn fp(i: u64) -> Fingerprint {
         fingerprint(&format!("id-{i}"))

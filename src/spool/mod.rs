@@ -7,7 +7,8 @@
 //! Under `spool.dir`: `CURRENT` names the current generation, `gen-<n>/` is a sled database
 //! (sled's own files: `db`, `conf`, `blobs/`, `snap.*`), `segments/` holds the events
 //! themselves in append-only files (see `segments.rs`), `dedupe.tab` the dedupe index (see
-//! `dedupe.rs`), and `corrupt-<unix time>/` holds a generation that could not be opened, with
+//! `dedupe.rs`), `join.tab` the CSV export join's state (see `join_table.rs`), and
+//! `corrupt-<unix time>/` holds a generation that could not be opened, with
 //! its segments and dedupe table (see `store.rs` for the generation rules). Trees:
 //!
 //! | tree | key | value |
@@ -21,11 +22,12 @@
 //! | `dedupe` | log sequence number, u64 BE | the dedupe entries one commit added, not yet in `dedupe.tab` durably (see `dedupe.rs`) |
 //! | `quarantine` | id u64 BE | [`QuarantineEntry`] as JSON (bad input) |
 //! | `dead` | id u64 BE | [`DeadLetter`] as JSON (events Segment will never take) |
-//! | `join_sessions`, `join_waiting`, `join_params`, `join_jobs` | see `join.rs` | the state of the Leanplum CSV export join (`crate::ingest::join`): sessions read, message events and impressions waiting for their session or their shard's parameters, parameters waiting for their event, shards whose parameters are all read; `meta/join_waiting` counts `join_waiting` |
+//! | `join_log` | log sequence number, u64 BE | the join writes one commit made, not yet in `join.tab` durably (see `join_table.rs`); `meta/join_next` is the next number |
+//! | `join_sessions`, `join_waiting`, `join_params`, `join_jobs` | see `join.rs` | the CSV export join's state as the first agents with the join kept it (`meta/join_waiting` counted `join_waiting`): moved into `join.tab` at open, empty after |
 //!
-//! The join trees came after version 3 without a new version: a spool without them is a spool
-//! with nothing waiting, and an older agent never reads them (a compaction by an older agent
-//! would drop them, and with them what waits there).
+//! The join came after version 3 without a new version: a spool without its trees and table is
+//! a spool with nothing waiting, and an older agent never reads them (a compaction by an older
+//! agent would drop the log, and with it what waits there).
 //!
 //! Version 1 kept one queue key per event and one dedupe key per `messageId`: sled's memory
 //! grows with the number of keys, so a backlog of millions grew the agent by tens of MB per
@@ -65,12 +67,13 @@
 //!    as packets and the segment is `fdatasync`ed; then one sled transaction takes the packets'
 //!    locations into `queue`, the segments' new end into `meta`, the new events' dedupe
 //!    entries into the `dedupe` log (duplicates skipped, events the ingest refused into
-//!    `dead`), the bad lines into `quarantine`, the chunk's writes to the join trees
-//!    ([`Chunk::join`]: what the rows contributed, and the removal of the waiting records whose
-//!    events the chunk carries), the file's new offset into `files` (the ledger's
-//!    `Progress::Chunk`), and `live_bytes`/`depth`/`join_waiting` into `meta`; then `Db::flush` and an fsync of sled's data file. The offset counts as
-//!    durable only once that returns. Then the dedupe entries go into `dedupe.tab` (see
-//!    `dedupe.rs`).
+//!    `dead`), the bad lines into `quarantine`, the chunk's join writes ([`Chunk::join`]: what
+//!    the rows contributed, and the removal of the waiting records whose events the chunk
+//!    carries) as one value into the `join_log` with `meta/join_next`, the file's new offset
+//!    into `files` (the ledger's `Progress::Chunk`), and `live_bytes`/`depth` into `meta`;
+//!    then `Db::flush` and an fsync of sled's data file. The offset counts as durable only once
+//!    that returns. Then the dedupe entries go into `dedupe.tab` (see `dedupe.rs`) and the join
+//!    writes into `join.tab` (see `join_table.rs`).
 //! 2. [`Queue::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
 //!    events are all marked leaves `queue` and `acked`), `meta` and the files' `pending` counts
 //!    go down; one transaction, not flushed here (sled writes its buffers out
@@ -88,14 +91,18 @@
 //!   next open). After it: both. There is no state with the offset advanced but the events
 //!   missing, or the reverse: they are one transaction, sled recovers to a transaction
 //!   boundary, and the segment bytes it points at were synced before it.
-//! - The CSV export join likewise: a waiting record leaves `join_waiting` in the transaction
+//! - The CSV export join likewise: a waiting record's removal is logged in the transaction
 //!   that spools the events it became, and a row's contribution (a session, a waiting record,
-//!   a parameter) lands with the offset past the row. A crash before it reads the rows again
-//!   and does the same; after it, the rows are not read again and nothing they released is
-//!   released twice (a row read twice, say a session re-sent, finds nothing left to release,
-//!   and its events' `messageId`s are in the dedupe index anyway). Commits that release
-//!   waiting records without moving the offset (a session with very many, the end of an
-//!   `eventparameters` file) are just as atomic; the file is marked read only after the last.
+//!   a parameter) is logged with the offset past the row. A crash before it reads the rows
+//!   again and does the same; after it, the rows are not read again and nothing they released
+//!   is released twice (a row read twice, say a session re-sent, finds nothing left to
+//!   release, and its events' `messageId`s are in the dedupe index anyway). `join.tab` only
+//!   ever takes writes of committed transactions, after their flush; what it took since its
+//!   last checkpoint is in the log and applied again at open (put or remove a key, in commit
+//!   order: idempotent, so writes that reached the table before the crash do no harm). Commits
+//!   that release waiting records without moving the offset (a session with very many, the
+//!   end of an `eventparameters` file) are just as atomic; the file is marked read only after
+//!   the last.
 //! - Between a 2xx and the flush of transaction 2: the batch is still queued and is sent again
 //!   (same `messageId`s).
 //! - During a compaction: either the old generation (the new one is debris, deleted at open) or
@@ -120,6 +127,7 @@
 //! | `gen-<n>/blobs/*` | sled, for log items over 128 KiB | nothing in sled 0.34.7: we fsync every new blob file, then `blobs/`, *before* `db` (see `Store::flush`) |
 //! | `gen-<n>/conf`, `snap.*` | sled, at open | sled syncs neither `conf` nor the directory after the snapshot's rename: we fsync them and the directories once per open |
 //! | `dedupe.tab` | our page writes after each commit | fsync at its checkpoints and rebuilds; the header's `applied` is written after the pages are synced |
+//! | `join.tab` | our page writes after each commit with join writes | the same as `dedupe.tab`: fsync at its checkpoints (every 8 MB of log, the maintenance tick, close) and rebuilds, then the header's `applied`; only then are the log values it covers deleted |
 //! | `CURRENT` | compaction | temp file, fsync, rename, fsync of `spool.dir` |
 //!
 //! The blob files were the hole (found with a file system that drops unsynced data at a
@@ -139,6 +147,13 @@
 //!   Dedupe entries can be lost that way (a re-exported event may be sent again; Segment
 //!   dedupes by `messageId`), events cannot.
 //!
+//! `join.tab` follows the first rule the same way, with `meta/join_next`. A join table found
+//! ahead of the database is kept, not emptied (logged as an error): nothing else holds the
+//! join's state, and the rows of the lost transactions, read again, put the same records. A
+//! torn page of `join.tab` (a power cut in the middle of a 4 KiB write after its last
+//! checkpoint) is not detected; the log puts every key it wrote again, so only records of
+//! older commits sharing that page are at risk.
+//!
 //! Not covered: writes after the last commit (ack removals, file status changes), which come
 //! back as re-sends or re-reads, never as loss. Pages of `dedupe.tab` written after its last
 //! checkpoint are either lost (their entries come back from the log) or survive, and then
@@ -155,6 +170,7 @@
 
 mod dedupe;
 pub mod join;
+mod join_table;
 mod ledger;
 mod letters;
 mod meta;
@@ -162,6 +178,7 @@ mod packet;
 mod queue;
 mod segments;
 mod store;
+mod table_file;
 
 use store::Store;
 
@@ -297,6 +314,9 @@ pub struct Spool {
     queue_state: QueueState,
     /// The day dedupe entries were last pruned below (see [`Spool::prune_dedupe`]).
     pruned_day: std::sync::atomic::AtomicU32,
+    /// The CSV export join's table and log position (see `join.rs`); locked after `writer`
+    /// and `store`.
+    join: Mutex<join::State>,
     /// The "no size" warning of [`Spool::disk_nearly_full`] was given.
     unsized_fs_logged: std::sync::atomic::AtomicBool,
     /// What `open` had to repair, for status.
@@ -370,6 +390,16 @@ impl Spool {
             spool.install_table(&mut w, &spool.store(), table)?;
             tracing::debug!(ms = ms_since(t), "spool open: dedupe table installed");
         }
+        // The join's table is brought up to its log now too, and the state of a spool written
+        // before it moves in (see `join.rs`).
+        spool.join_waiting_count()?;
+        let moved = spool.migrate_join_trees()?;
+        if moved > 0 {
+            tracing::info!(
+                keys = moved,
+                "join state moved from sled trees into join.tab"
+            );
+        }
         Ok(spool)
     }
 
@@ -422,6 +452,7 @@ impl Spool {
             }),
             queue_state: QueueState::new(segments_dir, next),
             pruned_day: Default::default(),
+            join: Default::default(),
             unsized_fs_logged: Default::default(),
             recovered,
             _lock: lock,
@@ -593,6 +624,8 @@ impl Spool {
         queue::packets(now, chunk.file_id, &fresh, &mut packets);
         let appended = w.append(&packets)?;
         out.quarantined = chunk.quarantine.len() as u64;
+        // The join's writes, logged in the transaction and applied to its table after it.
+        let join = self.prepare_join(&s, &chunk.join, today)?;
 
         (
             &s.queue,
@@ -601,24 +634,10 @@ impl Spool {
             &s.meta,
             &s.quarantine,
             &s.dead,
-            &s.join_sessions,
-            &s.join_waiting,
-            &s.join_params,
-            &s.join_jobs,
+            &s.join_log,
         )
             .transaction(
-                |(
-                    queue,
-                    files,
-                    dedupe,
-                    meta,
-                    quarantine,
-                    dead,
-                    join_sessions,
-                    join_waiting,
-                    join_params,
-                    join_jobs,
-                )| {
+                |(queue, files, dedupe, meta, quarantine, dead, join_log)| {
                     queue::insert(queue, meta, &appended, out.spooled, bytes)?;
                     if !log_value.is_empty() {
                         dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
@@ -643,17 +662,18 @@ impl Spool {
                             now,
                         },
                     )?;
-                    join::apply(
-                        &chunk.join,
-                        [join_sessions, join_waiting, join_params, join_jobs],
-                        meta,
-                    )?;
+                    if let Some(j) = &join {
+                        j.log(join_log, meta)?;
+                    }
                     Ok(())
                 },
             )
             .map_err(|e| s.tx_err(e))?;
         s.flush()?;
         queue::committed(&self.queue_state, &mut w, appended);
+        if let Some(j) = join {
+            self.join_committed(&s, j);
+        }
         if !added.is_empty() {
             w.log_seq += 1;
             w.unsynced += added.len() as u64;
@@ -724,19 +744,21 @@ impl Spool {
         }
         // sled logs every removal and moves live pages when it cleans segments, so draining
         // a large spool needs room too: a quarter of sled's files on top of the floor.
-        // And twice the dedupe table, which grows by rebuilding itself twice as large.
+        // And twice the dedupe and join tables, which grow by rebuilding twice as large.
         let reserve = (total / 20).clamp(1 << 20, 256 << 20)
             + self.store().size_on_disk() / 4
-            + 2 * file_len(&dedupe::path(&self.dir));
+            + 2 * file_len(&dedupe::path(&self.dir))
+            + 2 * file_len(&join_table::path(&self.dir));
         free < reserve.saturating_add(incoming.saturating_mul(2))
     }
 
-    /// Bytes the spool takes on disk: sled's files and the segments. Not the backlog (see
-    /// [`Spool::depth`]).
+    /// Bytes the spool takes on disk: sled's files, the segments and the tables. Not the
+    /// backlog (see [`Spool::depth`]).
     pub fn disk_bytes(&self) -> u64 {
         self.store().size_on_disk()
             + segments::disk_bytes(&self.queue_state.segments_dir)
             + file_len(&dedupe::path(&self.dir))
+            + file_len(&join_table::path(&self.dir))
     }
 
     /// Whether sled's files are so much larger than the live data that [`Spool::compact`] is
@@ -791,6 +813,9 @@ impl Drop for Spool {
     fn drop(&mut self) {
         if let Err(e) = self.checkpoint_dedupe() {
             tracing::warn!(error = %e, "dedupe checkpoint at close failed; the next start replays its log");
+        }
+        if let Err(e) = self.checkpoint_join() {
+            tracing::warn!(error = %e, "join checkpoint at close failed; the next start replays its log");
         }
     }
 }

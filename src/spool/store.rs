@@ -35,7 +35,7 @@ const SLED_FLUSH_EVERY_MS: u64 = 200;
 /// while they are sorted by page, so about 14 MB at most.
 const REPLAY_BATCH: usize = 1 << 18;
 /// The trees of the current format, copied by compaction.
-pub(super) const TREES: [&str; 13] = [
+pub(super) const TREES: [&str; 14] = [
     "meta",
     "queue",
     "acked",
@@ -49,6 +49,7 @@ pub(super) const TREES: [&str; 13] = [
     "join_waiting",
     "join_params",
     "join_jobs",
+    "join_log",
 ];
 
 pub(super) struct Store {
@@ -69,7 +70,9 @@ pub(super) struct Store {
     pub dedupe: Tree,
     pub quarantine: Tree,
     pub dead: Tree,
-    /// The CSV export join's state (see `join.rs`).
+    /// The CSV export join's log (see `join_table.rs`).
+    pub join_log: Tree,
+    /// The CSV export join's state before `join.tab`, moved out at open (see `join.rs`).
     pub join_sessions: Tree,
     pub join_waiting: Tree,
     pub join_params: Tree,
@@ -270,6 +273,7 @@ impl Store {
             dedupe: tree("dedupe")?,
             quarantine: tree("quarantine")?,
             dead: tree("dead")?,
+            join_log: tree("join_log")?,
             join_sessions: tree("join_sessions")?,
             join_waiting: tree("join_waiting")?,
             join_params: tree("join_params")?,

@@ -421,6 +421,23 @@ fn tables_arriving_events_first_sessions_last_with_a_kill_in_between_arrive_exac
     let list = dead_letter_list(&env.config_path);
     let waits: Vec<&Value> = list.iter().filter(|e| e["kind"] == "waiting").collect();
     assert!(!waits.is_empty(), "{list:?}");
+    // `--kind waiting` lists those and nothing else.
+    let only = run_cli(
+        &[
+            "dead-letter".as_ref(),
+            "list".as_ref(),
+            "--kind".as_ref(),
+            "waiting".as_ref(),
+            "--json".as_ref(),
+            "--config".as_ref(),
+            env.config_path.as_os_str(),
+        ],
+        PATIENCE,
+    );
+    assert_eq!(only.code(), 0, "{}", only.all_output());
+    let only: Vec<Value> = serde_json::from_str(only.stdout.trim()).unwrap();
+    assert_eq!(only.len(), waits.len(), "{only:?}");
+    assert!(only.iter().all(|e| e["kind"] == "waiting"), "{only:?}");
     assert!(
         waits.iter().any(|e| e["reason"]
             .as_str()
