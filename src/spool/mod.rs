@@ -636,38 +636,36 @@ impl Spool {
             &s.dead,
             &s.join_log,
         )
-            .transaction(
-                |(queue, files, dedupe, meta, quarantine, dead, join_log)| {
-                    queue::insert(queue, meta, &appended, out.spooled, bytes)?;
-                    if !log_value.is_empty() {
-                        dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
-                        // What the table may hold at most (see `install_table`).
-                        meta.insert(DEDUPE_NEXT, &(log_seq + 1).to_be_bytes())?;
-                    }
-                    for (id, v) in &dead_letters {
-                        dead.insert(&id.to_be_bytes(), v.as_slice())?;
-                    }
-                    for (id, q) in q_ids.iter().zip(&quarantine_json) {
-                        quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
-                    }
-                    ledger::progress(
-                        files,
-                        chunk.file_id,
-                        &Progress::Chunk {
-                            offset: chunk.offset,
-                            line: chunk.line,
-                            tail_hash: chunk.tail_hash.as_deref(),
-                            spooled: out.spooled,
-                            file_done: chunk.file_done,
-                            now,
-                        },
-                    )?;
-                    if let Some(j) = &join {
-                        j.log(join_log, meta)?;
-                    }
-                    Ok(())
-                },
-            )
+            .transaction(|(queue, files, dedupe, meta, quarantine, dead, join_log)| {
+                queue::insert(queue, meta, &appended, out.spooled, bytes)?;
+                if !log_value.is_empty() {
+                    dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
+                    // What the table may hold at most (see `install_table`).
+                    meta.insert(DEDUPE_NEXT, &(log_seq + 1).to_be_bytes())?;
+                }
+                for (id, v) in &dead_letters {
+                    dead.insert(&id.to_be_bytes(), v.as_slice())?;
+                }
+                for (id, q) in q_ids.iter().zip(&quarantine_json) {
+                    quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
+                }
+                ledger::progress(
+                    files,
+                    chunk.file_id,
+                    &Progress::Chunk {
+                        offset: chunk.offset,
+                        line: chunk.line,
+                        tail_hash: chunk.tail_hash.as_deref(),
+                        spooled: out.spooled,
+                        file_done: chunk.file_done,
+                        now,
+                    },
+                )?;
+                if let Some(j) = &join {
+                    j.log(join_log, meta)?;
+                }
+                Ok(())
+            })
             .map_err(|e| s.tx_err(e))?;
         s.flush()?;
         queue::committed(&self.queue_state, &mut w, appended);
