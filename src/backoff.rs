@@ -17,7 +17,7 @@ pub(crate) enum Jitter {
 /// Exponential backoff: the `n`th consecutive failure waits up to `initial * 2^n`, capped at
 /// `max`, drawn as [`Jitter`] says; a success resets it.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     jitter: Jitter,
@@ -26,7 +26,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// With full jitter.
-    pub fn new(initial: Duration, max: Duration) -> Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Backoff {
         Backoff::with_jitter(initial, max, Jitter::Full)
     }
 
@@ -39,28 +39,29 @@ impl Backoff {
         }
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 
     /// Consecutive failures since the last reset.
-    pub fn failures(&self) -> u32 {
+    #[cfg(test)]
+    pub(crate) fn failures(&self) -> u32 {
         self.failures
     }
 
-    pub fn max(&self) -> Duration {
+    pub(crate) fn max(&self) -> Duration {
         self.max
     }
 
     /// The ceiling of the next draw: `initial * 2^failures`, capped at `max`.
-    pub fn ceiling(&self) -> Duration {
+    pub(crate) fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.failures.min(31)).unwrap_or(u32::MAX);
         self.initial.saturating_mul(factor).min(self.max)
     }
 
     /// Records a failure and returns how long to wait. `retry_after` (from the response) is a
     /// floor, clamped to `max`: a server that asks for a pause gets at least that.
-    pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
+    pub(crate) fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
         self.next_delay_drawn(retry_after, |hi| fastrand::u64(0..=hi))
     }
 
@@ -89,7 +90,7 @@ impl Backoff {
 
 /// Parses `Retry-After`: delta-seconds or an HTTP date (RFC 9110 section 10.2.3). A date in the
 /// past means "now".
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));

@@ -6,28 +6,28 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Now, as a `SystemTime` (for arithmetic with dates read from elsewhere, e.g. `Retry-After`).
-pub fn now() -> SystemTime {
+pub(crate) fn now() -> SystemTime {
     SystemTime::now()
 }
 
 /// Now, in milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     ms_since_epoch(now())
 }
 
 /// `t` in milliseconds since the Unix epoch (0 before it).
-pub fn ms_since_epoch(t: SystemTime) -> u64 {
+pub(crate) fn ms_since_epoch(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A file's modification time in milliseconds since the Unix epoch (0 when unknown).
-pub fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
+pub(crate) fn mtime_ms(meta: &std::fs::Metadata) -> u64 {
     meta.modified().map_or(0, ms_since_epoch)
 }
 
 /// How long ago `t` was; `None` for a time ahead of now (a clock that stepped back).
-pub fn age(t: SystemTime) -> Option<Duration> {
+pub(crate) fn age(t: SystemTime) -> Option<Duration> {
     now().duration_since(t).ok()
 }
 

@@ -27,7 +27,7 @@ use crate::spool::{self, Chunk, NO_FILE, QuarantineKind, Spool, SpoolEvent};
 
 /// One line of `dead-letter list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub id: u64,
     /// `quarantine` (bad input) or `dead-letter` (refused by Segment).
     pub kind: String,
@@ -44,7 +44,7 @@ pub struct Entry {
 /// record as read (bad input: the start of the line, at most 4 KiB; parked: the part of the
 /// record that waits, as JSON) or the event as it would have been sent (dead letters).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shown {
+pub(crate) struct Shown {
     #[serde(flatten)]
     pub entry: Entry,
     /// `record` or `event`.
@@ -53,7 +53,7 @@ pub struct Shown {
 }
 
 /// The entry `id`, in full; `None` when there is none.
-pub fn show(spool: &Spool, id: u64) -> Result<Option<Shown>, spool::Error> {
+pub(crate) fn show(spool: &Spool, id: u64) -> Result<Option<Shown>, spool::Error> {
     let Some(entry) = list(spool)?.into_iter().find(|e| e.id == id) else {
         return Ok(None);
     };
@@ -84,7 +84,7 @@ pub fn show(spool: &Spool, id: u64) -> Result<Option<Shown>, spool::Error> {
 }
 
 /// `dead-letter show` for people.
-pub fn render_shown(s: &Shown) -> String {
+pub(crate) fn render_shown(s: &Shown) -> String {
     let e = &s.entry;
     let mut out = format!(
         "id:      {}\nkind:    {}\ntime:    {}\n",
@@ -114,7 +114,7 @@ pub fn render_shown(s: &Shown) -> String {
 /// `list --kind K --file F`: the entries of that kind (`quarantine`, `parked`, `dead-letter`,
 /// `waiting`)
 /// and file (its path as listed, or any path ending with it).
-pub fn filter(entries: Vec<Entry>, kind: Option<&str>, file: Option<&str>) -> Vec<Entry> {
+pub(crate) fn filter(entries: Vec<Entry>, kind: Option<&str>, file: Option<&str>) -> Vec<Entry> {
     entries
         .into_iter()
         .filter(|e| kind.is_none_or(|k| e.kind == k))
@@ -130,7 +130,7 @@ pub fn filter(entries: Vec<Entry>, kind: Option<&str>, file: Option<&str>) -> Ve
 
 /// What `retry` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RetryOutcome {
+pub(crate) struct RetryOutcome {
     /// Dead letters put back in the queue.
     pub requeued: u64,
     /// Quarantined records that parsed and mapped this time (their events are spooled).
@@ -139,7 +139,7 @@ pub struct RetryOutcome {
     pub still_bad: Vec<(u64, String)>,
 }
 
-pub fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
+pub(crate) fn list(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
     let mut out: Vec<Entry> = spool
         .letters()
         .quarantine_entries()?
@@ -217,7 +217,7 @@ fn waiting_entries(spool: &Spool) -> Result<Vec<Entry>, spool::Error> {
 }
 
 /// Retries the entries `ids` (all when empty); see the module doc.
-pub fn retry(
+pub(crate) fn retry(
     spool: &Spool,
     ids: &[u64],
     catalog: &Catalog,
@@ -328,7 +328,7 @@ pub(crate) fn answer(
 }
 
 /// `dead-letter list` for people: one entry per line.
-pub fn render(entries: &[Entry]) -> String {
+pub(crate) fn render(entries: &[Entry]) -> String {
     if entries.is_empty() {
         return "no quarantined records and no dead letters\n".into();
     }

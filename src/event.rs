@@ -83,12 +83,12 @@ impl Serialize for Context {
 }
 
 /// Events larger than this (serialized) are dead-lettered, never sent: Segment rejects them.
-pub const MAX_EVENT_BYTES: usize = 32 * 1024;
+pub(crate) const MAX_EVENT_BYTES: usize = 32 * 1024;
 
 /// Formats epoch milliseconds as Segment wants times: RFC 3339, UTC, millisecond precision
 /// (`2026-11-01T12:08:19.612Z`, always 24 characters for years 0 to 9999). The one formatter
 /// of event times: `timestamp`, a batch's `sentAt`, and the times of dead letters and status.
-pub fn rfc3339_millis(ms: i64) -> String {
+pub(crate) fn rfc3339_millis(ms: i64) -> String {
     use chrono::{DateTime, SecondsFormat};
     DateTime::from_timestamp_millis(ms)
         .unwrap_or_default()

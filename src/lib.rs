@@ -47,23 +47,23 @@
 //! - [`transport`]: the proxy and extra CA roots both HTTP clients (Segment, Leanplum) use.
 #![forbid(unsafe_code)]
 
-pub mod app;
-pub mod backoff;
-pub mod catalog;
+pub(crate) mod app;
+pub(crate) mod backoff;
+pub(crate) mod catalog;
 pub mod cli;
 pub(crate) mod clock;
 pub mod commands;
 pub mod config;
-pub mod control;
-pub mod deadletter;
-pub mod event;
+pub(crate) mod control;
+pub(crate) mod deadletter;
+pub(crate) mod event;
 pub mod ingest;
 pub mod input;
 pub mod leanplum;
 mod logging;
 pub mod mapping;
-pub mod segment;
+pub(crate) mod segment;
 pub mod spool;
-pub mod stats;
-pub mod transport;
-pub mod watch;
+pub(crate) mod stats;
+pub(crate) mod transport;
+pub(crate) mod watch;

@@ -28,7 +28,7 @@ pub struct Stats {
 
 /// Upper bounds (seconds) of the delivery latency buckets: from a normal flush to a day-long
 /// outage.
-pub const LATENCY_BUCKETS_SECS: [f64; 12] = [
+pub(crate) const LATENCY_BUCKETS_SECS: [f64; 12] = [
     0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
 ];
 

@@ -102,7 +102,7 @@ impl Transport {
 
 /// Checks a proxy URL: `http://` or `https://`, a host and a port, nothing after them but `/`.
 /// Messages show the URL without its credentials.
-pub fn check_proxy(text: &str) -> Result<reqwest::Url, String> {
+pub(crate) fn check_proxy(text: &str) -> Result<reqwest::Url, String> {
     let shown = redact(text);
     let url = reqwest::Url::parse(text.trim())
         .map_err(|e| format!("{shown:?} is not a URL ({e}); expected http://host:port"))?;
@@ -136,7 +136,7 @@ fn has_explicit_port(text: &str) -> bool {
 
 /// A proxy URL fit for a log line: `user:password@` becomes `<redacted>@`. Text that does not
 /// parse loses everything up to its last `@`.
-pub fn redact(text: &str) -> String {
+pub(crate) fn redact(text: &str) -> String {
     let text = text.trim();
     match reqwest::Url::parse(text) {
         Ok(url) if !url.username().is_empty() || url.password().is_some() => {
@@ -157,7 +157,7 @@ pub fn redact(text: &str) -> String {
 
 /// The certificates of a PEM file (one or more `BEGIN CERTIFICATE` blocks), each checked the
 /// way the TLS stack will take it. An error names the file and what is wrong with it.
-pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+pub(crate) fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = reqwest::Certificate::from_pem_bundle(&bytes)
         .map_err(|_| format!("{}: not a PEM certificate file", path.display()))?;

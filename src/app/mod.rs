@@ -62,16 +62,16 @@ use crate::transport::Transport;
 use crate::watch::{self, WatchHandles, WatchSettings};
 
 /// sled's page cache. The spool is streamed, so a small cache costs little speed.
-pub const SPOOL_CACHE_BYTES: u64 = 32 << 20;
+pub(crate) const SPOOL_CACHE_BYTES: u64 = 32 << 20;
 
 /// Changes the log filter of the running process (`log.level` on reload).
-pub type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub(crate) type SetLogLevel = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 /// Opens the daemon's log file again at its path.
-pub type ReopenLog = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+pub(crate) type ReopenLog = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// What signals ask of a running agent, and what it may change in the process around it.
 #[derive(Clone, Default)]
-pub struct Controls {
+pub(crate) struct Controls {
     /// SIGTERM / SIGINT.
     pub shutdown: CancellationToken,
     /// SIGUSR1: skip the backoff wait and rescan.
@@ -83,7 +83,7 @@ pub struct Controls {
     pub reopen_log: Option<ReopenLog>,
 }
 
-pub fn mapping_options(c: &Config) -> MappingOptions {
+pub(crate) fn mapping_options(c: &Config) -> MappingOptions {
     MappingOptions {
         unknown_message_channel: c.mapping.unknown_message_channel,
         email_subject: c.mapping.email_subject,
@@ -743,7 +743,7 @@ pub(crate) fn failpoint_stall(task: &str, stop: &CancellationToken) {
 
 /// How long shutdown may take in all: the drain's grace for in-flight requests and the flush,
 /// inside the shipped unit's `TimeoutStopSec=30`.
-pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(25);
+pub(crate) const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(25);
 
 /// Why a supervised task ended before shutdown: its panic, or that it returned.
 fn task_ended<T>(name: &str, r: Result<T, tokio::task::JoinError>) -> String {

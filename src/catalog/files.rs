@@ -31,13 +31,13 @@ use super::CatalogService;
 use crate::leanplum::catalog::{Catalog, CatalogError};
 
 /// How often the two files are stat'ed beside inotify.
-pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// The least time a change is given to settle, so a burst of events (a rename, a write in
 /// several calls) is one reload even with `settle_secs = 0`.
 const MIN_SETTLE: Duration = Duration::from_millis(200);
 
-pub const MESSAGES_FILE: &str = "messages.json";
-pub const ABTESTS_FILE: &str = "abtests.json";
+pub(crate) const MESSAGES_FILE: &str = "messages.json";
+pub(crate) const ABTESTS_FILE: &str = "abtests.json";
 
 /// What one catalog file looked like on disk, to tell a change: a rewrite in place changes its
 /// size, mtime or ctime; a rename into place, its inode; ctime also catches a rewrite that
@@ -100,7 +100,7 @@ pub struct LoadedFiles {
 }
 
 /// Reads `dir/messages.json` and `dir/abtests.json` (see [`Catalog::load_dir`]).
-pub fn load_files(dir: &Path) -> Result<LoadedFiles, CatalogError> {
+pub(crate) fn load_files(dir: &Path) -> Result<LoadedFiles, CatalogError> {
     let stamp = FilesStamp::of(dir);
     let catalog = Catalog::load_dir(dir)?;
     Ok(LoadedFiles {
@@ -155,11 +155,11 @@ impl Detector {
 
 /// The catalog directory and the stamp of the files last loaded from it, as SIGHUP sends it to
 /// [`watch`] (it may move the directory, and it read the files itself).
-pub type FilesSeen = (PathBuf, FilesStamp);
+pub(crate) type FilesSeen = (PathBuf, FilesStamp);
 
 /// Watches the catalog files until `stop`; `current` starts with what the agent loaded at
 /// start and changes at each SIGHUP reload.
-pub async fn watch(
+pub(crate) async fn watch(
     service: Arc<CatalogService>,
     mut current: watch_channel::Receiver<FilesSeen>,
     settle: Duration,

@@ -27,12 +27,12 @@
 //! [`LOOKUPS_PER_SEC`] a second; a failed one is retried with backoff, per id. Errors are logged
 //! when they first appear and when they change, not at every retry.
 
-pub mod files;
-pub mod parking;
+pub(crate) mod files;
+pub(crate) mod parking;
 mod refresh;
 
-pub use files::{LoadedFiles, load_files};
-pub use refresh::run;
+pub(crate) use files::{LoadedFiles, load_files};
+pub(crate) use refresh::run;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,21 +48,21 @@ use crate::mapping::{MappingOptions, MappingState, SharedMapping};
 use crate::spool::Spool;
 
 /// How long "Leanplum says this message does not exist" is believed before asking again.
-pub const MISSING_TTL: Duration = Duration::from_secs(15 * 60);
+pub(crate) const MISSING_TTL: Duration = Duration::from_secs(15 * 60);
 /// The most `getMessage` calls a second.
-pub const LOOKUPS_PER_SEC: u64 = 5;
+pub(crate) const LOOKUPS_PER_SEC: u64 = 5;
 
 /// Where an entry, or the API layer as a whole, came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Source {
+pub(crate) enum Source {
     Files,
     Api,
     Cache,
 }
 
 impl Source {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Source::Files => "files",
             Source::Api => "api",
@@ -404,7 +404,7 @@ fn parse_cache(bytes: &[u8]) -> Result<(Catalog, u64), String> {
 
 /// The catalog as `catalog show` sees it with no agent running: the files, and the spool's
 /// cache when the API is configured.
-pub fn offline_show(
+pub(crate) fn offline_show(
     files: Catalog,
     spool: Option<&Spool>,
     api_enabled: bool,
@@ -622,7 +622,7 @@ fn show_of(st: &State, api_enabled: bool, id: Option<Id>) -> Shown {
 }
 
 /// `catalog show` for people; `id` is the one asked for, if any.
-pub fn render_show(shown: &Shown, id: Option<&str>) -> String {
+pub(crate) fn render_show(shown: &Shown, id: Option<&str>) -> String {
     let mut out = String::new();
     let status = &shown.status;
     out.push_str(&format!(
@@ -714,7 +714,7 @@ fn render_entry(e: &ShownEntry) -> String {
 }
 
 /// The optional id of `catalog show`.
-pub fn parse_id(word: Option<&str>) -> Result<Option<Id>, String> {
+pub(crate) fn parse_id(word: Option<&str>) -> Result<Option<Id>, String> {
     match word {
         None => Ok(None),
         Some(w) => w

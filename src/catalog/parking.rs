@@ -33,7 +33,7 @@ const TOP_IDS: usize = 5;
 const COMMIT_EVENTS: usize = 2000;
 
 /// The quarantine entry that parks `record`, whose mapping held back engagements of `ids`.
-pub fn entry(record: &Record, ids: &[Id], file: &str, line: u64) -> QuarantineEntry {
+pub(crate) fn entry(record: &Record, ids: &[Id], file: &str, line: u64) -> QuarantineEntry {
     let kept = parked_part(record, ids);
     let names = id_names(ids);
     QuarantineEntry {
@@ -54,7 +54,7 @@ pub fn entry(record: &Record, ids: &[Id], file: &str, line: u64) -> QuarantineEn
 
 /// What one pass over the parked records did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Remapped {
+pub(crate) struct Remapped {
     /// Records whose engagements all mapped: their entries are gone.
     pub released: u64,
     /// Events spooled (new to the dedupe index).
@@ -64,7 +64,7 @@ pub struct Remapped {
 }
 
 /// Maps every parked record again with `mapping`; see the module doc.
-pub fn remap(spool: &Spool, mapping: &MappingState) -> Result<Remapped, spool::Error> {
+pub(crate) fn remap(spool: &Spool, mapping: &MappingState) -> Result<Remapped, spool::Error> {
     let mut done = Remapped::default();
     let mut events = Vec::new();
     // Entry changes wait for the commit of the events they release.
@@ -132,7 +132,7 @@ fn id_names(ids: &[Id]) -> Vec<String> {
 
 /// Parked records in `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ParkedSummary {
+pub(crate) struct ParkedSummary {
     /// Records parked now.
     pub records: u64,
     /// The message ids most records wait for, with their counts, most first.
@@ -140,13 +140,13 @@ pub struct ParkedSummary {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ParkedMessage {
+pub(crate) struct ParkedMessage {
     pub message_id: String,
     pub records: u64,
 }
 
 /// Counts the parked records and their message ids (one walk of the quarantine).
-pub fn summary(spool: &Spool) -> Result<ParkedSummary, spool::Error> {
+pub(crate) fn summary(spool: &Spool) -> Result<ParkedSummary, spool::Error> {
     Ok(summarize(spool.letters().quarantine_tags()?))
 }
 
@@ -180,7 +180,7 @@ pub(crate) fn summarize(tags: Vec<QuarantineTag>) -> ParkedSummary {
 
 /// Maps the parked records again each time the catalog (or the mapping options) change, until
 /// `stop`. A pass runs at start too: the catalog may have changed while the agent was down.
-pub async fn run(
+pub(crate) async fn run(
     spool: Arc<Spool>,
     service: Arc<CatalogService>,
     mapping: SharedMapping,

@@ -25,7 +25,7 @@ pub(super) fn lookup_backoff() -> Backoff {
 }
 
 /// Runs until `stop`: a refresh at once, then every `interval`; lookups as the reader asks.
-pub async fn run(
+pub(crate) async fn run(
     service: Arc<CatalogService>,
     api: LeanplumApi,
     interval: Duration,

@@ -14,7 +14,7 @@ use crate::spool::{self, FileRecord, FileStatus, Spool};
 
 /// One line of `files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
+pub(crate) struct FileEntry {
     pub id: u64,
     /// Relative to `watch.dir`; absolute for a replay.
     pub path: String,
@@ -38,7 +38,7 @@ pub struct FileEntry {
 
 /// What only the running agent knows about files being read.
 #[derive(Debug, Clone, Default)]
-pub struct LiveFiles {
+pub(crate) struct LiveFiles {
     /// Files held on an unfinished last line (the ingestor's set).
     pub holding: Arc<Mutex<HashSet<PathBuf>>>,
     /// Files waiting for the catalog, with what they wait for.
@@ -81,7 +81,7 @@ fn state(rec: &FileRecord, live: Option<&LiveFiles>) -> (&'static str, Option<St
 }
 
 /// Every file record, oldest first; only those in `state_filter` when given.
-pub fn list(
+pub(crate) fn list(
     spool: &Spool,
     live: Option<&LiveFiles>,
     state_filter: Option<&str>,
@@ -113,7 +113,7 @@ pub fn list(
 }
 
 /// `files` for people: one line per file.
-pub fn render(entries: &[FileEntry]) -> String {
+pub(crate) fn render(entries: &[FileEntry]) -> String {
     if entries.is_empty() {
         return "no files\n".into();
     }
@@ -141,7 +141,7 @@ pub fn render(entries: &[FileEntry]) -> String {
 
 /// The files `paths` name for a replay: files as they are, directories walked (sorted, hidden
 /// files and Leanplum job manifests left out). Paths must be absolute.
-pub fn replay_targets(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+pub(crate) fn replay_targets(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
     for p in paths {
         if !p.is_absolute() {

@@ -14,12 +14,12 @@ use super::status::StatusReport;
 use crate::stats::Stats;
 
 /// Binds `addr`; errors (address in use) surface at startup.
-pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+pub(crate) async fn bind(addr: &str) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
 /// Serves `GET /metrics` until `shutdown`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     report: ReportFn,
     stats: Arc<Stats>,
@@ -71,7 +71,7 @@ async fn answer(mut stream: TcpStream, report: ReportFn, stats: Arc<Stats>) -> s
 }
 
 /// The Prometheus text exposition of a report and the latency histogram.
-pub fn render(r: &StatusReport, stats: &Stats) -> String {
+pub(crate) fn render(r: &StatusReport, stats: &Stats) -> String {
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP lsa_{name} {help}\n# TYPE lsa_{name} {kind}");

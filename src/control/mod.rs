@@ -12,16 +12,14 @@
 //! - [`metrics`]: the Prometheus endpoint (`[control] metrics_listen`).
 //! - `signals`: SIGTERM / SIGINT / SIGHUP / SIGUSR1 into the agent's controls.
 
-pub mod files;
-pub mod metrics;
+pub(crate) mod files;
+pub(crate) mod metrics;
 pub(crate) mod protocol;
 pub(crate) mod signals;
-pub mod socket;
-pub mod status;
+pub(crate) mod socket;
+pub(crate) mod status;
 
 pub(crate) use protocol::{Answer, DeadLetterRequest, Request, ask};
 pub(crate) use socket::Handler;
-pub use socket::{ControlSocket, QueryError, REQUEST_TIMEOUT, ReportFn};
-pub use status::{
-    LiveSources, STATE_STOPPED, StatusReport, live_report, offline_report, state_name,
-};
+pub(crate) use socket::{ControlSocket, QueryError, ReportFn};
+pub(crate) use status::{LiveSources, STATE_STOPPED, StatusReport, live_report, offline_report};

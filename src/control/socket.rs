@@ -31,7 +31,7 @@ use super::protocol::{Answer, Request, decode_request, encode_answer};
 use super::status::StatusReport;
 
 /// How long a client may take to send its request, and to take the answer.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the agent works on one answer before it answers with an error instead.
 const ANSWER_LIMIT: Duration = Duration::from_secs(60);
@@ -51,7 +51,7 @@ const MAX_ANSWER_BYTES: u64 = 4 << 20;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Builds the report on demand; called from a blocking thread, because it reads the spool.
-pub type ReportFn = Arc<dyn Fn() -> StatusReport + Send + Sync>;
+pub(crate) type ReportFn = Arc<dyn Fn() -> StatusReport + Send + Sync>;
 
 /// The agent's one dispatcher: answers every [`Request`], or says why it cannot; called from a
 /// blocking thread, because answers read the spool.
@@ -60,7 +60,7 @@ pub(crate) type Handler = Arc<dyn Fn(Request) -> Result<Answer, String> + Send +
 /// A bound control socket, not yet answering: lets the caller fail start-up on a bind error
 /// and then spawn [`ControlSocket::run`].
 #[derive(Debug)]
-pub struct ControlSocket {
+pub(crate) struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
     /// (device, inode) of the socket file we created: on shutdown we remove only that file,
@@ -73,7 +73,7 @@ impl ControlSocket {
     /// replaces a stale socket file. Fails with [`io::ErrorKind::AddrInUse`] if another agent
     /// answers on `path`, and with [`io::ErrorKind::AlreadyExists`] if `path` is something
     /// other than a socket; so the caller fails start-up here, before spawning [`Self::run`].
-    pub async fn bind(path: &Path) -> io::Result<ControlSocket> {
+    pub(crate) async fn bind(path: &Path) -> io::Result<ControlSocket> {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
@@ -98,10 +98,6 @@ impl ControlSocket {
             path: path.to_path_buf(),
             identity,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Answers requests with `handler` until `shutdown`, then stops accepting, drops the
@@ -272,7 +268,7 @@ fn annotate(e: io::Error, path: &Path) -> io::Error {
 /// Why [`super::protocol::ask`] got no answer. [`QueryError::NoDaemon`] means no agent runs (`status`
 /// then reads the spool and exits 3); every other variant is a failure (exit 1).
 #[derive(Debug, thiserror::Error)]
-pub enum QueryError {
+pub(crate) enum QueryError {
     /// The socket file is missing, or nobody accepts on it (a crashed agent's leftover).
     #[error("no agent is running (nothing answers on {})", path.display())]
     NoDaemon { path: PathBuf },
@@ -296,7 +292,7 @@ pub enum QueryError {
 
 impl QueryError {
     /// True when no agent runs: the caller reports from the spool instead.
-    pub fn is_no_daemon(&self) -> bool {
+    pub(crate) fn is_no_daemon(&self) -> bool {
         matches!(self, QueryError::NoDaemon { .. })
     }
 }

@@ -59,7 +59,7 @@ use crate::spool::{self, FileStatus, Spool};
 use crate::stats::Stats;
 
 /// The `state` of an agent that is not running.
-pub const STATE_STOPPED: &str = "stopped";
+pub(crate) const STATE_STOPPED: &str = "stopped";
 
 /// One status report; see the module doc for what each field means.
 ///
@@ -67,7 +67,7 @@ pub const STATE_STOPPED: &str = "stopped";
 /// daemon still running, so a field the daemon does not know yet must not fail the parse.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct StatusReport {
+pub(crate) struct StatusReport {
     pub state: String,
     pub version: String,
     pub pid: Option<u32>,
@@ -111,13 +111,13 @@ pub struct StatusReport {
 impl StatusReport {
     /// A short human summary (about a dozen aligned "label: value" lines, the state first), as
     /// `status` prints it.
-    pub fn render_human(&self) -> String {
+    pub(crate) fn render_human(&self) -> String {
         self.render_human_at(Utc::now())
     }
 
     /// One line for systemd's `STATUS=`, e.g.
     /// `running: 1234 queued, 5678 delivered, last success 12s ago`.
-    pub fn one_line(&self) -> String {
+    pub(crate) fn one_line(&self) -> String {
         self.one_line_at(Utc::now())
     }
 
@@ -312,7 +312,7 @@ impl StatusReport {
 
 /// What a running agent knows, gathered for [`live_report`].
 #[derive(Debug)]
-pub struct LiveSources<'a> {
+pub(crate) struct LiveSources<'a> {
     pub stats: &'a Stats,
     /// A snapshot of the drain's status (copied out of its mutex by the caller).
     pub drain: &'a DrainStatus,
@@ -330,7 +330,7 @@ pub struct LiveSources<'a> {
 
 /// Builds the report of this running agent. Never fails: a spool that cannot be read shows
 /// as zeros and a note, because a status answer that says why beats no answer.
-pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
+pub(crate) fn live_report(src: &LiveSources<'_>) -> StatusReport {
     let mut notes = src.notes.to_vec();
     if let Some(note) = src.spool.recovered()
         && !notes.iter().any(|n| n == note)
@@ -409,7 +409,7 @@ pub fn live_report(src: &LiveSources<'_>) -> StatusReport {
 /// Builds the report of a stopped agent from its spool alone (`status` with no daemon): state
 /// `stopped`, the figures only the spool knows (depth, oldest event age, quarantine and
 /// dead-letter counts, files by status), the process counters 0.
-pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spool::Error> {
+pub(crate) fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spool::Error> {
     let depth = spool.queue().depth()?;
     let oldest = spool.queue().oldest_enqueued_ms()?;
     let counts = file_counts(spool)?;
@@ -445,7 +445,7 @@ pub fn offline_report(spool: &Spool, endpoint: &str) -> Result<StatusReport, spo
 /// The `state` for a drain state, with a full spool: auth and rejection come first because
 /// they are what the operator must fix (they also end up filling the spool); a full spool
 /// comes before a backoff because it means input is no longer being read.
-pub fn state_name(drain: DeliveryState, spool_full: bool) -> &'static str {
+pub(crate) fn state_name(drain: DeliveryState, spool_full: bool) -> &'static str {
     match (drain, spool_full) {
         (DeliveryState::AuthFailed, _) => "auth_failed",
         (DeliveryState::Rejected, _) => "rejected",

@@ -5,16 +5,19 @@ use std::io::Write;
 
 /// Bytes of the envelope around the events: `{"batch":[` + `],"sentAt":"` + 24-char timestamp
 /// + `"}`. `sentAt` is always `YYYY-MM-DDTHH:MM:SS.mmmZ`, 24 characters.
-pub const ENVELOPE_BYTES: usize = r#"{"batch":[],"sentAt":""}"#.len() + 24;
+pub(crate) const ENVELOPE_BYTES: usize = r#"{"batch":[],"sentAt":""}"#.len() + 24;
 
 /// The JSON budget for events in a batch of at most `max_batch_bytes`, counting each event as
 /// its length plus one separator (one more than the commas actually needed, so never over).
-pub fn event_budget(max_batch_bytes: usize) -> usize {
+pub(crate) fn event_budget(max_batch_bytes: usize) -> usize {
     max_batch_bytes.saturating_sub(ENVELOPE_BYTES)
 }
 
 /// The request body for `events` (each a serialized track event) sent at `sent_at`.
-pub fn encode_body<'a>(events: impl IntoIterator<Item = &'a [u8]>, sent_at: &str) -> Vec<u8> {
+pub(crate) fn encode_body<'a>(
+    events: impl IntoIterator<Item = &'a [u8]>,
+    sent_at: &str,
+) -> Vec<u8> {
     let mut body = Vec::with_capacity(64 * 1024);
     body.extend_from_slice(br#"{"batch":["#);
     for (i, e) in events.into_iter().enumerate() {
@@ -29,7 +32,7 @@ pub fn encode_body<'a>(events: impl IntoIterator<Item = &'a [u8]>, sent_at: &str
     body
 }
 
-pub fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+pub(crate) fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut enc = flate2::write::GzEncoder::new(
         Vec::with_capacity(body.len() / 4),
         flate2::Compression::fast(),

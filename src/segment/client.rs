@@ -11,7 +11,7 @@ use crate::transport::Transport;
 
 /// What Segment said (or that it could not be reached).
 #[derive(Debug, Clone)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// `None` for a connect error, reset, or timeout.
     pub status: Option<u16>,
     pub retry_after: Option<Duration>,
@@ -20,7 +20,7 @@ pub struct Answer {
 }
 
 #[derive(Clone)]
-pub struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     url: String,
     gzip: bool,
@@ -34,7 +34,7 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// `transport`: the proxy and extra CA roots of `[segment]` (see [`crate::transport`]).
-    pub fn new(
+    pub(crate) fn new(
         endpoint: &str,
         key: &WriteKey,
         timeout: Duration,
@@ -73,12 +73,12 @@ impl Client {
         })
     }
 
-    pub fn url(&self) -> &str {
+    pub(crate) fn url(&self) -> &str {
         &self.url
     }
 
     /// Sends one request body (already encoded, not yet compressed).
-    pub async fn send(&self, body: Vec<u8>) -> Answer {
+    pub(crate) async fn send(&self, body: Vec<u8>) -> Answer {
         let mut req = self.http.post(&self.url);
         let body = if self.gzip {
             match super::batch::gzip(&body) {

@@ -29,25 +29,25 @@
 use std::time::{Duration, Instant};
 
 /// Weight of a new window's mean in the smoothed round trip (Vector's default).
-pub const EWMA_ALPHA: f64 = 0.4;
+pub(crate) const EWMA_ALPHA: f64 = 0.4;
 /// A round trip counts as rising beyond `mean + DEVIATION_SCALE * deviation` (Vector's default).
-pub const DEVIATION_SCALE: f64 = 2.5;
+pub(crate) const DEVIATION_SCALE: f64 = 2.5;
 /// ... and beyond `mean * (1 + RTT_FLOOR)`: a very steady link (deviation near 0) must not
 /// read a millisecond of jitter as congestion.
-pub const RTT_FLOOR: f64 = 0.1;
+pub(crate) const RTT_FLOOR: f64 = 0.1;
 /// The shortest window, for loopback round trips of a fraction of a millisecond.
-pub const MIN_WINDOW: Duration = Duration::from_millis(5);
+pub(crate) const MIN_WINDOW: Duration = Duration::from_millis(5);
 
 /// `segment.concurrency`: a number, or adaptive up to `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Fixed(usize),
     Adaptive { max: usize },
 }
 
 /// What a finished request says about load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// 2xx.
     Success,
     /// An answer that says nothing about load (400, 401, 403, other 4xx): the round trip counts.
@@ -57,7 +57,7 @@ pub enum Outcome {
 }
 
 #[derive(Debug, Clone)]
-pub struct Controller {
+pub(crate) struct Controller {
     mode: Mode,
     limit: usize,
     /// Smoothed round trip and its mean deviation, in seconds; `None` before the first window.
@@ -76,7 +76,7 @@ struct Window {
 }
 
 impl Controller {
-    pub fn new(mode: Mode) -> Controller {
+    pub(crate) fn new(mode: Mode) -> Controller {
         let limit = match mode {
             Mode::Fixed(n) => n.max(1),
             Mode::Adaptive { .. } => 1,
@@ -90,17 +90,17 @@ impl Controller {
         }
     }
 
-    pub fn mode(&self) -> Mode {
+    pub(crate) fn mode(&self) -> Mode {
         self.mode
     }
 
     /// Requests that may be in flight now.
-    pub fn limit(&self) -> usize {
+    pub(crate) fn limit(&self) -> usize {
         self.limit
     }
 
     /// The most the limit can be: the fixed number, or the adaptive ceiling.
-    pub fn max(&self) -> usize {
+    pub(crate) fn max(&self) -> usize {
         match self.mode {
             Mode::Fixed(n) => n.max(1),
             Mode::Adaptive { max } => max.max(1),
@@ -108,19 +108,19 @@ impl Controller {
     }
 
     /// The smoothed round trip, once a window has ended.
-    pub fn rtt(&self) -> Option<Duration> {
+    pub(crate) fn rtt(&self) -> Option<Duration> {
         self.mean.map(Duration::from_secs_f64)
     }
 
     /// A request was launched; `in_flight` counts it.
-    pub fn launched(&mut self, in_flight: usize) {
+    pub(crate) fn launched(&mut self, in_flight: usize) {
         if in_flight >= self.limit {
             self.window.reached_limit = true;
         }
     }
 
     /// A request finished after `rtt` with `outcome`, at `now`.
-    pub fn observe(&mut self, rtt: Duration, outcome: Outcome, now: Instant) {
+    pub(crate) fn observe(&mut self, rtt: Duration, outcome: Outcome, now: Instant) {
         let adaptive = matches!(self.mode, Mode::Adaptive { .. });
         if outcome == Outcome::Overloaded {
             if adaptive {

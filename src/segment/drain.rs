@@ -40,10 +40,10 @@ use crate::spool::{Queued, Spool};
 use crate::stats::Stats;
 
 /// How long in-flight requests get to finish once shutdown starts.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
-pub struct DrainSettings {
+pub(crate) struct DrainSettings {
     pub max_batch_bytes: usize,
     pub max_batch_events: usize,
     pub flush_interval: Duration,
@@ -55,7 +55,7 @@ pub struct DrainSettings {
 }
 
 impl DrainSettings {
-    pub fn from_config(c: &crate::config::Config) -> DrainSettings {
+    pub(crate) fn from_config(c: &crate::config::Config) -> DrainSettings {
         DrainSettings {
             max_batch_bytes: c.segment.max_batch_bytes,
             max_batch_events: c.segment.max_batch_events,
@@ -76,7 +76,7 @@ impl DrainSettings {
 /// The drain's state as `status` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
-pub enum DeliveryState {
+pub(crate) enum DeliveryState {
     #[default]
     Running,
     BackingOff,
@@ -85,7 +85,7 @@ pub enum DeliveryState {
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct DrainStatus {
+pub(crate) struct DrainStatus {
     pub state: DeliveryState,
     pub last_success_ms: Option<u64>,
     pub last_error: Option<String>,
@@ -109,14 +109,14 @@ pub struct DrainStatus {
 /// What a reload may change: the limits and timers, and the client (endpoint, key, timeout,
 /// gzip). Sent through a watch channel; the drain picks it up between requests.
 #[derive(Debug, Clone)]
-pub struct DrainConfig {
+pub(crate) struct DrainConfig {
     pub settings: DrainSettings,
     pub client: Client,
 }
 
 /// Handles the rest of the agent uses to talk to the drain.
 #[derive(Debug, Clone, Default)]
-pub struct DrainHandle {
+pub(crate) struct DrainHandle {
     /// Last time (ms since the epoch) the drain loop went round: the watchdog's proof of life.
     pub heartbeat_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Wakes the drain: new events were committed.
@@ -164,7 +164,7 @@ impl RoundBackoff {
     }
 }
 
-pub struct Drain {
+pub(crate) struct Drain {
     spool: Arc<Spool>,
     config: tokio::sync::watch::Receiver<DrainConfig>,
     stats: Arc<Stats>,
@@ -174,7 +174,7 @@ pub struct Drain {
 }
 
 impl Drain {
-    pub fn new(
+    pub(crate) fn new(
         spool: Arc<Spool>,
         config: tokio::sync::watch::Receiver<DrainConfig>,
         stats: Arc<Stats>,
@@ -192,7 +192,7 @@ impl Drain {
 
     /// Runs until `shutdown`; then lets in-flight requests finish for up to
     /// [`SHUTDOWN_GRACE`] and returns. Unfinished batches stay in the spool.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         crate::app::failpoint("drain");
         let mut current = self.config.borrow_and_update().clone();
         let mut s = current.settings.clone();

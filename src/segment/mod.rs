@@ -4,9 +4,9 @@
 //! the `max_events_per_sec` bucket (`rate`), and the drain loop that runs them (`drain`).
 //! The event itself is [`crate::event`]; the backoff timer is [`crate::backoff`].
 
-pub mod batch;
-pub mod client;
-pub mod concurrency;
-pub mod drain;
-pub mod rate;
-pub mod retry;
+pub(crate) mod batch;
+pub(crate) mod client;
+pub(crate) mod concurrency;
+pub(crate) mod drain;
+pub(crate) mod rate;
+pub(crate) mod retry;

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     per_sec: u64,
     capacity: f64,
     /// May be negative: the debt of a batch larger than the bucket.
@@ -20,7 +20,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// `None` for 0: unlimited.
-    pub fn new(per_sec: u64, now: Instant) -> Option<TokenBucket> {
+    pub(crate) fn new(per_sec: u64, now: Instant) -> Option<TokenBucket> {
         (per_sec > 0).then(|| {
             let capacity = per_sec as f64;
             TokenBucket {
@@ -32,12 +32,8 @@ impl TokenBucket {
         })
     }
 
-    pub fn per_sec(&self) -> u64 {
-        self.per_sec
-    }
-
     /// Events the bucket holds when full: the largest batch worth making.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.capacity as usize
     }
 
@@ -49,7 +45,7 @@ impl TokenBucket {
 
     /// Takes `n` tokens if the batch may go at `now`; otherwise takes nothing and says when it
     /// may.
-    pub fn try_take(&mut self, n: usize, now: Instant) -> Result<(), Instant> {
+    pub(crate) fn try_take(&mut self, n: usize, now: Instant) -> Result<(), Instant> {
         self.refill(now);
         let need = (n as f64).min(self.capacity);
         // A hair of tolerance, so a wake-up computed from the rate is never a hair early.

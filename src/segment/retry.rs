@@ -7,7 +7,7 @@ use super::concurrency::Outcome;
 
 /// What to do with a batch after one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// 2xx: the events are Segment's now; remove them from the spool.
     Ack,
     /// Transient (connect error, timeout, 408, 410, 429, 460, most 5xx): send the same events
@@ -26,7 +26,7 @@ pub enum Decision {
 
 /// The response table of SPEC section 6 for a batch of `events` events. `status` is `None` for
 /// a connect error, a reset or a timeout.
-pub fn decide(status: Option<u16>, events: usize) -> Decision {
+pub(crate) fn decide(status: Option<u16>, events: usize) -> Decision {
     match status {
         None => Decision::Retry,
         Some(200..=299) => Decision::Ack,
@@ -45,7 +45,7 @@ pub fn decide(status: Option<u16>, events: usize) -> Decision {
 impl Decision {
     /// What the answer says about load: transient failures (408, 410, 429, 460, 5xx, timeouts
     /// and transport errors) mean overload; a refusal of the content or the key says nothing.
-    pub fn outcome(self) -> Outcome {
+    pub(crate) fn outcome(self) -> Outcome {
         match self {
             Decision::Ack => Outcome::Success,
             Decision::Retry => Outcome::Overloaded,

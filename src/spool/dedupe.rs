@@ -43,22 +43,22 @@ const PARTITION_ENTRY: usize = 10;
 
 const PAGE: usize = 4096;
 const SLOT: usize = 12;
-pub const SLOTS: usize = PAGE / SLOT;
+pub(super) const SLOTS: usize = PAGE / SLOT;
 const MAGIC: &[u8; 8] = b"LSADEDUP";
 const TABLE_VERSION: u32 = 1;
 const HEADER_LEN: usize = 8 + 4 + 8 + 8 + 8;
 const MIN_PAGES: u64 = 256;
 /// A checkpoint once the log holds this many entries (about 10 MB of sled values).
-pub const CHECKPOINT_ENTRIES: u64 = 1_000_000;
+pub(super) const CHECKPOINT_ENTRIES: u64 = 1_000_000;
 
 /// Where an id goes and what is stored for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Fingerprint {
+pub(super) struct Fingerprint {
     pub partition: u16,
     pub hash: u64,
 }
 
-pub fn fingerprint(message_id: &str) -> Fingerprint {
+pub(super) fn fingerprint(message_id: &str) -> Fingerprint {
     let d = Sha256::digest(message_id.as_bytes());
     Fingerprint {
         partition: u16::from_be_bytes([d[0], d[1]]),
@@ -67,17 +67,17 @@ pub fn fingerprint(message_id: &str) -> Fingerprint {
 }
 
 /// Days since the Unix epoch (fits a u16 until 2149).
-pub fn day(ms: u64) -> u16 {
+pub(super) fn day(ms: u64) -> u16 {
     u16::try_from(ms / 86_400_000).unwrap_or(u16::MAX)
 }
 
 /// The table file under `spool.dir`.
-pub fn path(spool_dir: &Path) -> PathBuf {
+pub(super) fn path(spool_dir: &Path) -> PathBuf {
     spool_dir.join("dedupe.tab")
 }
 
 /// A log value: the entries one commit added, `[partition u16 BE][hash u64 BE][day u16 BE]`.
-pub fn encode_log(entries: &[(Fingerprint, u16)]) -> Vec<u8> {
+pub(super) fn encode_log(entries: &[(Fingerprint, u16)]) -> Vec<u8> {
     let mut v = Vec::with_capacity(entries.len() * 12);
     for (f, day) in entries {
         v.extend_from_slice(&f.partition.to_be_bytes());
@@ -87,7 +87,7 @@ pub fn encode_log(entries: &[(Fingerprint, u16)]) -> Vec<u8> {
     v
 }
 
-pub fn decode_log(v: &[u8]) -> Option<Vec<(Fingerprint, u16)>> {
+pub(super) fn decode_log(v: &[u8]) -> Option<Vec<(Fingerprint, u16)>> {
     if !v.len().is_multiple_of(12) {
         return None;
     }
@@ -107,7 +107,7 @@ pub fn decode_log(v: &[u8]) -> Option<Vec<(Fingerprint, u16)>> {
 }
 
 /// The entries of a version 2 partition value (`None`: damaged).
-pub fn decode_partition(partition: u16, v: &[u8]) -> Option<Vec<(Fingerprint, u16)>> {
+pub(super) fn decode_partition(partition: u16, v: &[u8]) -> Option<Vec<(Fingerprint, u16)>> {
     if !v.len().is_multiple_of(PARTITION_ENTRY) {
         return None;
     }
@@ -145,7 +145,7 @@ fn set_slot(page: &mut [u8], i: usize, f: Fingerprint, day: u16) {
 }
 
 /// The table (see the module doc). Owned by the spool's writer.
-pub struct Table {
+pub(super) struct Table {
     path: PathBuf,
     file: File,
     /// Data pages (the header page not counted).
@@ -178,7 +178,7 @@ impl std::fmt::Debug for Table {
 impl Table {
     /// Opens the table at `path`, or starts an empty one when it is missing or its header is
     /// damaged (saying so: ids spooled before may be spooled again).
-    pub fn open(path: &Path) -> Result<Table, Error> {
+    pub(super) fn open(path: &Path) -> Result<Table, Error> {
         table_file::remove_unfinished(path);
         match Table::open_existing(path)? {
             Some(t) => Ok(t),
@@ -192,7 +192,7 @@ impl Table {
     }
 
     /// Replaces the table at `path` with an empty one (its entries cannot be trusted).
-    pub fn reset(path: &Path) -> Result<Table, Error> {
+    pub(super) fn reset(path: &Path) -> Result<Table, Error> {
         Table::create(path, MIN_PAGES, 0)
     }
 
@@ -270,7 +270,7 @@ impl Table {
     }
 
     /// Which of `ids` the table (or the pending entries) holds within the window.
-    pub fn contains(&self, ids: &[Fingerprint]) -> Result<Vec<bool>, Error> {
+    pub(super) fn contains(&self, ids: &[Fingerprint]) -> Result<Vec<bool>, Error> {
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_unstable_by_key(|&i| self.page_of(&ids[i]));
         let mut out = vec![false; ids.len()];
@@ -303,7 +303,11 @@ impl Table {
     /// Takes the entries of the committed log value `seq` (and any still pending). A failure
     /// to write the table keeps them pending (looked up from memory) and is returned for the
     /// caller to log; the commit stands.
-    pub fn apply(&mut self, seq: u64, entries: Vec<(Fingerprint, u16)>) -> Result<(), Error> {
+    pub(super) fn apply(
+        &mut self,
+        seq: u64,
+        entries: Vec<(Fingerprint, u16)>,
+    ) -> Result<(), Error> {
         self.pending.push((seq, entries));
         let result = self.apply_pending();
         self.pending_set = self
@@ -322,7 +326,7 @@ impl Table {
     }
 
     /// Puts entries of an older format in and syncs them (before their old form is deleted).
-    pub fn insert_durably(&mut self, entries: &[(Fingerprint, u16)]) -> Result<(), Error> {
+    pub(super) fn insert_durably(&mut self, entries: &[(Fingerprint, u16)]) -> Result<(), Error> {
         self.insert(entries)?;
         self.file.sync_data().map_err(io_err(&self.path))?;
         self.write_header(&self.path.clone())
@@ -469,7 +473,7 @@ impl Table {
     }
 
     /// Makes the table durable up to `applied` and returns it: the log values up to it can go.
-    pub fn checkpoint(&mut self) -> Result<u64, Error> {
+    pub(super) fn checkpoint(&mut self) -> Result<u64, Error> {
         let header = || self.write_header(&self.path);
         self.durable =
             table_file::checkpoint(&self.file, &self.path, self.durable, self.applied, header)?;
@@ -477,13 +481,13 @@ impl Table {
     }
 
     /// The last log sequence number the table holds, durably or not.
-    pub fn applied(&self) -> u64 {
+    pub(super) fn applied(&self) -> u64 {
         self.applied
     }
 
     /// Clears the slots of days before `min_day` in pages `[from, to)` (1-based, clamped) and
     /// returns how many. From then on such entries count as absent anyway.
-    pub fn prune_pages(&mut self, from: u64, to: u64) -> Result<u64, Error> {
+    pub(super) fn prune_pages(&mut self, from: u64, to: u64) -> Result<u64, Error> {
         let mut cleared = 0;
         let mut buf = [0u8; PAGE];
         for page in from.max(1)..to.min(self.pages + 1) {
@@ -505,7 +509,7 @@ impl Table {
         Ok(cleared)
     }
 
-    pub fn pages(&self) -> u64 {
+    pub(super) fn pages(&self) -> u64 {
         self.pages
     }
 }

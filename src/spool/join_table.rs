@@ -231,7 +231,7 @@ pub(super) fn path(spool_dir: &Path) -> PathBuf {
 impl Table {
     /// Opens the table at `path`, or creates an empty one when it is missing. A damaged header
     /// is an error: the join's state cannot be rebuilt from anything else.
-    pub fn open(path: &Path) -> Result<Table, Error> {
+    pub(super) fn open(path: &Path) -> Result<Table, Error> {
         table_file::remove_unfinished(path);
         let file = match fs::OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => f,
@@ -332,7 +332,7 @@ impl Table {
     }
 
     /// The value at `key` (of group `key[..group]`).
-    pub fn get(&mut self, key: &[u8], group: usize) -> Result<Option<Vec<u8>>, Error> {
+    pub(super) fn get(&mut self, key: &[u8], group: usize) -> Result<Option<Vec<u8>>, Error> {
         self.apply_pending()?;
         let mut found = None;
         self.walk(&key[..group], |_, page| {
@@ -345,7 +345,7 @@ impl Table {
     }
 
     /// Up to `limit` records of `group` whose key starts with `prefix`.
-    pub fn scan_group(
+    pub(super) fn scan_group(
         &mut self,
         group: &[u8],
         prefix: &[u8],
@@ -371,7 +371,7 @@ impl Table {
     /// Records whose key starts with `prefix`, reading the table in page order from `from`
     /// (1-based) until `limit` are found. Returns them and the page to go on from (`None`: the
     /// end was reached).
-    pub fn scan_all(
+    pub(super) fn scan_all(
         &mut self,
         prefix: &[u8],
         from: u64,
@@ -401,7 +401,7 @@ impl Table {
     /// Takes the writes of the committed log value `seq`. A failure to write the table keeps
     /// them pending (applied before the next read) and is returned for the caller to log; the
     /// commit stands.
-    pub fn apply(&mut self, seq: u64, writes: Vec<Write>) -> Result<(), Error> {
+    pub(super) fn apply(&mut self, seq: u64, writes: Vec<Write>) -> Result<(), Error> {
         self.pending.push((seq, writes));
         self.apply_pending()
     }
@@ -549,7 +549,7 @@ impl Table {
     }
 
     /// Makes the table durable up to `applied` and returns it: the log values up to it can go.
-    pub fn checkpoint(&mut self) -> Result<u64, Error> {
+    pub(super) fn checkpoint(&mut self) -> Result<u64, Error> {
         let header = || self.write_header(&self.path);
         self.durable =
             table_file::checkpoint(&self.file, &self.path, self.durable, self.applied, header)?;
@@ -558,7 +558,7 @@ impl Table {
 
     /// Counts the records of the waiting tree again (after a replay, whose writes may have
     /// met a table that had taken some of them already).
-    pub fn recount(&mut self) -> Result<(), Error> {
+    pub(super) fn recount(&mut self) -> Result<(), Error> {
         let tag = [WAITING_TAG];
         let mut n = 0;
         let mut used = 0;

@@ -20,9 +20,9 @@
 //!   u64][JSON]`, read as a packet of one.
 
 /// Packets are filled up to this many bytes of event JSON (at least one event each).
-pub const PACKET_BYTES: usize = 256 << 10;
+pub(super) const PACKET_BYTES: usize = 256 << 10;
 /// And hold at most this many events (the bitmap stays at 128 bytes; `n` fits its u16).
-pub const PACKET_EVENTS: usize = 1024;
+pub(super) const PACKET_EVENTS: usize = 1024;
 
 const V1: u8 = 1;
 const V2: u8 = 2;
@@ -31,7 +31,7 @@ const V2_HEADER: usize = 19;
 
 /// The decoded header and event bounds of one packet (borrowing nothing: ranges into the value).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Packet {
+pub(super) struct Packet {
     pub enqueued_ms: u64,
     pub file_id: u64,
     /// Byte ranges of each event's JSON in the value.
@@ -39,13 +39,13 @@ pub struct Packet {
 }
 
 impl Packet {
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.events.len()
     }
 }
 
 /// Splits `events` (JSON, each at most `u32::MAX` bytes) into packets.
-pub fn split<'a, T>(
+pub(super) fn split<'a, T>(
     events: &'a [T],
     size: impl Fn(&T) -> usize + 'a,
 ) -> impl Iterator<Item = &'a [T]> + 'a {
@@ -71,12 +71,12 @@ pub fn split<'a, T>(
 }
 
 /// Bytes of a (version 2) packet's header with `n` events: what precedes their JSON.
-pub fn header_len(n: usize) -> usize {
+pub(super) fn header_len(n: usize) -> usize {
     V2_HEADER + 4 * n
 }
 
 /// Encodes one packet.
-pub fn encode<'a>(
+pub(super) fn encode<'a>(
     enqueued_ms: u64,
     file_id: u64,
     events: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
@@ -98,7 +98,7 @@ pub fn encode<'a>(
 }
 
 /// Decodes a packet; `None` when the value is damaged.
-pub fn decode(v: &[u8]) -> Option<Packet> {
+pub(super) fn decode(v: &[u8]) -> Option<Packet> {
     let u64_at = |at: usize| Some(u64::from_be_bytes(v.get(at..at + 8)?.try_into().ok()?));
     match *v.first()? {
         V1 if v.len() >= V1_HEADER => Some(Packet {
@@ -131,21 +131,21 @@ pub fn decode(v: &[u8]) -> Option<Packet> {
 }
 
 /// A bitmap of `n` events, all clear.
-pub fn empty_bitmap(n: usize) -> Vec<u8> {
+pub(super) fn empty_bitmap(n: usize) -> Vec<u8> {
     vec![0; n.div_ceil(8)]
 }
 
-pub fn is_set(bitmap: &[u8], i: usize) -> bool {
+pub(super) fn is_set(bitmap: &[u8], i: usize) -> bool {
     bitmap.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
-pub fn set(bitmap: &mut [u8], i: usize) {
+pub(super) fn set(bitmap: &mut [u8], i: usize) {
     if let Some(b) = bitmap.get_mut(i / 8) {
         *b |= 1 << (i % 8);
     }
 }
 
-pub fn count(bitmap: &[u8]) -> usize {
+pub(super) fn count(bitmap: &[u8]) -> usize {
     bitmap.iter().map(|b| b.count_ones() as usize).sum()
 }
 

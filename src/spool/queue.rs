@@ -63,7 +63,7 @@ pub(super) struct QueueState {
 }
 
 impl QueueState {
-    pub fn new(segments_dir: PathBuf, next: u64) -> QueueState {
+    pub(super) fn new(segments_dir: PathBuf, next: u64) -> QueueState {
         QueueState {
             segments_dir,
             removed_below: AtomicU64::new(0),

@@ -34,23 +34,23 @@ use super::{Error, io_err, sync_dir};
 /// A segment is closed once it holds this much; the next commit starts a new one. (Unit tests
 /// use small ones, to see segments roll over and go.)
 #[cfg(not(test))]
-pub const SEGMENT_BYTES: u64 = 32 << 20;
+pub(super) const SEGMENT_BYTES: u64 = 32 << 20;
 #[cfg(test)]
 pub const SEGMENT_BYTES: u64 = 1 << 20;
 /// The drain reads ahead this much at a time (whole packets are sliced out of it).
 const READ_AHEAD: usize = 256 << 10;
 /// Marks a `queue` value holding a location rather than a packet (packets start with 1 or 2).
-pub const LOCATION: u8 = 3;
+pub(super) const LOCATION: u8 = 3;
 const LOCATION_LEN: usize = 1 + 8 + 8 + 4 + 2 + 8;
 /// A [`Location`] as stored in the `queue` tree.
-pub type LocationBytes = [u8; LOCATION_LEN];
+pub(super) type LocationBytes = [u8; LOCATION_LEN];
 const RECORD_HEADER: u64 = 4;
 
 /// Where a packet is: segment, offset of its record, packet bytes (without the record header),
 /// its number of events (so the next key is known without reading the packet) and its file
 /// (so a packet lost to damage on disk can still be accounted to it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Location {
+pub(super) struct Location {
     pub segment: u64,
     pub offset: u64,
     pub len: u32,
@@ -59,7 +59,7 @@ pub struct Location {
 }
 
 impl Location {
-    pub fn encode(&self) -> LocationBytes {
+    pub(super) fn encode(&self) -> LocationBytes {
         let mut v = [0u8; LOCATION_LEN];
         v[0] = LOCATION;
         v[1..9].copy_from_slice(&self.segment.to_be_bytes());
@@ -70,7 +70,7 @@ impl Location {
         v
     }
 
-    pub fn decode(v: &[u8]) -> Option<Location> {
+    pub(super) fn decode(v: &[u8]) -> Option<Location> {
         if v.len() != LOCATION_LEN || v[0] != LOCATION {
             return None;
         }
@@ -87,20 +87,20 @@ impl Location {
 /// The committed end of the segments: the active segment and the offset past its last
 /// committed record. `segment == 0`: nothing written yet.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct End {
+pub(super) struct End {
     pub segment: u64,
     pub offset: u64,
 }
 
 impl End {
-    pub fn encode(&self) -> [u8; 16] {
+    pub(super) fn encode(&self) -> [u8; 16] {
         let mut v = [0u8; 16];
         v[..8].copy_from_slice(&self.segment.to_be_bytes());
         v[8..].copy_from_slice(&self.offset.to_be_bytes());
         v
     }
 
-    pub fn decode(v: &[u8]) -> Option<End> {
+    pub(super) fn decode(v: &[u8]) -> Option<End> {
         Some(End {
             segment: u64::from_be_bytes(v.get(..8)?.try_into().ok()?),
             offset: u64::from_be_bytes(v.get(8..16)?.try_into().ok()?),
@@ -109,7 +109,7 @@ impl End {
 }
 
 /// The directory of segments under `spool.dir`.
-pub fn dir(spool_dir: &Path) -> PathBuf {
+pub(super) fn dir(spool_dir: &Path) -> PathBuf {
     spool_dir.join("segments")
 }
 
@@ -138,7 +138,7 @@ fn list(dir: &Path) -> Vec<u64> {
 }
 
 /// Bytes the segment files take.
-pub fn disk_bytes(dir: &Path) -> u64 {
+pub(super) fn disk_bytes(dir: &Path) -> u64 {
     list(dir)
         .into_iter()
         .filter_map(|id| fs::metadata(path(dir, id)).ok())
@@ -148,7 +148,7 @@ pub fn disk_bytes(dir: &Path) -> u64 {
 
 /// Cuts off what an unfinished commit left past the committed `end`, and deletes segments past
 /// it (an agent opening the spool; the caller holds the lock). Returns the bytes cut.
-pub fn repair(dir: &Path, end: End) -> Result<u64, Error> {
+pub(super) fn repair(dir: &Path, end: End) -> Result<u64, Error> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut cut = 0;
     for id in list(dir) {
@@ -174,7 +174,7 @@ pub fn repair(dir: &Path, end: End) -> Result<u64, Error> {
 }
 
 /// Deletes the segments below `first_live` (their packets are all gone). Returns how many.
-pub fn remove_below(dir: &Path, first_live: u64) -> usize {
+pub(super) fn remove_below(dir: &Path, first_live: u64) -> usize {
     let mut n = 0;
     for id in list(dir).into_iter().take_while(|id| *id < first_live) {
         let p = path(dir, id);
@@ -190,7 +190,7 @@ pub fn remove_below(dir: &Path, first_live: u64) -> usize {
 }
 
 /// An encoded packet to append, with its number of events and its file.
-pub struct Packet {
+pub(super) struct Packet {
     pub bytes: Vec<u8>,
     pub events: u16,
     pub file_id: u64,
@@ -198,7 +198,7 @@ pub struct Packet {
 
 /// Appends packets to the active segment. Owned by the spool's writer (under its lock).
 #[derive(Debug)]
-pub struct Writer {
+pub(super) struct Writer {
     dir: PathBuf,
     /// The committed end.
     end: End,
@@ -209,7 +209,7 @@ pub struct Writer {
 impl Writer {
     /// A writer continuing at the committed `end` (after [`repair`], or on a look-only spool
     /// that never writes).
-    pub fn new(dir: &Path, end: End) -> Writer {
+    pub(super) fn new(dir: &Path, end: End) -> Writer {
         Writer {
             dir: dir.to_owned(),
             end,
@@ -221,7 +221,7 @@ impl Writer {
     /// each packet's location and the end to commit; nothing counts as written until
     /// [`Writer::committed`] is called with it, after sled's transaction. Nothing to write:
     /// no I/O, the current end.
-    pub fn append(&mut self, packets: &[Packet]) -> Result<(Vec<Location>, End), Error> {
+    pub(super) fn append(&mut self, packets: &[Packet]) -> Result<(Vec<Location>, End), Error> {
         if packets.is_empty() {
             return Ok((Vec::new(), self.end));
         }
@@ -290,14 +290,14 @@ impl Writer {
     /// A commit that fails leaves the committed end where it was, and the next append writes
     /// over what it appended: at the same offset, or, when it had started a new segment, by
     /// starting that segment again (a full or retired end always starts a new one).
-    pub fn committed(&mut self, end: End) {
+    pub(super) fn committed(&mut self, end: End) {
         self.end = end;
     }
 
     /// Lets go of the segment being written when everything in it is delivered (the caller
     /// checked that nothing is queued, holding the writer lock): the next append starts a new
     /// segment, and the returned one can be deleted. `None` when no segment holds anything.
-    pub fn retire(&mut self) -> Option<u64> {
+    pub(super) fn retire(&mut self) -> Option<u64> {
         if self.end.segment == 0 || self.end.offset == 0 {
             return None;
         }
@@ -310,7 +310,7 @@ impl Writer {
 /// Reads packets, with a read-ahead buffer: the drain reads consecutive packets of a segment,
 /// so one `pread` serves many. One per `peek`.
 #[derive(Default)]
-pub struct Reader {
+pub(super) struct Reader {
     /// Segment, offset of the buffer's first byte, and the bytes.
     buf: Option<(u64, u64, sled::IVec)>,
     file: Option<(u64, File)>,
@@ -318,7 +318,7 @@ pub struct Reader {
 
 impl Reader {
     /// The packet at `loc`, checked against its checksum. `Ok(None)`: missing or damaged.
-    pub fn read(&mut self, dir: &Path, loc: &Location) -> Result<Option<sled::IVec>, Error> {
+    pub(super) fn read(&mut self, dir: &Path, loc: &Location) -> Result<Option<sled::IVec>, Error> {
         let need = RECORD_HEADER + u64::from(loc.len);
         let covered = self.buf.as_ref().is_some_and(|(seg, off, b)| {
             *seg == loc.segment && loc.offset >= *off && loc.offset + need <= off + b.len() as u64

@@ -5,14 +5,14 @@ use serde::Deserialize;
 
 /// A job manifest names its shards relative to the export root; we match them by file name so
 /// a sync that lands them under another prefix still works.
-pub fn is_manifest(file_name: &str) -> bool {
+pub(crate) fn is_manifest(file_name: &str) -> bool {
     file_name.ends_with("-output-manifest")
 }
 
 /// `...-output-<digits>` with an optional extension (`.gz`, `.json`), or a table of a CSV
 /// export job (`...-output<table>-<n>`, see `leanplum::csv_export`): a shard that, with
 /// `require_manifest`, waits for its manifest.
-pub fn is_shard(file_name: &str) -> bool {
+pub(crate) fn is_shard(file_name: &str) -> bool {
     if crate::leanplum::csv_export::table_file(file_name).is_some() {
         return true;
     }
@@ -31,7 +31,7 @@ struct Manifest {
 }
 
 /// The file names of the shards a manifest lists.
-pub fn shard_names(json: &[u8]) -> Result<Vec<String>, String> {
+pub(crate) fn shard_names(json: &[u8]) -> Result<Vec<String>, String> {
     let m: Manifest = serde_json::from_slice(json).map_err(|e| e.to_string())?;
     Ok(m.files
         .iter()

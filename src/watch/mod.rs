@@ -10,7 +10,7 @@
 //! Symlinks are ignored, files and directories alike: following one could read outside the
 //! watched tree, and sync tools do not create them.
 
-pub mod manifest;
+pub(crate) mod manifest;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::WatchConfig;
 
 #[derive(Debug, Clone)]
-pub struct WatchSettings {
+pub(crate) struct WatchSettings {
     pub dir: PathBuf,
     pub include: GlobSet,
     pub exclude: GlobSet,
@@ -38,7 +38,7 @@ pub struct WatchSettings {
 
 impl WatchSettings {
     /// `config.dir` must be set (validation guarantees it for `run`).
-    pub fn from_config(c: &WatchConfig) -> Result<WatchSettings, globset::Error> {
+    pub(crate) fn from_config(c: &WatchConfig) -> Result<WatchSettings, globset::Error> {
         let set = |globs: &[String]| -> Result<GlobSet, globset::Error> {
             let mut b = GlobSetBuilder::new();
             for g in globs {
@@ -76,7 +76,7 @@ struct Tracked {
 }
 
 /// How the watcher reports.
-pub struct WatchHandles {
+pub(crate) struct WatchHandles {
     /// Ready files, relative to the watch dir.
     pub ready: std::sync::mpsc::Sender<PathBuf>,
     /// SIGUSR1: rescan now.
@@ -94,7 +94,7 @@ struct Watcher {
 }
 
 /// Runs until `shutdown`.
-pub async fn run(s: WatchSettings, mut h: WatchHandles, shutdown: CancellationToken) {
+pub(crate) async fn run(s: WatchSettings, mut h: WatchHandles, shutdown: CancellationToken) {
     if !s.dir.is_dir() {
         // Ready all the same: the spool drains while we wait, and systemd should not time out.
         if let Some(tx) = h.first_scan.take() {

@@ -28,21 +28,21 @@ use sha2::{Digest, Sha256};
 use super::FileRecord;
 
 /// Bytes of a file's start that identify it.
-pub const IDENTITY_HEAD_BYTES: u64 = 1024;
+pub(crate) const IDENTITY_HEAD_BYTES: u64 = 1024;
 /// Bytes before the committed offset that must still be there for the file to read on.
-pub const TAIL_BYTES: u64 = 1024;
+pub(crate) const TAIL_BYTES: u64 = 1024;
 
-pub fn is_gzip_head(head: &[u8]) -> bool {
+pub(crate) fn is_gzip_head(head: &[u8]) -> bool {
     crate::input::is_gzip(head)
 }
 
 /// First 16 bytes of SHA-256, hex: enough to tell files apart, short enough to store per file.
-pub fn hash(bytes: &[u8]) -> String {
+pub(crate) fn hash(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..16])
 }
 
 /// `len` bytes at `offset` (fewer only at end of file).
-pub fn read_at(file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn read_at(file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     let mut got = 0;
     while got < buf.len() {
@@ -57,19 +57,19 @@ pub fn read_at(file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
 }
 
 /// The head of a file of `size` bytes: its first `min(size, IDENTITY_HEAD_BYTES)` bytes.
-pub fn head(file: &File, size: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn head(file: &File, size: u64) -> io::Result<Vec<u8>> {
     read_at(file, 0, size.min(IDENTITY_HEAD_BYTES))
 }
 
 /// The hash of the `TAIL_BYTES` before `offset` (fewer near the start), recorded at a commit.
-pub fn tail_hash(file: &File, offset: u64) -> io::Result<String> {
+pub(crate) fn tail_hash(file: &File, offset: u64) -> io::Result<String> {
     let start = offset.saturating_sub(TAIL_BYTES);
     Ok(hash(&read_at(file, start, offset - start)?))
 }
 
 /// How a file on disk relates to a record of a file read before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Relation {
+pub(crate) enum Relation {
     /// The same content, no more than was read.
     Same,
     /// The same content with more after the committed offset (a plain file that grew).
@@ -79,7 +79,7 @@ pub enum Relation {
 }
 
 /// Compares the file (of `size` bytes) with what `rec` says was read.
-pub fn relate(file: &File, size: u64, rec: &FileRecord) -> io::Result<Relation> {
+pub(crate) fn relate(file: &File, size: u64, rec: &FileRecord) -> io::Result<Relation> {
     if size < rec.head_len {
         return Ok(Relation::Different("shorter than its known first bytes"));
     }
