@@ -34,11 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use leanplum_segment_agent::config::DEFAULT_MAX_LINE_BYTES;
-use leanplum_segment_agent::ingest::map_record;
-use leanplum_segment_agent::input::Reader;
-use leanplum_segment_agent::leanplum::catalog::Catalog;
-use leanplum_segment_agent::mapping::{MappingOptions, Output};
+use leanplum_segment_agent::bench::parse_floor as parse_floor_of;
 
 // The integration tests' harness: its counting Segment server, the agent process, the config
 // builder. The benchmark uses a part of it.
@@ -369,29 +365,16 @@ fn wait_status(
 /// The parse floor: (wall time, CPU time of this thread, events, serialized bytes, CRC-32 of
 /// every serialized event in order: the same export must give the same bytes).
 fn parse_floor(paths: &[PathBuf]) -> (Duration, Duration, u64, u64, u32) {
-    let catalog = Catalog::load_dir(&repo("examples/catalog")).unwrap();
-    let opts = MappingOptions::default();
     let start = Instant::now();
     let cpu_start = thread_cpu();
     let mut digest = crc32fast::Hasher::new();
     let (mut events, mut bytes) = (0u64, 0u64);
-    for p in paths {
-        let mut r = Reader::open(p, 0, DEFAULT_MAX_LINE_BYTES).unwrap();
-        let mut out = Output::default();
-        while let Some(item) = r.next_item() {
-            let item = item.unwrap();
-            if let Ok(rec) = item.result {
-                let _ = map_record(&rec, &catalog, &opts, &mut out);
-                for ev in out.events.drain(..) {
-                    // Serialize as the spool would; count it.
-                    let json = serde_json::to_vec(&ev).unwrap();
-                    bytes += json.len() as u64;
-                    events += 1;
-                    digest.update(&json);
-                }
-            }
-        }
-    }
+    parse_floor_of(paths, &repo("examples/catalog"), |json| {
+        bytes += json.len() as u64;
+        events += 1;
+        digest.update(json);
+    })
+    .unwrap();
     let cpu = thread_cpu().saturating_sub(cpu_start);
     (start.elapsed(), cpu, events, bytes, digest.finalize())
 }

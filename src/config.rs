@@ -13,20 +13,20 @@ use std::path::{Path, PathBuf};
 use crate::mapping::{EmailSubject, UnknownChannel};
 
 /// Where the config lives unless `--config` says otherwise.
-pub const DEFAULT_PATH: &str = "/etc/leanplum-segment-agent/config.toml";
+pub(crate) const DEFAULT_PATH: &str = "/etc/leanplum-segment-agent/config.toml";
 
 /// `watch.max_line_bytes` unless set: 64 MiB.
-pub const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
+pub(crate) const DEFAULT_MAX_LINE_BYTES: usize = 64 << 20;
 /// The smallest `watch.max_line_bytes` accepted.
-pub const MIN_MAX_LINE_BYTES: usize = 1 << 10;
+pub(crate) const MIN_MAX_LINE_BYTES: usize = 1 << 10;
 /// The largest `watch.max_line_bytes` accepted: one line is held in memory whole.
-pub const MAX_MAX_LINE_BYTES: usize = 1 << 30;
+pub(crate) const MAX_MAX_LINE_BYTES: usize = 1 << 30;
 /// The most `watch.ingest_threads` accepted.
-pub const MAX_INGEST_THREADS: usize = 256;
+pub(crate) const MAX_INGEST_THREADS: usize = 256;
 
 /// A config that cannot be used. `check-config` and `run` exit 78 (EX_CONFIG) on it.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The file could not be read (missing, permissions).
     #[error("cannot read config {path}: {source}")]
     Read {
@@ -46,7 +46,7 @@ pub enum Error {
 
 /// One bad value, named by its key path (`segment.max_batch_events`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
+pub(crate) struct Problem {
     pub key: String,
     pub message: String,
 }
@@ -59,7 +59,7 @@ impl fmt::Display for Problem {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub(crate) struct Config {
     #[serde(default)]
     pub segment: SegmentConfig,
     #[serde(default)]
@@ -80,7 +80,7 @@ pub struct Config {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SegmentConfig {
+pub(crate) struct SegmentConfig {
     /// File holding the write key (trailing whitespace ignored). Not with `write_key`.
     pub write_key_file: Option<PathBuf>,
     /// The write key inline. Prefer `write_key_file` or systemd credentials.
@@ -110,7 +110,7 @@ pub struct SegmentConfig {
 
 impl SegmentConfig {
     /// The most requests ever in flight: the fixed number, or `max_concurrency`.
-    pub fn max_in_flight(&self) -> usize {
+    pub(crate) fn max_in_flight(&self) -> usize {
         match self.concurrency {
             Concurrency::Fixed(n) => n,
             Concurrency::Adaptive => self.max_concurrency,
@@ -119,11 +119,11 @@ impl SegmentConfig {
 }
 
 /// The largest `segment.concurrency` and `segment.max_concurrency` accepted.
-pub const MAX_CONCURRENCY: usize = 64;
+pub(crate) const MAX_CONCURRENCY: usize = 64;
 
 /// `segment.concurrency`: a fixed number of requests in flight, or adaptive (SPEC section 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Concurrency {
+pub(crate) enum Concurrency {
     #[default]
     Adaptive,
     Fixed(usize),
@@ -189,7 +189,7 @@ impl Default for SegmentConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
+pub(crate) struct RetryConfig {
     pub initial_backoff_ms: u64,
     /// Exponential with full jitter up to this; `Retry-After` is honoured up to this too.
     pub max_backoff_secs: u64,
@@ -206,7 +206,7 @@ impl Default for RetryConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum AfterIngest {
+pub(crate) enum AfterIngest {
     #[default]
     Keep,
     Delete,
@@ -215,7 +215,7 @@ pub enum AfterIngest {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct WatchConfig {
+pub(crate) struct WatchConfig {
     /// Required: the directory the exports land in, watched recursively.
     pub dir: Option<PathBuf>,
     /// Globs on the path relative to `dir`, any depth.
@@ -241,7 +241,7 @@ pub struct WatchConfig {
 
 impl WatchConfig {
     /// `ingest_threads` with 0 resolved: one per core (at least 1).
-    pub fn ingest_threads(&self) -> usize {
+    pub(crate) fn ingest_threads(&self) -> usize {
         match self.ingest_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -268,7 +268,7 @@ impl Default for WatchConfig {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct SpoolConfig {
+pub(crate) struct SpoolConfig {
     pub dir: PathBuf,
     /// Live spooled bytes beyond which reading stops (draining goes on; nothing is dropped).
     pub max_bytes: u64,
@@ -291,7 +291,7 @@ impl Default for SpoolConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MappingConfig {
+pub(crate) struct MappingConfig {
     /// `messages.json` and `abtests.json`, flat form or Leanplum API responses.
     pub catalog_dir: PathBuf,
     pub unknown_message_channel: UnknownChannel,
@@ -315,7 +315,7 @@ impl Default for MappingConfig {
 /// from `content_key_file`, `$LEANPLUM_CONTENT_KEY` or `$CREDENTIALS_DIRECTORY/leanplum_content_key`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LeanplumConfig {
+pub(crate) struct LeanplumConfig {
     pub app_id: String,
     /// Empty means unset (the default in SPEC's sample config).
     pub content_key_file: PathBuf,
@@ -345,7 +345,7 @@ impl Default for LeanplumConfig {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ControlConfig {
+pub(crate) struct ControlConfig {
     pub socket: PathBuf,
     /// A loopback `host:port` for a Prometheus text endpoint (`GET /metrics`); off when unset.
     pub metrics_listen: Option<String>,
@@ -362,7 +362,7 @@ impl Default for ControlConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
+pub(crate) struct LogConfig {
     /// A tracing filter (`info`, `debug`, `leanplum_segment_agent=debug`); `RUST_LOG` overrides.
     pub level: String,
     /// `text` or `json` (one object per line), for logs not going to journald.
@@ -372,7 +372,7 @@ pub struct LogConfig {
 /// How log lines are written when they do not go to journald.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     #[default]
     Text,
     Json,
@@ -392,17 +392,18 @@ impl Default for LogConfig {
 /// [`Secret::expose`] gives the text.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub(crate) struct Secret(String);
 
 /// The Segment write key.
-pub type WriteKey = Secret;
+pub(crate) type WriteKey = Secret;
 
 impl Secret {
-    pub fn new(key: impl Into<String>) -> Secret {
+    #[cfg(test)]
+    pub(crate) fn new(key: impl Into<String>) -> Secret {
         Secret(key.into())
     }
     /// The key itself, for the request that needs it and nothing else.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -424,17 +425,18 @@ impl fmt::Display for Secret {
 /// the text.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct ProxyUrl(String);
+pub(crate) struct ProxyUrl(String);
 
 impl ProxyUrl {
-    pub fn new(url: impl Into<String>) -> ProxyUrl {
+    #[cfg(test)]
+    pub(crate) fn new(url: impl Into<String>) -> ProxyUrl {
         ProxyUrl(url.into())
     }
-    pub fn is_set(&self) -> bool {
+    pub(crate) fn is_set(&self) -> bool {
         !self.0.trim().is_empty()
     }
     /// The URL itself, credentials included, for the HTTP client and nothing else.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         self.0.trim()
     }
 }
@@ -453,7 +455,7 @@ impl fmt::Display for ProxyUrl {
 
 /// Where a key came from, for a log line that says so without saying the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeySource {
+pub(crate) enum KeySource {
     File(PathBuf),
     Inline,
     /// The environment variable's name.
@@ -474,7 +476,7 @@ impl fmt::Display for KeySource {
 
 /// What the daemon will do with a config: `run` needs everything, `dry-run` only the mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Purpose {
+pub(crate) enum Purpose {
     Run,
     DryRun,
     /// `status` and `dead-letter`: they need the socket and spool paths, not the key.
@@ -483,7 +485,7 @@ pub enum Purpose {
 
 impl Config {
     /// Deserializes only; see [`Config::validate`].
-    pub fn load(path: &Path) -> Result<Config, Error> {
+    pub(crate) fn load(path: &Path) -> Result<Config, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
             path: path.to_owned(),
             source,
@@ -496,12 +498,12 @@ impl Config {
 
     /// Parses TOML text. The error is toml's message, which names the key and the line; values
     /// are never echoed for the write key because toml reports positions, not contents, for it.
-    pub fn parse(text: &str) -> Result<Config, String> {
+    pub(crate) fn parse(text: &str) -> Result<Config, String> {
         toml::from_str::<Config>(text).map_err(|e| describe_toml_error(text, &e))
     }
 
     /// Loads, validates for `purpose`, and resolves the write key (for `Run`).
-    pub fn load_and_validate(path: &Path, purpose: Purpose) -> Result<Loaded, Error> {
+    pub(crate) fn load_and_validate(path: &Path, purpose: Purpose) -> Result<Loaded, Error> {
         let config = Config::load(path)?;
         let mut problems = config.validate(purpose);
         let mut resolve = |found: Result<(Secret, KeySource), Problem>| match found {
@@ -543,7 +545,7 @@ impl Config {
 
     /// Every problem, each with its key path. Does not touch the write key (see
     /// [`Config::resolve_write_key`]) beyond checking that at most one inline source is set.
-    pub fn validate(&self, purpose: Purpose) -> Vec<Problem> {
+    pub(crate) fn validate(&self, purpose: Purpose) -> Vec<Problem> {
         let mut p = Vec::new();
         let mut bad = |key: &str, message: String| {
             p.push(Problem {
@@ -795,7 +797,7 @@ impl Config {
 
     /// Finds the write key: `write_key_file`, `write_key`, `$SEGMENT_WRITE_KEY`, then
     /// `$CREDENTIALS_DIRECTORY/write_key` (systemd `LoadCredential=`), in that order.
-    pub fn resolve_write_key(&self) -> Result<(WriteKey, KeySource), Problem> {
+    pub(crate) fn resolve_write_key(&self) -> Result<(WriteKey, KeySource), Problem> {
         let problem = |message: String| Problem {
             key: "segment.write_key_file".into(),
             message,
@@ -826,7 +828,7 @@ impl Config {
 
     /// Finds Leanplum's content read-only key: `leanplum.content_key_file`,
     /// `$LEANPLUM_CONTENT_KEY`, then `$CREDENTIALS_DIRECTORY/leanplum_content_key`.
-    pub fn resolve_content_key(&self) -> Result<(Secret, KeySource), Problem> {
+    pub(crate) fn resolve_content_key(&self) -> Result<(Secret, KeySource), Problem> {
         let problem = |message: String| Problem {
             key: "leanplum.content_key_file".into(),
             message,
@@ -854,7 +856,7 @@ impl Config {
 /// A validated config and, for `run`, its write key, (with a `[leanplum]` section) the
 /// Leanplum content key, and the catalog files of `mapping.catalog_dir`.
 #[derive(Debug, Clone)]
-pub struct Loaded {
+pub(crate) struct Loaded {
     pub config: Config,
     pub key: Option<(WriteKey, KeySource)>,
     pub content_key: Option<(Secret, KeySource)>,

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 /// per attempt, never stored).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct TrackEvent {
+pub(crate) struct TrackEvent {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub message_id: String,
@@ -34,13 +34,13 @@ pub struct TrackEvent {
 /// so it is serialized once, by the first event that needs it, and copied into the others as
 /// it is.
 #[derive(Debug, Clone)]
-pub struct Context {
+pub(crate) struct Context {
     map: Map<String, Value>,
     json: OnceLock<Box<RawValue>>,
 }
 
 impl Context {
-    pub fn new(map: Map<String, Value>) -> Context {
+    pub(crate) fn new(map: Map<String, Value>) -> Context {
         Context {
             map,
             json: OnceLock::new(),

@@ -4,7 +4,7 @@
 
 use crate::event::{Context, TrackEvent, rfc3339_millis};
 use crate::leanplum::catalog::{Catalog, Message, MessageKind};
-pub use crate::leanplum::parse_message_event;
+pub(crate) use crate::leanplum::parse_message_event;
 use crate::leanplum::{Channel, Engagement, Event, Experiment, Id, LpTime, Session};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -13,21 +13,21 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// `context.library.name`; the version is the crate's.
-pub const LIBRARY_NAME: &str = "leanplum-segment-agent";
+pub(crate) const LIBRARY_NAME: &str = "leanplum-segment-agent";
 
 /// Skip key for engagements of a message the catalog does not know, when
 /// `unknown_message_channel = "skip"` and the action does not decide the channel itself.
-pub const SKIP_UNKNOWN_MESSAGE: &str = "unknown message";
+pub(crate) const SKIP_UNKNOWN_MESSAGE: &str = "unknown message";
 /// Skip key for every event of an in-app message: Segment has no spec for them.
-pub const SKIP_IN_APP: &str = "in-app";
+pub(crate) const SKIP_IN_APP: &str = "in-app";
 /// Skip key for an impression in a session without a start time to stamp it with.
-pub const SKIP_EXPERIMENT_NO_TIME: &str = "Experiment Viewed (no session time)";
+pub(crate) const SKIP_EXPERIMENT_NO_TIME: &str = "Experiment Viewed (no session time)";
 
 /// What to do with an engagement of a message the catalog does not know (`[mapping]
 /// unknown_message_channel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum UnknownChannel {
+pub(crate) enum UnknownChannel {
     /// Keep the record aside (the quarantine's `parked` kind) and map it again whenever the
     /// catalog changes: a message created after the catalog was written is not lost.
     #[default]
@@ -51,7 +51,7 @@ impl UnknownChannel {
 /// What `email_subject` holds (`[mapping] email_subject`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum EmailSubject {
+pub(crate) enum EmailSubject {
     /// The message name in Leanplum, as Leanplum's own Segment source defines it.
     #[default]
     Name,
@@ -71,7 +71,7 @@ impl EmailSubject {
 
 /// The `[mapping]` settings that change what a record becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MappingOptions {
+pub(crate) struct MappingOptions {
     pub unknown_message_channel: UnknownChannel,
     pub send_experiment_viewed: bool,
     pub email_subject: EmailSubject,
@@ -91,22 +91,22 @@ impl Default for MappingOptions {
 /// The catalog and options in force; replaced whole on reload (SIGHUP), read by the ingest at
 /// the start of each file and by `dead-letter retry`.
 #[derive(Debug, Clone, Default)]
-pub struct MappingState {
+pub(crate) struct MappingState {
     pub catalog: Arc<Catalog>,
     pub opts: MappingOptions,
 }
 
 /// A [`MappingState`] that can be swapped while readers hold the old one.
-pub type SharedMapping = Arc<std::sync::RwLock<Arc<MappingState>>>;
+pub(crate) type SharedMapping = Arc<std::sync::RwLock<Arc<MappingState>>>;
 
 /// The current mapping state.
-pub fn current(shared: &SharedMapping) -> Arc<MappingState> {
+pub(crate) fn current(shared: &SharedMapping) -> Arc<MappingState> {
     shared.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// What mapping produced: events to spool, and counters for status.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Output {
+pub(crate) struct Output {
     pub events: Vec<TrackEvent>,
     /// Engagements not sent, by action name (`"Sent"`, `"Held Back"`, `"in-app"`, ...).
     pub skipped: BTreeMap<String, u64>,
@@ -136,7 +136,7 @@ impl Output {
 /// A record that cannot become any event: it goes to the quarantine (SPEC section 8).
 /// An engagement we merely do not send is not an error; it is counted in [`Output::skipped`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MapError {
+pub(crate) enum MapError {
     /// Segment needs a `userId` or an `anonymousId`.
     #[error("record has neither a user id nor a device id")]
     NoIdentity,
@@ -147,7 +147,7 @@ pub enum MapError {
 
 /// Maps one session: an Experiment Viewed per impressed experiment (if enabled), then one event
 /// per mappable message event. On error `out` is left untouched.
-pub fn map_session(
+pub(crate) fn map_session(
     s: &Session,
     catalog: &Catalog,
     opts: &MappingOptions,
@@ -175,7 +175,7 @@ pub fn map_session(
 
 /// Maps one flat engagement record. Its `event` is a Segment event name (any letter case) or a
 /// Leanplum action resolved with the record's channel, else the catalog's.
-pub fn map_engagement(
+pub(crate) fn map_engagement(
     e: &Engagement,
     catalog: &Catalog,
     opts: &MappingOptions,
@@ -226,7 +226,7 @@ pub fn map_engagement(
 
 /// The messages a session names, in events that would be sent, that `catalog` does not know:
 /// what the reader must look up before mapping it (see `crate::catalog`).
-pub fn session_unknown_messages(s: &Session, catalog: &Catalog) -> Vec<Id> {
+pub(crate) fn session_unknown_messages(s: &Session, catalog: &Catalog) -> Vec<Id> {
     let mut ids: Vec<Id> = s
         .states
         .iter()
@@ -244,7 +244,7 @@ pub fn session_unknown_messages(s: &Session, catalog: &Catalog) -> Vec<Id> {
 /// a session reduced to its identity, context and the events of those messages (its other
 /// events are spooled already, its impressions too), so what is kept is small and mapping it
 /// again later gives only what was held back, with the same `messageId`s, times and context.
-pub fn parked_part(record: &crate::input::Record, parked: &[Id]) -> crate::input::Record {
+pub(crate) fn parked_part(record: &crate::input::Record, parked: &[Id]) -> crate::input::Record {
     use crate::input::Record;
     match record {
         Record::Engagement(e) => Record::Engagement(e.clone()),
@@ -285,7 +285,11 @@ pub fn parked_part(record: &crate::input::Record, parked: &[Id]) -> crate::input
 
 /// The A/B tests a session's impressions name that `catalog` does not know (their Experiment
 /// Viewed events would go without names); none when Experiment Viewed is not sent.
-pub fn session_unknown_abtests(s: &Session, catalog: &Catalog, opts: &MappingOptions) -> Vec<Id> {
+pub(crate) fn session_unknown_abtests(
+    s: &Session,
+    catalog: &Catalog,
+    opts: &MappingOptions,
+) -> Vec<Id> {
     if !opts.send_experiment_viewed {
         return Vec::new();
     }
@@ -302,7 +306,7 @@ pub fn session_unknown_abtests(s: &Session, catalog: &Catalog, opts: &MappingOpt
 
 /// The message an engagement record names, when it would be sent and `catalog` does not know
 /// it. A record that names its channel still waits: the catalog gives its subject and campaign.
-pub fn engagement_unknown_message(e: &Engagement, catalog: &Catalog) -> Option<Id> {
+pub(crate) fn engagement_unknown_message(e: &Engagement, catalog: &Catalog) -> Option<Id> {
     let id = e.message_id?;
     let name = e.event.trim();
     let sent = SegmentEvent::from_name(name).is_some() || Action::parse(Some(name)).is_ok();

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Process-lifetime counters (since this start). Spool depth lives in the spool itself.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Records (sessions, engagement rows) read from files.
     pub records_read: AtomicU64,
     /// Events committed to the spool.
@@ -34,7 +34,7 @@ pub(crate) const LATENCY_BUCKETS_SECS: [f64; 12] = [
 
 /// A Prometheus-style cumulative histogram on atomics.
 #[derive(Debug, Default)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     /// Observations at or below each bound of [`LATENCY_BUCKETS_SECS`] (not cumulative).
     buckets: [AtomicU64; LATENCY_BUCKETS_SECS.len()],
     count: AtomicU64,
@@ -42,7 +42,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub fn observe_ms(&self, ms: u64) {
+    pub(crate) fn observe_ms(&self, ms: u64) {
         let secs = ms as f64 / 1000.0;
         if let Some(i) = LATENCY_BUCKETS_SECS.iter().position(|b| secs <= *b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
@@ -52,7 +52,7 @@ impl Histogram {
     }
 
     /// Cumulative counts per bound, the total count, and the sum in seconds.
-    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
+    pub(crate) fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
         let mut running = 0;
         let cumulative = LATENCY_BUCKETS_SECS
             .iter()
@@ -71,15 +71,15 @@ impl Histogram {
 }
 
 impl Stats {
-    pub fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn get(counter: &AtomicU64) -> u64 {
+    pub(crate) fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
 
-    pub fn add_skipped(&self, skipped: &BTreeMap<String, u64>) {
+    pub(crate) fn add_skipped(&self, skipped: &BTreeMap<String, u64>) {
         if skipped.is_empty() {
             return;
         }

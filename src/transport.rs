@@ -22,7 +22,7 @@ use crate::config::ProxyUrl;
 
 /// The proxy and roots for one client, ready to apply to a `reqwest::ClientBuilder`.
 #[derive(Clone, Default)]
-pub struct Transport {
+pub(crate) struct Transport {
     proxy: Option<(reqwest::Proxy, String)>,
     roots: Vec<reqwest::Certificate>,
 }
@@ -39,7 +39,7 @@ impl std::fmt::Debug for Transport {
 impl Transport {
     /// From a section's `proxy` and `ca_file` (empty: unset). The errors name neither the
     /// key nor the proxy's credentials; the caller adds the key.
-    pub fn new(proxy: &ProxyUrl, ca_file: &Path) -> Result<Transport, String> {
+    pub(crate) fn new(proxy: &ProxyUrl, ca_file: &Path) -> Result<Transport, String> {
         let proxy = if proxy.is_set() {
             let url = check_proxy(proxy.expose())?;
             let shown = redact(proxy.expose());
@@ -57,7 +57,7 @@ impl Transport {
     }
 
     /// `reqwest::Client::builder()` with the proxy and the extra roots.
-    pub fn client_builder(&self) -> reqwest::ClientBuilder {
+    pub(crate) fn client_builder(&self) -> reqwest::ClientBuilder {
         let mut builder = reqwest::Client::builder();
         if let Some((proxy, _)) = &self.proxy {
             // Replaces the environment's proxy (reqwest drops it once one is added).
@@ -71,7 +71,7 @@ impl Transport {
 
     /// How requests to `url` leave, for a log line: the configured proxy (without its
     /// credentials), the environment variable that names one, or `direct`.
-    pub fn route(&self, url: &str) -> String {
+    pub(crate) fn route(&self, url: &str) -> String {
         if let Some((_, shown)) = &self.proxy {
             return shown.clone();
         }
@@ -95,7 +95,7 @@ impl Transport {
     }
 
     /// How many certificates `ca_file` added.
-    pub fn extra_roots(&self) -> usize {
+    pub(crate) fn extra_roots(&self) -> usize {
         self.roots.len()
     }
 }

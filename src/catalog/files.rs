@@ -75,14 +75,14 @@ impl FileStamp {
 
 /// Both catalog files' [`FileStamp`]s: equal stamps, same files.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FilesStamp {
+pub(crate) struct FilesStamp {
     messages: FileStamp,
     abtests: FileStamp,
 }
 
 impl FilesStamp {
     /// The stamp of `dir`'s catalog files now (two `stat` calls).
-    pub fn of(dir: &Path) -> FilesStamp {
+    pub(crate) fn of(dir: &Path) -> FilesStamp {
         FilesStamp {
             messages: FileStamp::of(&dir.join(MESSAGES_FILE)),
             abtests: FileStamp::of(&dir.join(ABTESTS_FILE)),
@@ -93,7 +93,7 @@ impl FilesStamp {
 /// The catalog files as loaded, with the stamp they had just before they were read (a change
 /// during or after the read shows as a different stamp, so it is never taken as seen).
 #[derive(Debug, Clone)]
-pub struct LoadedFiles {
+pub(crate) struct LoadedFiles {
     pub dir: PathBuf,
     pub catalog: Catalog,
     pub stamp: FilesStamp,

@@ -116,7 +116,7 @@ struct State {
 
 /// The catalog as the agent keeps it. One per agent, shared by the reader, the refresh task
 /// and the control socket.
-pub struct CatalogService {
+pub(crate) struct CatalogService {
     state: Mutex<State>,
     mapping: SharedMapping,
     /// Bumped after each publish of a new catalog, so readers waiting on it look again.
@@ -137,7 +137,7 @@ struct Cached {
 impl CatalogService {
     /// Builds the service and publishes its first catalog into `mapping`. With the API enabled
     /// and a spool, the cached API layer is loaded first.
-    pub fn new(
+    pub(crate) fn new(
         files: Catalog,
         opts: MappingOptions,
         spool: Option<Arc<Spool>>,
@@ -185,16 +185,16 @@ impl CatalogService {
     }
 
     /// Changes with each new catalog.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
 
-    pub fn api_enabled(&self) -> bool {
+    pub(crate) fn api_enabled(&self) -> bool {
         self.api_enabled
     }
 
     /// SIGHUP: new catalog files and mapping options; also refetches from the API.
-    pub fn reload(&self, files: Catalog, opts: MappingOptions) {
+    pub(crate) fn reload(&self, files: Catalog, opts: MappingOptions) {
         let mut st = self.lock();
         st.files = files;
         st.opts = opts;
@@ -207,7 +207,7 @@ impl CatalogService {
     }
 
     /// Moves at each SIGHUP reload; see [`CatalogService::reload_files`].
-    pub fn files_epoch(&self) -> u64 {
+    pub(crate) fn files_epoch(&self) -> u64 {
         self.lock().files_epoch
     }
 
@@ -216,7 +216,7 @@ impl CatalogService {
     /// `epoch` is [`CatalogService::files_epoch`] from before the files were read: when a
     /// SIGHUP reload came in between, it read them too, later, and this read is dropped.
     /// A rewrite with the very same entries changes nothing (a debug line).
-    pub fn reload_files(&self, files: Catalog, epoch: u64) {
+    pub(crate) fn reload_files(&self, files: Catalog, epoch: u64) {
         let mut st = self.lock();
         if st.files_epoch != epoch {
             return;
@@ -239,7 +239,7 @@ impl CatalogService {
     /// none of it): the last good files stay in use, and `status` shows the error until good
     /// files replace them. Logged when it first appears and when it changes, not at each
     /// check. `epoch`: as for [`CatalogService::reload_files`].
-    pub fn refuse_files(&self, error: String, epoch: u64) {
+    pub(crate) fn refuse_files(&self, error: String, epoch: u64) {
         let mut st = self.lock();
         if st.files_epoch != epoch {
             return;
@@ -256,7 +256,7 @@ impl CatalogService {
     /// Whether a record naming `messages` and `abtests` (ids the reader's catalog does not know)
     /// must wait. Starts a lookup for each message not asked yet, and a refresh for an A/B test;
     /// `file` is named in status as waiting.
-    pub fn must_wait(&self, messages: &[Id], abtests: &[Id], file: &str) -> bool {
+    pub(crate) fn must_wait(&self, messages: &[Id], abtests: &[Id], file: &str) -> bool {
         if !self.api_enabled || (messages.is_empty() && abtests.is_empty()) {
             return false;
         }
@@ -292,12 +292,12 @@ impl CatalogService {
     }
 
     /// What `status` shows.
-    pub fn status(&self) -> CatalogStatus {
+    pub(crate) fn status(&self) -> CatalogStatus {
         status_of(&self.lock(), self.api_enabled)
     }
 
     /// What `catalog show [ID]` prints.
-    pub fn show(&self, id: Option<Id>) -> Shown {
+    pub(crate) fn show(&self, id: Option<Id>) -> Shown {
         show_of(&self.lock(), self.api_enabled, id)
     }
 
@@ -423,7 +423,7 @@ pub(crate) fn offline_show(
 
 /// The catalog part of `status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct CatalogStatus {
+pub(crate) struct CatalogStatus {
     /// The layers in use: `files`, `files+api`, `files+cache`.
     pub source: String,
     pub messages: u64,
@@ -444,7 +444,7 @@ pub struct CatalogStatus {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct WaitingLookup {
+pub(crate) struct WaitingLookup {
     /// `message` (looked up with `getMessage`) or `abtest` (waiting for `getAbTests`).
     pub kind: String,
     pub id: String,
@@ -506,7 +506,7 @@ fn status_of(st: &State, api_enabled: bool) -> CatalogStatus {
 
 /// What `catalog show [ID]` answers, and `catalog show --json` prints.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Shown {
+pub(crate) struct Shown {
     pub status: CatalogStatus,
     /// Every entry, or those with the id asked for.
     pub entries: Vec<ShownEntry>,
@@ -518,7 +518,7 @@ pub struct Shown {
 /// One entry of `catalog show`; ids are strings (they pass 2^53).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
-pub enum ShownEntry {
+pub(crate) enum ShownEntry {
     Message {
         id: String,
         /// `email`, `push` or `in-app`.
@@ -540,7 +540,7 @@ pub enum ShownEntry {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShownVariant {
+pub(crate) struct ShownVariant {
     pub id: String,
     pub name: Option<String>,
 }

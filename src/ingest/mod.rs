@@ -49,7 +49,7 @@ const CHUNK_RECORDS: usize = 20_000;
 const QUARANTINE_RAW_BYTES: usize = 4096;
 
 /// Maps one parsed record into `out`.
-pub fn map_record(
+pub(crate) fn map_record(
     record: &Record,
     catalog: &Catalog,
     opts: &MappingOptions,
@@ -84,7 +84,7 @@ fn unknown_ids(
 /// Starts a replay of `abs` (`replay PATH`, SPEC section 2): a file record of its own, with
 /// nothing in common with the watched files (see [`FileRecord::replay`]), read from the start
 /// by [`Ingestor::replay`]. Returns its id.
-pub fn begin_replay(spool: &Spool, abs: &Path) -> Result<u64, spool::Error> {
+pub(crate) fn begin_replay(spool: &Spool, abs: &Path) -> Result<u64, spool::Error> {
     let now = now_ms();
     let len = std::fs::metadata(abs).map_or(0, |m| m.len());
     spool.ledger().begin(
@@ -105,7 +105,7 @@ pub fn begin_replay(spool: &Spool, abs: &Path) -> Result<u64, spool::Error> {
 /// event over Segment's size limit is refused here (Segment would reject it): the spool keeps
 /// it as a dead letter, with this reason, instead of queueing it. Every event into the spool
 /// comes through here (files, the CSV join, parked records, quarantine retries).
-pub fn spool_event(ev: TrackEvent) -> SpoolEvent {
+pub(crate) fn spool_event(ev: TrackEvent) -> SpoolEvent {
     let json = serde_json::to_vec(&ev).unwrap_or_default();
     let refused = (json.len() > MAX_EVENT_BYTES).then(|| {
         format!(
@@ -123,7 +123,7 @@ pub fn spool_event(ev: TrackEvent) -> SpoolEvent {
 
 /// What happened to a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Read to its end (or to where it stands now); counts are for this pass.
     Read {
         events: u64,
@@ -145,7 +145,7 @@ pub enum Outcome {
     WaitingOnCatalog(u64),
 }
 
-pub struct Ingestor {
+pub(crate) struct Ingestor {
     pub spool: Arc<Spool>,
     /// Catalog and options; a reload swaps them, taking effect at the next file.
     pub mapping: SharedMapping,
@@ -176,14 +176,18 @@ pub struct Ingestor {
 
 impl Ingestor {
     /// Reads `rel` (relative to the watch dir) from where it was left, into the spool.
-    pub fn ingest(&self, rel: &Path, cancel: &CancellationToken) -> Result<Outcome, spool::Error> {
+    pub(crate) fn ingest(
+        &self,
+        rel: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, spool::Error> {
         self.ingest_path(rel, cancel, None)
     }
 
     /// Reads the replayed file `abs` (record `file_id`, from [`begin_replay`]) from
     /// where it was left, skipping the dedupe check: an operator's explicit backfill or re-send.
     /// Events keep their deterministic `messageId`s, so Segment still dedupes them.
-    pub fn replay(
+    pub(crate) fn replay(
         &self,
         abs: &Path,
         file_id: u64,
@@ -725,7 +729,7 @@ type Committed = Result<Option<(u64, u64, u64)>, spool::Error>;
 
 /// What `dry-run` saw.
 #[derive(Debug, Default)]
-pub struct DryRunSummary {
+pub(crate) struct DryRunSummary {
     pub events: u64,
     pub duplicates: u64,
     pub bad_records: u64,
@@ -740,7 +744,7 @@ pub struct DryRunSummary {
 
 impl DryRunSummary {
     /// The closing line on stderr: what was sent and what was not, and why.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let special = [
             mapping::SKIP_IN_APP,
             mapping::SKIP_UNKNOWN_MESSAGE,
@@ -787,7 +791,7 @@ impl DryRunSummary {
 /// (a line over `max_line_bytes` too) and unreadable files are reported on `err` as
 /// `file:line: reason`. Events are deduplicated by `messageId` across all the files, as the
 /// spool would.
-pub fn dry_run(
+pub(crate) fn dry_run(
     paths: &[PathBuf],
     catalog: &Catalog,
     opts: &MappingOptions,

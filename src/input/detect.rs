@@ -23,7 +23,7 @@ pub(crate) const FORMAT_PROBE_BYTES: usize = 64 * 1024;
 
 /// The format of a stream whose first (decompressed) bytes are `head`. `head` may be cut
 /// anywhere; a session line longer than `head` is still recognised by its first keys.
-pub fn detect(head: &[u8]) -> Result<Format, InputError> {
+pub(crate) fn detect(head: &[u8]) -> Result<Format, InputError> {
     let head = head.strip_prefix(BOM).unwrap_or(head);
     let start = head.iter().position(|b| !b.is_ascii_whitespace());
     let Some(start) = start else {

@@ -27,7 +27,7 @@ const STREAM_BUFFER_BYTES: usize = 128 << 10;
 
 /// One row, good or bad, with where it ends.
 #[derive(Debug, Clone)]
-pub struct TableItem {
+pub(crate) struct TableItem {
     /// 1-based line the row starts on.
     pub line: u64,
     /// Offset in the decompressed stream just past the row (and its line ending).
@@ -62,7 +62,7 @@ impl<R: Read> Read for Tap<R> {
 type Stream = Box<dyn Read + Send>;
 
 /// A reader over one table file.
-pub struct TableReader {
+pub(crate) struct TableReader {
     file: TableFile,
     gzip: bool,
     columns: Columns,
@@ -78,7 +78,7 @@ pub struct TableReader {
 }
 
 /// What the file's name says, if it is named like a table of a CSV export job.
-pub fn table_file(path: &Path) -> Option<TableFile> {
+pub(crate) fn table_file(path: &Path) -> Option<TableFile> {
     csv_export::table_file(&path.file_name()?.to_string_lossy())
 }
 
@@ -86,7 +86,7 @@ impl TableReader {
     /// Opens a file named like a CSV export table (see [`table_file`]) at `start_offset` (0, or
     /// an `end_offset` returned before). `Ok(None)`: not named like one. A header that is not the
     /// named table's is [`InputError::UnknownFormat`] with the reason.
-    pub fn open(path: &Path, start_offset: u64) -> Result<Option<TableReader>, InputError> {
+    pub(crate) fn open(path: &Path, start_offset: u64) -> Result<Option<TableReader>, InputError> {
         let Some(file) = table_file(path) else {
             return Ok(None);
         };
@@ -171,26 +171,22 @@ impl TableReader {
         Ok(Some(reader))
     }
 
-    pub fn file(&self) -> &TableFile {
+    pub(crate) fn file(&self) -> &TableFile {
         &self.file
     }
 
-    pub fn table(&self) -> Table {
+    pub(crate) fn table(&self) -> Table {
         self.file.table
     }
 
-    pub fn is_gzip(&self) -> bool {
-        self.gzip
-    }
-
     /// Decompressed bytes consumed: after `next_item` returned `None`, the stream's length.
-    pub fn offset(&self) -> u64 {
+    pub(crate) fn offset(&self) -> u64 {
         self.base_offset + self.csv.position().byte()
     }
 
     /// The next row, or `None` at the end. An `Err` (I/O, truncated or corrupt gzip) is
     /// returned once, then `None`.
-    pub fn next_item(&mut self) -> Option<Result<TableItem, InputError>> {
+    pub(crate) fn next_item(&mut self) -> Option<Result<TableItem, InputError>> {
         while !self.done {
             match self.csv.read_byte_record(&mut self.row) {
                 Ok(true) => {}

@@ -21,7 +21,7 @@
 mod batch;
 mod csv;
 mod detect;
-pub mod leanplum_csv;
+pub(crate) mod leanplum_csv;
 mod lines;
 
 use std::fs::File;
@@ -33,19 +33,19 @@ use flate2::read::MultiGzDecoder;
 use crate::leanplum::{Engagement, Session};
 use batch::is_blank;
 pub(crate) use batch::{Filled, Parser, RawBatch};
-pub use detect::detect;
+pub(crate) use detect::detect;
 use detect::{BOM, FORMAT_PROBE_BYTES};
 use lines::{Framing, LineReader};
 
 /// How much of an offending record a [`BadRecord`] keeps, for the quarantine.
-pub const BAD_RECORD_RAW_BYTES: usize = 4 << 10;
+pub(crate) const BAD_RECORD_RAW_BYTES: usize = 4 << 10;
 
 /// Read buffer over the decompressed stream.
 const STREAM_BUFFER_BYTES: usize = 128 << 10;
 
 /// The three input formats of SPEC section 4; any of them may be gzipped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Format {
+pub(crate) enum Format {
     /// Leanplum session export: one session object per line.
     Sessions,
     /// Flat engagement records, one JSON object per line.
@@ -56,7 +56,7 @@ pub enum Format {
 
 impl Format {
     /// A stable name for logs and status.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Format::Sessions => "sessions",
             Format::EngagementJson => "engagement-json",
@@ -78,7 +78,7 @@ impl std::fmt::Display for Format {
     clippy::large_enum_variant,
     reason = "records are made one at a time and moved once; boxing engagements too would add an allocation per row for nothing"
 )]
-pub enum Record {
+pub(crate) enum Record {
     /// Boxed: a session owns its states and events and is the larger of the two.
     Session(Box<Session>),
     Engagement(Engagement),
@@ -86,7 +86,7 @@ pub enum Record {
 
 /// A record that could not be parsed; it goes to the quarantine, the file goes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadRecord {
+pub(crate) struct BadRecord {
     /// One line, naming the problem (serde_json's messages include the column).
     pub reason: String,
     /// The offending record, at most its first [`BAD_RECORD_RAW_BYTES`] bytes.
@@ -95,7 +95,7 @@ pub struct BadRecord {
 
 /// One record read from a file, good or bad, with where it ends.
 #[derive(Debug, Clone)]
-pub struct Item {
+pub(crate) struct Item {
     /// 1-based line number of the record's first line in the decompressed file.
     pub line: u64,
     /// Offset in the decompressed stream just past this record, including its newline: resume
@@ -109,7 +109,7 @@ pub struct Item {
 
 /// Why a file cannot be read (further). The messages do not name the file: callers add the path.
 #[derive(thiserror::Error, Debug)]
-pub enum InputError {
+pub(crate) enum InputError {
     /// Opening or reading the file failed.
     #[error("I/O error: {source}")]
     Io {
@@ -136,7 +136,7 @@ pub enum InputError {
 
 /// A streaming reader over one file: detection happened at [`Reader::open`], records come from
 /// [`Reader::next_item`].
-pub struct Reader {
+pub(crate) struct Reader {
     gzip: bool,
     lines: LineReader<BufReader<Box<dyn Read + Send>>>,
     /// The format, the CSV header and the record limit: what parses a framed record.
@@ -152,7 +152,7 @@ impl Reader {
     ///
     /// `max_line_bytes` (`watch.max_line_bytes`) is the longest record read: a longer one is a
     /// [`BadRecord`] naming its size, read past without being stored (SPEC section 8).
-    pub fn open(
+    pub(crate) fn open(
         path: &Path,
         start_offset: u64,
         max_line_bytes: usize,
@@ -182,24 +182,24 @@ impl Reader {
         Ok(reader)
     }
 
-    pub fn format(&self) -> Format {
+    pub(crate) fn format(&self) -> Format {
         self.parser.format
     }
 
-    pub fn is_gzip(&self) -> bool {
+    pub(crate) fn is_gzip(&self) -> bool {
         self.gzip
     }
 
     /// Decompressed bytes consumed so far. After `next_item` has returned `None` this is the
     /// length of the decompressed stream, including trailing blank lines that yield no item.
-    pub fn offset(&self) -> u64 {
+    pub(crate) fn offset(&self) -> u64 {
         self.lines.offset()
     }
 
     /// The next record, or `None` at the end of input. An `Err` is a stream-level failure (I/O
     /// error, truncated or corrupt gzip): it is returned once, then `None`; items already
     /// returned stay valid.
-    pub fn next_item(&mut self) -> Option<Result<Item, InputError>> {
+    pub(crate) fn next_item(&mut self) -> Option<Result<Item, InputError>> {
         let framing = self.framing();
         while !self.done {
             let raw = match self.lines.read_record(framing) {
@@ -306,7 +306,7 @@ impl Reader {
 
 /// The reason of a record over the limit, with both sizes: `line of 70,123,456 bytes is over
 /// watch.max_line_bytes (67,108,864)`. [`over_limit_size`] reads the size back.
-pub fn over_limit_reason(what: &str, len: u64, limit: usize) -> String {
+pub(crate) fn over_limit_reason(what: &str, len: u64, limit: usize) -> String {
     format!(
         "{what} of {} bytes is over watch.max_line_bytes ({})",
         thousands(len),
@@ -316,7 +316,7 @@ pub fn over_limit_reason(what: &str, len: u64, limit: usize) -> String {
 
 /// The record size a reason built by [`over_limit_reason`] names (also inside a longer reason,
 /// `retry failed: line of N bytes ... watch.max_line_bytes ...`); `None` for any other reason.
-pub fn over_limit_size(reason: &str) -> Option<u64> {
+pub(crate) fn over_limit_size(reason: &str) -> Option<u64> {
     let before = &reason[..reason.find("watch.max_line_bytes")?];
     let (_, size) = before.rsplit_once("of ")?;
     let (digits, _) = size.split_once(" bytes ")?;
@@ -341,7 +341,11 @@ pub(crate) fn thousands(n: u64) -> String {
 
 /// Parses one record of `format` (`header`: the CSV columns, trimmed and lowercased; empty for
 /// JSON). Used by the reader, and by `dead-letter retry` on a quarantined line.
-pub fn parse_record(format: Format, header: &[String], bytes: &[u8]) -> Result<Record, String> {
+pub(crate) fn parse_record(
+    format: Format,
+    header: &[String],
+    bytes: &[u8],
+) -> Result<Record, String> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()))?;
     if format != Format::EngagementCsv && !text.trim_start().starts_with('{') {
@@ -419,7 +423,7 @@ const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// Whether a file whose first bytes are `head` is gzip: the one check, for reading and for
 /// file identity. Any format may be gzipped, whatever the name says.
-pub fn is_gzip(head: &[u8]) -> bool {
+pub(crate) fn is_gzip(head: &[u8]) -> bool {
     head.starts_with(&GZIP_MAGIC)
 }
 

@@ -14,11 +14,11 @@ use crate::config::Secret;
 use crate::transport::Transport;
 
 /// The API version the requests name; the response shapes parsed here are this version's.
-pub const API_VERSION: &str = "1.0.6";
+pub(crate) const API_VERSION: &str = "1.0.6";
 
 /// Why a call gave nothing usable. The text never holds the content key or the URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// No answer: connection refused or reset, DNS, TLS, timeout.
     #[error("cannot reach Leanplum: {0}")]
     Transport(String),
@@ -41,7 +41,7 @@ pub enum ApiError {
 }
 
 /// A client for one app.
-pub struct LeanplumApi {
+pub(crate) struct LeanplumApi {
     http: reqwest::Client,
     url: String,
     app_id: String,
@@ -59,7 +59,7 @@ impl std::fmt::Debug for LeanplumApi {
 
 impl LeanplumApi {
     /// `transport`: the proxy and extra CA roots of `[leanplum]` (see [`crate::transport`]).
-    pub fn new(
+    pub(crate) fn new(
         api_base: &str,
         app_id: &str,
         key: Secret,
@@ -85,13 +85,13 @@ impl LeanplumApi {
     }
 
     /// Every message, finished ones included (`recent=false`).
-    pub async fn messages(&self) -> Result<Vec<Message>, ApiError> {
+    pub(crate) async fn messages(&self) -> Result<Vec<Message>, ApiError> {
         let body = self.call("getMessages", &[("recent", "false")]).await?;
         Catalog::parse_messages(&body).map_err(|e| self.classify(e))
     }
 
     /// Every A/B test, finished ones included.
-    pub async fn abtests(&self) -> Result<Vec<AbTest>, ApiError> {
+    pub(crate) async fn abtests(&self) -> Result<Vec<AbTest>, ApiError> {
         let body = self.call("getAbTests", &[("recent", "false")]).await?;
         Catalog::parse_abtests(&body).map_err(|e| self.classify(e))
     }
@@ -101,7 +101,7 @@ impl LeanplumApi {
     /// the real API answers for a deleted message), or a 2xx with `success: false` and a "not
     /// found" message. A 404 without Leanplum's word (a proxy, a wrong `api_base`) stays an
     /// error: taking it for "does not exist" would map every message wrong.
-    pub async fn message(&self, id: Id) -> Result<Option<Message>, ApiError> {
+    pub(crate) async fn message(&self, id: Id) -> Result<Option<Message>, ApiError> {
         let id = id.to_string();
         let body = match self.call("getMessage", &[("id", &id)]).await {
             Ok(body) => body,

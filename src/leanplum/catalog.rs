@@ -20,14 +20,14 @@ use std::path::{Path, PathBuf};
 
 /// What the agent knows about messages and A/B tests, by id.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Catalog {
+pub(crate) struct Catalog {
     messages: HashMap<Id, Message>,
     abtests: HashMap<Id, AbTest>,
 }
 
 /// One Leanplum message (an email, a push notification, or an in-app message).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Message {
+pub(crate) struct Message {
     pub id: Id,
     pub channel: MessageKind,
     pub name: Option<String>,
@@ -39,7 +39,7 @@ pub struct Message {
 
 /// The kind of a message, which decides the Segment spec its engagements follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MessageKind {
+pub(crate) enum MessageKind {
     Email,
     Push,
     /// Any Leanplum `messageType` other than "Email" and "Push Notification" (in-app messages,
@@ -49,7 +49,7 @@ pub enum MessageKind {
 
 /// One A/B test and the names of its variants.
 #[derive(Debug, Clone, PartialEq)]
-pub struct AbTest {
+pub(crate) struct AbTest {
     pub id: Id,
     pub name: Option<String>,
     pub variants: HashMap<Id, Option<String>>,
@@ -57,7 +57,7 @@ pub struct AbTest {
 
 /// A catalog file that exists but cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum CatalogError {
+pub(crate) enum CatalogError {
     /// The file is there but cannot be read: permissions, a directory in its place, or the
     /// catalog directory itself is a file.
     #[error("cannot read catalog file {}: {source}", path.display())]
@@ -69,20 +69,20 @@ pub enum CatalogError {
 
 impl Catalog {
     /// A catalog that knows nothing: every message is unknown, every name absent.
-    pub fn empty() -> Catalog {
+    pub(crate) fn empty() -> Catalog {
         Catalog::default()
     }
 
     /// Loads `dir/messages.json` and `dir/abtests.json`. A missing file, or a missing directory,
     /// is an empty part: a deployment may only care about messages, or only about A/B tests.
-    pub fn load_dir(dir: &Path) -> Result<Catalog, CatalogError> {
+    pub(crate) fn load_dir(dir: &Path) -> Result<Catalog, CatalogError> {
         let messages = load_file(&dir.join("messages.json"), Catalog::parse_messages)?;
         let abtests = load_file(&dir.join("abtests.json"), Catalog::parse_abtests)?;
         Ok(Catalog::from_parts(messages, abtests))
     }
 
     /// Parses a `messages.json` in either form.
-    pub fn parse_messages(json: &[u8]) -> Result<Vec<Message>, String> {
+    pub(crate) fn parse_messages(json: &[u8]) -> Result<Vec<Message>, String> {
         let json = strip_bom(json);
         let entries = match form(json)? {
             Form::Flat => from_json::<Vec<MessageEntry>>(json)?,
@@ -98,7 +98,7 @@ impl Catalog {
     }
 
     /// Parses an `abtests.json` in either form.
-    pub fn parse_abtests(json: &[u8]) -> Result<Vec<AbTest>, String> {
+    pub(crate) fn parse_abtests(json: &[u8]) -> Result<Vec<AbTest>, String> {
         let json = strip_bom(json);
         let entries = match form(json)? {
             Form::Flat => from_json::<Vec<AbTestEntry>>(json)?,
@@ -111,50 +111,50 @@ impl Catalog {
     }
 
     /// Builds a catalog; a later entry with the same id replaces an earlier one.
-    pub fn from_parts(messages: Vec<Message>, abtests: Vec<AbTest>) -> Catalog {
+    pub(crate) fn from_parts(messages: Vec<Message>, abtests: Vec<AbTest>) -> Catalog {
         Catalog {
             messages: messages.into_iter().map(|m| (m.id, m)).collect(),
             abtests: abtests.into_iter().map(|t| (t.id, t)).collect(),
         }
     }
 
-    pub fn message(&self, id: Id) -> Option<&Message> {
+    pub(crate) fn message(&self, id: Id) -> Option<&Message> {
         self.messages.get(&id)
     }
 
-    pub fn abtest(&self, id: Id) -> Option<&AbTest> {
+    pub(crate) fn abtest(&self, id: Id) -> Option<&AbTest> {
         self.abtests.get(&id)
     }
 
-    pub fn len_messages(&self) -> usize {
+    pub(crate) fn len_messages(&self) -> usize {
         self.messages.len()
     }
 
-    pub fn len_abtests(&self) -> usize {
+    pub(crate) fn len_abtests(&self) -> usize {
         self.abtests.len()
     }
 
     /// Every message, in id order.
-    pub fn messages(&self) -> Vec<&Message> {
+    pub(crate) fn messages(&self) -> Vec<&Message> {
         let mut all: Vec<&Message> = self.messages.values().collect();
         all.sort_by_key(|m| m.id);
         all
     }
 
     /// Every A/B test, in id order.
-    pub fn abtests(&self) -> Vec<&AbTest> {
+    pub(crate) fn abtests(&self) -> Vec<&AbTest> {
         let mut all: Vec<&AbTest> = self.abtests.values().collect();
         all.sort_by_key(|t| t.id);
         all
     }
 
     /// Adds or replaces one message.
-    pub fn insert_message(&mut self, message: Message) {
+    pub(crate) fn insert_message(&mut self, message: Message) {
         self.messages.insert(message.id, message);
     }
 
     /// `self` with every entry of `over` laid on top: an id in both takes `over`'s entry.
-    pub fn overlaid(&self, over: &Catalog) -> Catalog {
+    pub(crate) fn overlaid(&self, over: &Catalog) -> Catalog {
         let mut merged = self.clone();
         merged
             .messages
@@ -167,7 +167,7 @@ impl Catalog {
 
     /// The catalog in the flat form, `{"messages": [...], "abtests": [...]}`, which
     /// [`Catalog::parse_messages`] and [`Catalog::parse_abtests`] read back (the cache format).
-    pub fn to_flat_json(&self) -> (Vec<u8>, Vec<u8>) {
+    pub(crate) fn to_flat_json(&self) -> (Vec<u8>, Vec<u8>) {
         let messages: Vec<FlatMessage> =
             self.messages().into_iter().map(FlatMessage::from).collect();
         let abtests: Vec<FlatAbTest> = self.abtests().into_iter().map(FlatAbTest::from).collect();
@@ -185,7 +185,7 @@ impl Catalog {
     /// false` with a message naming the problem, or a success without a message; both are read
     /// as "does not exist" only when the message says so (`not found`, `does not exist`, `no
     /// such`, `invalid`), so an outage or a quota error never turns into a wrong mapping.
-    pub fn parse_message_lookup(json: &[u8]) -> Result<Option<Message>, LookupError> {
+    pub(crate) fn parse_message_lookup(json: &[u8]) -> Result<Option<Message>, LookupError> {
         let api = from_json::<ApiResponse<MessageLookupResult>>(strip_bom(json))
             .map_err(LookupError::Malformed)?;
         let Some(result) = api.response.into_iter().next() else {
@@ -213,7 +213,7 @@ impl Catalog {
 
 /// Whether Leanplum's error message says the asked message does not exist (any letter case):
 /// `Message not found.` is what the real API answers, with HTTP 404, for a deleted message.
-pub fn says_not_found(message: &str) -> bool {
+pub(crate) fn says_not_found(message: &str) -> bool {
     let lower = message.to_lowercase();
     [
         "not found",
@@ -229,7 +229,7 @@ pub fn says_not_found(message: &str) -> bool {
 
 /// Why a `getMessage` answer could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LookupError {
+pub(crate) enum LookupError {
     /// Leanplum answered `"success": false` for a reason other than an unknown id.
     #[error("Leanplum says: {0}")]
     Leanplum(String),
@@ -309,7 +309,7 @@ impl From<&AbTest> for FlatAbTest {
 
 impl MessageKind {
     /// The flat form's `channel` value.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             MessageKind::Email => "email",
             MessageKind::Push => "push",

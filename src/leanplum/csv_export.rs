@@ -13,7 +13,7 @@ use super::{Experiment, Id, LpTime, Session};
 
 /// The tables of a CSV export job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Table {
+pub(crate) enum Table {
     Sessions,
     States,
     Events,
@@ -24,7 +24,7 @@ pub enum Table {
 
 impl Table {
     /// The table as it appears in file names (`...-output<name>-<n>`).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Table::Sessions => "sessions",
             Table::States => "states",
@@ -46,12 +46,6 @@ impl Table {
             _ => return None,
         })
     }
-
-    /// Whether the join reads this table's rows (`states` and `userattributes` are only
-    /// counted).
-    pub fn is_joined(self) -> bool {
-        !matches!(self, Table::States | Table::UserAttributes)
-    }
 }
 
 impl std::fmt::Display for Table {
@@ -62,7 +56,7 @@ impl std::fmt::Display for Table {
 
 /// What a file name says: the job (`<appId>-<jobId>`), the table and the shard.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TableFile {
+pub(crate) struct TableFile {
     pub job: String,
     pub table: Table,
     pub shard: u32,
@@ -71,7 +65,7 @@ pub struct TableFile {
 /// Reads `export-<appId>-<jobId>-output<table>-<n>`, optionally with `.gz` (the public pipeline
 /// that used this format matched `export-.*-output([a-z0-9]+)-([0-9]+)$`). `None` for any other
 /// name, the JSON export's `...-output-<n>` included.
-pub fn table_file(file_name: &str) -> Option<TableFile> {
+pub(crate) fn table_file(file_name: &str) -> Option<TableFile> {
     let name = file_name.strip_suffix(".gz").unwrap_or(file_name);
     let rest = name.strip_prefix("export-")?;
     let at = rest.rfind("-output")?;
@@ -96,13 +90,13 @@ pub fn table_file(file_name: &str) -> Option<TableFile> {
 }
 
 /// The name of the `eventparameters` file of `job`'s shard (for messages and manifests).
-pub fn parameters_file_name(job: &str, shard: u32) -> String {
+pub(crate) fn parameters_file_name(job: &str, shard: u32) -> String {
     format!("export-{job}-outputeventparameters-{shard}")
 }
 
 /// Where the columns a table's rows need are, by header name. Built from the header row.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Columns {
+pub(crate) struct Columns {
     /// Number of columns in the header: every row must have as many.
     pub width: usize,
     session_id: Option<usize>,
@@ -130,7 +124,7 @@ impl Columns {
     /// Finds the columns `table` needs in `header` (names as written; matched trimmed and
     /// case-insensitively). `Err` names the first required column missing: a file named like a
     /// table whose header is not that table's.
-    pub fn new(table: Table, header: &[&str]) -> Result<Columns, String> {
+    pub(crate) fn new(table: Table, header: &[&str]) -> Result<Columns, String> {
         let names: Vec<String> = header.iter().map(|h| h.trim().to_lowercase()).collect();
         let find = |n: &str| names.iter().position(|h| h == n);
         let c = Columns {
@@ -197,14 +191,14 @@ impl Columns {
 /// [`Session`] with no states and no experiments (the JSON export's fields: `start` is `time`,
 /// `osName` / `osVersion` are `systemName` / `systemVersion`).
 #[derive(Debug, Clone)]
-pub struct SessionRow {
+pub(crate) struct SessionRow {
     pub session_id: String,
     pub session: Session,
 }
 
 /// One `events` row.
 #[derive(Debug, Clone, PartialEq)]
-pub struct EventRow {
+pub(crate) struct EventRow {
     pub event_id: Id,
     pub session_id: String,
     pub name: String,
@@ -213,7 +207,7 @@ pub struct EventRow {
 
 /// One `eventparameters` row.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParamRow {
+pub(crate) struct ParamRow {
     pub event_id: Id,
     pub name: String,
     pub value: String,
@@ -221,7 +215,7 @@ pub struct ParamRow {
 
 /// One `experiments` row: an impression.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExperimentRow {
+pub(crate) struct ExperimentRow {
     pub session_id: String,
     pub experiment_id: Id,
     pub variant_id: Id,
@@ -229,7 +223,7 @@ pub struct ExperimentRow {
 
 impl ExperimentRow {
     /// As the JSON export's `experiments[]` entry (a row is an impression: `impressed` absent).
-    pub fn experiment(&self) -> Experiment {
+    pub(crate) fn experiment(&self) -> Experiment {
         Experiment {
             id: self.experiment_id,
             variant_id: self.variant_id,
@@ -240,7 +234,7 @@ impl ExperimentRow {
 
 /// One parsed row.
 #[derive(Debug, Clone)]
-pub enum Row {
+pub(crate) enum Row {
     Session(Box<SessionRow>),
     Event(EventRow),
     Param(ParamRow),
@@ -250,7 +244,7 @@ pub enum Row {
 }
 
 /// Parses one row of `table`; `cells` are the row's fields as text, in header order.
-pub fn parse_row(table: Table, cols: &Columns, cells: &[&str]) -> Result<Row, String> {
+pub(crate) fn parse_row(table: Table, cols: &Columns, cells: &[&str]) -> Result<Row, String> {
     if cells.len() != cols.width {
         return Err(format!(
             "row has {} fields but the header has {}",
@@ -328,7 +322,7 @@ pub fn parse_row(table: Table, cols: &Columns, cells: &[&str]) -> Result<Row, St
 /// A time as Leanplum's CSV export writes it: seconds since the epoch as a double
 /// (`1.591474962721E9`, `1591474962.721`) or `YYYY-MM-DD HH:MM:SS[.fff] UTC` (a `T` between
 /// date and time, and `Z` or no zone, are accepted too; any other zone is refused).
-pub fn parse_time(text: &str) -> Result<LpTime, String> {
+pub(crate) fn parse_time(text: &str) -> Result<LpTime, String> {
     let t = text.trim();
     if t.is_empty() {
         return Err("missing".into());
@@ -398,12 +392,14 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 /// The parameters the mapping reads (SPEC section 5: `email_id`, the clicked link's `url` /
 /// `link_url` and `index` / `link_id`): the join keeps only these.
-pub const MAPPED_PARAMETERS: [&str; 5] = ["email_id", "url", "link_url", "index", "link_id"];
+pub(crate) const MAPPED_PARAMETERS: [&str; 5] = ["email_id", "url", "link_url", "index", "link_id"];
 
 /// An event's parameters as the JSON export writes them (`{"url": "...", "index": 2}`), from its
 /// `eventparameters` rows. A link index that is an integer becomes a JSON number, as Leanplum
 /// writes it; every other value stays text (the mapping reads both the same way).
-pub fn parameters_json(params: &[(String, String)]) -> Option<Box<serde_json::value::RawValue>> {
+pub(crate) fn parameters_json(
+    params: &[(String, String)],
+) -> Option<Box<serde_json::value::RawValue>> {
     if params.is_empty() {
         return None;
     }

@@ -14,7 +14,7 @@ use super::{Channel, Id};
 /// name (`"Email Opened"`) or a Leanplum action (`"Open"`), which the mapping resolves by channel.
 /// Serialized only as a parked record (see `crate::catalog::parking`), read back as is.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Engagement {
+pub(crate) struct Engagement {
     pub event: String,
     pub user_id: Option<String>,
     pub device_id: Option<String>,
@@ -38,13 +38,13 @@ pub struct Engagement {
 impl Engagement {
     /// From one JSON object (an engagement JSON line). Values may be strings or numbers; `null`
     /// and `""` are absent. Unknown keys are ignored here but are part of the canonical hash.
-    pub fn from_json_map(m: &Map<String, Value>) -> Result<Engagement, String> {
+    pub(crate) fn from_json_map(m: &Map<String, Value>) -> Result<Engagement, String> {
         Engagement::from_raw(m.iter().map(|(k, v)| (k.as_str(), Raw::Json(v))))
     }
 
     /// From one CSV row: header names -> cell text, empty cells already removed. Every value is
     /// text, so `"4057833125182384"` is read the same as the JSON number `4057833125182384`.
-    pub fn from_fields(fields: &[(String, String)]) -> Result<Engagement, String> {
+    pub(crate) fn from_fields(fields: &[(String, String)]) -> Result<Engagement, String> {
         Engagement::from_raw(
             fields
                 .iter()
@@ -118,7 +118,7 @@ impl Engagement {
 /// The hash is the first 32 lowercase hex digits of SHA-256 of those bytes. A JSON line and a
 /// CSV row with the same keys and the same texts hash the same (CSV header names are trimmed and
 /// lowercased by the reader before they get here).
-pub fn canonical_hash<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+pub(crate) fn canonical_hash<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
     let sorted: BTreeMap<&str, &str> = fields.into_iter().filter(|(_, v)| !v.is_empty()).collect();
     // Inserted in sorted order, so the bytes do not depend on whether serde_json's
     // `preserve_order` feature is on somewhere in the build.

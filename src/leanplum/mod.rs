@@ -2,10 +2,10 @@
 //! they carry. Types here only describe and parse; turning them into Segment events is
 //! `crate::mapping`'s job.
 
-pub mod api;
-pub mod catalog;
-pub mod csv_export;
-pub mod engagement;
+pub(crate) mod api;
+pub(crate) mod catalog;
+pub(crate) mod csv_export;
+pub(crate) mod engagement;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -13,12 +13,12 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
 
-pub use engagement::Engagement;
+pub(crate) use engagement::Engagement;
 
 /// A Leanplum id (event, message, campaign, experiment, variant). These are 64-bit integers that
 /// exceed 2^53, written as JSON numbers or as strings: never let one pass through an f64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Id(pub u64);
+pub(crate) struct Id(pub u64);
 
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -71,12 +71,12 @@ impl<'de> Deserialize<'de> for Id {
 /// A Leanplum time: seconds since the epoch as a double, sometimes written as a string
 /// (`"1.793534899612E+09"`). Kept as f64 seconds; [`LpTime::millis`] rounds to the nearest ms.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LpTime(pub f64);
+pub(crate) struct LpTime(pub f64);
 
 impl LpTime {
     /// Milliseconds since the epoch, rounded to the nearest millisecond (the Leanplum Segment
     /// source rounds, it does not truncate: 1793533949.8537455 is ...949.854).
-    pub fn millis(self) -> i64 {
+    pub(crate) fn millis(self) -> i64 {
         (self.0 * 1000.0).round() as i64
     }
 }
@@ -167,7 +167,7 @@ pub(crate) fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<S
 /// is megabytes of app events: parsed, it holds its engagements, not a copy of the line.
 #[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Session {
+pub(crate) struct Session {
     #[serde(
         default,
         deserialize_with = "lenient_string",
@@ -245,7 +245,7 @@ pub struct Session {
 
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Experiment {
+pub(crate) struct Experiment {
     pub id: Id,
     pub variant_id: Id,
     /// Absent means impressed (SPEC section 5).
@@ -253,7 +253,7 @@ pub struct Experiment {
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, Deserialize)]
-pub struct State {
+pub(crate) struct State {
     #[serde(default)]
     pub events: Events,
 }
@@ -263,7 +263,7 @@ pub struct State {
 /// still makes the line a bad record), then dropped: nothing is sent for them, they are only
 /// counted, and keeping them would hold most of a long session's line in memory a second time.
 #[derive(Debug, Clone, Default)]
-pub struct Events {
+pub(crate) struct Events {
     pub messages: Vec<Event>,
     /// Events that are not message events (`"Add To Cart"`).
     pub app_events: u64,
@@ -271,7 +271,7 @@ pub struct Events {
 
 impl Events {
     /// The message events of `events`, and a count of the rest, as parsing keeps them.
-    pub fn from_events(events: impl IntoIterator<Item = Event>) -> Events {
+    pub(crate) fn from_events(events: impl IntoIterator<Item = Event>) -> Events {
         let mut out = Events::default();
         for e in events {
             out.push(e);
@@ -280,7 +280,7 @@ impl Events {
     }
 
     /// Keeps `event` if it is a message event, else counts it.
-    pub fn push(&mut self, event: Event) {
+    pub(crate) fn push(&mut self, event: Event) {
         if parse_message_event(&event.name).is_some() {
             self.messages.push(event);
         } else {
@@ -460,7 +460,7 @@ impl<'de> Visitor<'de> for Text {
 
 /// Splits a message event name: `".m123"` -> `(123, None)`, `".m123 Open"` ->
 /// `(123, Some("Open"))`. Anything else (an app event) -> `None`.
-pub fn parse_message_event(name: &str) -> Option<(Id, Option<&str>)> {
+pub(crate) fn parse_message_event(name: &str) -> Option<(Id, Option<&str>)> {
     let rest = name.strip_prefix(".m")?;
     let digits_end = rest
         .find(|c: char| !c.is_ascii_digit())
@@ -479,7 +479,7 @@ pub fn parse_message_event(name: &str) -> Option<(Id, Option<&str>)> {
 /// (`".m<messageId>"`, `".m<messageId> <Action>"`).
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Event {
+pub(crate) struct Event {
     pub event_id: Id,
     pub name: String,
     pub time: LpTime,
@@ -492,7 +492,7 @@ pub struct Event {
 /// A message channel: which Segment spec (Email or Push) an engagement belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Channel {
+pub(crate) enum Channel {
     Email,
     Push,
 }
