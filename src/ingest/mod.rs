@@ -243,7 +243,7 @@ impl Ingestor {
             Ok(h) => h,
             Err(e) => return Ok(self.unreadable(rel, None, &format!("cannot read: {e}"))),
         };
-        let gzip = fingerprint::is_gzip_head(&head);
+        let gzip = crate::input::is_gzip(&head);
 
         let known = match replay {
             Some(id) => match self.spool.ledger().file(id)? {

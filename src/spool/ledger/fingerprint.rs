@@ -32,10 +32,6 @@ pub(crate) const IDENTITY_HEAD_BYTES: u64 = 1024;
 /// Bytes before the committed offset that must still be there for the file to read on.
 pub(crate) const TAIL_BYTES: u64 = 1024;
 
-pub(crate) fn is_gzip_head(head: &[u8]) -> bool {
-    crate::input::is_gzip(head)
-}
-
 /// First 16 bytes of SHA-256, hex: enough to tell files apart, short enough to store per file.
 pub(crate) fn hash(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..16])
