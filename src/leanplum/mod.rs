@@ -6,6 +6,7 @@ pub(crate) mod api;
 pub(crate) mod catalog;
 pub(crate) mod csv_export;
 pub(crate) mod engagement;
+mod scan;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -14,6 +15,17 @@ use std::borrow::Cow;
 use std::fmt;
 
 pub(crate) use engagement::Engagement;
+
+impl Session {
+    /// Reads one session export line (valid UTF-8). The scanner of `scan` reads the lines
+    /// Leanplum writes; whatever it leaves is read by serde, which also words the errors.
+    pub(crate) fn from_line(text: &str) -> Result<Session, serde_json::Error> {
+        match scan::session(text) {
+            Some(session) => Ok(session),
+            None => serde_json::from_str(text),
+        }
+    }
+}
 
 /// A Leanplum id (event, message, campaign, experiment, variant). These are 64-bit integers that
 /// exceed 2^53, written as JSON numbers or as strings: never let one pass through an f64.
