@@ -47,7 +47,7 @@ impl TrackEvent {
         w.key("messageId");
         w.string(&self.message_id);
         w.key("event");
-        w.string(self.event);
+        w.quoted_plain(self.event);
         if let Some(user_id) = &self.user_id {
             w.key("userId");
             w.string(user_id);
@@ -346,6 +346,33 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (year, month, day)
 }
 
+/// The index of the first `"`, `\\` or control character in `b` from `at`, eight bytes at a
+/// time (as serde_json looks for the end of a string): where a string must be escaped, or
+/// where a string being read ends or needs a closer look.
+pub(crate) fn special(b: &[u8], mut at: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    while let Some(chunk) = b.get(at..at + 8) {
+        let v = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let quote = v ^ (ONES * u64::from(b'"'));
+        let backslash = v ^ (ONES * u64::from(b'\\'));
+        // A byte is flagged when it is zero (after the XOR) or below 0x20; the lowest flagged
+        // byte is exact (borrows only run upwards).
+        let found = (quote.wrapping_sub(ONES) & !quote
+            | backslash.wrapping_sub(ONES) & !backslash
+            | v.wrapping_sub(ONES * 0x20) & !v)
+            & HIGH;
+        if found != 0 {
+            return Some(at + (found.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    b[at..]
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
+        .map(|i| at + i)
+}
+
 /// A compact JSON writer for the event's fixed shape. Keys are constants the callers give in
 /// order; strings are escaped as serde_json escapes them.
 struct Json {
@@ -379,7 +406,7 @@ impl Json {
             }
             *first = false;
         }
-        self.string(key);
+        self.quoted_plain(key);
         self.out.push(b':');
     }
 
@@ -388,7 +415,7 @@ impl Json {
     }
 
     fn string(&mut self, s: &str) {
-        if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        if special(s.as_bytes(), 0).is_some() {
             // Rare: let serde_json escape it, byte for byte as it always has.
             serde_json::to_writer(&mut self.out, s).expect("writing to a Vec cannot fail");
         } else {
@@ -396,6 +423,14 @@ impl Json {
             self.out.extend_from_slice(s.as_bytes());
             self.out.push(b'"');
         }
+    }
+
+    /// A string known to need no escape (a constant).
+    fn quoted_plain(&mut self, s: &str) {
+        debug_assert!(special(s.as_bytes(), 0).is_none(), "{s}");
+        self.out.push(b'"');
+        self.out.extend_from_slice(s.as_bytes());
+        self.out.push(b'"');
     }
 
     fn opt_string(&mut self, key: &str, value: Option<&str>) {

@@ -565,9 +565,10 @@ fn event_message_id(id: Id) -> String {
 /// First 16 hex digits of SHA-256: keeps user ids out of `messageId` while staying
 /// deterministic per user.
 fn short_sha256(text: &str) -> String {
-    let mut hex = hex::encode(Sha256::digest(text.as_bytes()));
-    hex.truncate(16);
-    hex
+    let digest = Sha256::digest(text.as_bytes());
+    let mut hex = [0u8; 16];
+    hex::encode_to_slice(&digest[..8], &mut hex).expect("8 bytes are 16 hex digits");
+    String::from_utf8_lossy(&hex).into_owned()
 }
 
 /// Segment's identity fields for one record, shared by all its events.

@@ -13,36 +13,13 @@
 
 use serde_json::value::RawValue;
 
+use crate::event::special;
+
 use super::{Event, Events, Experiment, Id, LpTime, Session, State, parse_message_event};
 
 /// Values nested deeper than this are left to serde (which limits nesting to 128).
 const MAX_DEPTH: usize = 64;
 
-/// The index of the first `"`, `\\` or control character in `b` from `at`, eight bytes at a
-/// time (as serde_json looks for the end of a string).
-fn special(b: &[u8], mut at: usize) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    while let Some(chunk) = b.get(at..at + 8) {
-        let v = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
-        let quote = v ^ (ONES * u64::from(b'"'));
-        let backslash = v ^ (ONES * u64::from(b'\\'));
-        // A byte is flagged when it is zero (after the XOR) or below 0x20; the lowest flagged
-        // byte is exact (borrows only run upwards).
-        let found = (quote.wrapping_sub(ONES) & !quote
-            | backslash.wrapping_sub(ONES) & !backslash
-            | v.wrapping_sub(ONES * 0x20) & !v)
-            & HIGH;
-        if found != 0 {
-            return Some(at + (found.trailing_zeros() / 8) as usize);
-        }
-        at += 8;
-    }
-    b[at..]
-        .iter()
-        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-        .map(|i| at + i)
-}
 
 /// The session of `text` (one line, valid UTF-8), or `None`: read it with serde.
 pub(crate) fn session(text: &str) -> Option<Session> {
@@ -79,10 +56,12 @@ const EXPERIMENTS: u32 = 1 << 12;
 const STATES: u32 = 1 << 13;
 
 impl<'a> Scanner<'a> {
+    #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.at).copied()
     }
 
+    #[inline(always)]
     fn ws(&mut self) {
         while self.peek() == Some(b' ') {
             self.at += 1;
@@ -90,12 +69,14 @@ impl<'a> Scanner<'a> {
     }
 
     /// Skips whitespace and takes `byte`.
+    #[inline(always)]
     fn eat(&mut self, byte: u8) -> Option<()> {
         self.ws();
         (self.peek()? == byte).then(|| self.at += 1)
     }
 
     /// After whitespace: takes `byte` if it is next.
+    #[inline(always)]
     fn next_is(&mut self, byte: u8) -> bool {
         self.ws();
         if self.peek() == Some(byte) {
@@ -149,6 +130,7 @@ impl<'a> Scanner<'a> {
 
     /// A string at the cursor: the span of its contents and whether it holds an escape. A
     /// control character in it (which JSON forbids) gives up.
+    #[inline(always)]
     fn string_span(&mut self) -> Option<((usize, usize), bool)> {
         if self.peek()? != b'"' {
             return None;
@@ -198,6 +180,7 @@ impl<'a> Scanner<'a> {
 
     /// A number at the cursor, checked against JSON's grammar: its span, and whether it is
     /// written with an exponent.
+    #[inline(always)]
     fn number_span(&mut self) -> Option<((usize, usize), bool)> {
         let start = self.at;
         let b = self.b;
@@ -264,18 +247,21 @@ impl<'a> Scanner<'a> {
         Some((start, self.at))
     }
 
+    #[inline(always)]
     fn literal(&mut self, word: &[u8]) -> Option<()> {
         self.b[self.at..]
             .starts_with(word)
             .then(|| self.at += word.len())
     }
 
+    #[inline(always)]
     fn null(&mut self) -> bool {
         self.ws();
         self.literal(b"null").is_some()
     }
 
     /// A non-negative integer written as a number that fits a u64 (anything else: serde).
+    #[inline(always)]
     fn id(&mut self) -> Option<Id> {
         self.ws();
         let start = self.at;
@@ -300,6 +286,7 @@ impl<'a> Scanner<'a> {
 
     /// A time that is only checked: a plain decimal is always a finite f64; anything with an
     /// exponent or very long is read as [`Scanner::time`] reads it.
+    #[inline(always)]
     fn time_checked(&mut self) -> Option<()> {
         self.ws();
         let ((from, to), exponent) = self.number_span()?;
