@@ -20,7 +20,6 @@ use super::{Event, Events, Experiment, Id, LpTime, Session, State, parse_message
 /// Values nested deeper than this are left to serde (which limits nesting to 128).
 const MAX_DEPTH: usize = 64;
 
-
 /// The session of `text` (one line, valid UTF-8), or `None`: read it with serde.
 pub(crate) fn session(text: &str) -> Option<Session> {
     let mut s = Scanner {
@@ -507,6 +506,46 @@ mod tests {
                 .get(),
             r#"{"url":"https://example.com/p/311","index":4}"#
         );
+    }
+
+    #[test]
+    fn every_field_of_a_session_is_read() {
+        // Written without `..Default::default()`: a field added to `Session` fails to compile
+        // here until it is given a value, and then this test fails until the scanner reads it.
+        let text = |s: &str| Some(s.to_owned());
+        let full = Session {
+            user_id: text("u"),
+            device_id: text("d"),
+            time: Some(LpTime(1793542645.826006)),
+            locale: text("en_US"),
+            timezone: text("Europe/Paris"),
+            country: text("FR"),
+            region: text("IDF"),
+            city: text("Paris"),
+            app_version: text("2.0.1"),
+            system_name: text("iOS"),
+            system_version: text("17.1"),
+            device_model: text("iPhone15,2"),
+            experiments: vec![Experiment {
+                id: Id(1),
+                variant_id: Id(2),
+                impressed: Some(true),
+            }],
+            states: vec![State {
+                events: Events {
+                    messages: vec![Event {
+                        event_id: Id(3),
+                        name: ".m4 Open".into(),
+                        time: LpTime(1793542700.5),
+                        parameters: Some(RawValue::from_string(r#"{"a":1}"#.into()).unwrap()),
+                    }],
+                    app_events: 0,
+                },
+            }],
+        };
+        let line = serde_json::to_string(&full).unwrap();
+        assert!(agrees(&line), "{line}");
+        assert_eq!(fast(&line), Some(format!("{full:?}")));
     }
 
     #[test]
