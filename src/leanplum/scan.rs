@@ -11,11 +11,9 @@
 //! float conversions, visitor calls): most of a line is app events, of which only the name is
 //! needed (to tell message events from app events), while the rest is checked, not converted.
 
-use serde_json::value::RawValue;
-
 use crate::event::special;
 
-use super::{Event, Events, Experiment, Id, LpTime, Session, State, parse_message_event};
+use super::{Event, Events, Experiment, Id, LpTime, RawJson, Session, State, parse_message_event};
 
 /// Values nested deeper than this are left to serde (which limits nesting to 128).
 const MAX_DEPTH: usize = 64;
@@ -452,7 +450,8 @@ impl<'a> Scanner<'a> {
         }
         let time = serde_json::from_str::<LpTime>(&self.text[time.0..time.1]).ok()?;
         let parameters = match parameters.flatten() {
-            Some((from, to)) => Some(RawValue::from_string(self.text[from..to].to_owned()).ok()?),
+            // Checked as it was skipped.
+            Some((from, to)) => Some(RawJson::checked(&self.text[from..to])),
             None => None,
         };
         Some(Some(Event {
@@ -537,7 +536,7 @@ mod tests {
                         event_id: Id(3),
                         name: ".m4 Open".into(),
                         time: LpTime(1793542700.5),
-                        parameters: Some(RawValue::from_string(r#"{"a":1}"#.into()).unwrap()),
+                        parameters: Some(RawJson::new(r#"{"a":1}"#.into()).unwrap()),
                     }],
                     app_events: 0,
                 },
