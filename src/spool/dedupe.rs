@@ -37,6 +37,7 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -59,6 +60,10 @@ pub(super) const CHECKPOINT_ENTRIES: u64 = 1_000_000;
 /// doc): about 3.5 MB with their lookup set, and at a table of 4096 pages (a million ids) 16
 /// entries per page read and written instead of one.
 pub(super) const DEFER_ENTRIES: usize = 1 << 16;
+/// A lookup reads at most this many pages with one `pread` (256 KiB)...
+const LOOKUP_PAGES: u64 = 64;
+/// ...reading past at most this many pages it does not need between two it does.
+const LOOKUP_GAP: u64 = 1;
 
 /// Where an id goes and what is stored for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -285,25 +290,47 @@ impl Table {
         day != 0 && day >= self.min_day
     }
 
-    /// Which of `ids` the table (or the pending entries) holds within the window.
+    /// Which of `ids` the table (or the pending entries) holds within the window. The pages
+    /// are read in file order, a run of neighbouring ones (gaps of at most [`LOOKUP_GAP`]
+    /// pages) with one `pread` of up to [`LOOKUP_PAGES`]: a commit's thousands of ids fall on
+    /// most pages of a table of a few million, and a `pread` per page cost more than the
+    /// copy.
     pub(super) fn contains(&self, ids: &[Fingerprint]) -> Result<Vec<bool>, Error> {
-        let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_unstable_by_key(|&i| self.page_of(&ids[i]));
         let mut out = vec![false; ids.len()];
-        let mut buf = [0u8; PAGE];
-        let mut loaded = None;
-        for i in order {
-            let f = ids[i];
-            if self.pending_set.contains(&f) {
+        // The ids to look for in the file, by page.
+        let mut wanted = Vec::with_capacity(ids.len());
+        for (i, f) in ids.iter().enumerate() {
+            if self.pending_set.contains(f) {
                 out[i] = true;
-                continue;
+            } else {
+                wanted.push((self.page_of(f), i));
             }
-            let page = self.page_of(&f);
-            if loaded != Some(page) {
-                self.read_page(page, &mut buf)?;
-                loaded = Some(page);
+        }
+        wanted.sort_unstable();
+        let mut buf = Vec::new();
+        let mut rest = &wanted[..];
+        while let Some(&(first, _)) = rest.first() {
+            let mut last = first;
+            let n = rest
+                .iter()
+                .take_while(|&&(page, _)| {
+                    let near = page - last <= LOOKUP_GAP + 1 && page - first < LOOKUP_PAGES;
+                    if near {
+                        last = page;
+                    }
+                    near
+                })
+                .count();
+            let (run, tail) = rest.split_at(n);
+            buf.resize((last - first + 1) as usize * PAGE, 0);
+            self.file
+                .read_exact_at(&mut buf, first * PAGE as u64)
+                .map_err(io_err(&self.path))?;
+            for &(page, i) in run {
+                let at = (page - first) as usize * PAGE;
+                out[i] = self.holds(&buf[at..at + PAGE], ids[i]);
             }
-            out[i] = self.holds(&buf, f);
+            rest = tail;
         }
         Ok(out)
     }
@@ -585,7 +612,6 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt;
 
     fn fp(i: u64) -> Fingerprint {
         fingerprint(&format!("id-{i}"))
