@@ -39,6 +39,8 @@ use leanplum_segment_agent::bench::parse_floor as parse_floor_of;
 // The integration tests' harness: its counting Segment server, the agent process, the config
 // builder. The benchmark uses a part of it.
 mod common;
+#[path = "common/cpu.rs"]
+mod cpu;
 #[allow(dead_code, unused_imports)]
 #[path = "../tests/integration/util/mod.rs"]
 mod util;
@@ -379,19 +381,10 @@ fn parse_floor(paths: &[PathBuf]) -> (Duration, Duration, u64, u64, u32) {
     (start.elapsed(), cpu, events, bytes, digest.finalize())
 }
 
-/// CPU time (user + system) of the calling thread, from /proc (clock ticks of 10 ms): on a
-/// loaded machine the wall time of the floor says more about the neighbours than the code.
+/// CPU time (user + system) of the calling thread: on a loaded machine the wall time of the
+/// floor says more about the neighbours than the code.
 fn thread_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-    // Fields after the command name (in parentheses, which may hold spaces): utime is the
-    // 14th field of the line, stime the 15th.
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    cpu::cpu_time("/proc/thread-self/stat")
 }
 
 fn mb(b: u64) -> f64 {

@@ -9,6 +9,9 @@ use std::time::Instant;
 
 use leanplum_segment_agent::spool::{Chunk, FileRecord, Spool, SpoolEvent};
 
+#[path = "common/cpu.rs"]
+mod cpu;
+
 fn rss_mb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -20,15 +23,9 @@ fn rss_mb() -> u64 {
         / 1024
 }
 
-/// CPU time (user + system) of this process so far, in ms (clock ticks of 10 ms).
+/// CPU time (user + system) of this process so far, in ms.
 fn process_cpu_ms() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) * 10
+    cpu::cpu_time("/proc/self/stat").as_millis() as u64
 }
 
 fn main() {
