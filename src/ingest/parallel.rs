@@ -14,8 +14,9 @@
 //! - **the committer** (the calling thread) takes the batches back in sequence order and goes
 //!   through their records in file order as a single reader would: it stops at a held last
 //!   line, or at a record that must wait for a catalog lookup (it asks the catalog, in order,
-//!   about the records naming unknown ids), builds chunks of [`CHUNK_EVENTS`] events or
-//!   [`CHUNK_RECORDS`] records and commits each one before it builds the next.
+//!   about the records naming unknown ids), builds chunks of [`CHUNK_EVENTS`] events,
+//!   [`CHUNK_BYTES`] of them or [`CHUNK_RECORDS`] records and commits each one before it
+//!   builds the next.
 //!
 //! The crash story is the spool's, unchanged: one thread commits a file's chunks one after the
 //! other in file order, so a chunk's offset is committed only after every chunk before it, and
@@ -35,7 +36,7 @@ use std::sync::{Condvar, Mutex, mpsc};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{BadLog, CHUNK_EVENTS, CHUNK_RECORDS, Ingestor, Skipped, unknown_ids};
+use super::{BadLog, CHUNK_BYTES, CHUNK_EVENTS, CHUNK_RECORDS, Ingestor, Skipped, unknown_ids};
 use crate::clock::now_ms;
 use crate::input::{Filled, InputError, Item, Parser, RawBatch, Reader};
 use crate::leanplum::Id;
@@ -49,7 +50,8 @@ use crate::stats::Stats;
 const BATCH_BYTES: usize = 512 << 10;
 /// Batches in flight per worker (read, being parsed, or parsed and waiting for their turn):
 /// enough that the workers parse a few chunks ahead while the committer waits for a commit's
-/// fsyncs (a chunk of 2000 events is 2-3 MB of session export).
+/// fsyncs (a chunk of 8000 events is about 10 MB of session export, so they parse ahead
+/// within it).
 const IN_FLIGHT_BATCHES: usize = 8;
 
 /// The file being read, as the workers and the committer see it.
@@ -257,6 +259,8 @@ impl Ingestor {
         let mut bad_log = BadLog::default();
         let mut skipped = Skipped::new();
         let mut records = 0usize;
+        // Bytes of the chunk's events.
+        let mut bytes = 0usize;
         // Batches parsed before their turn, by sequence number.
         let mut early = BTreeMap::new();
         let mut next = 0u64;
@@ -316,9 +320,14 @@ impl Ingestor {
                 Stats::add(&self.stats.records_read, 1);
                 chunk.offset = record.end_offset;
                 chunk.line = record.line;
+                let taken = chunk.events.len();
                 chunk
                     .events
                     .extend(events.by_ref().take(record.events_end - events_at));
+                bytes += chunk.events[taken..]
+                    .iter()
+                    .map(|e| e.json.len())
+                    .sum::<usize>();
                 chunk.quarantine.extend(
                     quarantine
                         .by_ref()
@@ -329,7 +338,10 @@ impl Ingestor {
                     *skipped.entry(key).or_insert(0) += n;
                 }
                 records += 1;
-                if chunk.events.len() >= CHUNK_EVENTS || records >= CHUNK_RECORDS {
+                if chunk.events.len() >= CHUNK_EVENTS
+                    || bytes >= CHUNK_BYTES
+                    || records >= CHUNK_RECORDS
+                {
                     if cancel.is_cancelled() {
                         // The rest is read again at the next start.
                         return Ok(None);
@@ -348,7 +360,7 @@ impl Ingestor {
                         ..Chunk::default()
                     };
                     skipped.clear();
-                    records = 0;
+                    (records, bytes) = (0, 0);
                 }
             }
         };

@@ -72,8 +72,9 @@
 //!    carries) as one value into the `join_log` with `meta/join_next`, the file's new offset
 //!    into `files` (the ledger's `Progress::Chunk`), and `live_bytes`/`depth` into `meta`;
 //!    then `Db::flush` and an fsync of sled's data file. The offset counts as durable only once
-//!    that returns. Then the dedupe entries go into `dedupe.tab` (see `dedupe.rs`) and the join
-//!    writes into `join.tab` (see `join_table.rs`).
+//!    that returns. Then the dedupe entries are the table's (held in memory, and written into
+//!    `dedupe.tab` many commits' worth at a time, see `dedupe.rs`) and the join writes go into
+//!    `join.tab` (see `join_table.rs`).
 //! 2. [`Queue::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
 //!    events are all marked leaves `queue` and `acked`), `meta` and the files' `pending` counts
 //!    go down; one transaction, not flushed here (sled writes its buffers out
@@ -126,7 +127,7 @@
 //! | `gen-<n>/db` (sled's log) | sled | `Db::flush` ends in `sync_file_range`, which is no sync (no metadata, no disk cache, and on FUSE nothing at all): our `fsync` of `db` after it |
 //! | `gen-<n>/blobs/*` | sled, for log items over 128 KiB | nothing in sled 0.34.7: we fsync every new blob file, then `blobs/`, *before* `db` (see `Store::flush`) |
 //! | `gen-<n>/conf`, `snap.*` | sled, at open | sled syncs neither `conf` nor the directory after the snapshot's rename: we fsync them and the directories once per open |
-//! | `dedupe.tab` | our page writes after each commit | fsync at its checkpoints and rebuilds; the header's `applied` is written after the pages are synced |
+//! | `dedupe.tab` | our page writes after commits (each page once for the entries of many, see `dedupe.rs`) | fsync at its checkpoints and rebuilds; the header's `applied` is written after the pages are synced |
 //! | `join.tab` | our page writes after each commit with join writes | the same as `dedupe.tab`: fsync at its checkpoints (every 8 MB of log, the maintenance tick, close) and rebuilds, then the header's `applied`; only then are the log values it covers deleted |
 //! | `CURRENT` | compaction | temp file, fsync, rename, fsync of `spool.dir` |
 //!
@@ -676,7 +677,7 @@ impl Spool {
             w.log_seq += 1;
             w.unsynced += added.len() as u64;
             let table = w.dedupe.as_mut().expect("opened for the lookup");
-            if let Err(e) = table.apply(log_seq, added) {
+            if let Err(e) = table.defer(log_seq, added) {
                 // The commit stands: the entries stay in memory and in the log.
                 tracing::warn!(error = %e, "cannot write the dedupe table; its new entries are kept in memory and retried");
             }

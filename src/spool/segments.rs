@@ -26,6 +26,7 @@
 //! lies in a later segment (or nothing is queued and a later segment is being written).
 
 use std::fs::{self, File};
+use std::io::IoSlice;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,29 @@ const LOCATION_LEN: usize = 1 + 8 + 8 + 4 + 2 + 8;
 /// A [`Location`] as stored in the `queue` tree.
 pub(super) type LocationBytes = [u8; LOCATION_LEN];
 const RECORD_HEADER: u64 = 4;
+
+/// At most this many buffers go to one `pwritev` (Linux's `IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+/// Writes all of `bufs`, one after the other, at `offset` of `file` (`pwritev`, going on after
+/// a short write).
+fn write_all_vectored_at(
+    file: &File,
+    mut bufs: &mut [IoSlice<'_>],
+    mut offset: u64,
+) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        let n = match rustix::io::pwritev(file, &bufs[..bufs.len().min(MAX_IOVECS)], offset) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        offset += n as u64;
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
 
 /// Where a packet is: segment, offset of its record, packet bytes (without the record header),
 /// its number of events (so the next key is known without reading the packet) and its file
@@ -254,34 +278,37 @@ impl Writer {
                 Err(e) => return Err(io_err(&p)(e)),
             }
         }
-        let total: usize = packets
+        // Each record's header, then the records written from where they are (not copied into
+        // one buffer first: a commit's packets are megabytes).
+        let headers: Vec<[u8; RECORD_HEADER as usize]> = packets
             .iter()
-            .map(|p| p.bytes.len() + RECORD_HEADER as usize)
-            .sum();
-        let mut buf = Vec::with_capacity(total);
+            .map(|p| crc32fast::hash(&p.bytes).to_be_bytes())
+            .collect();
+        let mut records = Vec::with_capacity(2 * packets.len());
         let mut locations = Vec::with_capacity(packets.len());
-        for p in packets {
+        let mut len = 0u64;
+        for (p, header) in packets.iter().zip(&headers) {
             locations.push(Location {
                 segment: at.segment,
-                offset: at.offset + buf.len() as u64,
+                offset: at.offset + len,
                 len: p.bytes.len() as u32,
                 events: p.events,
                 file_id: p.file_id,
             });
-            buf.extend_from_slice(&crc32fast::hash(&p.bytes).to_be_bytes());
-            buf.extend_from_slice(&p.bytes);
+            records.push(IoSlice::new(header));
+            records.push(IoSlice::new(&p.bytes));
+            len += RECORD_HEADER + p.bytes.len() as u64;
         }
         let p = path(&self.dir, at.segment);
         let file = self.file.as_ref().expect("opened above");
-        let written = file
-            .write_all_at(&buf, at.offset)
-            .and_then(|()| file.sync_data());
+        let written =
+            write_all_vectored_at(file, &mut records, at.offset).and_then(|()| file.sync_data());
         if let Err(e) = written {
             // Reopen next time: the error may have left the handle unusable.
             self.file = None;
             return Err(io_err(&p)(e));
         }
-        at.offset += buf.len() as u64;
+        at.offset += len;
         Ok((locations, at))
     }
 
@@ -390,6 +417,26 @@ mod tests {
             offset: 99,
         };
         assert_eq!(End::decode(&e.encode()), Some(e));
+    }
+
+    #[test]
+    fn a_vectored_write_of_more_buffers_than_one_call_takes_writes_them_all_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(tmp.path().join("v"))
+            .unwrap();
+        let parts: Vec<Vec<u8>> = (0..3 * MAX_IOVECS + 7)
+            .map(|i| vec![i as u8; 1 + i % 5])
+            .collect();
+        let mut slices: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        write_all_vectored_at(&f, &mut slices, 3).unwrap();
+        let mut back = vec![0u8; 3 + parts.iter().map(Vec::len).sum::<usize>()];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[3..], parts.concat().as_slice());
     }
 
     #[test]
