@@ -6,6 +6,8 @@
 //! - ingest: MB/s and events/s durably committed to the spool (Segment unreachable meanwhile);
 //! - drain: events/s and requests/s from the full spool to the loopback server;
 //! - end to end: ingest and drain together, export to accepted events;
+//! - for the drain and end to end: the CPU seconds of the agent, of this process (the loopback
+//!   server, the polling) and of the `status --json` commands it ran, with the load average;
 //! - peak RSS during ingest and with the whole backlog spooled;
 //! - restart-to-ready with the backlog spooled (READY=1 on a notify socket), after a `kill -9`
 //!   at the end of the ingest and after a clean stop;
@@ -382,16 +384,64 @@ fn parse_floor(paths: &[PathBuf]) -> (Duration, Duration, u64, u64, u32) {
 /// CPU time (user + system) of the calling thread, from /proc (clock ticks of 10 ms): on a
 /// loaded machine the wall time of the floor says more about the neighbours than the code.
 fn thread_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    stat_cpu("/proc/thread-self/stat").0
+}
+
+/// CPU time (user + system) from a `/proc/.../stat` file, of the task itself and of its
+/// waited-for children (clock ticks of 10 ms); zero when it cannot be read.
+fn stat_cpu(path: &str) -> (Duration, Duration) {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name (in parentheses, which may hold spaces): utime is the
-    // 14th field of the line, stime the 15th.
+    // 14th field of the line, stime the 15th, cutime and cstime the 16th and 17th.
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<u64> = after
         .split_whitespace()
         .map(|x| x.parse().unwrap_or(0))
         .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    let ticks = |i: usize| Duration::from_millis(f.get(i).copied().unwrap_or(0) * 10);
+    (ticks(11) + ticks(12), ticks(13) + ticks(14))
+}
+
+/// CPU seconds spent during one phase: by the agent, by the bench process (its loopback
+/// Segment server and its polling) and by the `status --json` commands it ran meanwhile. On 2
+/// shared cores these compare builds where wall clock cannot.
+struct PhaseCpu {
+    agent_pid: u32,
+    agent: Duration,
+    bench: Duration,
+    children: Duration,
+    loadavg: String,
+}
+
+impl PhaseCpu {
+    fn start(agent: &Agent) -> PhaseCpu {
+        let pid = agent.agent.pid();
+        let (bench, children) = stat_cpu("/proc/self/stat");
+        PhaseCpu {
+            agent_pid: pid,
+            agent: stat_cpu(&format!("/proc/{pid}/stat")).0,
+            bench,
+            children,
+            loadavg: std::fs::read_to_string("/proc/loadavg").unwrap_or_default(),
+        }
+    }
+
+    /// One line: the CPU seconds since `start` (the agent still running) and the load then.
+    fn report(&self, phase: &str) -> String {
+        let agent = stat_cpu(&format!("/proc/{}/stat", self.agent_pid)).0;
+        let (bench, children) = stat_cpu("/proc/self/stat");
+        format!(
+            "{phase} CPU: agent {:.2} s, bench {:.2} s (server and polling), status commands {:.2} s; load at start {}",
+            agent.saturating_sub(self.agent).as_secs_f64(),
+            bench.saturating_sub(self.bench).as_secs_f64(),
+            children.saturating_sub(self.children).as_secs_f64(),
+            self.loadavg
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    }
 }
 
 fn mb(b: u64) -> f64 {
@@ -543,6 +593,7 @@ fn main() {
     println!("restart to READY=1 after a clean stop, {spooled} events spooled: {ready:.2?}");
 
     // 4. Drain from the full spool.
+    let cpu = PhaseCpu::start(&agent);
     let t = Instant::now();
     server.set_default(Reply::ok());
     let mut rss_drain = 0;
@@ -562,6 +613,7 @@ fn main() {
         drain,
         rss_drain / 1024
     );
+    println!("{}", cpu.report("drain"));
     let after = du(&root.join("spool"));
     println!("spool on disk after draining: {:.0} MB", mb(after));
     agent.stop();
@@ -577,6 +629,7 @@ fn main() {
     let config2 = write_config(&root, &server2);
     let agent = Agent::start(&config2, None);
     wait_status(&agent, |s| s["state"].is_string(), || {});
+    let cpu = PhaseCpu::start(&agent);
     let t = Instant::now();
     for p in &shards2 {
         std::fs::rename(p, root.join("in").join(p.file_name().unwrap())).unwrap();
@@ -596,6 +649,7 @@ fn main() {
         accepted_events(&server2),
         rss_e2e / 1024
     );
+    println!("{}", cpu.report("end to end"));
     agent.stop();
     let _ = event_bytes;
     if a.keep.is_none() {
