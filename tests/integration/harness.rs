@@ -71,3 +71,62 @@ fn the_fake_segment_server_answers_every_request_of_many_at_once() {
         assert_eq!(server.accepted_count(), 2 * CONNECTIONS * ROUNDS, "{mode}");
     }
 }
+
+/// Both modes count the same events in a gzipped batch larger than the counting server's
+/// piece (256 KiB plain), and both refuse a body that does not gunzip (a CRC-32 broken).
+#[test]
+fn the_counting_server_counts_a_gzipped_batch_as_the_recording_one_does() {
+    use std::io::Write;
+    let events: Vec<String> = (0..5000)
+        .map(|i| {
+            format!(
+                r#"{{"messageId":"lp-e-{i}","properties":{{"pad":"{}"}}}}"#,
+                "x".repeat(i % 97)
+            )
+        })
+        .collect();
+    let plain = format!(
+        r#"{{"batch":[{}],"sentAt":"2026-11-01T12:08:19.612Z"}}"#,
+        events.join(",")
+    );
+    assert!(plain.len() > 256 << 10);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(plain.as_bytes()).expect("gzip");
+    let good = gz.finish().expect("gzip");
+    let mut broken = good.clone();
+    let crc = broken.len() - 8;
+    broken[crc] ^= 0xff;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    for (mode, server) in [
+        ("recording", SegmentServer::start()),
+        ("counting", SegmentServer::start_counting()),
+    ] {
+        let url = format!("{}/v1/batch", server.url());
+        let statuses: Vec<u16> = runtime.block_on(async {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(PATIENCE)
+                .build()
+                .expect("an HTTP client");
+            let mut statuses = Vec::new();
+            for body in [&good, &broken] {
+                let response = client
+                    .post(&url)
+                    .header("Authorization", basic_auth(WRITE_KEY))
+                    .header("Content-Type", "application/json")
+                    .header("Content-Encoding", "gzip")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("an answer");
+                statuses.push(response.status().as_u16());
+            }
+            statuses
+        });
+        assert_eq!(statuses, [200, 400], "{mode}");
+        assert_eq!(server.accepted_count(), events.len(), "{mode}");
+    }
+}
