@@ -642,13 +642,14 @@ fn main() {
     );
     let e2e = t.elapsed();
     // Nothing failed, so every event spooled was sent once: the server's count proves it.
-    let (accepted, spooled) = (accepted_events(&server2), field(&s, "events_spooled"));
+    let ((accepted, requests), spooled) = (accepted(&server2), field(&s, "events_spooled"));
     println!(
-        "end to end: {:.0} MB of export delivered in {:.1?} ({:.1} MB/s, {} events accepted{}); peak RSS {} MB",
+        "end to end: {:.0} MB of export delivered in {:.1?} ({:.1} MB/s, {} events accepted in {} requests{}); peak RSS {} MB",
         mb(export_bytes),
         e2e,
         mb(export_bytes) / e2e.as_secs_f64(),
         accepted,
+        requests,
         if accepted == spooled {
             ", every event spooled once".to_string()
         } else {

@@ -17,18 +17,11 @@ fn the_fake_segment_server_answers_every_request_of_many_at_once() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    for (mode, server) in [
-        ("recording", SegmentServer::start()),
-        ("counting", SegmentServer::start_counting()),
-    ] {
+    for (mode, server) in both_modes() {
         server.set_delay(Duration::from_millis(300));
         let url = format!("{}/v1/batch", server.url());
         let statuses: Vec<u16> = runtime.block_on(async {
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .timeout(PATIENCE)
-                .build()
-                .expect("an HTTP client");
+            let client = http_client();
             let tasks: Vec<_> = (0..CONNECTIONS)
                 .map(|c| {
                     let (client, url) = (client.clone(), url.clone());
@@ -38,15 +31,7 @@ fn the_fake_segment_server_answers_every_request_of_many_at_once() {
                             let body = format!(
                                 r#"{{"batch":[{{"messageId":"m-{c}-{round}-a"}},{{"messageId":"m-{c}-{round}-b"}}]}}"#
                             );
-                            let response = client
-                                .post(&url)
-                                .header("Authorization", basic_auth(WRITE_KEY))
-                                .header("Content-Type", "application/json")
-                                .body(body)
-                                .send()
-                                .await
-                                .expect("an answer");
-                            statuses.push(response.status().as_u16());
+                            statuses.push(post_batch(&client, &url, body.into(), false).await);
                         }
                         statuses
                     })
@@ -100,33 +85,46 @@ fn the_counting_server_counts_a_gzipped_batch_as_the_recording_one_does() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    for (mode, server) in [
-        ("recording", SegmentServer::start()),
-        ("counting", SegmentServer::start_counting()),
-    ] {
+    for (mode, server) in both_modes() {
         let url = format!("{}/v1/batch", server.url());
         let statuses: Vec<u16> = runtime.block_on(async {
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .timeout(PATIENCE)
-                .build()
-                .expect("an HTTP client");
+            let client = http_client();
             let mut statuses = Vec::new();
             for body in [&good, &broken] {
-                let response = client
-                    .post(&url)
-                    .header("Authorization", basic_auth(WRITE_KEY))
-                    .header("Content-Type", "application/json")
-                    .header("Content-Encoding", "gzip")
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .expect("an answer");
-                statuses.push(response.status().as_u16());
+                statuses.push(post_batch(&client, &url, body.clone(), true).await);
             }
             statuses
         });
         assert_eq!(statuses, [200, 400], "{mode}");
         assert_eq!(server.accepted_count(), events.len(), "{mode}");
     }
+}
+
+/// The fake server in both its modes.
+fn both_modes() -> [(&'static str, SegmentServer); 2] {
+    [
+        ("recording", SegmentServer::start()),
+        ("counting", SegmentServer::start_counting()),
+    ]
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PATIENCE)
+        .build()
+        .expect("an HTTP client")
+}
+
+/// POSTs a batch body (gzipped when `gzip`) with the right write key; the answer's status.
+async fn post_batch(client: &reqwest::Client, url: &str, body: Vec<u8>, gzip: bool) -> u16 {
+    let mut request = client
+        .post(url)
+        .header("Authorization", basic_auth(WRITE_KEY))
+        .header("Content-Type", "application/json");
+    if gzip {
+        request = request.header("Content-Encoding", "gzip");
+    }
+    let response = request.body(body).send().await.expect("an answer");
+    response.status().as_u16()
 }
