@@ -16,7 +16,8 @@
 //! Options: `--size-mb` export size (default 1024; 7500 gives a backlog of about 5M events),
 //! `--gzip-share` fraction of shards gzipped (default 0.25), `--keep DIR` to keep the work
 //! directory, `--floor-only` to stop after the parse-only floor (which also prints its CPU
-//! time and a CRC-32 of the serialized events, to compare builds).
+//! time and a CRC-32 of the serialized events, to compare builds, and the CPU of parse, map
+//! and serialize on the plain shards held in memory).
 //!
 //! `--round-trip` runs the round-trip benchmark instead (issue 13): one backlog is spooled
 //! (`--size-mb`, default 1024 there too), then for each server delay (`--delays`, ms, default
@@ -36,7 +37,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use leanplum_segment_agent::bench::parse_floor as parse_floor_of;
+/// The daemon's allocator (`src/main.rs`), so the floor measures the daemon's own path.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+use leanplum_segment_agent::bench::{
+    floor_stages as floor_stages_of, parse_floor as parse_floor_of, thread_cpu_secs,
+};
 
 // The integration tests' harness: its counting Segment server, the agent process, the config
 // builder. The benchmark uses a part of it.
@@ -368,7 +375,7 @@ fn wait_status(
 /// every serialized event in order: the same export must give the same bytes).
 fn parse_floor(paths: &[PathBuf]) -> (Duration, Duration, u64, u64, u32) {
     let start = Instant::now();
-    let cpu_start = thread_cpu();
+    let cpu_start = thread_cpu_secs();
     let mut digest = crc32fast::Hasher::new();
     let (mut events, mut bytes) = (0u64, 0u64);
     parse_floor_of(paths, &repo("examples/catalog"), |json| {
@@ -377,14 +384,43 @@ fn parse_floor(paths: &[PathBuf]) -> (Duration, Duration, u64, u64, u32) {
         digest.update(json);
     })
     .unwrap();
-    let cpu = thread_cpu().saturating_sub(cpu_start);
+    // On a loaded machine the wall time of the floor says more about the neighbours than the
+    // code: the thread's own CPU time is printed beside it.
+    let cpu = Duration::from_secs_f64(thread_cpu_secs() - cpu_start);
     (start.elapsed(), cpu, events, bytes, digest.finalize())
 }
 
-/// CPU time (user + system) of the calling thread, from /proc (clock ticks of 10 ms): on a
-/// loaded machine the wall time of the floor says more about the neighbours than the code.
-fn thread_cpu() -> Duration {
-    stat_cpu("/proc/thread-self/stat").0
+/// With `--floor-only`: where the floor's CPU goes, on the plain shards held in memory
+/// (reading and framing excluded).
+fn floor_stages(shards: &[PathBuf]) {
+    let plain: Vec<PathBuf> = shards
+        .iter()
+        .filter(|p| {
+            let mut magic = [0u8; 2];
+            std::fs::File::open(p)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+                .is_ok_and(|()| magic != [0x1f, 0x8b])
+        })
+        .cloned()
+        .collect();
+    let bytes: u64 = plain
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    let stages = floor_stages_of(&plain, &repo("examples/catalog")).unwrap();
+    let names = ["parse", "parse + map", "parse + map + serialize"];
+    for ((cpu, crc), name) in stages.iter().zip(names) {
+        println!(
+            "  in memory, {name}: {:.3} s CPU, {:.1} MB per CPU second{}",
+            cpu,
+            mb(bytes) / cpu.max(1e-3),
+            if *crc != 0 {
+                format!(" (events CRC-32 {crc:08x})")
+            } else {
+                String::new()
+            }
+        );
+    }
 }
 
 /// CPU time (user + system) from a `/proc/.../stat` file, of the task itself and of its
@@ -496,6 +532,7 @@ fn main() {
         digest
     );
     if a.floor_only {
+        floor_stages(&shards);
         if a.keep.is_none() {
             let _ = std::fs::remove_dir_all(&root);
         }

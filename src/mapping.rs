@@ -2,18 +2,26 @@
 //! push and Experiment Viewed properties, identity, context and deterministic `messageId`s.
 //! Pure: no I/O and no clock, so every rule is a table test below.
 
-use crate::event::{Context, TrackEvent, rfc3339_millis};
+use crate::event::{Context, ContextField, EmailId, Properties, Text, Timestamp, TrackEvent};
 use crate::leanplum::catalog::{Catalog, Message, MessageKind};
 pub(crate) use crate::leanplum::parse_message_event;
 use crate::leanplum::{Channel, Engagement, Event, Experiment, Id, LpTime, Session};
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// `context.library.name`; the version is the crate's.
-pub(crate) const LIBRARY_NAME: &str = "leanplum-segment-agent";
+/// `context.library`, as JSON: the crate's name (`leanplum-segment-agent`) and version.
+const LIBRARY_JSON: &str = concat!(
+    r#"{"name":""#,
+    env!("CARGO_PKG_NAME"),
+    r#"","version":""#,
+    env!("CARGO_PKG_VERSION"),
+    r#""}"#
+);
 
 /// Skip key for engagements of a message the catalog does not know, when
 /// `unknown_message_channel = "skip"` and the action does not decide the channel itself.
@@ -61,7 +69,7 @@ pub(crate) enum EmailSubject {
 
 impl EmailSubject {
     /// `email_subject` from what is known of the message: the preferred one, else the other.
-    fn choose(self, name: Option<String>, subject: Option<String>) -> Option<String> {
+    fn choose(self, name: Option<Text>, subject: Option<Text>) -> Option<Text> {
         match self {
             EmailSubject::Name => name.or(subject),
             EmailSubject::Subject => subject.or(name),
@@ -120,16 +128,12 @@ pub(crate) struct Output {
 
 impl Output {
     fn skip(&mut self, key: &str) {
-        *self.skipped.entry(key.to_owned()).or_insert(0) += 1;
-    }
-
-    fn append(&mut self, other: Output) {
-        self.events.extend(other.events);
-        for (key, n) in other.skipped {
-            *self.skipped.entry(key).or_insert(0) += n;
+        match self.skipped.get_mut(key) {
+            Some(n) => *n += 1,
+            None => {
+                self.skipped.insert(key.to_owned(), 1);
+            }
         }
-        self.app_events += other.app_events;
-        self.parked.extend(other.parked);
     }
 }
 
@@ -153,23 +157,21 @@ pub(crate) fn map_session(
     opts: &MappingOptions,
     out: &mut Output,
 ) -> Result<(), MapError> {
+    // The one way a session fails, checked before anything is added to `out`.
     let who = Identity::new(s.user_id.as_deref(), s.device_id.as_deref())?;
-    let context = Arc::new(Context::new(session_context(s)));
-    // Built apart and appended at the end, so a failing record leaves no partial output.
-    let mut local = Output::default();
+    let context = Arc::new(session_context(s));
     if opts.send_experiment_viewed {
         for x in &s.experiments {
-            experiment_viewed(x, s.time, &who, &context, catalog, &mut local);
+            experiment_viewed(x, s.time, &who, &context, catalog, out);
         }
     }
     for state in &s.states {
         // App events were counted and dropped as the line was parsed.
-        local.app_events += state.events.app_events;
+        out.app_events += state.events.app_events;
         for event in &state.events.messages {
-            session_event(event, &who, &context, catalog, opts, &mut local);
+            session_event(event, &who, &context, catalog, opts, out);
         }
     }
-    out.append(local);
     Ok(())
 }
 
@@ -210,7 +212,7 @@ pub(crate) fn map_engagement(
     };
     let facts = engagement_facts(e, message, opts.email_subject);
     let message_id = match e.event_id {
-        Some(id) => format!("lp-e-{id}"),
+        Some(id) => event_message_id(id),
         None => format!("lp-h-{}", e.canonical_hash),
     };
     out.events.push(track(
@@ -218,8 +220,8 @@ pub(crate) fn map_engagement(
         message_id,
         event.name(),
         e.timestamp_ms,
-        properties(event, &facts),
-        Arc::new(Context::new(engagement_context(e))),
+        properties(event, facts),
+        Arc::new(engagement_context(e)),
     ));
     Ok(())
 }
@@ -489,17 +491,22 @@ fn session_event(
     match resolve(action, None, message, opts.unknown_message_channel) {
         Err(key) => out.skip(&key),
         Ok(segment) => {
-            let params = event
-                .parameters
-                .as_ref()
-                .and_then(|raw| serde_json::from_str::<Map<String, Value>>(raw.get()).ok());
-            let facts = session_facts(message_id, message, params.as_ref(), opts.email_subject);
+            // Only email events read their parameters.
+            let params = match segment.channel() {
+                Channel::Email => event
+                    .parameters
+                    .as_ref()
+                    .map(|raw| Params::parse(raw.get()))
+                    .unwrap_or_default(),
+                Channel::Push => Params::default(),
+            };
+            let facts = session_facts(message_id, message, params, opts.email_subject);
             out.events.push(track(
                 who,
-                format!("lp-e-{}", event.event_id),
+                event_message_id(event.event_id),
                 segment.name(),
                 event.time.millis(),
-                properties(segment, &facts),
+                properties(segment, facts),
                 context.clone(),
             ));
         }
@@ -528,39 +535,48 @@ fn experiment_viewed(
         .and_then(|t| t.variants.get(&x.variant_id))
         .cloned()
         .flatten();
-    let mut p = Map::new();
-    p.insert("experiment_id".into(), x.id.to_string().into());
-    put(&mut p, "experiment_name", test.and_then(|t| t.name.clone()));
-    p.insert("variant_id".into(), x.variant_id.to_string().into());
-    put(&mut p, "variant_name", variant_name);
-    let message_id = format!(
-        "lp-x-{}-{}-{}",
-        x.id,
-        x.variant_id,
-        short_sha256(who.dedupe_key())
-    );
+    let properties = Properties::Experiment {
+        experiment_id: x.id,
+        experiment_name: test.and_then(|t| t.name.clone()),
+        variant_id: x.variant_id,
+        variant_name,
+    };
+    let message_id = format!("lp-x-{}-{}-{}", x.id, x.variant_id, who.dedupe_hash());
     out.events.push(track(
         who,
         message_id,
         "Experiment Viewed",
         time.millis(),
-        p,
+        properties,
         context.clone(),
     ));
+}
+
+/// `lp-e-<eventId>`: a message event's `messageId`.
+fn event_message_id(id: Id) -> String {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(id.0);
+    let mut text = String::with_capacity(5 + digits.len());
+    text.push_str("lp-e-");
+    text.push_str(digits);
+    text
 }
 
 /// First 16 hex digits of SHA-256: keeps user ids out of `messageId` while staying
 /// deterministic per user.
 fn short_sha256(text: &str) -> String {
-    let mut hex = hex::encode(Sha256::digest(text.as_bytes()));
-    hex.truncate(16);
-    hex
+    let digest = Sha256::digest(text.as_bytes());
+    let mut hex = [0u8; 16];
+    hex::encode_to_slice(&digest[..8], &mut hex).expect("8 bytes are 16 hex digits");
+    String::from_utf8_lossy(&hex).into_owned()
 }
 
-/// Segment's identity fields for one record.
+/// Segment's identity fields for one record, shared by all its events.
 struct Identity {
-    user_id: Option<String>,
-    anonymous_id: Option<String>,
+    user_id: Option<Text>,
+    anonymous_id: Option<Text>,
+    /// [`short_sha256`] of [`Identity::dedupe_key`], once per record.
+    dedupe_hash: std::cell::OnceCell<String>,
 }
 
 impl Identity {
@@ -573,9 +589,16 @@ impl Identity {
             return Err(MapError::NoIdentity);
         }
         Ok(Identity {
-            user_id: user_id.map(str::to_owned),
-            anonymous_id: device_id.map(str::to_owned),
+            user_id: user_id.map(Text::from),
+            anonymous_id: device_id.map(Text::from),
+            dedupe_hash: std::cell::OnceCell::new(),
         })
+    }
+
+    /// The part of an Experiment Viewed `messageId` that stands for who saw it.
+    fn dedupe_hash(&self) -> &str {
+        self.dedupe_hash
+            .get_or_init(|| short_sha256(self.dedupe_key()))
     }
 
     /// The Segment userId if set, else the deviceId: who saw an experiment.
@@ -590,18 +613,17 @@ impl Identity {
 fn track(
     who: &Identity,
     message_id: String,
-    event: &str,
+    event: &'static str,
     timestamp_ms: i64,
-    properties: Map<String, Value>,
+    properties: Properties,
     context: Arc<Context>,
 ) -> TrackEvent {
     TrackEvent {
-        kind: "track",
         message_id,
-        event: event.to_owned(),
+        event,
         user_id: who.user_id.clone(),
         anonymous_id: who.anonymous_id.clone(),
-        timestamp: rfc3339_millis(timestamp_ms),
+        timestamp: Timestamp(timestamp_ms),
         properties,
         context,
     }
@@ -612,32 +634,32 @@ fn track(
 #[derive(Debug, Default)]
 struct MessageFacts {
     message_id: Option<Id>,
-    email_id: Option<String>,
-    subject: Option<String>,
-    name: Option<String>,
+    email_id: Option<Text>,
+    subject: Option<Text>,
+    name: Option<Text>,
     campaign_id: Option<Id>,
-    campaign_name: Option<String>,
-    link_url: Option<String>,
+    campaign_name: Option<Text>,
+    link_url: Option<Text>,
     link_id: Option<i64>,
 }
 
 fn session_facts(
     message_id: Id,
     message: Option<&Message>,
-    params: Option<&Map<String, Value>>,
+    params: Params,
     email_subject: EmailSubject,
 ) -> MessageFacts {
     let name = message.and_then(|m| m.name.clone());
     let subject = message.and_then(|m| m.subject.clone());
     MessageFacts {
         message_id: Some(message_id),
-        email_id: param_text(params, &["email_id"]),
+        email_id: params.email_id,
         subject: email_subject.choose(name.clone(), subject),
         name,
         campaign_id: message.and_then(|m| m.campaign_id),
         campaign_name: message.and_then(|m| m.campaign_name.clone()),
-        link_url: param_text(params, &["url", "link_url"]),
-        link_id: param_int(params, &["index", "link_id"]),
+        link_url: params.link_url,
+        link_id: params.link_id,
     }
 }
 
@@ -649,7 +671,7 @@ fn engagement_facts(
     message: Option<&Message>,
     email_subject: EmailSubject,
 ) -> MessageFacts {
-    let text = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+    let text = |s: &Option<String>| s.as_deref().filter(|s| !s.is_empty()).map(Text::from);
     let name = text(&e.message_name).or_else(|| message.and_then(|m| m.name.clone()));
     let subject = message.and_then(|m| m.subject.clone());
     MessageFacts {
@@ -667,144 +689,172 @@ fn engagement_facts(
     }
 }
 
-/// The first of `keys` present as a non-empty string or a number, as text.
-fn param_text(params: Option<&Map<String, Value>>, keys: &[&str]) -> Option<String> {
-    let params = params?;
-    keys.iter().find_map(|k| match params.get(*k)? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    })
+/// What an email event's `parameters` say: its own `email_id`, and the clicked link's URL and
+/// index. The rest of the object is skipped without being kept.
+#[derive(Debug, Default, PartialEq)]
+struct Params {
+    email_id: Option<Text>,
+    link_url: Option<Text>,
+    link_id: Option<i64>,
 }
 
-/// The first of `keys` present as an integer, a whole float or a string of digits
-/// (Leanplum writes the link index either way).
-fn param_int(params: Option<&Map<String, Value>>, keys: &[&str]) -> Option<i64> {
-    let params = params?;
-    keys.iter().find_map(|k| match params.get(*k)? {
-        Value::Number(n) => n.as_i64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
-                .map(|f| f as i64)
-        }),
-        Value::String(s) => s.trim().parse::<i64>().ok(),
-        _ => None,
-    })
+impl Params {
+    /// From the raw `parameters` JSON. For each property, the first of its keys present as a
+    /// usable value counts (`url` before `link_url`, `index` before `link_id`); when a key is
+    /// given twice the last one counts, as in a JSON map. Anything but an object gives nothing.
+    fn parse(raw: &str) -> Params {
+        let Ok(found) = serde_json::from_str::<ParamValues>(raw) else {
+            return Params::default();
+        };
+        let text = |keys: &[&Option<Value>]| {
+            keys.iter().find_map(|v| match v.as_ref()? {
+                Value::String(s) if !s.is_empty() => Some(Text::from(s.as_str())),
+                Value::Number(n) => Some(Text::from(n.to_string())),
+                _ => None,
+            })
+        };
+        // An integer, a whole float or a string of digits (Leanplum writes the link index
+        // either way).
+        let int = |keys: &[&Option<Value>]| {
+            keys.iter().find_map(|v| match v.as_ref()? {
+                Value::Number(n) => n.as_i64().or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                        .map(|f| f as i64)
+                }),
+                Value::String(s) => s.trim().parse::<i64>().ok(),
+                _ => None,
+            })
+        };
+        Params {
+            email_id: text(&[&found.email_id]),
+            link_url: text(&[&found.url, &found.link_url]),
+            link_id: int(&[&found.index, &found.link_id]),
+        }
+    }
 }
 
-fn properties(event: SegmentEvent, facts: &MessageFacts) -> Map<String, Value> {
+/// The values of the keys [`Params`] reads, from a parameters object.
+#[derive(Default)]
+struct ParamValues {
+    email_id: Option<Value>,
+    url: Option<Value>,
+    link_url: Option<Value>,
+    index: Option<Value>,
+    link_id: Option<Value>,
+}
+
+impl<'de> Deserialize<'de> for ParamValues {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ParamValues;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ParamValues, A::Error> {
+                let mut found = ParamValues::default();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let slot = match &*key {
+                        "email_id" => &mut found.email_id,
+                        "url" => &mut found.url,
+                        "link_url" => &mut found.link_url,
+                        "index" => &mut found.index,
+                        "link_id" => &mut found.link_id,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(found)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn properties(event: SegmentEvent, facts: MessageFacts) -> Properties {
     match event.channel() {
         Channel::Email => email_properties(event, facts),
-        Channel::Push => push_properties(facts),
+        Channel::Push => Properties::Push {
+            message_id: facts.message_id,
+            message_name: facts.name,
+            campaign_id: facts.campaign_id,
+            campaign_name: facts.campaign_name,
+        },
     }
 }
 
 /// Segment's Email spec, as the Leanplum Segment source fills it.
-fn email_properties(event: SegmentEvent, f: &MessageFacts) -> Map<String, Value> {
-    let message_id = f.message_id.map(|id| id.to_string());
-    let mut p = Map::new();
-    put(
-        &mut p,
-        "email_id",
-        f.email_id.clone().or(message_id.clone()),
-    );
-    put(&mut p, "email_subject", f.subject.clone());
-    put(&mut p, "message_id", message_id);
-    put(
-        &mut p,
-        "campaign_id",
-        f.campaign_id.map(|id| id.to_string()),
-    );
-    put(&mut p, "campaign_name", f.campaign_name.clone());
-    if event == SegmentEvent::EmailLinkClicked {
-        put(&mut p, "link_url", f.link_url.clone());
-        put(&mut p, "link_id", f.link_id);
-    }
-    p
-}
-
-/// Segment's Push spec: everything sits in a `campaign` object.
-fn push_properties(f: &MessageFacts) -> Map<String, Value> {
-    let mut campaign = Map::new();
-    put(
-        &mut campaign,
-        "message_id",
-        f.message_id.map(|id| id.to_string()),
-    );
-    put(&mut campaign, "message_name", f.name.clone());
-    campaign.insert("medium".into(), "Push".into());
-    put(&mut campaign, "id", f.campaign_id.map(|id| id.to_string()));
-    put(&mut campaign, "name", f.campaign_name.clone());
-    let mut p = Map::new();
-    p.insert("campaign".into(), campaign.into());
-    p
-}
-
-/// Session context: what the export knows about the device, app and place.
-fn session_context(s: &Session) -> Map<String, Value> {
-    let mut c = Map::new();
-    c.insert("library".into(), library());
-    put_object(
-        &mut c,
-        "device",
-        &[("id", &s.device_id), ("model", &s.device_model)],
-    );
-    put_object(
-        &mut c,
-        "os",
-        &[("name", &s.system_name), ("version", &s.system_version)],
-    );
-    put_object(&mut c, "app", &[("version", &s.app_version)]);
-    put(&mut c, "locale", s.locale.clone());
-    put(&mut c, "timezone", s.timezone.clone());
-    put_object(
-        &mut c,
-        "location",
-        &[
-            ("country", &s.country),
-            ("region", &s.region),
-            ("city", &s.city),
-        ],
-    );
-    c
-}
-
-fn engagement_context(e: &Engagement) -> Map<String, Value> {
-    let mut c = Map::new();
-    c.insert("library".into(), library());
-    put_object(&mut c, "device", &[("id", &e.device_id)]);
-    c
-}
-
-fn library() -> Value {
-    serde_json::json!({ "name": LIBRARY_NAME, "version": env!("CARGO_PKG_VERSION") })
-}
-
-/// Inserts `key` only when there is a value: Segment properties omit what is unknown.
-fn put<V: Into<Value>>(map: &mut Map<String, Value>, key: &str, value: Option<V>) {
-    if let Some(value) = value {
-        map.insert(key.to_owned(), value.into());
+fn email_properties(event: SegmentEvent, f: MessageFacts) -> Properties {
+    let email_id = match (f.email_id, f.message_id) {
+        (Some(text), _) => Some(EmailId::Param(text)),
+        (None, Some(id)) => Some(EmailId::Message(id)),
+        (None, None) => None,
+    };
+    Properties::Email {
+        email_id,
+        email_subject: f.subject,
+        message_id: f.message_id,
+        campaign_id: f.campaign_id,
+        campaign_name: f.campaign_name,
+        link: (event == SegmentEvent::EmailLinkClicked).then_some((f.link_url, f.link_id)),
     }
 }
 
-/// Inserts an object of the known, non-empty fields, or nothing if none is known.
-fn put_object(map: &mut Map<String, Value>, key: &str, fields: &[(&str, &Option<String>)]) {
-    let object: Map<String, Value> = fields
-        .iter()
-        .filter_map(|(k, v)| {
-            let v = v.as_deref().filter(|v| !v.is_empty())?;
-            Some(((*k).to_owned(), Value::from(v)))
-        })
-        .collect();
-    if !object.is_empty() {
-        map.insert(key.to_owned(), object.into());
-    }
+/// Session context: what the export knows about the device, app and place. Keys in sorted
+/// order, as a JSON map writes them.
+fn session_context(s: &Session) -> Context {
+    Context::build(&[
+        (
+            "app",
+            ContextField::Object(&[("version", s.app_version.as_deref())]),
+        ),
+        (
+            "device",
+            ContextField::Object(&[
+                ("id", s.device_id.as_deref()),
+                ("model", s.device_model.as_deref()),
+            ]),
+        ),
+        ("library", ContextField::Raw(LIBRARY_JSON)),
+        ("locale", ContextField::Text(s.locale.as_deref())),
+        (
+            "location",
+            ContextField::Object(&[
+                ("city", s.city.as_deref()),
+                ("country", s.country.as_deref()),
+                ("region", s.region.as_deref()),
+            ]),
+        ),
+        (
+            "os",
+            ContextField::Object(&[
+                ("name", s.system_name.as_deref()),
+                ("version", s.system_version.as_deref()),
+            ]),
+        ),
+        ("timezone", ContextField::Text(s.timezone.as_deref())),
+    ])
+}
+
+fn engagement_context(e: &Engagement) -> Context {
+    Context::build(&[
+        (
+            "device",
+            ContextField::Object(&[("id", e.device_id.as_deref())]),
+        ),
+        ("library", ContextField::Raw(LIBRARY_JSON)),
+    ])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::leanplum::catalog::AbTest;
+    use serde_json::Map;
     use serde_json::json;
     use std::collections::{HashMap, HashSet};
     use std::path::Path;
@@ -915,7 +965,7 @@ mod tests {
     fn outcome(name: &str, unknown: UnknownChannel) -> Result<String, String> {
         let out = map_one(name, Value::Null, unknown);
         match (out.events.as_slice(), out.skipped.len()) {
-            ([event], 0) => Ok(event.event.clone()),
+            ([event], 0) => Ok(event.event.to_owned()),
             ([], 1) => {
                 let (key, n) = out.skipped.iter().next().unwrap();
                 assert_eq!(*n, 1);
@@ -1105,7 +1155,7 @@ mod tests {
         );
         let id = UNKNOWN.to_string();
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({"email_id": id, "message_id": id}))
         );
         let out = map_one(
@@ -1114,7 +1164,7 @@ mod tests {
             UnknownChannel::Push,
         );
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({"campaign": {"message_id": id, "medium": "Push"}}))
         );
     }
@@ -1159,7 +1209,7 @@ mod tests {
         );
         // email_subject is the message name, as Leanplum's Segment source defines it.
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({
                 "email_id": id, "email_subject": "Spring", "message_id": id,
                 "campaign_id": CAMPAIGN.to_string(), "campaign_name": "Launch"
@@ -1173,12 +1223,18 @@ mod tests {
             ..opts(UnknownChannel::Skip)
         };
         map_session(&session, &catalog(), &subject_opts, &mut out).unwrap();
-        assert_eq!(out.events[0].properties["email_subject"], json!("Hello"));
+        assert_eq!(
+            out.events[0].properties.to_map()["email_subject"],
+            json!("Hello")
+        );
         // No subject: the message name in both modes; no campaign: no campaign keys.
         let mut out = Output::default();
         let session = session_with(&[(&format!(".m{EMAIL_NAME_ONLY} Bounce"), Value::Null)]);
         map_session(&session, &catalog(), &subject_opts, &mut out).unwrap();
-        assert_eq!(out.events[0].properties["email_subject"], json!("Digest"));
+        assert_eq!(
+            out.events[0].properties.to_map()["email_subject"],
+            json!("Digest")
+        );
         let id = EMAIL_NAME_ONLY.to_string();
         let out = map_one(
             &format!(".m{EMAIL_NAME_ONLY} Bounce"),
@@ -1186,7 +1242,7 @@ mod tests {
             UnknownChannel::Skip,
         );
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({"email_id": id, "email_subject": "Digest", "message_id": id}))
         );
         // Neither subject nor name: email_subject omitted.
@@ -1197,9 +1253,48 @@ mod tests {
             UnknownChannel::Skip,
         );
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({"email_id": id, "message_id": id}))
         );
+    }
+
+    #[test]
+    fn parameters_read_as_a_json_map_reads_them() {
+        let params = |raw: &str| {
+            let p = Params::parse(raw);
+            (
+                p.email_id.as_deref().map(str::to_owned),
+                p.link_url.as_deref().map(str::to_owned),
+                p.link_id,
+            )
+        };
+        let some = |s: &str| Some(s.to_owned());
+        // The first key present with a usable value counts; a key given twice, its last value.
+        assert_eq!(
+            params(r#"{"url":"","link_url":"b","index":"x","link_id":2.0,"email_id":7}"#),
+            (some("7"), some("b"), Some(2))
+        );
+        assert_eq!(
+            params(r#"{"url":"a","url":"c","index":1,"index":" 5 ","other":{"url":"z"}}"#),
+            (None, some("c"), Some(5))
+        );
+        assert_eq!(
+            params(r#"{"email_id":1.5,"index":2.5}"#),
+            (some("1.5"), None, None)
+        );
+        assert_eq!(
+            params(r#"{"email_id":"e\"1","link_id":-4}"#),
+            (some("e\"1"), None, Some(-4))
+        );
+        // Not an object, or a value that is not JSON: nothing.
+        for raw in [
+            r#"["url","a"]"#,
+            "null",
+            "7",
+            r#"{"url":"a","index":1e999}"#,
+        ] {
+            assert_eq!(params(raw), (None, None, None), "{raw}");
+        }
     }
 
     #[test]
@@ -1210,16 +1305,19 @@ mod tests {
             (json!(9178288208762825810u64), "9178288208762825810"),
         ] {
             let out = map_one(&name, json!({"email_id": param}), UnknownChannel::Skip);
-            assert_eq!(out.events[0].properties["email_id"], json!(expected));
             assert_eq!(
-                out.events[0].properties["message_id"],
+                out.events[0].properties.to_map()["email_id"],
+                json!(expected)
+            );
+            assert_eq!(
+                out.events[0].properties.to_map()["message_id"],
                 json!(EMAIL_BARE.to_string())
             );
         }
         // An empty parameter is no parameter.
         let out = map_one(&name, json!({"email_id": ""}), UnknownChannel::Skip);
         assert_eq!(
-            out.events[0].properties["email_id"],
+            out.events[0].properties.to_map()["email_id"],
             json!(EMAIL_BARE.to_string())
         );
     }
@@ -1254,7 +1352,7 @@ mod tests {
         ];
         for (params, url, index) in table {
             let out = map_one(&click, params.clone(), UnknownChannel::Skip);
-            let p = &out.events[0].properties;
+            let p = &out.events[0].properties.to_map();
             assert_eq!(p.get("link_url"), url.map(Value::from).as_ref(), "{params}");
             assert_eq!(
                 p.get("link_id"),
@@ -1271,7 +1369,7 @@ mod tests {
             json!({"url": "https://x/a", "index": 1}),
             UnknownChannel::Skip,
         );
-        let p = &out.events[0].properties;
+        let p = &out.events[0].properties.to_map();
         assert!(!p.contains_key("link_url") && !p.contains_key("link_id"));
     }
 
@@ -1283,7 +1381,7 @@ mod tests {
             UnknownChannel::Skip,
         );
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({"campaign": {
                 "message_id": PUSH_FULL.to_string(), "message_name": "Ping", "medium": "Push",
                 "id": CAMPAIGN.to_string(), "name": "Launch"
@@ -1296,7 +1394,7 @@ mod tests {
             UnknownChannel::Skip,
         );
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({"campaign": {"message_id": PUSH_BARE.to_string(), "medium": "Push"}}))
         );
     }
@@ -1309,7 +1407,7 @@ mod tests {
             UnknownChannel::Skip,
         );
         let e = &out.events[0];
-        assert_eq!(e.kind, "track");
+        assert!(e.to_json().starts_with(br#"{"type":"track","#));
         assert_eq!(e.message_id, format!("lp-e-{EVENT_ID}"));
         assert_eq!(e.timestamp, "2026-11-01T12:08:49.779Z");
         assert_eq!(e.anonymous_id.as_deref(), Some(DEVICE));
@@ -1408,7 +1506,7 @@ mod tests {
         assert_eq!(
             *out.events[0].context,
             props(json!({
-                "library": {"name": LIBRARY_NAME, "version": env!("CARGO_PKG_VERSION")},
+                "library": {"name": "leanplum-segment-agent", "version": env!("CARGO_PKG_VERSION")},
                 "device": {"id": "d-1", "model": "iPhone15,2"},
                 "os": {"name": "iOS", "version": "17.1"},
                 "app": {"version": "2.0.1"},
@@ -1431,7 +1529,7 @@ mod tests {
         assert_eq!(
             *out.events[0].context,
             props(json!({
-                "library": {"name": LIBRARY_NAME, "version": env!("CARGO_PKG_VERSION")},
+                "library": {"name": "leanplum-segment-agent", "version": env!("CARGO_PKG_VERSION")},
                 "location": {"country": "FR"}
             }))
         );
@@ -1479,7 +1577,7 @@ mod tests {
         assert_eq!(e.event, "Experiment Viewed");
         assert_eq!(e.timestamp, "2026-11-01T12:08:19.612Z");
         assert_eq!(
-            e.properties,
+            e.properties.to_map(),
             props(json!({"experiment_id": "10", "experiment_name": "Test ten",
                          "variant_id": "11", "variant_name": "Variant A"}))
         );
@@ -1500,8 +1598,11 @@ mod tests {
             ]),
         );
         let out = map_experiments(&session, true);
-        let properties: Vec<Map<String, Value>> =
-            out.events.into_iter().map(|e| e.properties).collect();
+        let properties: Vec<Map<String, Value>> = out
+            .events
+            .into_iter()
+            .map(|e| e.properties.to_map())
+            .collect();
         assert_eq!(
             properties,
             vec![
@@ -1569,7 +1670,7 @@ mod tests {
     fn engagement_outcome(e: &Engagement, unknown: UnknownChannel) -> Result<String, String> {
         let out = map_engagement_one(e, unknown);
         match (out.events.as_slice(), out.skipped.len()) {
-            ([event], 0) => Ok(event.event.clone()),
+            ([event], 0) => Ok(event.event.to_owned()),
             ([], 1) => Err(out.skipped.keys().next().unwrap().clone()),
             _ => panic!("unexpected output {out:?}"),
         }
@@ -1712,7 +1813,7 @@ mod tests {
         };
         let out = map_engagement_one(&e, UnknownChannel::Skip);
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({
                 "email_id": "e-1", "email_subject": "Record subject",
                 "message_id": EMAIL_FULL.to_string(), "campaign_id": "77",
@@ -1729,7 +1830,7 @@ mod tests {
         let out = map_engagement_one(&e, UnknownChannel::Skip);
         let id = EMAIL_FULL.to_string();
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({
                 "email_id": id, "email_subject": "Spring", "message_id": id,
                 "campaign_id": CAMPAIGN.to_string(), "campaign_name": "Launch"
@@ -1743,7 +1844,7 @@ mod tests {
         };
         let out = map_engagement_one(&e, UnknownChannel::Skip);
         assert_eq!(
-            out.events[0].properties["email_subject"],
+            out.events[0].properties.to_map()["email_subject"],
             json!("Record name")
         );
     }
@@ -1757,7 +1858,7 @@ mod tests {
         };
         let out = map_engagement_one(&e, UnknownChannel::Skip);
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({"campaign": {
                 "message_id": PUSH_FULL.to_string(), "message_name": "Record push",
                 "medium": "Push", "id": CAMPAIGN.to_string(), "name": "Launch"
@@ -1769,14 +1870,14 @@ mod tests {
     fn engagement_email_event_without_message_id_still_emits() {
         let out = map_engagement_one(&engagement("Email Opened"), UnknownChannel::Skip);
         assert_eq!(out.events[0].event, "Email Opened");
-        assert!(out.events[0].properties.is_empty());
+        assert!(out.events[0].properties.to_map().is_empty());
         let e = Engagement {
             email_subject: Some("S".into()),
             ..engagement("Email Opened")
         };
         let out = map_engagement_one(&e, UnknownChannel::Skip);
         assert_eq!(
-            out.events[0].properties,
+            out.events[0].properties.to_map(),
             props(json!({"email_subject": "S"}))
         );
     }
@@ -1789,7 +1890,7 @@ mod tests {
         };
         let out = map_engagement_one(&e, UnknownChannel::Skip);
         let event = &out.events[0];
-        assert_eq!(event.kind, "track");
+        assert!(event.to_json().starts_with(br#"{"type":"track","#));
         assert_eq!(event.message_id, format!("lp-e-{EVENT_ID}"));
         assert_eq!(event.timestamp, "2026-11-02T09:00:00.123Z");
         assert_eq!(event.user_id.as_deref(), Some("user-7"));
@@ -1797,7 +1898,7 @@ mod tests {
         assert_eq!(
             *event.context,
             props(json!({
-                "library": {"name": LIBRARY_NAME, "version": env!("CARGO_PKG_VERSION")},
+                "library": {"name": "leanplum-segment-agent", "version": env!("CARGO_PKG_VERSION")},
                 "device": {"id": "dev-7"}
             }))
         );
@@ -1890,12 +1991,12 @@ mod tests {
                 "{id}"
             );
             assert_eq!(
-                &Value::Object(got.properties.clone()),
+                &Value::Object(got.properties.to_map()),
                 &want["properties"],
                 "{id}"
             );
             assert_eq!(
-                millis(&got.timestamp),
+                got.timestamp.0,
                 millis(want["timestamp"].as_str().unwrap()),
                 "{id}"
             );

@@ -549,21 +549,24 @@ fn message_entry(m: &Message, source: Source) -> ShownEntry {
     ShownEntry::Message {
         id: m.id.to_string(),
         channel: m.channel.as_str().to_owned(),
-        name: m.name.clone(),
-        subject: m.subject.clone(),
+        name: m.name.as_deref().map(str::to_owned),
+        subject: m.subject.as_deref().map(str::to_owned),
         campaign_id: m.campaign_id.map(|c| c.to_string()),
-        campaign_name: m.campaign_name.clone(),
+        campaign_name: m.campaign_name.as_deref().map(str::to_owned),
         source: source.as_str().to_owned(),
     }
 }
 
 fn abtest_entry(t: &AbTest, source: Source) -> ShownEntry {
-    let mut variants: Vec<(Id, Option<String>)> =
-        t.variants.iter().map(|(k, v)| (*k, v.clone())).collect();
+    let mut variants: Vec<(Id, Option<String>)> = t
+        .variants
+        .iter()
+        .map(|(k, v)| (*k, v.as_deref().map(str::to_owned)))
+        .collect();
     variants.sort_by_key(|(k, _)| *k);
     ShownEntry::Abtest {
         id: t.id.to_string(),
-        name: t.name.clone(),
+        name: t.name.as_deref().map(str::to_owned),
         variants: variants
             .into_iter()
             .map(|(id, name)| ShownVariant {

@@ -238,7 +238,7 @@ mod tests {
                     .map(|(id, name)| Message {
                         id: Id(*id),
                         channel: MessageKind::Email,
-                        name: Some((*name).to_owned()),
+                        name: Some((*name).into()),
                         subject: None,
                         campaign_id: None,
                         campaign_name: None,

@@ -106,7 +106,7 @@ pub(crate) fn begin_replay(spool: &Spool, abs: &Path) -> Result<u64, spool::Erro
 /// it as a dead letter, with this reason, instead of queueing it. Every event into the spool
 /// comes through here (files, the CSV join, parked records, quarantine retries).
 pub(crate) fn spool_event(ev: TrackEvent) -> SpoolEvent {
-    let json = serde_json::to_vec(&ev).unwrap_or_default();
+    let json = ev.to_json();
     let refused = (json.len() > MAX_EVENT_BYTES).then(|| {
         format!(
             "event is {} bytes, over Segment's {} byte limit",
@@ -931,7 +931,7 @@ fn dry_run_map(
             summary.duplicates += 1;
             continue;
         }
-        serde_json::to_writer(&mut *out, &ev)?;
+        out.write_all(&ev.to_json())?;
         out.write_all(b"\n")?;
         summary.events += 1;
     }
@@ -980,17 +980,21 @@ mod tests {
     use super::*;
 
     fn track(id: &str, pad: usize) -> TrackEvent {
-        let mut properties = serde_json::Map::new();
-        properties.insert("pad".into(), "x".repeat(pad).into());
         TrackEvent {
-            kind: "track",
             message_id: id.into(),
-            event: "Message Open".into(),
+            event: "Email Opened",
             user_id: Some("u".into()),
             anonymous_id: None,
-            timestamp: "2026-11-01T12:08:19.612Z".into(),
-            properties,
-            context: std::sync::Arc::new(crate::event::Context::new(serde_json::Map::new())),
+            timestamp: crate::event::Timestamp(1793534899612),
+            properties: crate::event::Properties::Email {
+                email_id: None,
+                email_subject: Some("x".repeat(pad).into()),
+                message_id: None,
+                campaign_id: None,
+                campaign_name: None,
+                link: None,
+            },
+            context: std::sync::Arc::new(crate::event::Context::from_map(serde_json::Map::new())),
         }
     }
 

@@ -357,7 +357,7 @@ pub(crate) fn parse_record(
         ));
     }
     match format {
-        Format::Sessions => serde_json::from_str::<Session>(text)
+        Format::Sessions => Session::from_line(text)
             .map(|s| Record::Session(Box::new(s)))
             .map_err(|e| format!("not a session: {e}")),
         Format::EngagementJson => {

@@ -12,6 +12,7 @@
 //! Ids are read with [`Id`], never through an f64: they exceed 2^53.
 
 use super::{Id, lenient_string};
+use crate::event::Text;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -30,11 +31,11 @@ pub(crate) struct Catalog {
 pub(crate) struct Message {
     pub id: Id,
     pub channel: MessageKind,
-    pub name: Option<String>,
+    pub name: Option<Text>,
     /// Email subject; an empty subject in the file counts as absent.
-    pub subject: Option<String>,
+    pub subject: Option<Text>,
     pub campaign_id: Option<Id>,
-    pub campaign_name: Option<String>,
+    pub campaign_name: Option<Text>,
 }
 
 /// The kind of a message, which decides the Segment spec its engagements follow.
@@ -51,8 +52,8 @@ pub(crate) enum MessageKind {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct AbTest {
     pub id: Id,
-    pub name: Option<String>,
-    pub variants: HashMap<Id, Option<String>>,
+    pub name: Option<Text>,
+    pub variants: HashMap<Id, Option<Text>>,
 }
 
 /// A catalog file that exists but cannot be used.
@@ -265,10 +266,10 @@ impl From<&Message> for FlatMessage {
         FlatMessage {
             id: m.id.to_string(),
             channel: m.channel.as_str(),
-            name: m.name.clone(),
-            subject: m.subject.clone(),
+            name: m.name.as_deref().map(str::to_owned),
+            subject: m.subject.as_deref().map(str::to_owned),
             campaign_id: m.campaign_id.map(|c| c.to_string()),
-            campaign_name: m.campaign_name.clone(),
+            campaign_name: m.campaign_name.as_deref().map(str::to_owned),
         }
     }
 }
@@ -295,13 +296,13 @@ impl From<&AbTest> for FlatAbTest {
             .iter()
             .map(|(id, name)| FlatVariant {
                 id: id.to_string(),
-                name: name.clone(),
+                name: name.as_deref().map(str::to_owned),
             })
             .collect();
         variants.sort_by(|a, b| a.id.cmp(&b.id));
         FlatAbTest {
             id: t.id.to_string(),
-            name: t.name.clone(),
+            name: t.name.as_deref().map(str::to_owned),
             variants,
         }
     }
@@ -566,10 +567,10 @@ impl MessageEntry {
         Ok(Message {
             id: self.id,
             channel,
-            name: self.name,
-            subject: self.subject,
+            name: self.name.map(Text::from),
+            subject: self.subject.map(Text::from),
             campaign_id: self.campaign_id,
-            campaign_name: self.campaign_name,
+            campaign_name: self.campaign_name.map(Text::from),
         })
     }
 }
@@ -623,8 +624,12 @@ impl AbTestEntry {
     fn into_abtest(self) -> AbTest {
         AbTest {
             id: self.id,
-            name: self.name,
-            variants: self.variants.into_iter().map(|v| (v.id, v.name)).collect(),
+            name: self.name.map(Text::from),
+            variants: self
+                .variants
+                .into_iter()
+                .map(|v| (v.id, v.name.map(Text::from)))
+                .collect(),
         }
     }
 }

@@ -397,9 +397,7 @@ pub(crate) const MAPPED_PARAMETERS: [&str; 5] = ["email_id", "url", "link_url", 
 /// An event's parameters as the JSON export writes them (`{"url": "...", "index": 2}`), from its
 /// `eventparameters` rows. A link index that is an integer becomes a JSON number, as Leanplum
 /// writes it; every other value stays text (the mapping reads both the same way).
-pub(crate) fn parameters_json(
-    params: &[(String, String)],
-) -> Option<Box<serde_json::value::RawValue>> {
+pub(crate) fn parameters_json(params: &[(String, String)]) -> Option<super::RawJson> {
     if params.is_empty() {
         return None;
     }
@@ -414,7 +412,7 @@ pub(crate) fn parameters_json(
         };
         m.insert(name.clone(), v);
     }
-    serde_json::value::to_raw_value(&m).ok()
+    serde_json::value::to_raw_value(&m).ok().map(Into::into)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub(crate) mod api;
 pub(crate) mod catalog;
 pub(crate) mod csv_export;
 pub(crate) mod engagement;
+mod scan;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -14,6 +15,17 @@ use std::borrow::Cow;
 use std::fmt;
 
 pub(crate) use engagement::Engagement;
+
+impl Session {
+    /// Reads one session export line (valid UTF-8). The scanner of `scan` reads the lines
+    /// Leanplum writes; whatever it leaves is read by serde, which also words the errors.
+    pub(crate) fn from_line(text: &str) -> Result<Session, serde_json::Error> {
+        match scan::session(text) {
+            Some(session) => Ok(session),
+            None => serde_json::from_str(text),
+        }
+    }
+}
 
 /// A Leanplum id (event, message, campaign, experiment, variant). These are 64-bit integers that
 /// exceed 2^53, written as JSON numbers or as strings: never let one pass through an f64.
@@ -364,7 +376,7 @@ impl<'de> Visitor<'de> for KeptEvent {
         let time: LpTime = seq
             .next_element()?
             .ok_or_else(|| de::Error::invalid_length(2, &"struct Event with 4 elements"))?;
-        let parameters: Option<Option<Box<RawValue>>> = seq.next_element()?;
+        let parameters: Option<Option<RawJson>> = seq.next_element()?;
         Ok(kept(event_id, name, time, parameters.flatten()))
     }
 
@@ -372,7 +384,7 @@ impl<'de> Visitor<'de> for KeptEvent {
         let mut event_id: Option<Id> = None;
         let mut name: Option<Cow<'de, str>> = None;
         let mut time: Option<LpTime> = None;
-        let mut parameters: Option<Option<Box<RawValue>>> = None;
+        let mut parameters: Option<Option<RawJson>> = None;
         while let Some(field) = map.next_key::<EventField>()? {
             match field {
                 EventField::EventId => once(&mut event_id, "eventId", || map.next_value())?,
@@ -421,7 +433,7 @@ fn kept(
     event_id: Id,
     name: Cow<'_, str>,
     time: LpTime,
-    parameters: Option<Box<RawValue>>,
+    parameters: Option<RawJson>,
 ) -> Option<Event> {
     parse_message_event(&name)?;
     Some(Event {
@@ -486,7 +498,51 @@ pub(crate) struct Event {
     /// Kept raw (message events only, see [`Events`]): building a map for every event was the
     /// largest cost of parsing an export. The mapping parses it on demand.
     #[serde(default)]
-    pub parameters: Option<Box<serde_json::value::RawValue>>,
+    pub parameters: Option<RawJson>,
+}
+
+/// One JSON value as it was written (an event's `parameters`), known to be valid JSON: checked
+/// when made from text, or found by a parser that checked it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RawJson(Box<str>);
+
+impl RawJson {
+    /// `text` if it is one JSON value.
+    #[cfg(test)]
+    pub(crate) fn new(text: String) -> Result<RawJson, serde_json::Error> {
+        RawValue::from_string(text).map(RawJson::from)
+    }
+
+    /// Text a parser has already checked to be one JSON value.
+    fn checked(text: &str) -> RawJson {
+        RawJson(text.into())
+    }
+
+    /// The JSON text.
+    pub(crate) fn get(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Box<RawValue>> for RawJson {
+    fn from(raw: Box<RawValue>) -> RawJson {
+        RawJson(raw.into())
+    }
+}
+
+/// As the JSON value itself (a parked session keeps its events' parameters as they were).
+impl serde::Serialize for RawJson {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        let raw: &RawValue = serde_json::from_str(&self.0).map_err(S::Error::custom)?;
+        raw.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(d).map(RawJson::from)
+    }
 }
 
 /// A message channel: which Segment spec (Email or Push) an engagement belongs to.
