@@ -6,6 +6,8 @@
 //! - ingest: MB/s and events/s durably committed to the spool (Segment unreachable meanwhile);
 //! - drain: events/s and requests/s from the full spool to the loopback server;
 //! - end to end: ingest and drain together, export to accepted events;
+//! - for the drain and end to end: the CPU seconds of the agent, of this process (the loopback
+//!   server, the polling) and of the `status --json` commands it ran, with the load average;
 //! - peak RSS during ingest and with the whole backlog spooled;
 //! - restart-to-ready with the backlog spooled (READY=1 on a notify socket), after a `kill -9`
 //!   at the end of the ingest and after a clean stop;
@@ -421,6 +423,63 @@ fn floor_stages(shards: &[PathBuf]) {
     }
 }
 
+/// CPU time (user + system) from a `/proc/.../stat` file, of the task itself and of its
+/// waited-for children (clock ticks of 10 ms); zero when it cannot be read.
+fn stat_cpu(path: &str) -> (Duration, Duration) {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (in parentheses, which may hold spaces): utime is the
+    // 14th field of the line, stime the 15th, cutime and cstime the 16th and 17th.
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = |i: usize| Duration::from_millis(f.get(i).copied().unwrap_or(0) * 10);
+    (ticks(11) + ticks(12), ticks(13) + ticks(14))
+}
+
+/// CPU seconds spent during one phase: by the agent, by the bench process (its loopback
+/// Segment server and its polling) and by the `status --json` commands it ran meanwhile. On 2
+/// shared cores these compare builds where wall clock cannot.
+struct PhaseCpu {
+    agent_pid: u32,
+    agent: Duration,
+    bench: Duration,
+    children: Duration,
+    loadavg: String,
+}
+
+impl PhaseCpu {
+    fn start(agent: &Agent) -> PhaseCpu {
+        let pid = agent.agent.pid();
+        let (bench, children) = stat_cpu("/proc/self/stat");
+        PhaseCpu {
+            agent_pid: pid,
+            agent: stat_cpu(&format!("/proc/{pid}/stat")).0,
+            bench,
+            children,
+            loadavg: std::fs::read_to_string("/proc/loadavg").unwrap_or_default(),
+        }
+    }
+
+    /// One line: the CPU seconds since `start` (the agent still running) and the load then.
+    fn report(&self, phase: &str) -> String {
+        let agent = stat_cpu(&format!("/proc/{}/stat", self.agent_pid)).0;
+        let (bench, children) = stat_cpu("/proc/self/stat");
+        format!(
+            "{phase} CPU: agent {:.2} s, bench {:.2} s (server and polling), status commands {:.2} s; load at start {}",
+            agent.saturating_sub(self.agent).as_secs_f64(),
+            bench.saturating_sub(self.bench).as_secs_f64(),
+            children.saturating_sub(self.children).as_secs_f64(),
+            self.loadavg
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    }
+}
+
 fn mb(b: u64) -> f64 {
     b as f64 / 1e6
 }
@@ -571,6 +630,7 @@ fn main() {
     println!("restart to READY=1 after a clean stop, {spooled} events spooled: {ready:.2?}");
 
     // 4. Drain from the full spool.
+    let cpu = PhaseCpu::start(&agent);
     let t = Instant::now();
     server.set_default(Reply::ok());
     let mut rss_drain = 0;
@@ -590,6 +650,7 @@ fn main() {
         drain,
         rss_drain / 1024
     );
+    println!("{}", cpu.report("drain"));
     let after = du(&root.join("spool"));
     println!("spool on disk after draining: {:.0} MB", mb(after));
     agent.stop();
@@ -605,25 +666,35 @@ fn main() {
     let config2 = write_config(&root, &server2);
     let agent = Agent::start(&config2, None);
     wait_status(&agent, |s| s["state"].is_string(), || {});
+    let cpu = PhaseCpu::start(&agent);
     let t = Instant::now();
     for p in &shards2 {
         std::fs::rename(p, root.join("in").join(p.file_name().unwrap())).unwrap();
     }
     let mut rss_e2e = 0;
-    wait_status(
+    let s = wait_status(
         &agent,
         |s| field(s, "files_done") >= shards2.len() as u64 && field(s, "spool_events") == 0,
         || rss_e2e = rss_e2e.max(agent.rss_kb()),
     );
     let e2e = t.elapsed();
+    // Nothing failed, so every event spooled was sent once: the server's count proves it.
+    let ((accepted, requests), spooled) = (accepted(&server2), field(&s, "events_spooled"));
     println!(
-        "end to end: {:.0} MB of export delivered in {:.1?} ({:.1} MB/s, {} events accepted); peak RSS {} MB",
+        "end to end: {:.0} MB of export delivered in {:.1?} ({:.1} MB/s, {} events accepted in {} requests{}); peak RSS {} MB",
         mb(export_bytes),
         e2e,
         mb(export_bytes) / e2e.as_secs_f64(),
-        accepted_events(&server2),
+        accepted,
+        requests,
+        if accepted == spooled {
+            ", every event spooled once".to_string()
+        } else {
+            format!(", BUT {spooled} SPOOLED")
+        },
         rss_e2e / 1024
     );
+    println!("{}", cpu.report("end to end"));
     agent.stop();
     let _ = event_bytes;
     if a.keep.is_none() {

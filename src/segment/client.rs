@@ -3,7 +3,10 @@
 
 use base64::Engine;
 use reqwest::header::{self, HeaderMap, HeaderValue};
+use std::sync::Arc;
 use std::time::Duration;
+
+use super::batch::{Bodies, Body};
 
 use crate::backoff::parse_retry_after;
 use crate::config::WriteKey;
@@ -23,7 +26,8 @@ pub(crate) struct Answer {
 pub(crate) struct Client {
     http: reqwest::Client,
     url: String,
-    gzip: bool,
+    /// Builds the bodies (gzip or not), sharing compressors between this client's requests.
+    bodies: Arc<Bodies>,
 }
 
 impl std::fmt::Debug for Client {
@@ -69,7 +73,7 @@ impl Client {
         Ok(Client {
             http,
             url: format!("{}/v1/batch", endpoint.trim_end_matches('/')),
-            gzip,
+            bodies: Arc::new(Bodies::new(gzip)),
         })
     }
 
@@ -77,21 +81,23 @@ impl Client {
         &self.url
     }
 
-    /// Sends one request body (already encoded, not yet compressed).
-    pub(crate) async fn send(&self, body: Vec<u8>) -> Answer {
+    /// The request body for `events` (serialized track events) sent at `sent_at`, gzipped when
+    /// `segment.gzip` says so.
+    pub(crate) fn body<'a, I>(&self, events: I, sent_at: &str) -> Body
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+        I::IntoIter: Clone,
+    {
+        self.bodies.build(events, sent_at)
+    }
+
+    /// Sends one request body (see [`Client::body`]).
+    pub(crate) async fn send(&self, body: Body) -> Answer {
         let mut req = self.http.post(&self.url);
-        let body = if self.gzip {
-            match super::batch::gzip(&body) {
-                Ok(z) => {
-                    req = req.header(header::CONTENT_ENCODING, "gzip");
-                    z
-                }
-                Err(_) => body,
-            }
-        } else {
-            body
-        };
-        match req.body(body).send().await {
+        if body.gzipped {
+            req = req.header(header::CONTENT_ENCODING, "gzip");
+        }
+        match req.body(body.bytes).send().await {
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 let retry_after = resp

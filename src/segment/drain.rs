@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::batch::{encode_body, event_budget};
+use super::batch::event_budget;
 use super::client::{Answer, Client};
 use super::concurrency::{Controller, Mode};
 use super::rate::TokenBucket;
@@ -481,18 +481,18 @@ impl Drain {
 }
 
 /// Sends one batch in its own task; the answer comes back through `flights`. The body is
-/// encoded (and, in `send`, gzipped) inside the task, so the next batches are built while
-/// earlier requests are in flight, on whichever worker thread is free.
+/// encoded and gzipped inside the task, so the next batches are built while earlier requests
+/// are in flight, on whichever worker thread is free.
 fn launch(client: &Client, flights: &mut JoinSet<Flight>, batch: Batch) {
     let client = client.clone();
     let launched = Instant::now();
     flights.spawn(async move {
+        // The round trip as the controller sees it: compression (about a millisecond for a
+        // full batch) and the wait for a pooled connection included.
+        let started = Instant::now();
         // sentAt is fresh on every attempt and never stored.
         let sent_at = rfc3339_millis(now_ms() as i64);
-        let body = encode_body(batch.items.iter().map(|q| q.json.as_ref()), &sent_at);
-        // The round trip as the controller sees it: compression (a few ms for a full batch)
-        // and the wait for a pooled connection included.
-        let started = Instant::now();
+        let body = client.body(batch.items.iter().map(|q| q.json.as_ref()), &sent_at);
         let answer = client.send(body).await;
         (batch, answer, started.elapsed(), launched)
     });

@@ -17,18 +17,11 @@ fn the_fake_segment_server_answers_every_request_of_many_at_once() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    for (mode, server) in [
-        ("recording", SegmentServer::start()),
-        ("counting", SegmentServer::start_counting()),
-    ] {
+    for (mode, server) in both_modes() {
         server.set_delay(Duration::from_millis(300));
         let url = format!("{}/v1/batch", server.url());
         let statuses: Vec<u16> = runtime.block_on(async {
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .timeout(PATIENCE)
-                .build()
-                .expect("an HTTP client");
+            let client = http_client();
             let tasks: Vec<_> = (0..CONNECTIONS)
                 .map(|c| {
                     let (client, url) = (client.clone(), url.clone());
@@ -38,15 +31,7 @@ fn the_fake_segment_server_answers_every_request_of_many_at_once() {
                             let body = format!(
                                 r#"{{"batch":[{{"messageId":"m-{c}-{round}-a"}},{{"messageId":"m-{c}-{round}-b"}}]}}"#
                             );
-                            let response = client
-                                .post(&url)
-                                .header("Authorization", basic_auth(WRITE_KEY))
-                                .header("Content-Type", "application/json")
-                                .body(body)
-                                .send()
-                                .await
-                                .expect("an answer");
-                            statuses.push(response.status().as_u16());
+                            statuses.push(post_batch(&client, &url, body.into(), false).await);
                         }
                         statuses
                     })
@@ -70,4 +55,76 @@ fn the_fake_segment_server_answers_every_request_of_many_at_once() {
         );
         assert_eq!(server.accepted_count(), 2 * CONNECTIONS * ROUNDS, "{mode}");
     }
+}
+
+/// Both modes count the same events in a gzipped batch larger than the counting server's
+/// piece (256 KiB plain), and both refuse a body that does not gunzip (a CRC-32 broken).
+#[test]
+fn the_counting_server_counts_a_gzipped_batch_as_the_recording_one_does() {
+    use std::io::Write;
+    let events: Vec<String> = (0..5000)
+        .map(|i| {
+            format!(
+                r#"{{"messageId":"lp-e-{i}","properties":{{"pad":"{}"}}}}"#,
+                "x".repeat(i % 97)
+            )
+        })
+        .collect();
+    let plain = format!(
+        r#"{{"batch":[{}],"sentAt":"2026-11-01T12:08:19.612Z"}}"#,
+        events.join(",")
+    );
+    assert!(plain.len() > 256 << 10);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(plain.as_bytes()).expect("gzip");
+    let good = gz.finish().expect("gzip");
+    let mut broken = good.clone();
+    let crc = broken.len() - 8;
+    broken[crc] ^= 0xff;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    for (mode, server) in both_modes() {
+        let url = format!("{}/v1/batch", server.url());
+        let statuses: Vec<u16> = runtime.block_on(async {
+            let client = http_client();
+            let mut statuses = Vec::new();
+            for body in [&good, &broken] {
+                statuses.push(post_batch(&client, &url, body.clone(), true).await);
+            }
+            statuses
+        });
+        assert_eq!(statuses, [200, 400], "{mode}");
+        assert_eq!(server.accepted_count(), events.len(), "{mode}");
+    }
+}
+
+/// The fake server in both its modes.
+fn both_modes() -> [(&'static str, SegmentServer); 2] {
+    [
+        ("recording", SegmentServer::start()),
+        ("counting", SegmentServer::start_counting()),
+    ]
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(PATIENCE)
+        .build()
+        .expect("an HTTP client")
+}
+
+/// POSTs a batch body (gzipped when `gzip`) with the right write key; the answer's status.
+async fn post_batch(client: &reqwest::Client, url: &str, body: Vec<u8>, gzip: bool) -> u16 {
+    let mut request = client
+        .post(url)
+        .header("Authorization", basic_auth(WRITE_KEY))
+        .header("Content-Type", "application/json");
+    if gzip {
+        request = request.header("Content-Encoding", "gzip");
+    }
+    let response = request.body(body).send().await.expect("an answer");
+    response.status().as_u16()
 }
