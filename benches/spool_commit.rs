@@ -53,10 +53,12 @@ fn main() {
     let mut slowest = (std::time::Duration::ZERO, 0usize);
     for start in (0..n).step_by(chunk) {
         let events = (start..(start + chunk).min(n))
-            .map(|i| SpoolEvent {
-                message_id: format!("lp-e-{}", 7_000_000_000_000_000_000u64 + i as u64),
-                json: format!("{{\"messageId\":\"lp-e-{i}\",\"pad\":\"{pad}\"}}").into_bytes(),
-                refused: None,
+            .map(|i| {
+                SpoolEvent::new(
+                    format!("lp-e-{}", 7_000_000_000_000_000_000u64 + i as u64),
+                    format!("{{\"messageId\":\"lp-e-{i}\",\"pad\":\"{pad}\"}}").into_bytes(),
+                    None,
+                )
             })
             .collect();
         let one = Instant::now();

@@ -386,11 +386,11 @@ mod tests {
         spool
             .commit_file_chunk(&Chunk {
                 file_id: fid,
-                events: vec![SpoolEvent {
-                    message_id: "lp-e-1".into(),
-                    json: br#"{"messageId":"lp-e-1"}"#.to_vec(),
-                    refused: None,
-                }],
+                events: vec![SpoolEvent::new(
+                    "lp-e-1".into(),
+                    br#"{"messageId":"lp-e-1"}"#.to_vec(),
+                    None,
+                )],
                 quarantine: vec![
                     QuarantineEntry {
                         reason: "record has neither a user id nor a device id".into(),

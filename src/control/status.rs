@@ -848,10 +848,12 @@ mod tests {
             .unwrap();
         let events = ["e1", "e2", "e3"]
             .iter()
-            .map(|id| SpoolEvent {
-                message_id: (*id).into(),
-                json: format!("{{\"messageId\":\"{id}\"}}").into_bytes(),
-                refused: None,
+            .map(|id| {
+                SpoolEvent::new(
+                    (*id).into(),
+                    format!("{{\"messageId\":\"{id}\"}}").into_bytes(),
+                    None,
+                )
             })
             .collect();
         spool

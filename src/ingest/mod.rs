@@ -120,11 +120,7 @@ pub(crate) fn spool_event(ev: TrackEvent) -> SpoolEvent {
             MAX_EVENT_BYTES
         )
     });
-    SpoolEvent {
-        json,
-        message_id: ev.message_id,
-        refused,
-    }
+    SpoolEvent::new(ev.message_id, json, refused)
 }
 
 /// What happened to a file.

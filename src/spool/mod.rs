@@ -261,6 +261,20 @@ pub struct SpoolEvent {
     /// reason instead of queueing it, after the same dedupe check as any event. The spool
     /// itself knows no delivery limits.
     pub refused: Option<String>,
+    /// `message_id`'s key in the dedupe index (a SHA-256), computed where the event is made
+    /// (on the parse threads), not by the one thread that commits.
+    fingerprint: dedupe::Fingerprint,
+}
+
+impl SpoolEvent {
+    pub fn new(message_id: String, json: Vec<u8>, refused: Option<String>) -> SpoolEvent {
+        SpoolEvent {
+            fingerprint: dedupe::fingerprint(&message_id),
+            message_id,
+            json,
+            refused,
+        }
+    }
 }
 
 /// One chunk of a file: its events and bad lines, and where reading got to.
@@ -576,11 +590,8 @@ impl Spool {
 
         // Duplicates are found before the transaction: only this writer (holding `writer`)
         // changes the dedupe table.
-        let fingerprints: Vec<dedupe::Fingerprint> = chunk
-            .events
-            .iter()
-            .map(|e| dedupe::fingerprint(&e.message_id))
-            .collect();
+        let fingerprints: Vec<dedupe::Fingerprint> =
+            chunk.events.iter().map(|e| e.fingerprint).collect();
         let seen = if chunk.skip_dedupe {
             // Opened all the same: the entries go in after the commit.
             self.table(&mut w, &s)?;

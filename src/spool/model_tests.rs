@@ -336,29 +336,21 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 for pad in fresh {
                     let id = format!("m-{}", model.next_event);
                     model.next_event += 1;
-                    events.push(SpoolEvent {
-                        json: event_json(&id, *pad),
-                        message_id: id,
-                        refused: None,
-                    });
+                    events.push(SpoolEvent::new(id.clone(), event_json(&id, *pad), None));
                 }
                 if *refused {
                     let id = format!("m-{}", model.next_event);
                     model.next_event += 1;
-                    events.push(SpoolEvent {
-                        json: event_json(&id, 64),
-                        message_id: id,
-                        refused: Some("refused by the producer".into()),
-                    });
+                    events.push(SpoolEvent::new(
+                        id.clone(),
+                        event_json(&id, 64),
+                        Some("refused by the producer".into()),
+                    ));
                 }
                 if !model.seen_order.is_empty() {
                     for r in repeats {
                         let id = r.get(&model.seen_order).clone();
-                        events.push(SpoolEvent {
-                            json: event_json(&id, 7),
-                            message_id: id,
-                            refused: None,
-                        });
+                        events.push(SpoolEvent::new(id.clone(), event_json(&id, 7), None));
                     }
                 }
                 if *repeat_within && let Some(first) = events.first().cloned() {

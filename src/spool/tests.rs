@@ -16,11 +16,11 @@ fn file_record(path: &str) -> FileRecord {
 }
 
 fn event(id: &str) -> SpoolEvent {
-    SpoolEvent {
-        message_id: id.into(),
-        json: format!("{{\"messageId\":\"{id}\"}}").into_bytes(),
-        refused: None,
-    }
+    SpoolEvent::new(
+        id.into(),
+        format!("{{\"messageId\":\"{id}\"}}").into_bytes(),
+        None,
+    )
 }
 
 /// A new file `name` and one chunk of `events` in it; the file's id.
@@ -235,14 +235,16 @@ fn quarantine_entries_commit_with_the_chunk() {
 fn fill(spool: &Spool, file_id: u64, n: usize, prefix: &str) {
     for start in (0..n).step_by(1000) {
         let events = (start..(start + 1000).min(n))
-            .map(|i| SpoolEvent {
-                message_id: format!("{prefix}-{i}"),
-                json: format!(
-                    "{{\"messageId\":\"{prefix}-{i}\",\"pad\":\"{}\"}}",
-                    "x".repeat(400)
+            .map(|i| {
+                SpoolEvent::new(
+                    format!("{prefix}-{i}"),
+                    format!(
+                        "{{\"messageId\":\"{prefix}-{i}\",\"pad\":\"{}\"}}",
+                        "x".repeat(400)
+                    )
+                    .into_bytes(),
+                    None,
                 )
-                .into_bytes(),
-                refused: None,
             })
             .collect();
         spool
