@@ -30,6 +30,14 @@
 //! at most 2 requests are in flight for good, and the most in flight from 3 s after the switch
 //! (observed for 10 s). Retry settings are the defaults (backoff from 500 ms, no
 //! `Retry-After`).
+//!
+//! `--tls h1|h2` (with `--round-trip`) drains to the harness's TLS server instead
+//! ([`util::TlsSegmentServer`]: `h1` offers only HTTP/1.1 by ALPN, `h2` offers HTTP/2 first;
+//! `h1,h2` runs both in turn for each delay and mode, back to back on the same backlog), the
+//! agent trusting its test CA through `segment.ca_file`; the table then also gives the TLS
+//! connections the server accepted and the requests' HTTP version, and the 429 part is
+//! skipped (it is about the controller, not the transport). Every throughput row gives the
+//! agent's CPU seconds (user + system, from `/proc/<pid>/stat`, start-up included).
 
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
@@ -54,7 +62,10 @@ mod util;
 
 use common::bench_config;
 
-use util::{AgentConfig, BIN, Reply, SegmentServer, dir_bytes, run_command, try_status_json};
+use util::{
+    AgentConfig, BIN, Offer, Reply, SegmentServer, TlsSegmentServer, dir_bytes, run_command,
+    toml_str, try_status_json,
+};
 
 struct Args {
     size_mb: u64,
@@ -66,6 +77,8 @@ struct Args {
     secs: u64,
     warmup: u64,
     floor_only: bool,
+    /// `--tls`: the TLS servers to drain to, in turn; empty: plain HTTP.
+    tls: Vec<Offer>,
 }
 
 fn args() -> Args {
@@ -79,6 +92,7 @@ fn args() -> Args {
         secs: 30,
         warmup: 10,
         floor_only: false,
+        tls: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -112,6 +126,13 @@ fn args() -> Args {
             }
             "--secs" => a.secs = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.secs),
             "--warmup" => a.warmup = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.warmup),
+            "--tls" => {
+                let v = it.next().unwrap_or_default();
+                a.tls = v
+                    .split(',')
+                    .map(|o| Offer::parse(o).unwrap_or_else(|| panic!("--tls h1|h2, not {o:?}")))
+                    .collect();
+            }
             _ => {} // cargo bench passes --bench
         }
     }
@@ -331,6 +352,11 @@ impl Agent {
 
     fn kill(mut self) {
         self.agent.kill();
+    }
+
+    /// The daemon's CPU time so far, all threads.
+    fn cpu(&self) -> Duration {
+        stat_cpu(&format!("/proc/{}/stat", self.agent.pid())).0
     }
 }
 
@@ -709,10 +735,17 @@ fn main() {
 mod round_trip {
     use super::*;
 
-    /// A config for one run: the spool `spool`, concurrency `concurrency` (a number or
-    /// "adaptive"), every other delivery and retry setting at its default.
-    fn config(root: &Path, server: &SegmentServer, spool: &Path, concurrency: &str) -> PathBuf {
-        let mut c = bench_config(root, &server.url());
+    /// A config for one run: the endpoint `url` (trusting `ca_file` when given), the spool
+    /// `spool`, concurrency `concurrency` (a number or "adaptive"), every other delivery and
+    /// retry setting at its default.
+    fn config(
+        root: &Path,
+        url: &str,
+        ca_file: Option<&Path>,
+        spool: &Path,
+        concurrency: &str,
+    ) -> PathBuf {
+        let mut c = bench_config(root, url);
         c.flush_interval_ms = None;
         c.initial_backoff_ms = None;
         c.max_backoff_secs = None;
@@ -727,6 +760,13 @@ mod round_trip {
                 ..c
             },
             Err(_) => c.with_extra("segment", &format!("concurrency = {concurrency:?}")),
+        };
+        let c = match ca_file {
+            Some(ca) => c.with_extra(
+                "segment",
+                &format!("ca_file = {}", toml_str(ca.to_str().unwrap())),
+            ),
+            None => c,
         };
         let path = root.join("rt-config.toml");
         c.write(&path);
@@ -771,6 +811,69 @@ mod round_trip {
         assert!(ok, "cp -a {} {}", master.display(), to.display());
     }
 
+    /// The server a throughput run drains to: the counting one on plain HTTP, or the TLS one.
+    enum Drain {
+        Plain(SegmentServer),
+        Tls(TlsSegmentServer),
+    }
+
+    impl Drain {
+        fn start(tls: Option<Offer>) -> Drain {
+            match tls {
+                Some(offer) => Drain::Tls(TlsSegmentServer::start_counting(offer)),
+                None => Drain::Plain(counting_server()),
+            }
+        }
+
+        fn set_delay(&self, delay: Duration) {
+            match self {
+                Drain::Plain(s) => s.set_delay(delay),
+                Drain::Tls(s) => s.set_delay(delay),
+            }
+        }
+
+        fn url(&self) -> String {
+            match self {
+                Drain::Plain(s) => s.url(),
+                Drain::Tls(s) => s.url(),
+            }
+        }
+
+        fn accepted_events(&self) -> u64 {
+            match self {
+                Drain::Plain(s) => accepted_events(s),
+                Drain::Tls(s) => s.accepted_count(),
+            }
+        }
+
+        fn first_request(&self) -> Option<Instant> {
+            match self {
+                Drain::Plain(s) => first_request(s),
+                Drain::Tls(s) => s.first_request(),
+            }
+        }
+
+        /// TLS connections by ALPN protocol and requests by HTTP version, for the table.
+        fn protocols(&self) -> String {
+            match self {
+                Drain::Plain(_) => "plain HTTP/1.1".into(),
+                Drain::Tls(s) => {
+                    let show = |m: std::collections::BTreeMap<String, u64>| {
+                        m.iter()
+                            .map(|(k, v)| format!("{v} {k}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    format!(
+                        "connections: {}; requests: {}",
+                        show(s.connections()),
+                        show(s.versions())
+                    )
+                }
+            }
+        }
+    }
+
     struct Throughput {
         events_per_sec: f64,
         after_5s: Option<f64>,
@@ -779,10 +882,12 @@ mod round_trip {
         drained: bool,
         last_limit: Option<u64>,
         rtt_ms: Option<f64>,
+        agent_cpu: Duration,
+        protocols: String,
     }
 
-    /// Drains a copy of the master spool to a server `delay_ms` away, for at most `secs` or
-    /// until `total` events arrived.
+    /// Drains a copy of the master spool to a server `delay_ms` away (over TLS with `tls`),
+    /// for at most `secs` or until `total` events arrived.
     fn throughput(
         root: &Path,
         master: &Path,
@@ -790,12 +895,18 @@ mod round_trip {
         delay_ms: u64,
         mode: &str,
         secs: u64,
+        tls: Option<Offer>,
     ) -> Throughput {
         let spool = root.join("rt-spool");
         copy_spool(master, &spool);
-        let server = counting_server();
+        let server = Drain::start(tls);
         server.set_delay(Duration::from_millis(delay_ms));
-        let cfg = config(root, &server, &spool, mode);
+        let ca_file = root.join("rt-ca.pem");
+        if let Drain::Tls(s) = &server {
+            std::fs::write(&ca_file, s.ca_pem()).unwrap();
+        }
+        let ca_file = tls.map(|_| ca_file.as_path());
+        let cfg = config(root, &server.url(), ca_file, &spool, mode);
         let agent = Agent::start(&cfg, None);
         let cap = Duration::from_secs(secs);
         let mut samples: Vec<(Instant, u64)> = Vec::new();
@@ -804,7 +915,7 @@ mod round_trip {
         let (mut last_limit, mut rtt_ms) = (None, None);
         let drained = loop {
             std::thread::sleep(Duration::from_millis(100));
-            let events = accepted_events(&server);
+            let events = server.accepted_events();
             let now = Instant::now();
             samples.push((now, events));
             if status_at.elapsed() >= Duration::from_secs(2)
@@ -818,13 +929,14 @@ mod round_trip {
                 break true;
             }
             // Looked up until the first request arrived (the log is copied to look).
-            first = first.or_else(|| first_request(&server));
+            first = first.or_else(|| server.first_request());
             if first.is_some_and(|f| now.duration_since(f) >= cap) {
                 break false;
             }
         };
+        let agent_cpu = agent.cpu();
         agent.kill();
-        let start = first_request(&server).expect("a request arrived");
+        let start = server.first_request().expect("a request arrived");
         let (end, events) = *samples.last().unwrap();
         let span = end.duration_since(start).as_secs_f64();
         let after_5s = samples
@@ -840,6 +952,8 @@ mod round_trip {
             drained,
             last_limit,
             rtt_ms,
+            agent_cpu,
+            protocols: server.protocols(),
         }
     }
 
@@ -865,7 +979,7 @@ mod round_trip {
         copy_spool(master, &spool);
         let server = counting_server();
         server.set_delay(Duration::from_millis(delay_ms));
-        let cfg = config(root, &server, &spool, mode);
+        let cfg = config(root, &server.url(), None, &spool, mode);
         let agent = Agent::start(&cfg, None);
         // Switch while there is plenty left to send: after `warmup`, or once half the
         // backlog arrived.
@@ -954,25 +1068,42 @@ mod round_trip {
         );
 
         println!(
-            "\n| delay | concurrency | events/s (run) | events/s after 5 s | events | s | drained | limit at end | rtt_ms |"
+            "\n| delay | concurrency | events/s (run) | events/s after 5 s | events | s | drained | limit at end | rtt_ms | agent CPU s | CPU s per 1M events | protocols |"
         );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for &delay in &a.delays {
             for mode in &a.modes {
-                let t = throughput(&root, &master, total, delay, mode, a.secs);
-                println!(
-                    "| {delay} ms | {mode} | {:.0} | {} | {} | {:.1} | {} | {} | {} |",
-                    t.events_per_sec,
-                    t.after_5s.map_or("-".into(), |r| format!("{r:.0}")),
-                    t.events,
-                    t.secs,
-                    if t.drained { "yes" } else { "no" },
-                    t.last_limit.map_or("-".into(), |l| l.to_string()),
-                    t.rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
-                );
+                let servers: Vec<Option<Offer>> = if a.tls.is_empty() {
+                    vec![None]
+                } else {
+                    a.tls.iter().copied().map(Some).collect()
+                };
+                for tls in servers {
+                    let t = throughput(&root, &master, total, delay, mode, a.secs, tls);
+                    println!(
+                        "| {delay} ms | {mode} | {:.0} | {} | {} | {:.1} | {} | {} | {} | {:.2} | {:.2} | {} |",
+                        t.events_per_sec,
+                        t.after_5s.map_or("-".into(), |r| format!("{r:.0}")),
+                        t.events,
+                        t.secs,
+                        if t.drained { "yes" } else { "no" },
+                        t.last_limit.map_or("-".into(), |l| l.to_string()),
+                        t.rtt_ms.map_or("-".into(), |r| format!("{r:.1}")),
+                        t.agent_cpu.as_secs_f64(),
+                        t.agent_cpu.as_secs_f64() / (t.events.max(1) as f64 / 1e6),
+                        t.protocols,
+                    );
+                }
             }
         }
 
+        // The 429 part is about the controller, not the transport: plain HTTP only.
+        if !a.tls.is_empty() {
+            if a.keep.is_none() {
+                let _ = std::fs::remove_dir_all(&root);
+            }
+            return;
+        }
         println!(
             "\n| delay | concurrency | limit before | in flight at the switch | until <= 2 in flight | most in flight 3-10 s after | limit after 10 s |"
         );

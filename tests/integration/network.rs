@@ -10,6 +10,8 @@
 //! - `ca_file`: a loopback TLS server whose certificate a test CA signed; without `ca_file`
 //!   delivery fails with a certificate error in `status`, and with it (applied by a reload)
 //!   the events arrive;
+//! - HTTP/2 over TLS: a TLS server offering `h2` by ALPN gets the batches over HTTP/2, one
+//!   offering only `http/1.1` over HTTP/1.1, every event exactly once;
 //! - a broken `proxy` or `ca_file` is refused at load with its key.
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -22,8 +24,9 @@ use std::time::Duration;
 use base64::Engine as _;
 
 use crate::util::{
-    Agent, BIN, EX_CONFIG, PATIENCE, TestEnv, new_env, open_session_lines, run_cli, run_command,
-    status_json, toml_str, wait_delivered, wait_for_status, write_atomically,
+    Agent, BIN, EX_CONFIG, Offer, PATIENCE, TestEnv, TestPki, TlsSegmentServer, new_env,
+    open_session_lines, run_cli, run_command, status_json, test_pki, toml_str, wait_delivered,
+    wait_for_status, write_atomically,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -288,41 +291,6 @@ fn tunnel(client: BufReader<TcpStream>, mut server: TcpStream) -> io::Result<()>
 // The loopback TLS server
 // ---------------------------------------------------------------------------------------------
 
-/// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`.
-struct TestPki {
-    ca_pem: String,
-    server_cert: rustls::pki_types::CertificateDer<'static>,
-    server_key: Vec<u8>,
-}
-
-fn test_pki() -> TestPki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "leanplum-segment-agent test root");
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    TestPki {
-        ca_pem: ca.pem(),
-        server_cert: cert.der().clone(),
-        server_key: key.serialize_der(),
-    }
-}
-
 /// HTTPS on `127.0.0.1:<random port>` with `pki`'s server certificate, relaying each request
 /// to `backend` (the fake Segment server) in plain HTTP. Stops accepting when dropped.
 struct TlsFront {
@@ -333,16 +301,8 @@ struct TlsFront {
 
 impl TlsFront {
     fn start(pki: &TestPki, backend: SocketAddr) -> TlsFront {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(pki.server_key.clone());
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(vec![pki.server_cert.clone()], key.into())
-                .unwrap(),
-        );
+        // No ALPN: the agent speaks HTTP/1.1, which is all this relay reads.
+        let config = pki.server_config(&[]);
         let handshakes = Arc::new(AtomicUsize::new(0));
         let counted = handshakes.clone();
         let (addr, stop) = serve(move |conn| {
@@ -609,6 +569,58 @@ fn ca_file_adds_a_private_root() {
     wait_delivered(&env, &agent, &ids, "with ca_file through CONNECT");
     assert!(proxy.tunnels() > 0, "no CONNECT tunnel");
     assert_eq!(proxy.forwarded(), 0);
+}
+
+/// An `https://` endpoint offering HTTP/2 by ALPN gets every batch over HTTP/2; one offering
+/// only HTTP/1.1 gets them over HTTP/1.1. Small batches, so several are in flight at once;
+/// every event arrives exactly once either way.
+#[test]
+fn https_uses_http2_when_the_endpoint_offers_it() {
+    for (offer, alpn, version) in [
+        (Offer::H2, "h2", "HTTP/2.0"),
+        (Offer::H1, "http/1.1", "HTTP/1.1"),
+    ] {
+        let mut env = new_env();
+        let server = TlsSegmentServer::start_recording(offer);
+        server.set_delay(Duration::from_millis(20));
+        let ca_path = env.root().join("test-root.pem");
+        std::fs::write(&ca_path, server.ca_pem()).unwrap();
+        env.config.endpoint = server.url();
+        env.config.max_batch_events = Some(10);
+        env.config.concurrency = Some(8);
+        env.config = env.config.clone().with_extra(
+            "segment",
+            &format!("ca_file = {}", toml_str(ca_path.to_str().unwrap())),
+        );
+        let mut agent = env.start_agent();
+        let mut ids = drop_sessions(&env, "tls.jsonl", 70_000, 300);
+        assert!(
+            server.wait_for_accepted(ids.len() as u64, PATIENCE),
+            "{alpn}: {} of {} accepted\n{}",
+            server.accepted_count(),
+            ids.len(),
+            agent.log_tail(30)
+        );
+        let mut accepted = server.accepted_ids();
+        accepted.sort();
+        ids.sort();
+        assert_eq!(accepted, ids, "{alpn}: not every event exactly once");
+        let requests = server.accepted_requests();
+        assert!(requests >= 30, "{alpn}: {requests} requests");
+        let versions = server.versions();
+        assert_eq!(
+            versions.keys().collect::<Vec<_>>(),
+            [version],
+            "{alpn}: {versions:?}"
+        );
+        let connections = server.connections();
+        assert_eq!(
+            connections.keys().collect::<Vec<_>>(),
+            [alpn],
+            "{alpn}: {connections:?}"
+        );
+        assert!(agent.stop().is_some_and(|s| s.success()));
+    }
 }
 
 /// A proxy URL that is not one and a CA file that holds no certificate are refused at load,

@@ -3,6 +3,8 @@
 //!
 //! - [`http`]: a small threaded HTTP/1.1 server (one thread per connection) under both fakes;
 //! - [`segment_server`]: the fake Segment Tracking API, recording (tests) or counting (benches);
+//! - [`tls_segment_server`]: the same API over TLS with HTTP/2 and HTTP/1.1 by ALPN (hyper), and
+//!   the test CA;
 //! - [`agent`]: the agent as a child process: one way to spawn it, one environment scrub, one
 //!   signal wrapper;
 //! - [`config`]: the config builder;
@@ -21,6 +23,7 @@ pub mod files;
 pub mod generate;
 pub mod http;
 pub mod segment_server;
+pub mod tls_segment_server;
 
 pub use agent::*;
 pub use checks::*;
@@ -30,6 +33,7 @@ pub use env::*;
 pub use files::*;
 pub use generate::*;
 pub use segment_server::*;
+pub use tls_segment_server::*;
 
 use std::path::{Path, PathBuf};
 use std::thread;
