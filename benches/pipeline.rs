@@ -56,6 +56,8 @@ use leanplum_segment_agent::bench::{
 // The integration tests' harness: its counting Segment server, the agent process, the config
 // builder. The benchmark uses a part of it.
 mod common;
+#[path = "common/cpu.rs"]
+mod cpu;
 #[allow(dead_code, unused_imports)]
 #[path = "../tests/integration/util/mod.rs"]
 mod util;
@@ -356,7 +358,7 @@ impl Agent {
 
     /// The daemon's CPU time so far, all threads.
     fn cpu(&self) -> Duration {
-        stat_cpu(&format!("/proc/{}/stat", self.agent.pid())).0
+        cpu::cpu_time(&format!("/proc/{}/stat", self.agent.pid()))
     }
 }
 
@@ -449,21 +451,6 @@ fn floor_stages(shards: &[PathBuf]) {
     }
 }
 
-/// CPU time (user + system) from a `/proc/.../stat` file, of the task itself and of its
-/// waited-for children (clock ticks of 10 ms); zero when it cannot be read.
-fn stat_cpu(path: &str) -> (Duration, Duration) {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    // Fields after the command name (in parentheses, which may hold spaces): utime is the
-    // 14th field of the line, stime the 15th, cutime and cstime the 16th and 17th.
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = |i: usize| Duration::from_millis(f.get(i).copied().unwrap_or(0) * 10);
-    (ticks(11) + ticks(12), ticks(13) + ticks(14))
-}
-
 /// CPU seconds spent during one phase: by the agent, by the bench process (its loopback
 /// Segment server and its polling) and by the `status --json` commands it ran meanwhile. On 2
 /// shared cores these compare builds where wall clock cannot.
@@ -478,10 +465,10 @@ struct PhaseCpu {
 impl PhaseCpu {
     fn start(agent: &Agent) -> PhaseCpu {
         let pid = agent.agent.pid();
-        let (bench, children) = stat_cpu("/proc/self/stat");
+        let (bench, children) = cpu::stat_cpu("/proc/self/stat");
         PhaseCpu {
             agent_pid: pid,
-            agent: stat_cpu(&format!("/proc/{pid}/stat")).0,
+            agent: cpu::cpu_time(&format!("/proc/{pid}/stat")),
             bench,
             children,
             loadavg: std::fs::read_to_string("/proc/loadavg").unwrap_or_default(),
@@ -490,8 +477,8 @@ impl PhaseCpu {
 
     /// One line: the CPU seconds since `start` (the agent still running) and the load then.
     fn report(&self, phase: &str) -> String {
-        let agent = stat_cpu(&format!("/proc/{}/stat", self.agent_pid)).0;
-        let (bench, children) = stat_cpu("/proc/self/stat");
+        let agent = cpu::cpu_time(&format!("/proc/{}/stat", self.agent_pid));
+        let (bench, children) = cpu::stat_cpu("/proc/self/stat");
         format!(
             "{phase} CPU: agent {:.2} s, bench {:.2} s (server and polling), status commands {:.2} s; load at start {}",
             agent.saturating_sub(self.agent).as_secs_f64(),

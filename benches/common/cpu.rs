@@ -5,16 +5,24 @@
 use std::time::Duration;
 
 /// CPU time (user + system) in a `/proc/.../stat` file (`/proc/self/stat` for the process,
-/// `/proc/thread-self/stat` for the calling thread), in clock ticks of 10 ms.
-pub(crate) fn cpu_time(stat_file: &str) -> Duration {
+/// `/proc/<pid>/stat` for another), in clock ticks of 10 ms: of the task itself, and of its
+/// waited-for children. Zero when it cannot be read.
+#[allow(dead_code, reason = "each benchmark uses its part")]
+pub(crate) fn stat_cpu(stat_file: &str) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(stat_file).unwrap_or_default();
     // Fields after the command name (in parentheses, which may hold spaces): utime is the
-    // 14th field of the line, stime the 15th.
+    // 14th field of the line, stime the 15th, cutime and cstime the 16th and 17th.
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<u64> = after
         .split_whitespace()
         .map(|x| x.parse().unwrap_or(0))
         .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    let ticks = |i: usize| Duration::from_millis(f.get(i).copied().unwrap_or(0) * 10);
+    (ticks(11) + ticks(12), ticks(13) + ticks(14))
+}
+
+/// The task's own CPU time (see [`stat_cpu`]).
+#[allow(dead_code, reason = "each benchmark uses its part")]
+pub(crate) fn cpu_time(stat_file: &str) -> Duration {
+    stat_cpu(stat_file).0
 }
