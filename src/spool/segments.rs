@@ -434,6 +434,20 @@ mod tests {
             .collect()
     }
 
+    /// A segment writer in a new directory that has committed packets of these sizes: the
+    /// directory (kept while it lives), the segments' directory, the writer, the packets'
+    /// locations and the committed end.
+    fn committed_writer(
+        sizes: &[usize],
+    ) -> (tempfile::TempDir, PathBuf, Writer, Vec<Location>, End) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = dir(tmp.path());
+        let mut w = Writer::new(&dir, End::default());
+        let (locs, end) = w.append(&packets(sizes)).unwrap();
+        w.committed(end);
+        (tmp, dir, w, locs, end)
+    }
+
     #[test]
     fn locations_round_trip() {
         let l = Location {
@@ -474,11 +488,7 @@ mod tests {
 
     #[test]
     fn appended_packets_read_back_and_damage_is_seen() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = dir(tmp.path());
-        let mut w = Writer::new(&dir, End::default());
-        let (locs, end) = w.append(&packets(&[10, 300_000, 5])).unwrap();
-        w.committed(end);
+        let (_tmp, dir, _, locs, end) = committed_writer(&[10, 300_000, 5]);
         assert_eq!(end.segment, 1);
         assert_eq!(end.offset, 10 + 300_000 + 5 + 12);
         let mut r = Reader::default();
@@ -503,11 +513,7 @@ mod tests {
 
     #[test]
     fn uncommitted_bytes_are_cut_and_later_segments_deleted() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = dir(tmp.path());
-        let mut w = Writer::new(&dir, End::default());
-        let (_, end) = w.append(&packets(&[100])).unwrap();
-        w.committed(end);
+        let (_tmp, dir, mut w, _, end) = committed_writer(&[100]);
         // Appended, never committed (the sled transaction did not happen).
         let (_, lost) = w.append(&packets(&[50])).unwrap();
         assert!(lost.offset > end.offset);
@@ -524,11 +530,7 @@ mod tests {
 
     #[test]
     fn a_failed_commit_of_a_new_segment_starts_it_again() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = dir(tmp.path());
-        let mut w = Writer::new(&dir, End::default());
-        let (_, end) = w.append(&packets(&[10])).unwrap();
-        w.committed(end);
+        let (_tmp, dir, mut w, _, _) = committed_writer(&[10]);
         w.end.offset = SEGMENT_BYTES; // as if full
         // The append starts segment 2; sled's transaction then fails.
         let (locs, attempted) = w.append(&packets(&[500])).unwrap();
@@ -549,11 +551,7 @@ mod tests {
 
     #[test]
     fn a_kept_reader_reads_again_what_was_past_the_committed_end() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = dir(tmp.path());
-        let mut w = Writer::new(&dir, End::default());
-        let (first, end) = w.append(&packets(&[10])).unwrap();
-        w.committed(end);
+        let (_tmp, dir, mut w, first, end) = committed_writer(&[10]);
         // A commit that fails after its bytes are written: they lie past the committed end.
         let (failed, _) = w.append(&packets(&[500])).unwrap();
         let mut r = Reader::default();
