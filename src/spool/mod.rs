@@ -465,7 +465,7 @@ impl Spool {
                 log_seq: 0,
                 unsynced: 0,
             }),
-            queue_state: QueueState::new(segments_dir, next),
+            queue_state: QueueState::new(segments_dir, next, end),
             pruned_day: Default::default(),
             join: Default::default(),
             unsized_fs_logged: Default::default(),

@@ -10,6 +10,7 @@
 //! gone are deleted once the acks that emptied them are durable.
 
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sled::IVec;
@@ -60,15 +61,26 @@ pub(super) struct QueueState {
     removed_below: AtomicU64,
     /// First queue key not yet committed.
     watermark: AtomicU64,
+    /// The segments' committed end, set before the watermark moves past its packets.
+    committed_end: Mutex<segments::End>,
+    /// The drain's reader, kept across peeks (see [`Queue::peek`]).
+    reader: Mutex<segments::Reader>,
 }
 
 impl QueueState {
-    pub(super) fn new(segments_dir: PathBuf, next: u64) -> QueueState {
+    pub(super) fn new(segments_dir: PathBuf, next: u64, end: segments::End) -> QueueState {
         QueueState {
             segments_dir,
             removed_below: AtomicU64::new(0),
             watermark: AtomicU64::new(next),
+            committed_end: Mutex::new(end),
+            reader: Mutex::default(),
         }
+    }
+
+    /// The segments' committed end: it covers every packet below the watermark read before.
+    fn committed_end(&self) -> segments::End {
+        *self.committed_end.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -145,6 +157,10 @@ pub(super) fn insert(
 /// to the new watermark.
 pub(super) fn committed(state: &QueueState, w: &mut Writer, appended: Appended) {
     w.segments.committed(appended.end);
+    *state
+        .committed_end
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = appended.end;
     w.next = appended.next;
     state.watermark.store(appended.next, Ordering::Release);
 }
@@ -180,7 +196,8 @@ impl Queue<'_> {
             let p = packet::decode(&v).ok_or_else(corrupt)?;
             return Ok(Ok((first, v, p)));
         };
-        let read = reader.read(&self.state().segments_dir, &loc)?;
+        let state = self.state();
+        let read = reader.read(&state.segments_dir, &loc, state.committed_end())?;
         Ok(match read.as_deref().and_then(packet::decode) {
             Some(p) => Ok((first, read.expect("decoded above"), p)),
             None => Err(Damaged { first, loc }),
@@ -316,10 +333,14 @@ impl Queue<'_> {
             None => start,
         };
         let mut bytes = 0usize;
-        let mut reader = segments::Reader::default();
+        // The drain's peeks go on where the last one stopped, mostly inside what it read
+        // ahead: they share one reader (another peek at the same time gets its own).
+        let mut shared = self.state().reader.try_lock().ok();
+        let mut own = segments::Reader::default();
+        let reader = shared.as_deref_mut().unwrap_or(&mut own);
         'packets: for item in s.queue.range(from.to_be_bytes()..end.to_be_bytes()) {
             let (k, v) = item.map_err(|e| s.sled_err(e))?;
-            let (first, v, p) = match self.load_packet(&s, &mut reader, &k, v)? {
+            let (first, v, p) = match self.load_packet(&s, reader, &k, v)? {
                 Ok(loaded) => loaded,
                 Err(damaged) => {
                     self.set_aside_damaged(&s, &damaged)?;
@@ -354,6 +375,8 @@ impl Queue<'_> {
                 });
             }
         }
+        // Its buffer stays for the next peek; an open file would keep a deleted segment's space.
+        reader.close();
         if out.items.len() >= max_events {
             out.full = true;
         }

@@ -18,6 +18,8 @@
 //! sled has committed always points at bytes already on disk. Bytes past the committed end
 //! belong to a commit that did not finish; the next commit writes over them, and an agent
 //! opening the spool cuts them off and deletes segments past the committed one.
+//! The drain's [`Reader`] keeps what it read ahead from one peek to the next, but only the
+//! bytes below the committed end as it was when it read them: those never change.
 //!
 //! # Reclaiming disk
 //!
@@ -335,22 +337,35 @@ impl Writer {
 }
 
 /// Reads packets, with a read-ahead buffer: the drain reads consecutive packets of a segment,
-/// so one `pread` serves many. One per `peek`.
+/// so one `pread` serves many. The drain keeps one across its peeks (see `Queue::peek`), so
+/// what one peek read ahead serves the next: each byte is read once, into a buffer kept for
+/// that, and copied once, into the `IVec` the packets are sliced from.
 #[derive(Default)]
 pub(super) struct Reader {
-    /// Segment, offset of the buffer's first byte, and the bytes.
+    /// Segment, offset of the buffer's first byte, and the bytes; only bytes that were
+    /// committed when they were read, so they cannot change afterwards.
     buf: Option<(u64, u64, sled::IVec)>,
     file: Option<(u64, File)>,
+    /// Where a `pread` lands: allocated and zeroed once, reused by every read.
+    scratch: Vec<u8>,
 }
 
 impl Reader {
     /// The packet at `loc`, checked against its checksum. `Ok(None)`: missing or damaged.
-    pub(super) fn read(&mut self, dir: &Path, loc: &Location) -> Result<Option<sled::IVec>, Error> {
+    /// `committed` is the segments' committed end, or any earlier one: bytes read past it are
+    /// not kept for later reads (a commit may still be writing them, or write over them).
+    pub(super) fn read(
+        &mut self,
+        dir: &Path,
+        loc: &Location,
+        committed: End,
+    ) -> Result<Option<sled::IVec>, Error> {
         let need = RECORD_HEADER + u64::from(loc.len);
         let covered = self.buf.as_ref().is_some_and(|(seg, off, b)| {
             *seg == loc.segment && loc.offset >= *off && loc.offset + need <= off + b.len() as u64
         });
         if !covered {
+            self.buf = None;
             let p = path(dir, loc.segment);
             if self.file.as_ref().is_none_or(|(id, _)| *id != loc.segment) {
                 match File::open(&p) {
@@ -361,10 +376,13 @@ impl Reader {
             }
             let (_, f) = self.file.as_ref().expect("opened above");
             let want = (need as usize).max(READ_AHEAD);
-            let mut v = vec![0u8; want];
+            if self.scratch.len() < want {
+                self.scratch.resize(want, 0);
+            }
+            let buf = &mut self.scratch[..want];
             let mut got = 0;
             while got < want {
-                match f.read_at(&mut v[got..], loc.offset + got as u64) {
+                match f.read_at(&mut buf[got..], loc.offset + got as u64) {
                     Ok(0) => break,
                     Ok(n) => got += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -374,14 +392,29 @@ impl Reader {
             if (got as u64) < need {
                 return Ok(None);
             }
-            v.truncate(got);
-            self.buf = Some((loc.segment, loc.offset, sled::IVec::from(v)));
+            // `loc` itself is committed; past the committed end, nothing is kept.
+            let keep = if loc.segment < committed.segment {
+                got as u64
+            } else {
+                (committed.offset.saturating_sub(loc.offset)).clamp(need, got as u64)
+            };
+            self.buf = Some((
+                loc.segment,
+                loc.offset,
+                sled::IVec::from(&buf[..keep as usize]),
+            ));
         }
         let (_, off, b) = self.buf.as_ref().expect("filled above");
         let at = (loc.offset - off) as usize;
         let crc = u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"));
         let packet = b.subslice(at + 4, loc.len as usize);
         Ok((crc32fast::hash(&packet) == crc).then_some(packet))
+    }
+
+    /// Closes the segment file (a deleted segment's space is given back once no one has it
+    /// open); the buffer stays.
+    pub(super) fn close(&mut self) {
+        self.file = None;
     }
 }
 
@@ -399,6 +432,20 @@ mod tests {
                 file_id: 9,
             })
             .collect()
+    }
+
+    /// A segment writer in a new directory that has committed packets of these sizes: the
+    /// directory (kept while it lives), the segments' directory, the writer, the packets'
+    /// locations and the committed end.
+    fn committed_writer(
+        sizes: &[usize],
+    ) -> (tempfile::TempDir, PathBuf, Writer, Vec<Location>, End) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = dir(tmp.path());
+        let mut w = Writer::new(&dir, End::default());
+        let (locs, end) = w.append(&packets(sizes)).unwrap();
+        w.committed(end);
+        (tmp, dir, w, locs, end)
     }
 
     #[test]
@@ -441,16 +488,12 @@ mod tests {
 
     #[test]
     fn appended_packets_read_back_and_damage_is_seen() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = dir(tmp.path());
-        let mut w = Writer::new(&dir, End::default());
-        let (locs, end) = w.append(&packets(&[10, 300_000, 5])).unwrap();
-        w.committed(end);
+        let (_tmp, dir, _, locs, end) = committed_writer(&[10, 300_000, 5]);
         assert_eq!(end.segment, 1);
         assert_eq!(end.offset, 10 + 300_000 + 5 + 12);
         let mut r = Reader::default();
         for (i, l) in locs.iter().enumerate() {
-            let p = r.read(&dir, l).unwrap().unwrap();
+            let p = r.read(&dir, l, end).unwrap().unwrap();
             assert!(p.iter().all(|b| *b == i as u8) && p.len() == l.len as usize);
         }
         // A flipped byte fails the checksum.
@@ -459,22 +502,18 @@ mod tests {
             .open(path(&dir, 1))
             .unwrap();
         f.write_all_at(&[0xff], locs[2].offset + 6).unwrap();
-        assert_eq!(Reader::default().read(&dir, &locs[2]).unwrap(), None);
+        assert_eq!(Reader::default().read(&dir, &locs[2], end).unwrap(), None);
         // A missing segment reads as nothing.
         let gone = Location {
             segment: 9,
             ..locs[0]
         };
-        assert_eq!(Reader::default().read(&dir, &gone).unwrap(), None);
+        assert_eq!(Reader::default().read(&dir, &gone, end).unwrap(), None);
     }
 
     #[test]
     fn uncommitted_bytes_are_cut_and_later_segments_deleted() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = dir(tmp.path());
-        let mut w = Writer::new(&dir, End::default());
-        let (_, end) = w.append(&packets(&[100])).unwrap();
-        w.committed(end);
+        let (_tmp, dir, mut w, _, end) = committed_writer(&[100]);
         // Appended, never committed (the sled transaction did not happen).
         let (_, lost) = w.append(&packets(&[50])).unwrap();
         assert!(lost.offset > end.offset);
@@ -491,11 +530,7 @@ mod tests {
 
     #[test]
     fn a_failed_commit_of_a_new_segment_starts_it_again() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = dir(tmp.path());
-        let mut w = Writer::new(&dir, End::default());
-        let (_, end) = w.append(&packets(&[10])).unwrap();
-        w.committed(end);
+        let (_tmp, dir, mut w, _, _) = committed_writer(&[10]);
         w.end.offset = SEGMENT_BYTES; // as if full
         // The append starts segment 2; sled's transaction then fails.
         let (locs, attempted) = w.append(&packets(&[500])).unwrap();
@@ -507,8 +542,32 @@ mod tests {
         w.committed(end);
         assert_eq!((locs[0].segment, locs[0].offset), (2, 0));
         assert_eq!(fs::metadata(path(&dir, 2)).unwrap().len(), 24);
-        let p = Reader::default().read(&dir, &locs[0]).unwrap().unwrap();
+        let p = Reader::default()
+            .read(&dir, &locs[0], end)
+            .unwrap()
+            .unwrap();
         assert_eq!(p.len(), 20);
+    }
+
+    #[test]
+    fn a_kept_reader_reads_again_what_was_past_the_committed_end() {
+        let (_tmp, dir, mut w, first, end) = committed_writer(&[10]);
+        // A commit that fails after its bytes are written: they lie past the committed end.
+        let (failed, _) = w.append(&packets(&[500])).unwrap();
+        let mut r = Reader::default();
+        assert_eq!(r.read(&dir, &first[0], end).unwrap().unwrap().len(), 10);
+        // The retry writes over them; the reader does not serve the old bytes.
+        let (locs, end) = w.append(&packets(&[20, 30])).unwrap();
+        w.committed(end);
+        assert_eq!(locs[0].offset, failed[0].offset);
+        for (l, n) in locs.iter().zip([20, 30]) {
+            let p = r.read(&dir, l, end).unwrap().unwrap();
+            assert_eq!(p.len(), n);
+            assert!(p.iter().all(|b| *b == (n / 30) as u8));
+        }
+        // What it read after that commit serves later reads, the segment closed or not.
+        r.close();
+        assert_eq!(r.read(&dir, &locs[1], end).unwrap().unwrap().len(), 30);
     }
 
     #[test]
