@@ -10,9 +10,10 @@
 //! strings escaped the same way), so spooled events, `messageId`s and dedupe are unchanged;
 //! the tests below check that against serde_json.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use serde_json::value::RawValue;
+#[cfg(test)]
 use serde_json::{Map, Value};
 
 use crate::leanplum::Id;
@@ -188,8 +189,6 @@ impl Properties {
 #[derive(Debug, Clone)]
 pub(crate) struct Context {
     json: Box<RawValue>,
-    /// The same, read back as a map, only when something asks to look inside.
-    map: OnceLock<Map<String, Value>>,
 }
 
 impl Context {
@@ -228,18 +227,21 @@ impl Context {
         let json = String::from_utf8(w.out).expect("the writer writes UTF-8");
         Context {
             json: RawValue::from_string(json).expect("the writer writes JSON"),
-            map: OnceLock::new(),
         }
     }
 
-    /// A context holding `map` as it is (tests, and records that kept one).
+    /// A context holding `map` as it is (tests).
     #[cfg(test)]
     pub(crate) fn from_map(map: Map<String, Value>) -> Context {
-        let json = serde_json::value::to_raw_value(&map).expect("a map serializes");
         Context {
-            json,
-            map: OnceLock::from(map),
+            json: serde_json::value::to_raw_value(&map).expect("a map serializes"),
         }
+    }
+
+    /// As a JSON map (for tests that look inside).
+    #[cfg(test)]
+    pub(crate) fn to_map(&self) -> Map<String, Value> {
+        serde_json::from_str(self.json.get()).expect("a context is a JSON object")
     }
 }
 
@@ -252,25 +254,9 @@ pub(crate) enum ContextField<'a> {
     Object(&'a [(&'a str, Option<&'a str>)]),
 }
 
-/// Read as a map (parsed from the JSON the first time).
-impl std::ops::Deref for Context {
-    type Target = Map<String, Value>;
-    fn deref(&self) -> &Map<String, Value> {
-        self.map.get_or_init(|| {
-            serde_json::from_str(self.json.get()).expect("a context is a JSON object")
-        })
-    }
-}
-
 impl PartialEq for Context {
     fn eq(&self, other: &Context) -> bool {
         self.json.get() == other.json.get()
-    }
-}
-
-impl PartialEq<Map<String, Value>> for Context {
-    fn eq(&self, other: &Map<String, Value>) -> bool {
-        **self == *other
     }
 }
 
@@ -491,8 +477,8 @@ mod tests {
             "q": "a\\b\u{e9}\n",
         });
         assert_eq!(c.json.get(), serde_json::to_string(&map).unwrap());
-        assert_eq!(c["locale"], "en_US");
-        assert_eq!(c, *map.as_object().unwrap());
+        assert_eq!(c.to_map()["locale"], "en_US");
+        assert_eq!(c.to_map(), *map.as_object().unwrap());
         let from_map = Context::from_map(map.as_object().unwrap().clone());
         assert_eq!(from_map, c);
     }

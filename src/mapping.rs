@@ -1504,7 +1504,7 @@ mod tests {
         let mut out = Output::default();
         map_session(&session, &catalog(), &opts(UnknownChannel::Skip), &mut out).unwrap();
         assert_eq!(
-            *out.events[0].context,
+            out.events[0].context.to_map(),
             props(json!({
                 "library": {"name": "leanplum-segment-agent", "version": env!("CARGO_PKG_VERSION")},
                 "device": {"id": "d-1", "model": "iPhone15,2"},
@@ -1527,7 +1527,7 @@ mod tests {
         let mut out = Output::default();
         map_session(&session, &catalog(), &opts(UnknownChannel::Skip), &mut out).unwrap();
         assert_eq!(
-            *out.events[0].context,
+            out.events[0].context.to_map(),
             props(json!({
                 "library": {"name": "leanplum-segment-agent", "version": env!("CARGO_PKG_VERSION")},
                 "location": {"country": "FR"}
@@ -1581,7 +1581,7 @@ mod tests {
             props(json!({"experiment_id": "10", "experiment_name": "Test ten",
                          "variant_id": "11", "variant_name": "Variant A"}))
         );
-        assert_eq!(e.context["device"], json!({"id": DEVICE}));
+        assert_eq!(e.context.to_map()["device"], json!({"id": DEVICE}));
         assert!(map_experiments(&session, false).events.is_empty());
     }
 
@@ -1896,7 +1896,7 @@ mod tests {
         assert_eq!(event.user_id.as_deref(), Some("user-7"));
         assert_eq!(event.anonymous_id.as_deref(), Some("dev-7"));
         assert_eq!(
-            *event.context,
+            event.context.to_map(),
             props(json!({
                 "library": {"name": "leanplum-segment-agent", "version": env!("CARGO_PKG_VERSION")},
                 "device": {"id": "dev-7"}
@@ -1915,7 +1915,7 @@ mod tests {
         let event = &out.events[0];
         assert_eq!(event.message_id, "lp-h-0123456789abcdef0123456789abcdef");
         assert_eq!(event.anonymous_id, None);
-        assert!(!event.context.contains_key("device"));
+        assert!(!event.context.to_map().contains_key("device"));
     }
 
     #[test]
