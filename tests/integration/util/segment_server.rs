@@ -553,7 +553,7 @@ impl Shared {
 /// whole: it is inflated 256 KiB at a time into one buffer per connection thread, each piece
 /// starting with the last bytes of the one before, so a key cut in two is counted once (the
 /// same count as one search of the whole plain body).
-fn count_message_ids(body: &[u8], gzipped: bool) -> Result<usize, String> {
+pub(crate) fn count_message_ids(body: &[u8], gzipped: bool) -> Result<usize, String> {
     const KEY: &[u8] = br#""messageId""#;
     if !gzipped {
         return Ok(memchr::memmem::find_iter(body, KEY).count());

@@ -24,6 +24,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::segment_server::count_message_ids;
 use super::{WRITE_KEY, basic_auth, wait_until};
 
 /// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`.
@@ -302,9 +303,10 @@ async fn answer(
             r#"{"success":false,"status":401}"#,
         )
     } else {
-        match plain(&body, gzip) {
-            Some(plain) => {
-                count(&state, &plain);
+        match count(&state, &body, gzip) {
+            Some(events) => {
+                state.events.fetch_add(events as u64, Ordering::SeqCst);
+                state.accepted_requests.fetch_add(1, Ordering::SeqCst);
                 (StatusCode::OK, r#"{"success":true}"#)
             }
             None => (StatusCode::BAD_REQUEST, r#"{"success":false,"status":400}"#),
@@ -317,38 +319,31 @@ async fn answer(
         .unwrap())
 }
 
-/// The body without its `Content-Encoding`; None when it does not gunzip.
-fn plain(body: &[u8], gzip: bool) -> Option<Vec<u8>> {
-    if !gzip {
-        return Some(body.to_vec());
-    }
-    let mut out = Vec::with_capacity(body.len() * 8);
-    flate2::read::GzDecoder::new(body)
-        .read_to_end(&mut out)
-        .ok()?;
-    Some(out)
-}
-
-/// Counts an accepted batch's events (and keeps their ids when recording).
-fn count(state: &State, plain: &[u8]) {
-    let events = match &state.ids {
-        Some(ids) => {
-            let batch: serde_json::Value = serde_json::from_slice(plain).unwrap_or_default();
-            let batch_ids: Vec<String> = batch["batch"]
-                .as_array()
-                .map(|events| {
-                    events
-                        .iter()
-                        .filter_map(|e| e["messageId"].as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let n = batch_ids.len();
-            ids.lock().unwrap().extend(batch_ids);
-            n
-        }
-        None => memchr::memmem::find_iter(plain, br#""messageId""#).count(),
+/// An accepted batch's events, counted as the plain server counts them (and their ids kept
+/// when recording); None when the body does not gunzip.
+fn count(state: &State, body: &[u8], gzip: bool) -> Option<usize> {
+    let Some(ids) = &state.ids else {
+        return count_message_ids(body, gzip).ok();
     };
-    state.events.fetch_add(events as u64, Ordering::SeqCst);
-    state.accepted_requests.fetch_add(1, Ordering::SeqCst);
+    let mut plain = Vec::new();
+    if gzip {
+        flate2::read::GzDecoder::new(body)
+            .read_to_end(&mut plain)
+            .ok()?;
+    } else {
+        plain.extend_from_slice(body);
+    }
+    let batch: serde_json::Value = serde_json::from_slice(&plain).unwrap_or_default();
+    let batch_ids: Vec<String> = batch["batch"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter_map(|e| e["messageId"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let n = batch_ids.len();
+    ids.lock().unwrap().extend(batch_ids);
+    Some(n)
 }
