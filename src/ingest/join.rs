@@ -619,6 +619,8 @@ impl Ingestor {
         };
         let mut out = Output::default();
         let mut rows = 0usize;
+        // The chunk's event bytes, and how many of its events they count (a commit empties it).
+        let (mut bytes, mut counted) = (0usize, 0usize);
         let mut totals = (0u64, 0u64, 0u64);
         let (mut held, mut waiting, mut stream_error) = (false, false, None);
         // The pass's bad rows, logged once per kind when it ends.
@@ -680,8 +682,17 @@ impl Ingestor {
             }
             chunk.offset = item.end_offset;
             chunk.line = item.line;
+            if chunk.events.len() < counted {
+                (bytes, counted) = (0, 0);
+            }
+            bytes += chunk.events[counted..]
+                .iter()
+                .map(|e| e.json.len())
+                .sum::<usize>();
+            counted = chunk.events.len();
             if (rows >= CHUNK_ROWS
                 || chunk.events.len() >= super::CHUNK_EVENTS
+                || bytes >= super::CHUNK_BYTES
                 || chunk.join.len() >= CHUNK_OPS)
                 && !commit(&mut chunk, &mut out)?
             {
