@@ -75,22 +75,33 @@ pub(super) fn header_len(n: usize) -> usize {
     V2_HEADER + 4 * n
 }
 
-/// Encodes one packet.
+/// A (version 2) packet's header: what precedes its events' JSON, which follows as is (a
+/// commit writes the events from where they are, see `segments::Packet`).
+pub(super) fn header<'a>(
+    enqueued_ms: u64,
+    file_id: u64,
+    events: impl ExactSizeIterator<Item = &'a [u8]>,
+) -> Vec<u8> {
+    let n = events.len();
+    let mut v = Vec::with_capacity(header_len(n));
+    v.push(V2);
+    v.extend_from_slice(&enqueued_ms.to_be_bytes());
+    v.extend_from_slice(&file_id.to_be_bytes());
+    v.extend_from_slice(&(n as u16).to_be_bytes());
+    for e in events {
+        v.extend_from_slice(&(e.len() as u32).to_be_bytes());
+    }
+    v
+}
+
+/// Encodes one packet: its header, then its events' JSON.
+#[cfg(test)]
 pub(super) fn encode<'a>(
     enqueued_ms: u64,
     file_id: u64,
     events: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
 ) -> Vec<u8> {
-    let n = events.len();
-    let body: usize = events.clone().map(<[u8]>::len).sum();
-    let mut v = Vec::with_capacity(header_len(n) + body);
-    v.push(V2);
-    v.extend_from_slice(&enqueued_ms.to_be_bytes());
-    v.extend_from_slice(&file_id.to_be_bytes());
-    v.extend_from_slice(&(n as u16).to_be_bytes());
-    for e in events.clone() {
-        v.extend_from_slice(&(e.len() as u32).to_be_bytes());
-    }
+    let mut v = header(enqueued_ms, file_id, events.clone());
     for e in events {
         v.extend_from_slice(e);
     }

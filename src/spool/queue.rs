@@ -102,11 +102,16 @@ pub(super) struct Appended {
 }
 
 /// Packs events of one file (`file_id`) into packets, each at most what `packet::split` allows.
-pub(super) fn packets(now: u64, file_id: u64, events: &[&[u8]], out: &mut Vec<segments::Packet>) {
+pub(super) fn packets<'a>(
+    now: u64,
+    file_id: u64,
+    events: &[&'a [u8]],
+    out: &mut Vec<segments::Packet<'a>>,
+) {
     for part in packet::split(events, |j| j.len()) {
         out.push(segments::Packet {
-            bytes: packet::encode(now, file_id, part.iter().copied()),
-            events: part.len() as u16,
+            head: packet::header(now, file_id, part.iter().copied()),
+            body: part.to_vec(),
             file_id,
         });
     }
