@@ -33,8 +33,8 @@ use crate::mapping::{
     map_session,
 };
 use crate::spool::{
-    self, Chunk, FileRecord, FileStatus, QuarantineEntry, Spool, SpoolEvent, Transition,
-    fingerprint,
+    self, Chunk, Committer, Done, Failed, FileRecord, FileStatus, QuarantineEntry, Spool,
+    SpoolEvent, Transition, fingerprint,
 };
 use crate::stats::Stats;
 use fingerprint::Relation;
@@ -582,6 +582,17 @@ impl Ingestor {
         let Some(out) = self.commit(chunk, cancel)? else {
             return Ok(None);
         };
+        Ok(Some(self.count(chunk, out, skipped, bad_log)))
+    }
+
+    /// Counts a committed chunk; returns its events spooled, duplicates and quarantined.
+    fn count(
+        &self,
+        chunk: &Chunk,
+        out: spool::ChunkOutcome,
+        skipped: &Skipped,
+        bad_log: &mut BadLog,
+    ) -> (u64, u64, u64) {
         let mut parked = 0;
         for q in &chunk.quarantine {
             if q.kind == spool::QuarantineKind::Parked {
@@ -594,7 +605,7 @@ impl Ingestor {
         Stats::add(&self.stats.quarantined, out.quarantined - parked);
         Stats::add(&self.stats.dead_lettered, out.dead_lettered);
         self.stats.add_skipped(skipped);
-        Ok(Some((out.spooled, out.duplicates, out.quarantined)))
+        (out.spooled, out.duplicates, out.quarantined)
     }
 
     /// One spool commit, after waiting for room below `spool.max_bytes` and retrying while the
@@ -605,65 +616,211 @@ impl Ingestor {
         cancel: &CancellationToken,
     ) -> Result<Option<spool::ChunkOutcome>, spool::Error> {
         let incoming: u64 = chunk.events.iter().map(|e| e.json.len() as u64).sum();
-        // Why reading is paused, logged once per pause.
-        let mut paused: Option<&str> = None;
-        // Deciding walks every tree of the spool, so at most every 30 s.
-        let mut last_compaction_check: Option<std::time::Instant> = None;
+        let mut room = Room::default();
         loop {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
-            self.heartbeat_ms
-                .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
-            let depth = self.spool.queue().depth()?.bytes;
-            let why = if depth >= self.max_spool_bytes {
-                Some("spool full (spool.max_bytes); reading paused until the drain catches up")
-            } else if self.spool.disk_nearly_full(incoming) {
-                // Delivered events give their room back as the drain deletes their segments;
-                // sled's own files never shrink, and a compaction gives back what they grew by.
-                let due =
-                    last_compaction_check.is_none_or(|t| t.elapsed() > Duration::from_secs(30));
-                if due {
-                    last_compaction_check = Some(std::time::Instant::now());
-                }
-                if due && self.spool.compaction_helps_and_fits()? {
-                    match self.spool.compact() {
-                        Ok(c) => tracing::info!(
-                            disk_before = c.disk_before,
-                            disk_after = c.disk_after,
-                            "spool compacted to give disk space back"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "compaction failed; still waiting for disk space")
-                        }
-                    }
-                    continue;
-                }
-                Some(
-                    "disk full: free space under the spool is below its reserve; reading paused until there is room",
-                )
-            } else {
-                match self.spool.commit_file_chunk(chunk) {
+            let why = match self.must_wait(incoming, 0, &mut room, &mut || Ok(()))? {
+                Some(why) => why,
+                None => match self.spool.commit_file_chunk(chunk) {
                     Ok(out) => {
-                        if paused.is_some() {
-                            tracing::info!("spool has room again; reading resumed");
-                        }
-                        self.drain_wake.notify_one();
+                        self.resumed(&room);
                         return Ok(Some(out));
                     }
-                    Err(e) if e.is_disk_full() => {
-                        Some("disk full (ENOSPC); reading paused until there is room")
-                    }
+                    Err(e) if e.is_disk_full() => DISK_FULL_ENOSPC,
                     Err(e) => return Err(e),
+                },
+            };
+            self.pause(why, &mut room);
+        }
+    }
+
+    /// Hands a file's chunks to its pass's committer (see `parallel.rs`), after waiting for
+    /// room as [`Ingestor::commit`] does, and counts the chunks committed meanwhile into
+    /// `counted`; `last`: then waits for the commit in flight too. A commit that fails for
+    /// lack of disk space is tried again, the chunks after it with it, once there is room.
+    /// `None` when shutdown came while waiting.
+    fn commit_pipelined(
+        &self,
+        committer: &mut Committer<'_, Skipped>,
+        chunks: impl IntoIterator<Item = (Chunk, Skipped)>,
+        last: bool,
+        counted: &mut Counted,
+        cancel: &CancellationToken,
+    ) -> Result<Option<()>, spool::Error> {
+        let mut todo: std::collections::VecDeque<_> = chunks.into_iter().collect();
+        let incoming: u64 = todo
+            .iter()
+            .flat_map(|(c, _)| &c.events)
+            .map(|e| e.json.len() as u64)
+            .sum();
+        let mut room = Room::default();
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
+            let in_flight = committer.in_flight_bytes();
+            let waiting = self.must_wait(incoming, in_flight, &mut room, &mut || {
+                // Before waiting (or compacting, which takes the writer lock): the chunk in
+                // flight settled, the lock let go.
+                let finished = committer.finish();
+                match counted.settled(self, finished, &mut todo) {
+                    // Tried again after the pause, with the chunks after it.
+                    Err(e) if e.is_disk_full() => Ok(()),
+                    other => other,
+                }
+            })?;
+            let why = match waiting {
+                Some(why) => why,
+                None => {
+                    let mut result = Ok(());
+                    while let Some((chunk, skipped)) = todo.pop_front() {
+                        result = counted.settled(self, committer.submit(chunk, skipped), &mut todo);
+                        if result.is_err() {
+                            break;
+                        }
+                    }
+                    if result.is_ok() && last {
+                        result = counted.settled(self, committer.finish(), &mut todo);
+                    }
+                    match result {
+                        Ok(()) => {
+                            self.resumed(&room);
+                            return Ok(Some(()));
+                        }
+                        Err(e) if e.is_disk_full() => DISK_FULL_ENOSPC,
+                        Err(e) => return Err(e),
+                    }
                 }
             };
-            if paused.is_none()
-                && let Some(why) = why
-            {
-                tracing::warn!(max_bytes = self.max_spool_bytes, "{why}");
+            self.pause(why, &mut room);
+        }
+    }
+
+    /// Why a commit of `incoming` bytes must wait, if it must: the spool is at
+    /// `spool.max_bytes`, or the disk nearly full (a compaction is tried first, at most every
+    /// 30 s). `settle` (which commits the `in_flight` bytes of a committer, if any) runs before
+    /// any waiting or compaction, and before deciding when those bytes would reach the limit,
+    /// so the spool goes past `spool.max_bytes` by at most one chunk, as with one commit at a
+    /// time.
+    fn must_wait(
+        &self,
+        incoming: u64,
+        in_flight: u64,
+        room: &mut Room,
+        settle: &mut dyn FnMut() -> Result<(), spool::Error>,
+    ) -> Result<Option<&'static str>, spool::Error> {
+        self.heartbeat_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        let mut depth = self.spool.queue().depth()?.bytes;
+        if in_flight > 0 && depth.saturating_add(in_flight) >= self.max_spool_bytes {
+            settle()?;
+            depth = self.spool.queue().depth()?.bytes;
+        }
+        let full = depth >= self.max_spool_bytes;
+        if !full && !self.spool.disk_nearly_full(incoming) {
+            return Ok(None);
+        }
+        settle()?;
+        if full {
+            return Ok(Some(
+                "spool full (spool.max_bytes); reading paused until the drain catches up",
+            ));
+        }
+        // Delivered events give their room back as the drain deletes their segments; sled's
+        // own files never shrink, and a compaction gives back what they grew by. Deciding walks
+        // every tree of the spool, so at most every 30 s.
+        let due = room
+            .last_compaction_check
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(30));
+        if due {
+            room.last_compaction_check = Some(std::time::Instant::now());
+        }
+        if due && self.spool.compaction_helps_and_fits()? {
+            match self.spool.compact() {
+                Ok(c) => tracing::info!(
+                    disk_before = c.disk_before,
+                    disk_after = c.disk_after,
+                    "spool compacted to give disk space back"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "compaction failed; still waiting for disk space")
+                }
             }
-            paused = paused.or(why);
-            std::thread::sleep(Duration::from_millis(250));
+            // Looked at again at once.
+            return self.must_wait(incoming, 0, room, &mut || Ok(()));
+        }
+        Ok(Some(
+            "disk full: free space under the spool is below its reserve; reading paused until there is room",
+        ))
+    }
+
+    /// Reading waits: logged once per pause.
+    fn pause(&self, why: &'static str, room: &mut Room) {
+        if room.paused.is_none() {
+            tracing::warn!(max_bytes = self.max_spool_bytes, "{why}");
+        }
+        room.paused = room.paused.or(Some(why));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    /// A commit went in: says so if reading had paused, and wakes the drain.
+    fn resumed(&self, room: &Room) {
+        if room.paused.is_some() {
+            tracing::info!("spool has room again; reading resumed");
+        }
+        self.drain_wake.notify_one();
+    }
+}
+
+const DISK_FULL_ENOSPC: &str = "disk full (ENOSPC); reading paused until there is room";
+
+/// Why reading is paused (logged once per pause), and when a compaction was last considered.
+#[derive(Default)]
+struct Room {
+    paused: Option<&'static str>,
+    last_compaction_check: Option<std::time::Instant>,
+}
+
+/// What a pass committed: its totals and its bad records, counted as its chunks are committed.
+#[derive(Default)]
+pub(super) struct Counted {
+    /// Events spooled, duplicates and quarantined records.
+    pub(super) totals: (u64, u64, u64),
+    pub(super) bad_log: BadLog,
+}
+
+impl Counted {
+    fn add(&mut self, ingest: &Ingestor, done: Done<Skipped>) {
+        let t = ingest.count(&done.chunk, done.outcome, &done.tag, &mut self.bad_log);
+        self.totals = (
+            self.totals.0 + t.0,
+            self.totals.1 + t.1,
+            self.totals.2 + t.2,
+        );
+    }
+
+    /// Counts what a committer committed; the chunks a failure left go back to the front of
+    /// `todo`, in order, and the failure is returned.
+    fn settled(
+        &mut self,
+        ingest: &Ingestor,
+        result: Result<Vec<Done<Skipped>>, Failed<Skipped>>,
+        todo: &mut std::collections::VecDeque<(Chunk, Skipped)>,
+    ) -> Result<(), spool::Error> {
+        match result {
+            Ok(done) => {
+                done.into_iter().for_each(|d| self.add(ingest, d));
+                Ok(())
+            }
+            Err(f) => {
+                f.done.into_iter().for_each(|d| self.add(ingest, d));
+                for c in f.undone.into_iter().rev() {
+                    todo.push_front(c);
+                }
+                Err(f.error)
+            }
         }
     }
 }
@@ -673,7 +830,7 @@ impl Ingestor {
 /// `status` and `dead-letter list` have the rest). A file of 100,000 malformed lines logs one
 /// line.
 #[derive(Default)]
-struct BadLog {
+pub(super) struct BadLog {
     /// Kind -> (records, file, first line, first reason).
     kinds: std::collections::BTreeMap<String, (u64, String, u64, String)>,
     /// Parked records: (records, file).

@@ -36,12 +36,12 @@ use std::sync::{Condvar, Mutex, mpsc};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{BadLog, CHUNK_BYTES, CHUNK_EVENTS, CHUNK_RECORDS, Ingestor, Skipped, unknown_ids};
+use super::{CHUNK_BYTES, CHUNK_EVENTS, CHUNK_RECORDS, Counted, Ingestor, Skipped, unknown_ids};
 use crate::clock::now_ms;
 use crate::input::{Filled, InputError, Item, Parser, RawBatch, Reader};
 use crate::leanplum::Id;
 use crate::mapping::{MappingState, Output};
-use crate::spool::{self, Chunk, QuarantineEntry, SpoolEvent};
+use crate::spool::{self, Chunk, Committer, QuarantineEntry, SpoolEvent};
 use crate::stats::Stats;
 
 /// Raw bytes the reader frames into one batch (the batch ends with the record that reaches it):
@@ -173,7 +173,9 @@ impl Ingestor {
             // However the committer ends (a panic too), the threads stop at their next batch:
             // the reader is not given room for another, the workers skip what is left.
             let stop = Stop(budget, stopped);
-            let result = self.commit_in_order(pass, chunk, pieces_rx, budget, cancel);
+            let result = self.spool.with_committer(|committer| {
+                self.commit_in_order(pass, chunk, pieces_rx, budget, committer, cancel)
+            });
             drop(stop);
             for thread in threads {
                 if let Err(panic) = thread.join() {
@@ -250,13 +252,11 @@ impl Ingestor {
         mut chunk: Chunk,
         pieces: mpsc::Receiver<(u64, Piece)>,
         budget: &Budget,
+        committer: &mut Committer<'_, Skipped>,
         cancel: &CancellationToken,
     ) -> Result<Option<Passed>, spool::Error> {
-        let mut totals = (0u64, 0u64, 0u64);
-        let mut add =
-            |t: (u64, u64, u64)| totals = (totals.0 + t.0, totals.1 + t.1, totals.2 + t.2);
-        // Logs this pass's bad records when it ends, however it ends.
-        let mut bad_log = BadLog::default();
+        // Its bad log logs this pass's bad records when it ends, however it ends.
+        let mut counted = Counted::default();
         let mut skipped = Skipped::new();
         let mut records = 0usize;
         // Bytes of the chunk's events.
@@ -347,32 +347,37 @@ impl Ingestor {
                         return Ok(None);
                     }
                     self.seal(&mut chunk, pass.file, pass.gzip);
-                    let Some(t) = self.commit_counted(&chunk, &skipped, &mut bad_log, cancel)?
-                    else {
-                        return Ok(None);
-                    };
-                    add(t);
-                    chunk = Chunk {
+                    let next = Chunk {
                         file_id: chunk.file_id,
                         offset: chunk.offset,
                         line: chunk.line,
                         skip_dedupe: chunk.skip_dedupe,
                         ..Chunk::default()
                     };
-                    skipped.clear();
+                    let full = (
+                        std::mem::replace(&mut chunk, next),
+                        std::mem::take(&mut skipped),
+                    );
+                    let committed =
+                        self.commit_pipelined(committer, [full], false, &mut counted, cancel)?;
+                    if committed.is_none() {
+                        return Ok(None);
+                    }
                     (records, bytes) = (0, 0);
                 }
             }
         };
         self.seal(&mut chunk, pass.file, pass.gzip);
-        let Some(t) = self.commit_counted(&chunk, &skipped, &mut bad_log, cancel)? else {
+        let line = chunk.line;
+        let committed =
+            self.commit_pipelined(committer, [(chunk, skipped)], true, &mut counted, cancel)?;
+        if committed.is_none() {
             return Ok(None);
-        };
-        add(t);
+        }
         Ok(Some(Passed {
-            totals,
+            totals: counted.totals,
             end,
-            line: chunk.line,
+            line,
         }))
     }
 }

@@ -162,18 +162,24 @@ impl Letters<'_> {
         }
         let appended = w.append(&packets)?;
         let bytes: u64 = letters.iter().map(|(_, l)| l.event.len() as u64).sum();
-        (&s.queue, &s.dead, &s.meta, &s.files)
-            .transaction(|(queue, dead, meta, files)| {
-                queue::insert(queue, meta, &appended, letters.len() as u64, bytes)?;
-                for (id, letter) in &letters {
-                    dead.remove(&id.to_be_bytes())?;
-                    let file_id = letter.file_id.unwrap_or(NO_FILE);
-                    ledger::progress(files, file_id, &Progress::EventsRequeued(1))?;
-                }
-                Ok(())
-            })
-            .map_err(|e: TransactionError<String>| s.tx_err(e))?;
-        s.flush()?;
+        let committed = appended.sync().and_then(|()| {
+            (&s.queue, &s.dead, &s.meta, &s.files)
+                .transaction(|(queue, dead, meta, files)| {
+                    queue::insert(queue, meta, &appended, letters.len() as u64, bytes)?;
+                    for (id, letter) in &letters {
+                        dead.remove(&id.to_be_bytes())?;
+                        let file_id = letter.file_id.unwrap_or(NO_FILE);
+                        ledger::progress(files, file_id, &Progress::EventsRequeued(1))?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e: TransactionError<String>| s.tx_err(e))?;
+            s.flush()
+        });
+        if let Err(e) = committed {
+            queue::abandon(&self.spool.queue_state, &mut w);
+            return Err(e);
+        }
         queue::committed(&self.spool.queue_state, &mut w, appended);
         Ok(letters.len() as u64)
     }

@@ -74,7 +74,10 @@
 //!    then `Db::flush` and an fsync of sled's data file. The offset counts as durable only once
 //!    that returns. Then the dedupe entries are the table's (held in memory, and written into
 //!    `dedupe.tab` many commits' worth at a time, see `dedupe.rs`) and the join writes go into
-//!    `join.tab` (see `join_table.rs`).
+//!    `join.tab` (see `join_table.rs`). A [`Committer`] (the parallel ingest's) runs the
+//!    syncs, transaction and flush of one chunk on a thread of its own while the next chunk is
+//!    looked up and appended past it; transactions still commit one at a time, in file order,
+//!    each after the sync of the bytes it names (see `commit.rs` for why that keeps this story).
 //! 2. [`Queue::ack`]: after a 2xx, the batch's events are marked in `acked` (a packet whose
 //!    events are all marked leaves `queue` and `acked`), `meta` and the files' `pending` counts
 //!    go down; one transaction, not flushed here (sled writes its buffers out
@@ -169,6 +172,7 @@
 //! [`Queue::watermark`], the first key not yet committed, so it never skips a key that a
 //! transaction was still writing.
 
+mod commit;
 mod dedupe;
 pub mod join;
 mod join_table;
@@ -183,6 +187,7 @@ mod table_file;
 
 use store::Store;
 
+pub use commit::{Committer, Done, Failed};
 pub use join::{JoinOp, JoinTree};
 pub(crate) use ledger::fingerprint;
 pub use ledger::{FileRecord, FileStatus, Ledger};
@@ -193,15 +198,13 @@ pub(crate) use meta::{FORMAT_VERSION, Meta};
 pub(crate) use queue::Depth;
 pub use queue::{Peeked, Queue, Queued};
 
-use sled::transaction::{ConflictableTransactionError, Transactional};
+use sled::transaction::ConflictableTransactionError;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::clock::now_ms;
-use ledger::Progress;
-use meta::DEDUPE_NEXT;
 // `join.rs` adds to its counter under this name.
 use meta::add as add_meta;
 use queue::QueueState;
@@ -323,8 +326,11 @@ pub struct Spool {
     /// compacted generation.
     store: RwLock<Store>,
     /// Next queue key and the segment writer; held for the whole of a commit so keys commit
-    /// in order.
+    /// in order (a [`Committer`] holds it while its commits are under way).
     writer: Mutex<Writer>,
+    /// Threads waiting for `writer` other than a committer: a committer lets them in between
+    /// two chunks.
+    writer_waiting: std::sync::atomic::AtomicUsize,
     /// The queue's segments directory, watermark and deleted segments (see `queue.rs`).
     queue_state: QueueState,
     /// The day dedupe entries were last pruned below (see [`Spool::prune_dedupe`]).
@@ -343,13 +349,15 @@ pub struct Spool {
 
 /// What the writer lock guards.
 struct Writer {
-    /// The next queue key.
+    /// The next queue key (past those of a commit under way, see `commit.rs`).
     next: u64,
     segments: segments::Writer,
     /// The dedupe table, opened at the first commit (at open for an agent).
     dedupe: Option<dedupe::Table>,
-    /// The next dedupe log sequence number, and the entries logged since the last checkpoint.
+    /// The next dedupe log sequence number (past that of a commit under way), the one after
+    /// the last commit's, and the entries logged since the last checkpoint.
     log_seq: u64,
+    log_committed: u64,
     unsynced: u64,
 }
 
@@ -463,8 +471,10 @@ impl Spool {
                 segments,
                 dedupe: None,
                 log_seq: 0,
+                log_committed: 0,
                 unsynced: 0,
             }),
+            writer_waiting: Default::default(),
             queue_state: QueueState::new(segments_dir, next, end),
             pruned_day: Default::default(),
             join: Default::default(),
@@ -478,7 +488,17 @@ impl Spool {
         self.store.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The writer lock, for anything but a file's chunks (see [`Spool::writer_for_chunks`]).
     fn writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer_waiting.fetch_add(1, Ordering::SeqCst);
+        let w = self.writer_for_chunks();
+        self.writer_waiting.fetch_sub(1, Ordering::SeqCst);
+        w
+    }
+
+    /// The writer lock as a [`Committer`] takes it: not counted in `writer_waiting`, which the
+    /// committer watches to let the others in.
+    fn writer_for_chunks(&self) -> std::sync::MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -521,6 +541,7 @@ impl Spool {
             );
         }
         w.log_seq = next;
+        w.log_committed = next;
         w.dedupe = Some(t);
         Ok(())
     }
@@ -574,131 +595,6 @@ impl Spool {
     /// Format version, counters, catalog cache (see `meta.rs`).
     pub(crate) fn meta(&self) -> Meta<'_> {
         Meta { spool: self }
-    }
-
-    /// Commits one chunk of a file in one transaction and flushes it (see the module doc).
-    pub fn commit_file_chunk(&self, chunk: &Chunk) -> Result<ChunkOutcome, Error> {
-        // The writer lock before the store lock, as everywhere (compaction takes both).
-        let mut w = self.writer();
-        let s = self.store();
-        let now = now_ms();
-        let today = dedupe::day(now);
-        let q_ids = (0..chunk.quarantine.len())
-            .map(|_| s.new_id())
-            .collect::<Result<Vec<_>, _>>()?;
-        let quarantine_json: Vec<Vec<u8>> = chunk.quarantine.iter().map(letters::encode).collect();
-
-        // Duplicates are found before the transaction: only this writer (holding `writer`)
-        // changes the dedupe table.
-        let fingerprints: Vec<dedupe::Fingerprint> =
-            chunk.events.iter().map(|e| e.fingerprint).collect();
-        let seen = if chunk.skip_dedupe {
-            // Opened all the same: the entries go in after the commit.
-            self.table(&mut w, &s)?;
-            vec![false; fingerprints.len()]
-        } else {
-            self.table(&mut w, &s)?.contains(&fingerprints)?
-        };
-        let mut in_chunk = std::collections::HashSet::with_capacity(chunk.events.len());
-        let mut added = Vec::with_capacity(chunk.events.len());
-
-        // New events: refused ones (see `SpoolEvent::refused`) become dead letters, the rest go
-        // into packets; both are remembered as seen.
-        let mut out = ChunkOutcome::default();
-        let mut dead_letters = Vec::new();
-        let mut fresh: Vec<&[u8]> = Vec::with_capacity(chunk.events.len());
-        for ((ev, f), seen) in chunk.events.iter().zip(&fingerprints).zip(seen) {
-            if seen || !in_chunk.insert(*f) {
-                out.duplicates += 1;
-                continue;
-            }
-            added.push((*f, today));
-            if let Some(reason) = &ev.refused {
-                let letter = DeadLetter {
-                    reason: reason.clone(),
-                    status: None,
-                    file_id: Some(chunk.file_id),
-                    time_ms: now,
-                    message_id: ev.message_id.clone(),
-                    event: String::from_utf8_lossy(&ev.json).into_owned(),
-                };
-                dead_letters.push((s.new_id()?, letters::encode(&letter)));
-                out.dead_lettered += 1;
-            } else {
-                fresh.push(&ev.json);
-            }
-        }
-        let log_seq = w.log_seq;
-        let log_value = dedupe::encode_log(&added);
-        let bytes: u64 = fresh.iter().map(|j| j.len() as u64).sum();
-        out.spooled = fresh.len() as u64;
-        let mut packets = Vec::new();
-        queue::packets(now, chunk.file_id, &fresh, &mut packets);
-        let appended = w.append(&packets)?;
-        out.quarantined = chunk.quarantine.len() as u64;
-        // The join's writes, logged in the transaction and applied to its table after it.
-        let join = self.prepare_join(&s, &chunk.join, today)?;
-
-        (
-            &s.queue,
-            &s.files,
-            &s.dedupe,
-            &s.meta,
-            &s.quarantine,
-            &s.dead,
-            &s.join_log,
-        )
-            .transaction(|(queue, files, dedupe, meta, quarantine, dead, join_log)| {
-                queue::insert(queue, meta, &appended, out.spooled, bytes)?;
-                if !log_value.is_empty() {
-                    dedupe.insert(&log_seq.to_be_bytes(), log_value.as_slice())?;
-                    // What the table may hold at most (see `install_table`).
-                    meta.insert(DEDUPE_NEXT, &(log_seq + 1).to_be_bytes())?;
-                }
-                for (id, v) in &dead_letters {
-                    dead.insert(&id.to_be_bytes(), v.as_slice())?;
-                }
-                for (id, q) in q_ids.iter().zip(&quarantine_json) {
-                    quarantine.insert(&id.to_be_bytes(), q.as_slice())?;
-                }
-                ledger::progress(
-                    files,
-                    chunk.file_id,
-                    &Progress::Chunk {
-                        offset: chunk.offset,
-                        line: chunk.line,
-                        tail_hash: chunk.tail_hash.as_deref(),
-                        spooled: out.spooled,
-                        file_done: chunk.file_done,
-                        now,
-                    },
-                )?;
-                if let Some(j) = &join {
-                    j.log(join_log, meta)?;
-                }
-                Ok(())
-            })
-            .map_err(|e| s.tx_err(e))?;
-        s.flush()?;
-        queue::committed(&self.queue_state, &mut w, appended);
-        if let Some(j) = join {
-            self.join_committed(&s, j);
-        }
-        if !added.is_empty() {
-            w.log_seq += 1;
-            w.unsynced += added.len() as u64;
-            let table = w.dedupe.as_mut().expect("opened for the lookup");
-            if let Err(e) = table.defer(log_seq, added) {
-                // The commit stands: the entries stay in memory and in the log.
-                tracing::warn!(error = %e, "cannot write the dedupe table; its new entries are kept in memory and retried");
-            }
-            if w.unsynced >= dedupe::CHECKPOINT_ENTRIES
-                && let Err(e) = self.checkpoint_dedupe_with(&mut w, &s)
-            {
-                tracing::warn!(error = %e, "dedupe checkpoint failed; retried later");
-            }
-        }
-        Ok(out)
     }
 
     /// Forgets dedupe entries from days before the day of `cutoff_ms`: from now on they count

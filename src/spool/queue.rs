@@ -99,6 +99,16 @@ pub(super) struct Appended {
     entries: QueueEntries,
     end: segments::End,
     pub next: u64,
+    /// The segment written, to sync before the transaction.
+    to_sync: Option<segments::ToSync>,
+}
+
+impl Appended {
+    /// Makes the appended bytes durable (`fdatasync` of their segment): before the transaction
+    /// that names them.
+    pub(super) fn sync(&self) -> Result<(), Error> {
+        self.to_sync.as_ref().map_or(Ok(()), segments::ToSync::sync)
+    }
 }
 
 /// Packs events of one file (`file_id`) into packets, each at most what `packet::split` allows.
@@ -118,11 +128,12 @@ pub(super) fn packets<'a>(
 }
 
 impl Writer {
-    /// Appends packets to the segments, durably, with keys from the next one on. The result
-    /// is committed with [`insert`] in the caller's transaction, then made readable with
-    /// [`committed`].
+    /// Appends packets to the segments, with keys from the next one on (past those of appends
+    /// still being committed). The result is synced ([`Appended::sync`]), committed with
+    /// [`insert`] in the caller's transaction, then made readable with [`committed`]; or, when
+    /// that fails, forgotten with [`abandon`].
     pub(super) fn append(&mut self, packets: &[segments::Packet]) -> Result<Appended, Error> {
-        let (locations, end) = self.segments.append(packets)?;
+        let (locations, end, to_sync) = self.segments.append(packets)?;
         let mut key = self.next;
         let entries = locations
             .iter()
@@ -132,10 +143,12 @@ impl Writer {
                 (k, l.encode())
             })
             .collect();
+        self.next = key;
         Ok(Appended {
             entries,
             end,
             next: key,
+            to_sync,
         })
     }
 }
@@ -159,15 +172,21 @@ pub(super) fn insert(
 }
 
 /// After the commit's flush: its keys and segment bytes are the spool's; the drain may read up
-/// to the new watermark.
+/// to the new watermark. Commits are committed in the order of their appends.
 pub(super) fn committed(state: &QueueState, w: &mut Writer, appended: Appended) {
     w.segments.committed(appended.end);
     *state
         .committed_end
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = appended.end;
-    w.next = appended.next;
     state.watermark.store(appended.next, Ordering::Release);
+}
+
+/// After a commit failed: its appends, and those of the commits after it, are forgotten; the
+/// next append takes their keys and writes over their bytes.
+pub(super) fn abandon(state: &QueueState, w: &mut Writer) {
+    w.segments.abandon();
+    w.next = state.watermark.load(Ordering::Acquire);
 }
 
 /// The queue of an open spool (see [`Spool::queue`]).

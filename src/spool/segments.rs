@@ -12,12 +12,15 @@
 //!
 //! # Commit and crash
 //!
-//! A commit appends its packets at the active segment's committed end, `fdatasync`s the
-//! segment, and only then runs the sled transaction that adds the packets' locations to
-//! `queue` and moves the committed end (`meta/segment_end`: segment id, offset). So a location
-//! sled has committed always points at bytes already on disk. Bytes past the committed end
-//! belong to a commit that did not finish; the next commit writes over them, and an agent
-//! opening the spool cuts them off and deletes segments past the committed one.
+//! A commit appends its packets at the active segment's end, `fdatasync`s the segment, and
+//! only then runs the sled transaction that adds the packets' locations to `queue` and moves
+//! the committed end (`meta/segment_end`: segment id, offset). So a location sled has
+//! committed always points at bytes already on disk. The writer appends at its pending end:
+//! the committed end, or past the bytes of a commit still under way (a file's next chunk is
+//! appended while the one before is synced and committed, see `commit.rs`). Bytes past the
+//! committed end belong to a commit that did not finish; when it fails the pending end goes
+//! back to the committed one ([`Writer::abandon`]) and the next commit writes over them, and
+//! an agent opening the spool cuts them off and deletes segments past the committed one.
 //! The drain's [`Reader`] keeps what it read ahead from one peek to the next, but only the
 //! bytes below the committed end as it was when it read them: those never change.
 //!
@@ -31,6 +34,7 @@ use std::fs::{self, File};
 use std::io::IoSlice;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{Error, io_err, sync_dir};
 
@@ -248,8 +252,25 @@ pub(super) struct Writer {
     dir: PathBuf,
     /// The committed end.
     end: End,
-    /// The active segment, open for writing (`None` until the first append).
-    file: Option<File>,
+    /// Where the next append goes: the committed end, or past appends whose commits are under
+    /// way.
+    pending: End,
+    /// The segment of `pending`, open for writing (`None` until the first append).
+    file: Option<Arc<File>>,
+}
+
+/// A segment an append wrote to, to be made durable before the transaction naming its bytes.
+#[derive(Debug)]
+pub(super) struct ToSync {
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+impl ToSync {
+    /// `fdatasync`s the segment (what other appends wrote to it too).
+    pub(super) fn sync(&self) -> Result<(), Error> {
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
 }
 
 impl Writer {
@@ -259,19 +280,23 @@ impl Writer {
         Writer {
             dir: dir.to_owned(),
             end,
+            pending: end,
             file: None,
         }
     }
 
-    /// Writes `packets` after the committed end and makes them durable (`fdatasync`). Returns
-    /// each packet's location and the end to commit; nothing counts as written until
-    /// [`Writer::committed`] is called with it, after sled's transaction. Nothing to write:
-    /// no I/O, the current end.
-    pub(super) fn append(&mut self, packets: &[Packet]) -> Result<(Vec<Location>, End), Error> {
+    /// Writes `packets` at the pending end, not synced. Returns each packet's location, the end
+    /// to commit, and the segment to sync before the transaction that commits them; nothing
+    /// counts as written until [`Writer::committed`] is called with that end, after sled's
+    /// transaction. Nothing to write: no I/O, the pending end.
+    pub(super) fn append(
+        &mut self,
+        packets: &[Packet],
+    ) -> Result<(Vec<Location>, End, Option<ToSync>), Error> {
         if packets.is_empty() {
-            return Ok((Vec::new(), self.end));
+            return Ok((Vec::new(), self.pending, None));
         }
-        let mut at = self.end;
+        let mut at = self.pending;
         if at.segment == 0 || at.offset >= SEGMENT_BYTES {
             // A new segment; a leftover of an unfinished commit under that id is overwritten.
             at = End {
@@ -287,14 +312,14 @@ impl Writer {
                 .open(&p)
                 .map_err(io_err(&p))?;
             sync_dir(&self.dir)?;
-            self.file = Some(f);
+            self.file = Some(Arc::new(f));
         } else if self.file.is_none() {
             let p = path(&self.dir, at.segment);
             match fs::OpenOptions::new().write(true).open(&p) {
-                Ok(f) => self.file = Some(f),
+                Ok(f) => self.file = Some(Arc::new(f)),
                 // Retired (see `Writer::retire`) before a restart: start the next one.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.end.offset = SEGMENT_BYTES;
+                    self.pending.offset = SEGMENT_BYTES;
                     return self.append(packets);
                 }
                 Err(e) => return Err(io_err(&p)(e)),
@@ -323,36 +348,45 @@ impl Writer {
             len += RECORD_HEADER + bytes as u64;
         }
         let p = path(&self.dir, at.segment);
-        let file = self.file.as_ref().expect("opened above");
-        let written =
-            write_all_vectored_at(file, &mut records, at.offset).and_then(|()| file.sync_data());
-        if let Err(e) = written {
+        let file = self.file.clone().expect("opened above");
+        if let Err(e) = write_all_vectored_at(&file, &mut records, at.offset) {
             // Reopen next time: the error may have left the handle unusable.
             self.file = None;
             return Err(io_err(&p)(e));
         }
         at.offset += len;
-        Ok((locations, at))
+        self.pending = at;
+        Ok((locations, at, Some(ToSync { file, path: p })))
     }
 
-    /// Records that sled committed the locations [`Writer::append`] returned with `end`.
-    ///
-    /// A commit that fails leaves the committed end where it was, and the next append writes
-    /// over what it appended: at the same offset, or, when it had started a new segment, by
-    /// starting that segment again (a full or retired end always starts a new one).
+    /// Records that sled committed the locations [`Writer::append`] returned with `end`
+    /// (commits are committed in the order of their appends).
     pub(super) fn committed(&mut self, end: End) {
         self.end = end;
+    }
+
+    /// Forgets the appends not committed (a commit failed, and those after it were
+    /// abandoned): the next append writes over them, at the committed end, or, when they had
+    /// started a new segment, by starting that segment again (a full or retired end always
+    /// starts a new one).
+    pub(super) fn abandon(&mut self) {
+        self.pending = self.end;
+        // Reopened at the next append: the error may have left the handle unusable, or it is
+        // a later segment's.
+        self.file = None;
     }
 
     /// Lets go of the segment being written when everything in it is delivered (the caller
     /// checked that nothing is queued, holding the writer lock): the next append starts a new
     /// segment, and the returned one can be deleted. `None` when no segment holds anything.
     pub(super) fn retire(&mut self) -> Option<u64> {
+        debug_assert_eq!(self.pending, self.end, "retired with a commit under way");
         if self.end.segment == 0 || self.end.offset == 0 {
             return None;
         }
         self.file = None;
         self.end.offset = self.end.offset.max(SEGMENT_BYTES);
+        self.pending = self.end;
         Some(self.end.segment)
     }
 }
@@ -456,6 +490,13 @@ mod tests {
             .collect()
     }
 
+    /// Appends packets of these sizes and syncs them, as a commit does before its transaction.
+    fn append(w: &mut Writer, sizes: &[usize]) -> (Vec<Location>, End) {
+        let (locs, end, to_sync) = w.append(&packets(sizes)).unwrap();
+        to_sync.unwrap().sync().unwrap();
+        (locs, end)
+    }
+
     /// A segment writer in a new directory that has committed packets of these sizes: the
     /// directory (kept while it lives), the segments' directory, the writer, the packets'
     /// locations and the committed end.
@@ -465,7 +506,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = dir(tmp.path());
         let mut w = Writer::new(&dir, End::default());
-        let (locs, end) = w.append(&packets(sizes)).unwrap();
+        let (locs, end) = append(&mut w, sizes);
         w.committed(end);
         (tmp, dir, w, locs, end)
     }
@@ -537,7 +578,7 @@ mod tests {
     fn uncommitted_bytes_are_cut_and_later_segments_deleted() {
         let (_tmp, dir, mut w, _, end) = committed_writer(&[100]);
         // Appended, never committed (the sled transaction did not happen).
-        let (_, lost) = w.append(&packets(&[50])).unwrap();
+        let (_, lost) = append(&mut w, &[50]);
         assert!(lost.offset > end.offset);
         fs::write(path(&dir, 2), b"debris").unwrap();
         assert_eq!(repair(&dir, end).unwrap(), 54 + 6);
@@ -545,7 +586,7 @@ mod tests {
         assert_eq!(fs::metadata(path(&dir, 1)).unwrap().len(), end.offset);
         // The next writer continues at the committed end.
         let mut w = Writer::new(&dir, end);
-        let (locs, end2) = w.append(&packets(&[7])).unwrap();
+        let (locs, end2) = append(&mut w, &[7]);
         assert_eq!(locs[0].offset, end.offset);
         assert_eq!(end2.offset, end.offset + 11);
     }
@@ -554,13 +595,15 @@ mod tests {
     fn a_failed_commit_of_a_new_segment_starts_it_again() {
         let (_tmp, dir, mut w, _, _) = committed_writer(&[10]);
         w.end.offset = SEGMENT_BYTES; // as if full
+        w.pending = w.end;
         // The append starts segment 2; sled's transaction then fails.
-        let (locs, attempted) = w.append(&packets(&[500])).unwrap();
+        let (locs, attempted) = append(&mut w, &[500]);
         assert_eq!(locs[0].segment, 2);
         assert_eq!(attempted.segment, 2);
         // Nothing committed: the retry writes segment 2 from its start, over what the failed
         // one left.
-        let (locs, end) = w.append(&packets(&[20])).unwrap();
+        w.abandon();
+        let (locs, end) = append(&mut w, &[20]);
         w.committed(end);
         assert_eq!((locs[0].segment, locs[0].offset), (2, 0));
         assert_eq!(fs::metadata(path(&dir, 2)).unwrap().len(), 24);
@@ -575,11 +618,12 @@ mod tests {
     fn a_kept_reader_reads_again_what_was_past_the_committed_end() {
         let (_tmp, dir, mut w, first, end) = committed_writer(&[10]);
         // A commit that fails after its bytes are written: they lie past the committed end.
-        let (failed, _) = w.append(&packets(&[500])).unwrap();
+        let (failed, _) = append(&mut w, &[500]);
         let mut r = Reader::default();
         assert_eq!(r.read(&dir, &first[0], end).unwrap().unwrap().len(), 10);
         // The retry writes over them; the reader does not serve the old bytes.
-        let (locs, end) = w.append(&packets(&[20, 30])).unwrap();
+        w.abandon();
+        let (locs, end) = append(&mut w, &[20, 30]);
         w.committed(end);
         assert_eq!(locs[0].offset, failed[0].offset);
         for (l, n) in locs.iter().zip([20, 30]) {
@@ -603,10 +647,11 @@ mod tests {
                 offset: 0,
             },
         );
-        let (_, end) = w.append(&packets(&[10])).unwrap();
+        let (_, end) = append(&mut w, &[10]);
         w.committed(end);
         w.end.offset = SEGMENT_BYTES; // as if full
-        let (locs, end) = w.append(&packets(&[10])).unwrap();
+        w.pending = w.end;
+        let (locs, end) = append(&mut w, &[10]);
         w.committed(end);
         assert_eq!((locs[0].segment, locs[0].offset), (2, 0));
         assert_eq!(list(&dir), vec![1, 2]);
@@ -619,9 +664,9 @@ mod tests {
         assert_eq!(w.retire(), Some(2), "again: the same one");
         assert_eq!(remove_below(&dir, 3), 1);
         let mut restarted = Writer::new(&dir, end);
-        let (locs, end) = restarted.append(&packets(&[10])).unwrap();
+        let (locs, end) = append(&mut restarted, &[10]);
         assert_eq!((locs[0].segment, end.segment), (3, 3));
-        let (locs, _) = w.append(&packets(&[10])).unwrap();
+        let (locs, _) = append(&mut w, &[10]);
         assert_eq!(locs[0].segment, 3);
     }
 }

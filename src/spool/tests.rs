@@ -818,3 +818,198 @@ fn segments_an_ack_could_not_retire_go_at_the_maintenance_tick() {
     fill(&spool, fid, 3, "b");
     assert_eq!(spool.queue().depth().unwrap().events, 3);
 }
+
+/// A new file `name` in the ledger; its id.
+fn new_file(spool: &Spool, name: &str) -> u64 {
+    spool
+        .ledger()
+        .begin(Path::new(name), &file_record(name))
+        .unwrap()
+}
+
+/// Chunk `n` of a file: events `{prefix}-{n}-0..per`, the offset past them.
+fn chunk_of(file_id: u64, prefix: &str, n: u64, per: usize) -> Chunk {
+    Chunk {
+        file_id,
+        offset: (n + 1) * 1000,
+        line: (n + 1) * 10,
+        events: (0..per)
+            .map(|i| event(&format!("{prefix}-{n}-{i}")))
+            .collect(),
+        ..Chunk::default()
+    }
+}
+
+/// Every queued event's id, in queue order.
+fn queued_ids(spool: &Spool) -> Vec<String> {
+    ids(&spool.queue().peek(None, 1 << 20, usize::MAX).unwrap().items)
+}
+
+#[test]
+fn a_committer_commits_chunks_in_order_as_single_commits_do() {
+    let (piped, single) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (open(piped.path()), open(single.path()));
+    let (fa, fb) = (new_file(&a, "f"), new_file(&b, "f"));
+    // Enough chunks to roll over segments (1 MiB in unit tests) with commits in flight.
+    let mut done = Vec::new();
+    a.with_committer(|c| {
+        for n in 0..40 {
+            done.extend(c.submit(chunk_of(fa, "e", n, 500), n).unwrap());
+        }
+        done.extend(c.finish().unwrap());
+    });
+    for n in 0..40 {
+        b.commit_file_chunk(&chunk_of(fb, "e", n, 500)).unwrap();
+    }
+    // Every chunk handed back once, in order, with what its commit did.
+    assert_eq!(
+        done.iter().map(|d| d.tag).collect::<Vec<_>>(),
+        (0..40).collect::<Vec<_>>()
+    );
+    assert!(done.iter().all(|d| d.outcome.spooled == 500));
+    assert_eq!(queued_ids(&a), queued_ids(&b));
+    assert_eq!(queued_ids(&a).len(), 20_000);
+    let rec = |s: &Spool| {
+        let (_, r) = s.ledger().file_by_path(Path::new("f")).unwrap().unwrap();
+        (r.offset, r.line, r.pending, r.events_spooled)
+    };
+    assert_eq!(rec(&a), (40_000, 400, 20_000, 20_000));
+    assert_eq!(rec(&a), rec(&b));
+    // And all of it is there after a restart.
+    drop(a);
+    let a = open(piped.path());
+    assert_eq!(queued_ids(&a), queued_ids(&b));
+    assert_eq!(a.queue().depth().unwrap(), b.queue().depth().unwrap());
+}
+
+#[test]
+fn a_chunk_staged_while_the_one_before_commits_sees_its_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let f = new_file(&spool, "f");
+    let mut outcomes = Vec::new();
+    spool.with_committer(|c| {
+        let first = chunk_of(f, "e", 0, 100);
+        // The second chunk repeats half of the first, which is still in flight when it is
+        // staged; the third repeats the second's new ones.
+        let mut second = chunk_of(f, "e", 1, 50);
+        second
+            .events
+            .extend((0..50).map(|i| event(&format!("e-0-{i}"))));
+        let mut third = chunk_of(f, "e", 2, 0);
+        third
+            .events
+            .extend((0..50).map(|i| event(&format!("e-1-{i}"))));
+        for (n, chunk) in [first, second, third].into_iter().enumerate() {
+            outcomes.extend(c.submit(chunk, n).unwrap());
+        }
+        outcomes.extend(c.finish().unwrap());
+    });
+    let counts: Vec<_> = outcomes
+        .iter()
+        .map(|d| (d.outcome.spooled, d.outcome.duplicates))
+        .collect();
+    assert_eq!(counts, [(100, 0), (50, 50), (0, 50)]);
+    assert_eq!(queued_ids(&spool).len(), 150);
+}
+
+#[test]
+fn a_failed_commit_hands_back_the_chunk_staged_after_it_and_the_retry_commits_both_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let f = new_file(&spool, "f");
+    // A chunk naming a file the ledger does not have: its transaction aborts.
+    let bad = chunk_of(f + 100, "e", 1, 300);
+    let result = spool.with_committer(|c| {
+        let first = c.submit(chunk_of(f, "e", 0, 300), 0).unwrap();
+        assert!(first.is_empty(), "in flight");
+        let before = c.submit(bad, 1).unwrap();
+        assert_eq!(before.iter().map(|d| d.tag).collect::<Vec<_>>(), [0]);
+        // Staged while the bad one is in flight: abandoned with it.
+        c.submit(chunk_of(f, "e", 2, 300), 2)
+    });
+    let failed = result.expect_err("the bad chunk fails");
+    assert!(
+        failed.error.to_string().contains("file record"),
+        "{}",
+        failed.error
+    );
+    assert!(failed.done.is_empty());
+    assert_eq!(
+        failed.undone.iter().map(|(_, t)| *t).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    // Only the first chunk is the spool's: its events, its offset.
+    assert_eq!(queued_ids(&spool).len(), 300);
+    let (_, rec) = spool
+        .ledger()
+        .file_by_path(Path::new("f"))
+        .unwrap()
+        .unwrap();
+    assert_eq!((rec.offset, rec.pending), (1000, 300));
+    // The chunks handed back, fixed, commit once; the abandoned bytes are written over.
+    spool.with_committer(|c| {
+        for (mut chunk, tag) in failed.undone {
+            chunk.file_id = f;
+            c.submit(chunk, tag).unwrap();
+        }
+        c.finish().unwrap();
+    });
+    let want: Vec<String> = [0, 1, 2]
+        .iter()
+        .flat_map(|n| (0..300).map(move |i| format!("e-{n}-{i}")))
+        .collect();
+    assert_eq!(queued_ids(&spool), want);
+    // The abandoned appends were written over: the segments hold what three commits that never
+    // failed write.
+    let clean = tempfile::tempdir().unwrap();
+    let reference = open(clean.path());
+    let g = new_file(&reference, "f");
+    for n in 0..3 {
+        reference
+            .commit_file_chunk(&chunk_of(g, "e", n, 300))
+            .unwrap();
+    }
+    let segment_bytes = |d: &Path| segments::disk_bytes(&segments::dir(d));
+    assert_eq!(segment_bytes(dir.path()), segment_bytes(clean.path()));
+    drop(spool);
+    let spool = open(dir.path());
+    assert_eq!(queued_ids(&spool), want);
+    let (_, rec) = spool
+        .ledger()
+        .file_by_path(Path::new("f"))
+        .unwrap()
+        .unwrap();
+    assert_eq!((rec.offset, rec.pending), (3000, 900));
+}
+
+#[test]
+fn a_committer_lets_another_writer_in_between_two_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let f = new_file(&spool, "f");
+    let other_done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        spool.with_committer(|c| {
+            c.submit(chunk_of(f, "e", 0, 100), 0).unwrap();
+            // Another thread wants the writer lock (a dedupe checkpoint, as the maintenance
+            // tick does) while the committer holds it.
+            let other = scope.spawn(|| {
+                spool.checkpoint_dedupe().unwrap();
+                other_done.store(true, Ordering::SeqCst);
+            });
+            while spool.writer_waiting.load(Ordering::SeqCst) == 0 && !other.is_finished() {
+                std::thread::yield_now();
+            }
+            // The committer goes on; the waiter gets its turn before the next chunk.
+            let mut n = 1;
+            while !other_done.load(Ordering::SeqCst) {
+                assert!(n < 10_000, "the waiting thread never got the lock");
+                c.submit(chunk_of(f, "e", n, 10), n).unwrap();
+                n += 1;
+            }
+            c.finish().unwrap();
+        });
+    });
+    assert!(queued_ids(&spool).len() >= 110);
+}

@@ -3,9 +3,11 @@
 //! in memory until it is fsynced and, at a "power cut", drops every byte and every directory
 //! change that was not (as LazyFS does). Exports, config and logs stay on the ordinary disk.
 //! Segment answers 503 while the agent ingests multi-megabyte files, so everything stays
-//! spooled; the agent is killed with SIGKILL and the file system cut at random moments, then
-//! restarted; at the end Segment answers 200 and every event must arrive. Duplicates are
-//! allowed (counted and printed); loss is not.
+//! spooled; the agent is killed with SIGKILL and the file system cut at random moments while it
+//! is reading (after the round's first commit, so with commits under way: a file is several
+//! chunks, each one's syncs overlapping the next one's staging), then restarted; at the end
+//! Segment answers 200 and every event must arrive. Duplicates are allowed (counted and
+//! printed); loss is not.
 //!
 //! The file system reports no size (0 blocks), as LazyFS and some network file systems do: the
 //! agent must not take that for a full disk.
@@ -19,13 +21,14 @@ use std::time::Duration;
 
 use crate::powercut_fs::{PowerCutFs, fuse_available};
 use crate::util::{
-    DeliveryReport, PATIENCE, Reply, TestEnv, count_log_lines, session_export, write_atomically,
+    DeliveryReport, PATIENCE, Reply, TestEnv, count_log_lines, session_export, status_json,
+    status_u64, wait_for_status, write_atomically,
 };
 
 const CUTS: usize = 8;
 const FILES_PER_ROUND: usize = 2;
-/// Events per file: about 2.5 MB of export each.
-const PER_FILE: usize = 7_000;
+/// Events per file: about 7 MB of export each, three chunks (see `ingest::CHUNK_EVENTS`).
+const PER_FILE: usize = 20_000;
 const BASE: u64 = 7_300_000_000_000_000_000;
 
 #[test]
@@ -59,7 +62,12 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
     let mut agent = env.start_agent();
     let mut expected = Vec::new();
     let mut file_no = 0;
+    // Cuts that came while the round's files were still being read.
+    let mut mid_ingest = 0;
     for cut in 0..CUTS {
+        // The agent's own answer (an offline look while it starts would hold sled's lock).
+        wait_ready(&agent, cut + 1);
+        let before = status_u64(&status_json(&env.config_path), "spool_events");
         for _ in 0..FILES_PER_ROUND {
             let export = session_export(BASE + (file_no * PER_FILE) as u64, PER_FILE);
             write_atomically(
@@ -70,9 +78,13 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
             expected.extend(export.message_ids);
             file_no += 1;
         }
-        // The agent is reading (a file settles in about a second here, then takes a few
-        // seconds to read through FUSE).
-        thread::sleep(Duration::from_millis(1000 + rng.u64(50..=2500)));
+        // The agent is reading (a file settles in about a second here): after the round's
+        // first commit, at a random moment.
+        wait_for_status(&env.config_path, PATIENCE, |s| {
+            status_u64(s, "spool_events") > before
+        })
+        .unwrap_or_else(|| panic!("round {cut}: nothing committed\n{}", agent.log_tail(40)));
+        thread::sleep(Duration::from_millis(rng.u64(0..=600)));
         assert!(
             agent.is_running(),
             "the agent exited by itself before cut {cut}: {:?}\n{}",
@@ -88,8 +100,18 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
         } else {
             fs.cut();
         }
-        eprintln!("power-cut test: cut {} done; {:?}", cut + 1, fs.stats());
         agent = env.start_agent();
+        wait_ready(&agent, cut + 2);
+        let committed = status_u64(&status_json(&env.config_path), "spool_events");
+        if committed < expected.len() as u64 {
+            mid_ingest += 1;
+        }
+        eprintln!(
+            "power-cut test: cut {} done, {committed} of {} events committed; {:?}",
+            cut + 1,
+            expected.len(),
+            fs.stats()
+        );
     }
 
     env.server.set_default(Reply::ok());
@@ -98,8 +120,9 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
     let report = DeliveryReport::of(&env.server, &expected);
     let logs = agent.logs();
     eprintln!(
-        "power-cut test RAN: {CUTS} cuts, {} events expected; {}; dedupe tables reset after a \
-         cut: {}; sled log cut short at open: {}; file system: {:?}",
+        "power-cut test RAN: {CUTS} cuts ({mid_ingest} while files were being read), {} events \
+         expected; {}; dedupe tables reset after a cut: {}; sled log cut short at open: {}; \
+         file system: {:?}",
         expected.len(),
         report.summary(),
         count_log_lines(&logs, "the dedupe table is ahead of the spool database"),
@@ -121,4 +144,14 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
     assert!(exit.is_some_and(|e| e.success()), "SIGTERM exits 0");
     drop(agent);
     drop(fs);
+}
+
+/// Waits until the agents of the test (they share a log) said `ready` `times` times.
+fn wait_ready(agent: &crate::util::Agent, times: usize) {
+    assert!(
+        crate::util::wait_until(PATIENCE, || count_log_lines(&agent.logs(), "app: ready")
+            >= times),
+        "the agent is not ready\n{}",
+        agent.log_tail(30)
+    );
 }
