@@ -9,10 +9,12 @@ EXPORT holds the shards (say ROOT/gen of `cargo bench --bench pipeline -- --size
 answering 503), the bench's config, the shards renamed into WORK/in at once (and back after),
 `status --json` polled every 200 ms until every file is done. Prints MB/s, the agent's CPU
 (utime and stime of /proc/PID/stat from the first rename to the last file done), MB per CPU
-second, peak RSS (VmHWM) and the load average before and after. `--threads` sets
+second, peak RSS (VmHWM) and the load average before and after. The wall time ends at the
+agent's own timestamp of its last "file ingested" log line (polling alone would round it to
+200 ms). `--threads` sets
 `watch.ingest_threads`; `--perf OUT` runs the agent under `perf record --call-graph dwarf`.
 """
-import http.server, json, os, shutil, signal, socketserver, subprocess, sys, threading, time
+import calendar, http.server, json, os, shutil, signal, socketserver, subprocess, sys, threading, time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICK = os.sysconf("SC_CLK_TCK")
@@ -54,6 +56,19 @@ def status(binary, cfg):
         return None
 
 
+def last_ingested(log):
+    """The time (UTC, seconds since the epoch) of the last "file ingested" line of the log."""
+    last = 0.0
+    for line in open(log, errors="replace"):
+        if "file ingested" in line:
+            stamp = line.split()[0].rstrip("Z")
+            day, clock = stamp.split("T")
+            whole, _, frac = clock.partition(".")
+            t = calendar.timegm(time.strptime(f"{day}T{whole}", "%Y-%m-%dT%H:%M:%S"))
+            last = max(last, t + float(f"0.{frac or 0}"))
+    return last
+
+
 def load():
     return " ".join(open("/proc/loadavg").read().split()[:3])
 
@@ -88,7 +103,7 @@ catalog_dir = "{REPO}/examples/catalog"
 socket = "{work}/control.sock"
 
 [log]
-level = "warn"
+level = "warn,leanplum_segment_agent::ingest=info"
 """)
     return cfg
 
@@ -129,7 +144,9 @@ def run_once(binary, export, work, port, threads, perf_out):
             if st and st.get("files_done", 0) + st.get("files_failed", 0) >= len(shards):
                 break
             time.sleep(0.2)
-        wall = time.time() - t0
+        # The end is the agent's own time of the last "file ingested" line: polling every 200 ms
+        # would round the wall time to that.
+        wall = last_ingested(os.path.join(work, "agent.log")) - t0
         u1, s1 = cpu(pid)
         peak = peak_rss_mb(pid)
     finally:
