@@ -260,6 +260,16 @@ impl Spool {
         w.log_seq = w.log_committed;
     }
 
+    /// What a committer reports when its commit thread is gone (it panicked: the panic goes on
+    /// from [`Spool::with_committer`] once `f` returns; a panic of our own here, maybe while
+    /// unwinding, would abort).
+    fn commit_thread_stopped(&self) -> Error {
+        Error::Io {
+            path: self.dir.clone(),
+            source: std::io::Error::other("the spool's commit thread stopped"),
+        }
+    }
+
     /// Runs `f` with a [`Committer`] for a file's chunks; its durable step runs on a thread of
     /// its own (`spool-commit`) for as long as `f` does.
     pub fn with_committer<T, R>(&self, f: impl FnOnce(&mut Committer<'_, T>) -> R) -> R {
@@ -350,9 +360,14 @@ impl<T> Committer<'_, T> {
                 done.extend(before);
                 let alone = !chunk.join.is_empty();
                 let bytes = staged.bytes;
-                self.jobs
-                    .send(staged)
-                    .expect("the spool's commit thread ended early");
+                if self.jobs.send(staged).is_err() {
+                    self.abandon();
+                    return Err(Failed {
+                        error: self.spool.commit_thread_stopped(),
+                        done,
+                        undone: vec![(chunk, tag)],
+                    });
+                }
                 self.in_flight = Some(InFlight {
                     chunk,
                     tag,
@@ -405,10 +420,13 @@ impl<T> Committer<'_, T> {
         let Some(f) = self.in_flight.take() else {
             return Ok(None);
         };
-        let (staged, result) = self
-            .results
-            .recv()
-            .expect("the spool's commit thread ended early");
+        let Ok((staged, result)) = self.results.recv() else {
+            return Err(Failed {
+                error: self.spool.commit_thread_stopped(),
+                done: Vec::new(),
+                undone: vec![(f.chunk, f.tag)],
+            });
+        };
         match result {
             Ok(()) => {
                 let outcome = staged.out;
