@@ -62,8 +62,10 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
     let mut agent = env.start_agent();
     let mut expected = Vec::new();
     let mut file_no = 0;
-    // Cuts that came while the round's files were still being read.
+    // Cuts that came while the round's files were still being read, and those in the middle
+    // of an append to a segment.
     let mut mid_ingest = 0;
+    let mut held_cuts = 0;
     for cut in 0..CUTS {
         // The agent's own answer (an offline look while it starts would hold sled's lock).
         wait_ready(&agent, cut + 1);
@@ -84,18 +86,23 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
             status_u64(s, "spool_events") > before
         })
         .unwrap_or_else(|| panic!("round {cut}: nothing committed\n{}", agent.log_tail(40)));
-        thread::sleep(Duration::from_millis(rng.u64(0..=600)));
         assert!(
             agent.is_running(),
             "the agent exited by itself before cut {cut}: {:?}\n{}",
             agent.try_exit(),
             agent.log_tail(40)
         );
-        agent.kill();
+        if cut % 2 == 0 {
+            // At a random moment.
+            thread::sleep(Duration::from_millis(rng.u64(0..=600)));
+            agent.kill();
+        } else if kill_in_a_segment_write(&fs, &mut agent, file_no, rng.usize(0..=2)) {
+            held_cuts += 1;
+        }
         // Two kinds of cut in turn: unsynced names and data lost (LazyFS's strict model), and
         // names kept but unsynced data lost (a metadata journal without a data journal; this
         // is what turned sled's unsynced blob files into empty files that cut its log short).
-        if cut % 2 == 0 {
+        if cut % 4 < 2 {
             fs.cut_keeping_names();
         } else {
             fs.cut();
@@ -120,8 +127,8 @@ fn power_cuts_during_ingest_lose_no_committed_event() {
     let report = DeliveryReport::of(&env.server, &expected);
     let logs = agent.logs();
     eprintln!(
-        "power-cut test RAN: {CUTS} cuts ({mid_ingest} while files were being read), {} events \
-         expected; {}; dedupe tables reset after a cut: {}; sled log cut short at open: {}; \
+        "power-cut test RAN: {CUTS} cuts ({mid_ingest} while files were being read, {held_cuts} \
+         in the middle of a segment append), {} events expected; {}; dedupe tables reset after a cut: {}; sled log cut short at open: {}; \
          file system: {:?}",
         expected.len(),
         report.summary(),
@@ -154,4 +161,39 @@ fn wait_ready(agent: &crate::util::Agent, times: usize) {
         "the agent is not ready\n{}",
         agent.log_tail(30)
     );
+}
+
+/// Kills the agent in the middle of an append to a segment: the write after the next `skip`
+/// ones is held by the file system (written, not synced, not answered) while the chunk before
+/// it may still be committing, and the agent is killed there. Returns whether that happened;
+/// when the round's files were all read first, the agent is killed all the same.
+fn kill_in_a_segment_write(
+    fs: &PowerCutFs,
+    agent: &mut crate::util::Agent,
+    files: usize,
+    skip: usize,
+) -> bool {
+    fs.hold_write(".seg", skip);
+    let mut held = false;
+    // The round's files are new: their "file ingested" lines are this agent's. (Not `status`:
+    // while a write is held the file system answers nothing, and the agent's answer may read
+    // it.)
+    let round_read = |logs: &str| {
+        (files - FILES_PER_ROUND..files)
+            .all(|n| logs.contains(&format!("file ingested path=export-powercut-output-{n} ")))
+    };
+    let settled = crate::util::wait_until(PATIENCE, || {
+        held = fs.write_held();
+        held || round_read(&agent.logs())
+    });
+    assert!(
+        settled,
+        "neither a segment write nor the end of the round came"
+    );
+    // A writer whose request the file system took waits for the answer even when killed:
+    // killed first, then answered, then reaped.
+    agent.signal(libc::SIGKILL);
+    fs.release_write();
+    agent.kill();
+    held
 }

@@ -710,7 +710,7 @@ impl State {
     }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -728,9 +728,60 @@ fn resolve_time(t: TimeOrNow) -> SystemTime {
 struct PowerCutFuse {
     state: Arc<Mutex<State>>,
     statfs_zero: bool,
+    hold: Arc<Hold>,
+}
+
+/// A write to hold (see [`PowerCutFs::hold_write`]): armed by the test, taken by the write
+/// handler, released by the test.
+#[derive(Default)]
+struct Hold {
+    state: Mutex<HoldState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct HoldState {
+    /// Armed: the name suffix of the files whose writes count, and how many to let pass first.
+    armed: Option<(String, usize)>,
+    held: bool,
+    released: bool,
+}
+
+impl State {
+    /// A live name of `ino`, if any directory has one.
+    fn name_of(&self, ino: u64) -> Option<OsString> {
+        self.inodes.values().find_map(|inode| match &inode.body {
+            Body::Dir(d) => d
+                .live
+                .iter()
+                .find(|(_, i)| **i == ino)
+                .map(|(n, _)| n.clone()),
+            Body::File(_) => None,
+        })
+    }
 }
 
 impl PowerCutFuse {
+    /// Whether this write to `ino` is the one armed to be held (counting it if not yet).
+    fn takes_hold(&self, st: &State, ino: u64) -> bool {
+        let mut h = lock(&self.hold.state);
+        let Some((suffix, skip)) = h.armed.as_mut() else {
+            return false;
+        };
+        let matches = st
+            .name_of(ino)
+            .is_some_and(|n| n.to_string_lossy().ends_with(suffix.as_str()));
+        if !matches {
+            return false;
+        }
+        if *skip > 0 {
+            *skip -= 1;
+            return false;
+        }
+        h.armed = None;
+        true
+    }
+
     fn st(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -985,6 +1036,18 @@ impl Filesystem for PowerCutFuse {
                     let now = SystemTime::now();
                     inode.mtime = now;
                     inode.ctime = now;
+                }
+                let hold = self.takes_hold(&st, ino.0);
+                drop(st);
+                if hold {
+                    // Written (live, not durable) and not answered: the writer waits in the
+                    // kernel until the test lets the answer go.
+                    let mut h = lock(&self.hold.state);
+                    h.held = true;
+                    self.hold.changed.notify_all();
+                    while !h.released {
+                        h = self.hold.changed.wait(h).unwrap_or_else(|e| e.into_inner());
+                    }
                 }
                 reply.written(data.len() as u32);
             }
@@ -1282,6 +1345,7 @@ impl Filesystem for PowerCutFuse {
 /// in the kernel at exit, because the thread that would answer is already gone.
 pub struct PowerCutFs {
     state: Arc<Mutex<State>>,
+    hold: Arc<Hold>,
     session: Option<BackgroundSession>,
     mountpoint: PathBuf,
 }
@@ -1295,9 +1359,11 @@ impl PowerCutFs {
     /// 16 GiB file system with 4 KiB blocks that is mostly free.
     pub fn mount(mountpoint: &Path, statfs_zero: bool) -> io::Result<PowerCutFs> {
         let state = Arc::new(Mutex::new(State::new()));
+        let hold = Arc::new(Hold::default());
         let fs = PowerCutFuse {
             state: Arc::clone(&state),
             statfs_zero,
+            hold: Arc::clone(&hold),
         };
         let mut config = Config::default();
         config.mount_options = vec![
@@ -1312,6 +1378,7 @@ impl PowerCutFs {
         let session = fuser::spawn_mount(fs, mountpoint, &config)?;
         Ok(PowerCutFs {
             state,
+            hold,
             session: Some(session),
             mountpoint: mountpoint.to_path_buf(),
         })
@@ -1334,6 +1401,33 @@ impl PowerCutFs {
         state.cut();
     }
 
+    /// Arms a hold: the write after the next `skip` ones to a file whose name ends with
+    /// `suffix` is applied (live, not durable) and then not answered until
+    /// [`PowerCutFs::release_write`]: its writer waits in the kernel, and the whole file
+    /// system with it (one thread serves it), so the test can kill the writer at that exact
+    /// point. Kill it with a signal first, then release (a killed writer whose request the
+    /// file system already took still waits for the answer), then wait for it to exit.
+    pub fn hold_write(&self, suffix: &str, skip: usize) {
+        let mut h = lock(&self.hold.state);
+        *h = HoldState {
+            armed: Some((suffix.to_string(), skip)),
+            ..HoldState::default()
+        };
+    }
+
+    /// Whether the armed write is being held.
+    pub fn write_held(&self) -> bool {
+        lock(&self.hold.state).held
+    }
+
+    /// Lets a held write be answered (and disarms a hold not taken yet).
+    pub fn release_write(&self) {
+        let mut h = lock(&self.hold.state);
+        h.armed = None;
+        h.released = true;
+        self.hold.changed.notify_all();
+    }
+
     /// Counters for test output.
     pub fn stats(&self) -> Stats {
         lock(&self.state).stats
@@ -1342,6 +1436,8 @@ impl PowerCutFs {
 
 impl Drop for PowerCutFs {
     fn drop(&mut self) {
+        // A write still held would keep its writer, and the unmount, waiting.
+        self.release_write();
         let unmounted = self
             .session
             .take()
