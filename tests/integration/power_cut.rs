@@ -3,11 +3,13 @@
 //! in memory until it is fsynced and, at a "power cut", drops every byte and every directory
 //! change that was not (as LazyFS does). Exports, config and logs stay on the ordinary disk.
 //! Segment answers 503 while the agent ingests multi-megabyte files, so everything stays
-//! spooled; the agent is killed with SIGKILL and the file system cut at random moments while it
-//! is reading (after the round's first commit, so with commits under way: a file is several
-//! chunks, each one's syncs overlapping the next one's staging), then restarted; at the end
-//! Segment answers 200 and every event must arrive. Duplicates are allowed (counted and
-//! printed); loss is not.
+//! spooled; the agent is killed with SIGKILL and the file system cut while it is reading (after
+//! the round's first commit, so with commits under way: a file is several chunks, each one's
+//! syncs overlapping the next one's staging), then restarted; at the end Segment answers 200
+//! and every event must arrive. Duplicates are allowed (counted and printed); loss is not.
+//! Every other cut comes at a random moment; the others in the middle of an append to a
+//! segment, which the file system holds (written, not synced, not answered) while the agent is
+//! killed, so the cut drops staged bytes with the chunk before them possibly still committing.
 //!
 //! The file system reports no size (0 blocks), as LazyFS and some network file systems do: the
 //! agent must not take that for a full disk.
