@@ -25,10 +25,7 @@ fn event(id: &str) -> SpoolEvent {
 
 /// A new file `name` and one chunk of `events` in it; the file's id.
 fn file_with(spool: &Spool, name: &str, events: Vec<SpoolEvent>) -> u64 {
-    let fid = spool
-        .ledger()
-        .begin(Path::new(name), &file_record(name))
-        .unwrap();
+    let fid = new_file(spool, name);
     spool
         .commit_file_chunk(&Chunk {
             file_id: fid,
