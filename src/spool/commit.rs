@@ -345,7 +345,14 @@ impl<T> Committer<'_, T> {
     pub fn submit(&mut self, chunk: Chunk, tag: T) -> Result<Vec<Done<T>>, Failed<T>> {
         let mut done = Vec::new();
         if self.spool.writer_waiting.load(Ordering::SeqCst) > 0 {
-            done = self.finish()?;
+            match self.finish() {
+                Ok(d) => done = d,
+                Err(mut failed) => {
+                    // Not staged: handed back after the chunk that failed.
+                    failed.undone.push((chunk, tag));
+                    return Err(failed);
+                }
+            }
             self.let_waiters_in();
         }
         let spool = self.spool;
@@ -375,7 +382,14 @@ impl<T> Committer<'_, T> {
                     bytes,
                 });
                 if alone {
-                    done.extend(self.finish()?);
+                    match self.finish() {
+                        Ok(d) => done.extend(d),
+                        Err(mut failed) => {
+                            done.append(&mut failed.done);
+                            failed.done = done;
+                            return Err(failed);
+                        }
+                    }
                 }
                 Ok(done)
             }

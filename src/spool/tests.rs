@@ -1010,3 +1010,35 @@ fn a_committer_lets_another_writer_in_between_two_chunks() {
     });
     assert!(queued_ids(&spool).len() >= 110);
 }
+
+#[test]
+fn a_chunk_submitted_while_the_one_in_flight_fails_and_a_writer_waits_is_handed_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let f = new_file(&spool, "f");
+    std::thread::scope(|scope| {
+        let failed = spool.with_committer(|c| {
+            c.submit(chunk_of(f, "e", 0, 100), 0).unwrap();
+            // In flight and bound to fail: its file is not in the ledger.
+            c.submit(chunk_of(f + 100, "e", 1, 100), 1).unwrap();
+            // Another thread waits for the writer lock, so the next submit settles first.
+            let other = scope.spawn(|| spool.checkpoint_dedupe().unwrap());
+            while spool.writer_waiting.load(Ordering::SeqCst) == 0 && !other.is_finished() {
+                std::thread::yield_now();
+            }
+            c.submit(chunk_of(f, "e", 2, 100), 2)
+                .expect_err("the chunk in flight fails")
+        });
+        // The chunk submitted is handed back after the failed one, not dropped.
+        assert_eq!(
+            failed.undone.iter().map(|(_, t)| *t).collect::<Vec<_>>(),
+            [1, 2]
+        );
+    });
+    let (_, rec) = spool
+        .ledger()
+        .file_by_path(Path::new("f"))
+        .unwrap()
+        .unwrap();
+    assert_eq!((rec.offset, rec.pending), (1000, 100));
+}
