@@ -463,9 +463,11 @@ impl<T> Committer<'_, T> {
         }
     }
 
+    /// After a failure: forgets what was staged and lets go of the writer lock (nothing is in
+    /// flight any more; the caller may wait a while before it commits again).
     fn abandon(&mut self) {
-        if let Some(w) = self.writer.as_mut() {
-            self.spool.abandon(w);
+        if let Some(mut w) = self.writer.take() {
+            self.spool.abandon(&mut w);
         }
     }
 
