@@ -13,16 +13,23 @@
 //! - **`spool.dir/dedupe.tab`**, a hash table in a plain file: a header page, then pages of
 //!   4 KiB, each [`SLOTS`] slots of `[hash u64][partition u16][day u16]` (little-endian; day 0
 //!   is an empty slot). An id lives in the page its hash picks, in any free slot; a slot older
-//!   than the window counts as free. Lookups and inserts are one `pread` (and one `pwrite`)
-//!   of a page the page cache usually holds: no memory of ours grows with the window. When the
-//!   table is three quarters full, or a page has no free slot, it is rebuilt twice as large
-//!   into a new file that replaces it by `rename`.
+//!   than the window counts as free. Lookups read the pages of a commit's ids, neighbouring
+//!   ones with one `pread`, from the page cache: no memory of ours grows with the window.
+//!   When the table is three quarters full, or a page has no free slot, it is rebuilt twice
+//!   as large into a new file that replaces it by `rename`.
+//! - **A Bloom filter in memory** (`filter.rs`, 4 MiB) rules out most new ids before any page
+//!   is read: at 5 million ids a commit's 8000 ids fell on 8000 pages, 32 MB of copies per
+//!   commit and 13.5% of the agent's CPU. It is not stored: a table opened from disk fills it
+//!   from its pages a slice at a time, at each lookup, and trusts it once all are in.
 //! - **The sled `dedupe` tree is its log**: each commit adds one value, its new entries, under
 //!   a sequence number, in the same transaction as its events; after sled's flush the entries
 //!   are the table's. They are held in memory (and looked up there) until [`DEFER_ENTRIES`] of
 //!   them have gathered, then go into the file together, each page read and written once for
-//!   all its entries: put in commit by commit, every entry cost a `pread` and a `pwrite` of its
-//!   own page, a quarter of the agent's CPU during an ingest. The table is not synced at every
+//!   all its entries, runs of neighbouring pages with one call: a batch rewrites most of a
+//!   large table however few entries it has, so the fewer batches the better (a quarter of a
+//!   million entries, about 7 MB held; half as many cost 4% more CPU at 5 million ids). Put
+//!   in commit by commit, every entry had cost a `pread` and a `pwrite` of its own page, a
+//!   quarter of the agent's CPU during an ingest. The table is not synced at every
 //!   commit: its header records the last sequence number it holds durably, and a checkpoint
 //!   (every [`CHECKPOINT_ENTRIES`] entries, at the maintenance tick, and when the spool closes)
 //!   puts the entries held in memory in, fsyncs it, writes that number, and deletes the log
@@ -43,6 +50,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use hashbrown::HashTable;
+
+use super::filter::Filter;
 use super::{Error, io_err, table_file};
 
 /// An entry of a version 2 partition (sled keys of 2 bytes), read once to move it here.
@@ -58,13 +68,16 @@ const MIN_PAGES: u64 = 256;
 /// A checkpoint once the log holds this many entries (about 10 MB of sled values).
 pub(super) const CHECKPOINT_ENTRIES: u64 = 1_000_000;
 /// Committed entries held in memory before they go into the file together (see the module
-/// doc): about 3.5 MB with their lookup set, and at a table of 4096 pages (a million ids) 16
+/// doc): about 7 MB with their index, and at a table of 32,768 pages (5 million ids) 8
 /// entries per page read and written instead of one.
-pub(super) const DEFER_ENTRIES: usize = 1 << 16;
+pub(super) const DEFER_ENTRIES: usize = 1 << 18;
 /// A lookup reads at most this many pages with one `pread` (256 KiB)...
 const LOOKUP_PAGES: u64 = 64;
 /// ...reading past at most this many pages it does not need between two it does.
 const LOOKUP_GAP: u64 = 1;
+/// Pages read into a filter being filled at each lookup (8 MiB: a table of 5 million ids is
+/// in after 16 commits; tests fill a table of 150,000 in 16 lookups).
+const FILL_PAGES: u64 = if cfg!(test) { 64 } else { 2048 };
 
 /// Where an id goes and what is stored for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -175,6 +188,107 @@ pub(super) fn decode_partition(partition: u16, v: &[u8]) -> Option<Vec<(Fingerpr
     )
 }
 
+/// How many of `pages` (sorted, not empty) one `pread` of the table covers: from the first
+/// on, within [`LOOKUP_PAGES`], with gaps of at most [`LOOKUP_GAP`] pages; and the last page
+/// it reads.
+fn run(mut pages: impl Iterator<Item = u64>) -> (usize, u64) {
+    let first = pages.next().expect("a page");
+    let mut last = first;
+    let n = pages
+        .take_while(|&page| {
+            let near = page - last <= LOOKUP_GAP + 1 && page - first < LOOKUP_PAGES;
+            if near {
+                last = page;
+            }
+            near
+        })
+        .count();
+    (n + 1, last)
+}
+
+/// Entries committed but not yet in the table's file, in log order, with an index of their
+/// places hashed by the fingerprints' own bits (the filter rules out most ids before: a set
+/// of fingerprints took 34 bytes an entry, this 16 and about 10).
+#[derive(Default)]
+struct Pending {
+    entries: Vec<Held>,
+    index: HashTable<u32>,
+    /// The log sequence number of the last entries.
+    upto: u64,
+}
+
+/// A pending entry (16 bytes where `(Fingerprint, u16)` takes 24).
+#[derive(Clone, Copy)]
+struct Held {
+    hash: u64,
+    partition: u16,
+    day: u16,
+}
+
+impl Held {
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint {
+            partition: self.partition,
+            hash: self.hash,
+        }
+    }
+}
+
+impl Pending {
+    fn push(&mut self, seq: u64, new: Vec<(Fingerprint, u16)>) {
+        self.upto = self.upto.max(seq);
+        let Pending { entries, index, .. } = self;
+        // Room in steps of two, the last with some to spare for the commit that crosses
+        // [`DEFER_ENTRIES`] (it is put in then), so that it moves nothing.
+        let want = entries.len() + new.len();
+        if want > entries.capacity() {
+            let room = match want.next_power_of_two() {
+                DEFER_ENTRIES => DEFER_ENTRIES + DEFER_ENTRIES / 16,
+                n if n < DEFER_ENTRIES => n,
+                _ => want,
+            };
+            entries.reserve_exact(room - entries.len());
+            index.reserve(room - index.len(), |&i| entries[i as usize].hash);
+        }
+        for (f, day) in new {
+            let i = u32::try_from(entries.len()).expect("fewer than 2^32 pending entries");
+            entries.push(Held {
+                hash: f.hash,
+                partition: f.partition,
+                day,
+            });
+            index.insert_unique(f.hash, i, |&i| entries[i as usize].hash);
+        }
+    }
+
+    fn reindex(&mut self) {
+        let Pending { entries, index, .. } = self;
+        index.reserve(entries.len(), |&i| entries[i as usize].hash);
+        for (i, e) in entries.iter().enumerate() {
+            index.insert_unique(e.hash, i as u32, |&i| entries[i as usize].hash);
+        }
+    }
+
+    fn contains(&self, f: &Fingerprint) -> bool {
+        self.index
+            .find(f.hash, |&i| self.entries[i as usize].fingerprint() == *f)
+            .is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn get(&self, i: usize) -> (Fingerprint, u16) {
+        let e = self.entries[i];
+        (e.fingerprint(), e.day)
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (Fingerprint, u16)> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+}
+
 fn slot_at(page: &[u8], i: usize) -> (Fingerprint, u16) {
     let s = &page[i * SLOT..(i + 1) * SLOT];
     (
@@ -206,14 +320,14 @@ pub(super) struct Table {
     /// `applied` as the header on disk says (what a checkpoint made durable).
     durable: u64,
     /// Entries committed but not yet in the file (deferred, see [`Table::defer`], or a write to
-    /// it failed), in log order: looked up in `pending_set`, and put in together.
-    pending: Vec<(Fingerprint, u16)>,
-    /// The log sequence number of the last of them.
-    pending_upto: u64,
-    /// The fingerprints of the first `indexed` pending entries (all of them, but while
-    /// [`Table::take`] puts them in).
-    pending_set: FingerprintSet,
-    indexed: usize,
+    /// it failed), put in together.
+    pending: Pending,
+    /// What the table may hold (see `filter.rs`): every entry taken since it was made, and
+    /// those of the pages before `filling`.
+    filter: Filter,
+    /// The next page to read into the filter; `None` once all are in (only then does a
+    /// lookup trust it).
+    filling: Option<u64>,
     /// Entries of days before this one count as absent.
     pub min_day: u16,
 }
@@ -276,10 +390,9 @@ impl Table {
             used,
             applied,
             durable: applied,
-            pending: Vec::new(),
-            pending_upto: 0,
-            pending_set: FingerprintSet::default(),
-            indexed: 0,
+            pending: Pending::default(),
+            filter: Filter::new(),
+            filling: Some(1),
             min_day: 0,
         }))
     }
@@ -330,12 +443,21 @@ impl Table {
     /// pages) with one `pread` of up to [`LOOKUP_PAGES`]: a commit's thousands of ids fall on
     /// most pages of a table of a few million, and a `pread` per page cost more than the
     /// copy.
-    pub(super) fn contains(&self, ids: &[Fingerprint]) -> Result<Vec<bool>, Error> {
+    ///
+    /// An id the filter rules out is neither read nor looked for in the pending entries. A
+    /// filter still being filled is not trusted: each lookup reads its next [`FILL_PAGES`]
+    /// into it first.
+    pub(super) fn contains(&mut self, ids: &[Fingerprint]) -> Result<Vec<bool>, Error> {
+        self.fill_filter(FILL_PAGES)?;
+        let filtered = self.filling.is_none();
         let mut out = vec![false; ids.len()];
         // The ids to look for in the file, by page.
         let mut wanted = Vec::with_capacity(ids.len());
         for (i, f) in ids.iter().enumerate() {
-            if self.pending_set.contains(f) {
+            if filtered && !self.filter.may_contain(f) {
+                continue;
+            }
+            if self.pending.contains(f) {
                 out[i] = true;
             } else {
                 wanted.push((self.page_of(f), i));
@@ -345,17 +467,7 @@ impl Table {
         let mut buf = Vec::new();
         let mut rest = &wanted[..];
         while let Some(&(first, _)) = rest.first() {
-            let mut last = first;
-            let n = rest
-                .iter()
-                .take_while(|&&(page, _)| {
-                    let near = page - last <= LOOKUP_GAP + 1 && page - first < LOOKUP_PAGES;
-                    if near {
-                        last = page;
-                    }
-                    near
-                })
-                .count();
+            let (n, last) = run(rest.iter().map(|w| w.0));
             let (run, tail) = rest.split_at(n);
             buf.resize((last - first + 1) as usize * PAGE, 0);
             self.file
@@ -368,6 +480,61 @@ impl Table {
             rest = tail;
         }
         Ok(out)
+    }
+
+    /// Reads up to `pages` more pages into the filter being filled, every entry of them (an
+    /// expired one too: the window may widen at a reload), and marks it complete after the
+    /// last.
+    fn fill_filter(&mut self, pages: u64) -> Result<(), Error> {
+        let Some(from) = self.filling else {
+            return Ok(());
+        };
+        let to = from.saturating_add(pages).min(self.pages + 1);
+        let mut buf = vec![0u8; LOOKUP_PAGES as usize * PAGE];
+        let mut first = from;
+        while first < to {
+            let n = (to - first).min(LOOKUP_PAGES);
+            let run = &mut buf[..n as usize * PAGE];
+            self.file
+                .read_exact_at(run, first * PAGE as u64)
+                .map_err(io_err(&self.path))?;
+            for page in run.chunks_exact(PAGE) {
+                for s in 0..SLOTS {
+                    let (f, day) = slot_at(page, s);
+                    if day != 0 {
+                        self.filter.insert(&f);
+                    }
+                }
+            }
+            first += n;
+        }
+        self.filling = (to <= self.pages).then_some(to);
+        if self.filling.is_none() {
+            tracing::debug!(
+                pages = self.pages,
+                ids = self.filter.added(),
+                bytes = self.filter.bytes(),
+                "dedupe filter filled"
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts a new filter, to be filled from the pages, when the one in use holds more than
+    /// it is sized for and more than twice the entries the table does (in the file and
+    /// pending): entries pruned from the window, or counted twice by a replay, that a new one
+    /// leaves out.
+    fn renew_filter(&mut self) {
+        let f = &self.filter;
+        let held = self.used + self.pending.len() as u64;
+        if self.filling.is_some() || f.added() <= f.capacity() || f.added() <= 2 * held {
+            return;
+        }
+        self.filter.clear();
+        for (f, _) in self.pending.entries() {
+            self.filter.insert(&f);
+        }
+        self.filling = Some(1);
     }
 
     /// Whether `page` holds `f` within the window.
@@ -408,14 +575,12 @@ impl Table {
         entries: Vec<(Fingerprint, u16)>,
         hold: usize,
     ) -> Result<(), Error> {
-        self.pending_upto = self.pending_upto.max(seq);
-        if self.pending.is_empty() {
-            self.pending = entries;
-        } else {
-            self.pending.extend(entries);
+        for (f, _) in &entries {
+            self.filter.insert(f);
         }
+        self.pending.push(seq, entries);
+        self.renew_filter();
         if self.pending.len() < hold {
-            self.index_pending();
             return Ok(());
         }
         self.apply_pending()
@@ -425,105 +590,170 @@ impl Table {
     /// as commit after commit would). Only once all are in does `applied` move past them; a
     /// failure keeps them all pending (those written already are found there again).
     fn apply_pending(&mut self) -> Result<(), Error> {
-        if self.pending.is_empty() {
+        if self.pending.len() == 0 {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending);
-        let result = self.insert(&pending);
-        self.pending = pending;
+        let mut pending = std::mem::take(&mut self.pending);
+        // Not needed while they go in (lookups wait): its memory is had back first.
+        pending.index = HashTable::new();
+        let result = self.insert(pending.len(), &|i| pending.get(i));
         if result.is_err() {
-            self.index_pending();
+            pending.reindex();
+            self.pending = pending;
             return result;
         }
-        self.applied = self.applied.max(self.pending_upto);
-        self.pending.clear();
-        self.pending_set.clear();
-        self.indexed = 0;
+        self.applied = self.applied.max(pending.upto);
         Ok(())
-    }
-
-    fn index_pending(&mut self) {
-        let new = &self.pending[self.indexed..];
-        self.pending_set.extend(new.iter().map(|(f, _)| *f));
-        self.indexed = self.pending.len();
     }
 
     /// Puts entries of an older format in and syncs them (before their old form is deleted).
     pub(super) fn insert_durably(&mut self, entries: &[(Fingerprint, u16)]) -> Result<(), Error> {
-        self.insert(entries)?;
+        for (f, _) in entries {
+            self.filter.insert(f);
+        }
+        self.insert(entries.len(), &|i| entries[i])?;
         self.file.sync_data().map_err(io_err(&self.path))?;
         self.write_header(&self.path.clone())
     }
 
     /// Puts entries into their pages, each page read once and written only if it changed
     /// (entries it already holds change nothing: a replay after a `kill -9` finds most of
-    /// them there). Grows the table when it would be more than three quarters full or a page
-    /// has no free slot.
-    fn insert(&mut self, entries: &[(Fingerprint, u16)]) -> Result<(), Error> {
-        let mut by_page: Vec<(u64, (Fingerprint, u16))> =
-            entries.iter().map(|e| (self.page_of(&e.0), *e)).collect();
-        // Stable: entries of one page go in in their log order.
-        by_page.sort_by_key(|(page, _)| *page);
+    /// them there). Neighbouring pages are read with one `pread`, as a lookup reads them, and
+    /// each run of changed ones written back with one `pwrite`: at 5 million ids a batch
+    /// changes most pages of the table, and two calls per page cost more than the copies.
+    /// Grows the table when it would be more than three quarters full or a page has no free
+    /// slot.
+    fn insert(
+        &mut self,
+        n: usize,
+        entry: &dyn Fn(usize) -> (Fingerprint, u16),
+    ) -> Result<(), Error> {
+        // Entry `i` (in log order) as `[its page - 1: 32 bits][i: 32 bits]`: sorted, by page
+        // and in log order (8 bytes, where a copy of each would be 24: a batch is a quarter
+        // of a million). A table of 2^32 pages would hold 10^12 ids.
+        let mut keys: Vec<u64> = (0..n)
+            .map(|i| (self.page_of(&entry(i).0) - 1) << 32 | i as u64)
+            .collect();
+        let entry = |key: u64| entry((key & u64::from(u32::MAX)) as usize);
+        let page_of_key = |key: u64| (key >> 32) + 1;
+        // Entries of one page go in in their log order.
+        keys.sort_unstable();
         let limit = self.pages * SLOTS as u64 * 3 / 4;
-        let mut buf = [0u8; PAGE];
-        let mut rest = &by_page[..];
-        while let Some(&(page, _)) = rest.first() {
-            let (group, tail) = rest.split_at(rest.iter().take_while(|(p, _)| *p == page).count());
-            self.read_page(page, &mut buf)?;
-            // The page's hashes, decoded once for the whole group: each entry is looked up
-            // against them, and the full slot read only where a hash matches.
-            let mut hashes = [0u64; SLOTS];
-            for (i, h) in hashes.iter_mut().enumerate() {
-                *h = slot_at(&buf, i).0.hash;
-            }
-            // Slots below this one are live (the group only fills slots).
-            let mut free_from = 0;
-            let mut added = 0;
-            let mut changed = false;
+        let mut buf = Vec::new();
+        let mut changed = Vec::new();
+        let mut group = Vec::new();
+        let mut rest = &keys[..];
+        while let Some(&key) = rest.first() {
+            let first = page_of_key(key);
+            let (n, last) = run(rest.iter().map(|&k| page_of_key(k)));
+            let run = &rest[..n];
+            buf.resize((last - first + 1) as usize * PAGE, 0);
+            self.file
+                .read_exact_at(&mut buf, first * PAGE as u64)
+                .map_err(io_err(&self.path))?;
+            changed.clear();
+            changed.resize((last - first + 1) as usize, false);
+            let mut done = 0;
             let mut full = false;
-            for &(_, (f, day)) in group {
-                let held = hashes.iter().enumerate().any(|(i, &h)| {
-                    h == f.hash && {
-                        let (g, d) = slot_at(&buf, i);
-                        g == f && self.live(d)
-                    }
-                });
-                if held {
-                    continue;
+            while done < n {
+                let page = page_of_key(run[done]);
+                group.clear();
+                group.extend(
+                    run[done..]
+                        .iter()
+                        .take_while(|&&k| page_of_key(k) == page)
+                        .map(|&k| entry(k)),
+                );
+                let at = (page - first) as usize;
+                let (added, page_changed, page_full) =
+                    self.put_in_page(&mut buf[at * PAGE..(at + 1) * PAGE], &group, limit);
+                self.used += added;
+                changed[at] = page_changed;
+                if page_full {
+                    full = true;
+                    break;
                 }
-                match (free_from..SLOTS).find(|&s| !self.live(slot_at(&buf, s).1)) {
-                    Some(s) if slot_at(&buf, s).1 == 0 && self.used + added >= limit => {
-                        // Three quarters full: grow before taking an empty slot.
-                        full = true;
-                        break;
-                    }
-                    Some(s) => {
-                        if slot_at(&buf, s).1 == 0 {
-                            added += 1;
-                        }
-                        set_slot(&mut buf, s, f, day);
-                        hashes[s] = f.hash;
-                        free_from = s + 1;
-                        changed = true;
-                    }
-                    None => {
-                        full = true;
-                        break;
-                    }
-                }
+                done += group.len();
             }
-            if changed {
-                self.write_page(page, &buf)?;
-            }
-            self.used += added;
+            self.write_changed(first, &buf, &changed)?;
             if full {
                 // Grow (which rehashes everything, this page's entries included) and put the
                 // rest of this batch in the new table.
                 self.grow()?;
-                let left: Vec<_> = rest.iter().map(|(_, e)| *e).collect();
-                return self.insert(&left);
+                let left: Vec<_> = rest[done..].iter().map(|&k| entry(k)).collect();
+                return self.insert(left.len(), &|i| left[i]);
             }
-            rest = tail;
+            rest = &rest[n..];
+        }
+        Ok(())
+    }
+
+    /// Puts `group` (entries of this `page`) into it: returns the slots it filled that were
+    /// empty, whether it changed, and whether it stopped for want of room (a page with no
+    /// free slot, or an empty slot to take with the table at `limit`).
+    fn put_in_page(
+        &self,
+        page: &mut [u8],
+        group: &[(Fingerprint, u16)],
+        limit: u64,
+    ) -> (u64, bool, bool) {
+        // The page's hashes, decoded once for the whole group: each entry is looked up
+        // against them, and the full slot read only where a hash matches.
+        let mut hashes = [0u64; SLOTS];
+        for (i, h) in hashes.iter_mut().enumerate() {
+            *h = slot_at(page, i).0.hash;
+        }
+        // Slots below this one are live (the group only fills slots).
+        let mut free_from = 0;
+        let mut added = 0;
+        let mut changed = false;
+        for &(f, day) in group {
+            let held = hashes.iter().enumerate().any(|(i, &h)| {
+                h == f.hash && {
+                    let (g, d) = slot_at(page, i);
+                    g == f && self.live(d)
+                }
+            });
+            if held {
+                continue;
+            }
+            match (free_from..SLOTS).find(|&s| !self.live(slot_at(page, s).1)) {
+                // Three quarters full: grow before taking an empty slot.
+                Some(s) if slot_at(page, s).1 == 0 && self.used + added >= limit => {
+                    return (added, changed, true);
+                }
+                Some(s) => {
+                    if slot_at(page, s).1 == 0 {
+                        added += 1;
+                    }
+                    set_slot(page, s, f, day);
+                    hashes[s] = f.hash;
+                    free_from = s + 1;
+                    changed = true;
+                }
+                None => return (added, changed, true),
+            }
+        }
+        (added, changed, false)
+    }
+
+    /// Writes the pages of `buf` (read from page `first` on) that `changed` marks, a run of
+    /// neighbouring ones with one `pwrite`.
+    fn write_changed(&self, first: u64, buf: &[u8], changed: &[bool]) -> Result<(), Error> {
+        let mut i = 0;
+        while i < changed.len() {
+            if !changed[i] {
+                i += 1;
+                continue;
+            }
+            let n = changed[i..].iter().take_while(|c| **c).count();
+            self.file
+                .write_all_at(
+                    &buf[i * PAGE..(i + n) * PAGE],
+                    (first + i as u64) * PAGE as u64,
+                )
+                .map_err(io_err(&self.path))?;
+            i += n;
         }
         Ok(())
     }
@@ -556,6 +786,10 @@ impl Table {
                 let (f, day) = slot_at(&buf, s);
                 // (An entry not of this page can only be debris, say of a torn write.)
                 if self.live(day) && self.page_of(&f) == page {
+                    if self.filling.is_some() {
+                        // The filter is not complete: it will be with every entry copied.
+                        self.filter.insert(&f);
+                    }
                     let i = ((new.page_of(&f) - page) / self.pages) as usize;
                     set_slot(&mut out[i], filled[i], f, day);
                     filled[i] += 1;
@@ -574,9 +808,9 @@ impl Table {
         table_file::finish_rebuild(&new.file, &tmp, &new.path, || new.write_header(&tmp))?;
         new.durable = new.applied;
         new.pending = std::mem::take(&mut self.pending);
-        new.pending_upto = self.pending_upto;
-        new.pending_set = std::mem::take(&mut self.pending_set);
-        new.indexed = self.indexed;
+        // The filter has every entry taken, and every entry copied.
+        std::mem::swap(&mut new.filter, &mut self.filter);
+        new.filling = None;
         *self = new;
         Ok(())
     }
@@ -591,10 +825,10 @@ impl Table {
             used: 0,
             applied,
             durable: applied,
-            pending: Vec::new(),
-            pending_upto: 0,
-            pending_set: FingerprintSet::default(),
-            indexed: 0,
+            pending: Pending::default(),
+            // Empty, so the filter is complete (a rebuild keeps the table's own).
+            filter: Filter::new(),
+            filling: None,
             min_day,
         })
     }
@@ -778,10 +1012,10 @@ mod tests {
             .unwrap();
         t.apply(4, vec![(fp(4), 20_000)]).unwrap();
         assert_eq!(t.applied(), 4);
-        assert!(t.pending.is_empty() && t.pending_set.is_empty());
+        assert_eq!(t.pending.len(), 0);
         assert_eq!(t.checkpoint().unwrap(), 4);
         drop(t);
-        let t = Table::open(&path).unwrap();
+        let mut t = Table::open(&path).unwrap();
         assert_eq!(
             t.contains(&[fp(1), fp(2), fp(3), fp(4)]).unwrap(),
             [true; 4]
@@ -812,15 +1046,125 @@ mod tests {
             .collect();
         t.defer(3, many).unwrap();
         assert_eq!((t.applied(), t.used), (3, DEFER_ENTRIES as u64 + 3));
-        assert!(t.pending.is_empty() && t.pending_set.is_empty());
+        assert_eq!(t.pending.len(), 0);
         assert_eq!(in_file(&path, &[fp(1), fp(3), fp(10)]), [true; 3]);
         // A checkpoint writes what is held and makes it durable.
         t.defer(4, vec![(fp(4), 20_000)]).unwrap();
         assert_eq!(t.checkpoint().unwrap(), 4);
         drop(t);
-        let t = Table::open(&path).unwrap();
+        let mut t = Table::open(&path).unwrap();
         assert_eq!(t.applied(), 4);
         assert_eq!(t.contains(&[fp(4), fp(5)]).unwrap(), [true, false]);
+    }
+
+    /// Every entry of the file's pages and every pending one passes the filter (once it is
+    /// complete, it is trusted to rule ids out).
+    fn assert_the_filter_covers_the_table(t: &Table) {
+        assert_eq!(t.filling, None, "complete");
+        let mut buf = [0u8; PAGE];
+        let mut entries = 0;
+        for page in 1..=t.pages {
+            t.read_page(page, &mut buf).unwrap();
+            for s in 0..SLOTS {
+                let (f, day) = slot_at(&buf, s);
+                if day != 0 {
+                    assert!(t.filter.may_contain(&f), "{f:?} of page {page}");
+                    entries += 1;
+                }
+            }
+        }
+        for (f, _) in t.pending.entries() {
+            assert!(t.filter.may_contain(&f), "pending {f:?}");
+        }
+        assert!(entries + t.pending.len() > 0);
+    }
+
+    #[test]
+    fn the_filter_covers_the_table_through_growth_deferral_and_a_reopen_filled_a_slice_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = path(tmp.path());
+        let mut t = Table::open(&path).unwrap();
+        let n = 150_000u64;
+        for (seq, start) in (0..n).step_by(5000).enumerate() {
+            let batch: Vec<_> = (start..start + 5000).map(|i| (fp(i), 20_000)).collect();
+            // Most into the file (growing it), the last held in memory.
+            if start < 120_000 {
+                t.apply(seq as u64 + 1, batch).unwrap();
+            } else {
+                t.defer(seq as u64 + 1, batch).unwrap();
+            }
+            assert_the_filter_covers_the_table(&t);
+        }
+        assert!(t.pages() > MIN_PAGES, "grew");
+        assert_eq!(t.pending.len(), 30_000);
+        let new: Vec<_> = (n..n + 8000).map(fp).collect();
+        let ruled_out = new.iter().filter(|f| !t.filter.may_contain(f)).count();
+        // (The tests' filter of 64 KiB has 3.5 bits per id here: about 30% pass wrongly.)
+        assert!(
+            ruled_out > 4000,
+            "the filter rules out most new ids ({ruled_out})"
+        );
+        assert_eq!(t.checkpoint().unwrap(), (n / 5000));
+        drop(t);
+
+        // Reopened, the filter is filled from the pages, [`FILL_PAGES`] at each lookup, and
+        // trusted only once all are in: every lookup before is answered from the file.
+        let mut t = Table::open(&path).unwrap();
+        assert_eq!(t.filling, Some(1));
+        let slices = t.pages().div_ceil(FILL_PAGES);
+        assert!(slices > 4, "{} pages", t.pages());
+        let mut lookups = 0;
+        while t.filling.is_some() {
+            let probe: Vec<_> = (lookups * 997..lookups * 997 + 50)
+                .chain(n + lookups * 50..n + lookups * 50 + 50)
+                .map(fp)
+                .collect();
+            let found = t.contains(&probe).unwrap();
+            assert_eq!(
+                found,
+                [[true; 50], [false; 50]].concat(),
+                "lookup {lookups}"
+            );
+            lookups += 1;
+        }
+        assert_eq!(lookups, slices);
+        assert_the_filter_covers_the_table(&t);
+        assert_eq!(t.filter.added(), n);
+        let every: Vec<_> = (0..n).map(fp).collect();
+        assert!(t.contains(&every).unwrap().iter().all(|f| *f));
+    }
+
+    #[test]
+    fn a_filter_full_of_pruned_entries_is_filled_anew() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = path(tmp.path());
+        let mut t = Table::open(&path).unwrap();
+        // More than the filter is meant for, on a day that leaves the window.
+        let capacity = t.filter.capacity();
+        let old = capacity + 1000;
+        t.apply(1, (0..old).map(|i| (fp(i), 20_000)).collect())
+            .unwrap();
+        assert_eq!(t.filling, None);
+        t.min_day = 20_001;
+        assert_eq!(t.prune_pages(1, u64::MAX).unwrap(), old);
+        // A commit's entries: the filter holds far more than twice the table, so a new one
+        // is filled from the pages, with the pending entries in already.
+        let live: Vec<_> = (old..old + 3000).map(|i| (fp(i), 20_001)).collect();
+        t.defer(2, live.clone()).unwrap();
+        assert_eq!(t.filling, Some(1));
+        assert_eq!(t.filter.added(), 3000);
+        let ids: Vec<_> = live.iter().map(|e| e.0).collect();
+        assert!(t.contains(&ids).unwrap().iter().all(|f| *f));
+        while t.filling.is_some() {
+            t.contains(&[fp(0)]).unwrap();
+        }
+        assert_the_filter_covers_the_table(&t);
+        let gone = (0..old).filter(|&i| t.filter.may_contain(&fp(i))).count() as u64;
+        assert!(
+            gone < old / 20,
+            "{gone} pruned ids still pass the new filter"
+        );
+        assert_eq!(t.contains(&[fp(0), fp(old)]).unwrap(), [false, true]);
     }
 
     #[test]
@@ -833,7 +1177,7 @@ mod tests {
         drop(t);
         let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(b"X", 3).unwrap();
-        let t = Table::open(&path).unwrap();
+        let mut t = Table::open(&path).unwrap();
         assert_eq!((t.applied(), t.used), (0, 0));
         assert_eq!(t.contains(&[fp(1)]).unwrap(), [false]);
     }

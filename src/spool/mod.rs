@@ -130,7 +130,7 @@
 //! | `gen-<n>/db` (sled's log) | sled | `Db::flush` ends in `sync_file_range`, which is no sync (no metadata, no disk cache, and on FUSE nothing at all): our `fsync` of `db` after it |
 //! | `gen-<n>/blobs/*` | sled, for log items over 128 KiB | nothing in sled 0.34.7: we fsync every new blob file, then `blobs/`, *before* `db` (see `Store::flush`) |
 //! | `gen-<n>/conf`, `snap.*` | sled, at open | sled syncs neither `conf` nor the directory after the snapshot's rename: we fsync them and the directories once per open |
-//! | `dedupe.tab` | our page writes after commits (each page once for the entries of many, see `dedupe.rs`) | fsync at its checkpoints and rebuilds; the header's `applied` is written after the pages are synced |
+//! | `dedupe.tab` | our page writes after commits (each page once for the entries of many, see `dedupe.rs`; its Bloom filter, `filter.rs`, is memory only, filled again from the pages at open) | fsync at its checkpoints and rebuilds; the header's `applied` is written after the pages are synced |
 //! | `join.tab` | our page writes after each commit with join writes | the same as `dedupe.tab`: fsync at its checkpoints (every 8 MB of log, the maintenance tick, close) and rebuilds, then the header's `applied`; only then are the log values it covers deleted |
 //! | `CURRENT` | compaction | temp file, fsync, rename, fsync of `spool.dir` |
 //!
@@ -174,6 +174,7 @@
 
 mod commit;
 mod dedupe;
+mod filter;
 pub mod join;
 mod join_table;
 mod ledger;
