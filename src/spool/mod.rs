@@ -343,8 +343,8 @@ pub struct Spool {
     unsized_fs_logged: std::sync::atomic::AtomicBool,
     /// What `open` had to repair, for status.
     recovered: Option<String>,
-    /// Our flock on `spool.dir/LOCK`, held as long as an agent has the spool open (`None` for
-    /// a look by `status`).
+    /// Our flock on `spool.dir/LOCK`, held as long as the spool is open: exclusive for an
+    /// agent, shared for a look by a command (see `store::lock`). Dropped after the store.
     _lock: Option<File>,
 }
 
@@ -376,9 +376,8 @@ impl Spool {
     /// [`Spool::recovered`] then says so. A spool from a newer agent is an error, never moved.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Spool, Error> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        // Only agents take LOCK, so a held one means another agent: refuse at once. (`status`
-        // on a stopped agent holds sled's own lock for a moment instead, which `open_current`
-        // waits out.)
+        // Another agent holding LOCK is refused at once; a command looking at the spool
+        // (`status` with no agent running) is waited for.
         let lock = store::lock(dir)?;
         let t = std::time::Instant::now();
         let (store, recovered) = store::open_current(dir, cache_bytes)?;
@@ -432,7 +431,9 @@ impl Spool {
     /// holds it.
     pub fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<Spool>, Error> {
         match store::open_existing(dir, cache_bytes)? {
-            Some(store) => Spool::from_store(dir, cache_bytes, store, None, None).map(Some),
+            Some((store, look)) => {
+                Spool::from_store(dir, cache_bytes, store, None, Some(look)).map(Some)
+            }
             None => Ok(None),
         }
     }
@@ -446,10 +447,10 @@ impl Spool {
         Spool::open_existing(dir, 8 << 20).map(drop)
     }
 
-    /// Whether a process (a running agent) holds the spool at `dir`. Takes and drops the lock:
-    /// for a clear message before daemonizing, not as a guarantee.
+    /// Whether a running agent holds the spool at `dir`: for a clear message before
+    /// daemonizing, not as a guarantee.
     pub fn is_locked(dir: &Path) -> bool {
-        dir.join("LOCK").exists() && matches!(store::lock(dir), Err(Error::Locked { .. }))
+        store::held_by_agent(dir)
     }
 
     fn from_store(

@@ -14,6 +14,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use sled::transaction::TransactionError;
 use sled::{IVec, Tree};
@@ -79,10 +80,11 @@ pub(super) struct Store {
     pub join_jobs: Tree,
 }
 
-/// Takes `spool.dir/LOCK` (an flock, released when the process dies, even by `kill -9`), so a
-/// second agent, or `status` while one runs, learns at once that the spool is in use instead of
-/// waiting on sled's own lock or, worse, taking its refusal for damage.
-pub(super) fn lock(dir: &Path) -> Result<File, Error> {
+/// How long an agent waits for commands that read its spool while it was stopped (`status`,
+/// `dead-letter list` and the like: they take a moment) before it gives up.
+const LOOKS_WAIT: Duration = Duration::from_secs(30);
+
+fn lock_file(dir: &Path) -> Result<(PathBuf, File), Error> {
     let path = dir.join("LOCK");
     let file = fs::OpenOptions::new()
         .create(true)
@@ -90,19 +92,75 @@ pub(super) fn lock(dir: &Path) -> Result<File, Error> {
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
-            path: dir.to_owned(),
-        }),
-        Err(fs::TryLockError::Error(e)) => Err(Error::Io { path, source: e }),
+    Ok((path, file))
+}
+
+/// Whether `lock` is held the way `try` asks: `Ok(false)` when another open file holds it in a
+/// way that excludes ours.
+fn try_flock(path: &Path, lock: Result<(), fs::TryLockError>) -> Result<bool, Error> {
+    match lock {
+        Ok(()) => Ok(true),
+        Err(fs::TryLockError::WouldBlock) => Ok(false),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(path)(e)),
     }
 }
 
+/// Takes `spool.dir/LOCK` for an agent: an exclusive flock, released when the process dies,
+/// even by `kill -9`. A second agent learns at once that the spool is in use
+/// ([`Error::Locked`]) instead of waiting on sled's own lock or, worse, taking its refusal for
+/// damage. Commands that look at the spool of a stopped agent hold a shared flock for as long
+/// as they have it open ([`look_lock`]): an agent starting meanwhile waits for them (up to
+/// [`LOOKS_WAIT`]), where it used to find sled's lock held by them and wait only 5 s.
+pub(super) fn lock(dir: &Path) -> Result<File, Error> {
+    let (path, file) = lock_file(dir)?;
+    let deadline = Instant::now() + LOOKS_WAIT;
+    let mut said = false;
+    loop {
+        if try_flock(&path, file.try_lock())? {
+            return Ok(file);
+        }
+        // Held. Shared only (a command's look, which ends soon) if we can share it.
+        if !try_flock(&path, file.try_lock_shared())? || Instant::now() >= deadline {
+            return Err(Error::Locked {
+                path: dir.to_owned(),
+            });
+        }
+        file.unlock().map_err(io_err(&path))?;
+        if !said {
+            tracing::info!(path = %dir.display(), "a command is reading the spool (status, dead-letter, files, catalog with no agent running); waiting for it to finish");
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A shared flock on `spool.dir/LOCK` for a look at a stopped agent's spool, held while the
+/// spool is open (see [`lock`]). [`Error::Locked`] when an agent runs.
+fn look_lock(dir: &Path) -> Result<File, Error> {
+    let (path, file) = lock_file(dir)?;
+    if try_flock(&path, file.try_lock_shared())? {
+        Ok(file)
+    } else {
+        Err(Error::Locked {
+            path: dir.to_owned(),
+        })
+    }
+}
+
+/// Whether an agent holds the spool at `dir` (an exclusive flock on its `LOCK`).
+pub(super) fn held_by_agent(dir: &Path) -> bool {
+    let path = dir.join("LOCK");
+    let Ok(file) = fs::OpenOptions::new().read(true).open(&path) else {
+        return false;
+    };
+    matches!(try_flock(&path, file.try_lock_shared()), Ok(false))
+}
+
 /// Opens an existing spool for a look (offline `status`, `dead-letter` with no agent running):
-/// repairs nothing, deletes nothing, creates nothing, and leaves `LOCK` to agents (a held one
-/// means an agent runs: [`Error::Locked`]). `None`: no spool yet.
-pub(super) fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<Store>, Error> {
+/// repairs nothing, deletes nothing, and holds a shared flock on `LOCK` with it (created if
+/// missing), so no agent opens the spool meanwhile. [`Error::Locked`] when an agent runs.
+/// `None`: no spool yet.
+pub(super) fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<(Store, File)>, Error> {
     let Ok(name) = fs::read_to_string(dir.join(CURRENT)) else {
         return Ok(None);
     };
@@ -110,8 +168,8 @@ pub(super) fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Option<Store
     if !is_generation(name.trim()) || !path.join("db").exists() {
         return Ok(None);
     }
-    drop(lock(dir)?);
-    Ok(Some(Store::open(&path, cache_bytes)?))
+    let lock = look_lock(dir)?;
+    Ok(Some((Store::open(&path, cache_bytes)?, lock)))
 }
 
 /// Opens the current generation, creating the first one, deleting debris, and moving a

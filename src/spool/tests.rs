@@ -3,6 +3,8 @@
 use super::*;
 use crate::clock::now_ms;
 use crate::spool::letters::message_id_of;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 fn open(dir: &Path) -> Spool {
     Spool::open(dir, 8 << 20).expect("open spool")
@@ -436,6 +438,69 @@ fn a_second_open_is_refused_and_never_taken_for_damage() {
         0,
         "nothing created"
     );
+}
+
+#[test]
+fn an_agent_opening_the_spool_waits_for_a_commands_look_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(dir.path());
+    let fid = spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap();
+    fill(&spool, fid, 3, "e");
+    drop(spool);
+    // A command's look (offline `status`): not an agent, and held as long as it is open.
+    let look = Spool::open_existing(dir.path(), 8 << 20).unwrap().unwrap();
+    assert!(!Spool::is_locked(dir.path()), "a look is not an agent");
+    // An agent starting meanwhile says it waits, and opens once the look is over (it used to
+    // find sled's lock held and give up after 5 s, or open between the look's steps).
+    let log = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let log = log.clone();
+        move || LogWriter(log.clone())
+    };
+    let look_over = Arc::new(AtomicBool::new(false));
+    let agent = {
+        let (dir, look_over) = (dir.path().to_owned(), look_over.clone());
+        std::thread::spawn(move || {
+            let subscriber = tracing_subscriber::fmt().with_writer(writer).finish();
+            let spool = tracing::subscriber::with_default(subscriber, || open(&dir));
+            (look_over.load(Ordering::SeqCst), spool)
+        })
+    };
+    let said =
+        || String::from_utf8_lossy(&log.lock().unwrap()).contains("waiting for it to finish");
+    while !said() {
+        assert!(!agent.is_finished(), "the agent did not wait");
+        std::thread::yield_now();
+    }
+    assert_eq!(look.queue().depth().unwrap().events, 3);
+    look_over.store(true, Ordering::SeqCst);
+    drop(look);
+    let (after_the_look, spool) = agent.join().unwrap();
+    assert!(after_the_look, "opened only once the look was over");
+    assert_eq!(spool.queue().depth().unwrap().events, 3);
+    // And while the agent has it, a look is refused at once.
+    assert!(Spool::is_locked(dir.path()));
+    assert!(matches!(
+        Spool::open_existing(dir.path(), 8 << 20),
+        Err(Error::Locked { .. })
+    ));
+}
+
+/// A `tracing` writer into a shared buffer.
+struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[test]

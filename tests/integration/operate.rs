@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::util::{
-    PATIENCE, Reply, TestEnv, new_env, open_session_lines, run_cli, wait_delivered, wait_until,
-    write_atomically,
+    PATIENCE, Reply, TestEnv, count_log_lines, new_env, open_session_lines, run_cli, status_json,
+    try_status_json, wait_delivered, wait_until, write_atomically,
 };
 
 const BASE: u64 = 8_600_000_000_000_000_000;
@@ -218,4 +218,78 @@ fn replay_without_a_running_agent_exits_3_with_a_hint() {
     );
     assert_eq!(out.code(), 3, "{out:?}");
     assert!(out.stderr.contains("start it"), "{out:?}");
+}
+
+#[test]
+fn an_agent_starting_while_a_command_reads_its_spool_waits_for_it_then_runs() {
+    let env = new_env();
+    let config = env.write_config();
+    let mut agent = env.start_agent();
+    assert!(
+        agent.wait_for_log("app: ready", PATIENCE),
+        "{}",
+        agent.log_tail(30)
+    );
+    assert!(agent.stop().is_some_and(|s| s.success()), "clean stop");
+    let lock_path = env.config.spool_dir.join("LOCK");
+    // The agents of one test append to one log file.
+    let readies = |agent: &crate::util::Agent| count_log_lines(&agent.logs(), "app: ready");
+
+    // A command reading the stopped agent's spool (`status`, `dead-letter list`) holds a shared
+    // flock on LOCK while it has the spool open; this test holds one the same way, for as long
+    // as it likes.
+    let look = std::fs::File::open(&lock_path).expect("open LOCK");
+    look.lock_shared().expect("a shared flock");
+    let mut agent = env.start_agent();
+    let before = readies(&agent);
+    assert!(
+        agent.wait_for_log("waiting for it to finish", PATIENCE),
+        "the agent says it waits\n{}",
+        agent.log_tail(30)
+    );
+    assert!(
+        agent.is_running(),
+        "waiting, not refused\n{}",
+        agent.log_tail(30)
+    );
+    assert_eq!(readies(&agent), before, "{}", agent.log_tail(30));
+    drop(look);
+    assert!(
+        wait_until(PATIENCE, || readies(&agent) > before),
+        "ready once the look is over\n{}",
+        agent.log_tail(30)
+    );
+    assert_eq!(status_json(&config)["state"], "running");
+    assert!(agent.stop().is_some_and(|s| s.success()), "clean stop");
+
+    // The race that one real run hit: `status` asked again and again while agents start (each
+    // look reads the spool while no agent answers). Every agent gets to ready and answers.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asker = {
+        let (stop, config) = (stop.clone(), config.clone());
+        std::thread::spawn(move || {
+            let mut asked = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = try_status_json(&config);
+                asked += 1;
+            }
+            asked
+        })
+    };
+    for round in 0..3 {
+        let mut agent = env.start_agent();
+        let before = readies(&agent);
+        assert!(
+            wait_until(PATIENCE, || readies(&agent) > before),
+            "round {round}: not ready\n{}",
+            agent.log_tail(30)
+        );
+        assert!(
+            agent.stop().is_some_and(|s| s.success()),
+            "round {round}: clean stop\n{}",
+            agent.log_tail(30)
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(asker.join().unwrap() > 0);
 }
