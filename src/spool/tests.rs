@@ -10,6 +10,14 @@ fn open(dir: &Path) -> Spool {
     Spool::open(dir, 8 << 20).expect("open spool")
 }
 
+/// Begins file `f` in `spool`; its id.
+fn begin_f(spool: &Spool) -> u64 {
+    spool
+        .ledger()
+        .begin(Path::new("f"), &file_record("f"))
+        .unwrap()
+}
+
 fn file_record(path: &str) -> FileRecord {
     FileRecord {
         path: path.into(),
@@ -81,10 +89,7 @@ fn chunks_commit_events_and_offset_together_and_survive_reopen() {
 fn fifo_order_across_chunks_and_ack_removes() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     for n in 0..5 {
         let events = (0..300).map(|i| event(&format!("e{n}-{i:03}"))).collect();
         spool
@@ -123,10 +128,7 @@ fn fifo_order_across_chunks_and_ack_removes() {
 fn peek_respects_the_byte_budget_but_always_returns_one() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     let events = (0..10).map(|i| event(&format!("e{i}"))).collect();
     spool
         .commit_file_chunk(&Chunk {
@@ -152,10 +154,7 @@ fn peek_respects_the_byte_budget_but_always_returns_one() {
 fn refused_events_are_dead_lettered_not_queued() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     let big = SpoolEvent {
         refused: Some("too big".into()),
         ..event("big")
@@ -206,10 +205,7 @@ fn dead_lettering_from_the_queue_keeps_the_rest() {
 fn quarantine_entries_commit_with_the_chunk() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     spool
         .commit_file_chunk(&Chunk {
             file_id: fid,
@@ -260,10 +256,7 @@ fn fill(spool: &Spool, file_id: u64, n: usize, prefix: &str) {
 fn compaction_gives_disk_back_and_keeps_everything_live() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     fill(&spool, fid, 60_000, "e");
     // Deliver all but the last 10.
     loop {
@@ -330,10 +323,7 @@ fn debris_of_an_interrupted_compaction_is_removed_at_open() {
     let dir = tempfile::tempdir().unwrap();
     {
         let spool = open(dir.path());
-        let fid = spool
-            .ledger()
-            .begin(Path::new("f"), &file_record("f"))
-            .unwrap();
+        let fid = begin_f(&spool);
         fill(&spool, fid, 5, "e");
     }
     // A compaction that died before switching CURRENT leaves a half-built gen-2.
@@ -350,10 +340,7 @@ fn a_spool_sled_cannot_open_is_moved_aside_and_replaced() {
     let dir = tempfile::tempdir().unwrap();
     {
         let spool = open(dir.path());
-        let fid = spool
-            .ledger()
-            .begin(Path::new("f"), &file_record("f"))
-            .unwrap();
+        let fid = begin_f(&spool);
         fill(&spool, fid, 5, "e");
     }
     // Damage sled's files: its config file holds the segment size and version.
@@ -374,10 +361,7 @@ fn a_spool_sled_cannot_open_is_moved_aside_and_replaced() {
         .count();
     assert_eq!(aside, 1);
     // And the new spool works.
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     fill(&spool, fid, 3, "e");
     assert_eq!(spool.queue().depth().unwrap().events, 3);
 }
@@ -388,10 +372,7 @@ fn dedupe_entries_older_than_the_window_are_pruned() {
     const DAY: u64 = 86_400_000;
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     fill(&spool, fid, 3, "old");
     assert_eq!(spool.prune_dedupe(now_ms()).unwrap(), 0, "today is kept");
     fill(&spool, fid, 3, "old");
@@ -411,10 +392,7 @@ fn dedupe_entries_older_than_the_window_are_pruned() {
 fn a_second_open_is_refused_and_never_taken_for_damage() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     fill(&spool, fid, 3, "e");
     let err = Spool::open(dir.path(), 8 << 20).unwrap_err();
     assert!(matches!(err, Error::Locked { .. }), "{err}");
@@ -444,10 +422,7 @@ fn a_second_open_is_refused_and_never_taken_for_damage() {
 fn an_agent_opening_the_spool_waits_for_a_commands_look_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let spool = open(dir.path());
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     fill(&spool, fid, 3, "e");
     drop(spool);
     // A command's look (offline `status`): not an agent, and held as long as it is open.
@@ -609,10 +584,7 @@ fn a_format_1_spool_is_upgraded_when_an_agent_opens_it() {
     assert_eq!(ids(&q), ["old-1"]);
     assert_eq!(q[0].enqueued_ms, 1_700_000_000_000);
     // New events go after it; the old id is still a duplicate.
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     let out = spool
         .commit_file_chunk(&Chunk {
             file_id: fid,
@@ -656,10 +628,7 @@ fn a_format_2_spool_drains_its_packets_from_sled_then_from_segments() {
     }
     let spool = open(dir.path());
     assert_eq!(spool.store().format_version().unwrap(), FORMAT_VERSION);
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     // Enough new events to fill more than one (test-sized) segment.
     fill(&spool, fid, 6000, "new");
     let segs = segments::dir(dir.path());
@@ -694,10 +663,7 @@ fn dedupe_entries_the_table_lost_come_back_from_the_log() {
     let saved = dir.path().join("saved.tab");
     {
         let spool = open(dir.path());
-        let fid = spool
-            .ledger()
-            .begin(Path::new("f"), &file_record("f"))
-            .unwrap();
+        let fid = begin_f(&spool);
         fill(&spool, fid, 3, "a");
         spool.checkpoint_dedupe().unwrap();
         std::fs::copy(&table, &saved).unwrap();
@@ -823,10 +789,7 @@ fn a_drained_spool_keeps_no_segment_and_writes_on_after_a_restart() {
     let segs = segments::dir(dir.path());
     {
         let spool = open(dir.path());
-        let fid = spool
-            .ledger()
-            .begin(Path::new("f"), &file_record("f"))
-            .unwrap();
+        let fid = begin_f(&spool);
         fill(&spool, fid, 6000, "a");
         assert!(segments::disk_bytes(&segs) > segments::SEGMENT_BYTES);
         let all = spool.queue().peek(None, 10_000, usize::MAX).unwrap().items;
@@ -860,10 +823,7 @@ fn segments_an_ack_could_not_retire_go_at_the_maintenance_tick() {
     let dir = tempfile::tempdir().unwrap();
     let segs = segments::dir(dir.path());
     let spool = open(dir.path());
-    let fid = spool
-        .ledger()
-        .begin(Path::new("f"), &file_record("f"))
-        .unwrap();
+    let fid = begin_f(&spool);
     fill(&spool, fid, 100, "a");
     let all = spool.queue().peek(None, 1000, usize::MAX).unwrap().items;
     {
