@@ -381,6 +381,7 @@ async fn start(startup: Startup, controls: &Controls) -> anyhow::Result<Agent> {
         let (stats, spool, drain) = (stats.clone(), spool.clone(), handle.status.clone());
         let catalog = catalog.clone();
         let (endpoint, max) = (config.segment.endpoint.clone(), config.spool.max_bytes);
+        let parked = crate::catalog::parking::SummaryMemo::default();
         Arc::new(move || {
             let drain = drain.lock().unwrap_or_else(|e| e.into_inner()).clone();
             control::live_report(&control::LiveSources {
@@ -392,6 +393,7 @@ async fn start(startup: Startup, controls: &Controls) -> anyhow::Result<Agent> {
                 max_spool_bytes: max,
                 notes: &[],
                 catalog: Some(catalog.status()),
+                parked: &parked,
             })
         })
     };

@@ -150,6 +150,30 @@ pub(crate) fn summary(spool: &Spool) -> Result<ParkedSummary, spool::Error> {
     Ok(summarize(spool.letters().quarantine_tags()?))
 }
 
+/// The last [`summary`] of a running agent's spool, with the spool's count of quarantine
+/// writes it was read at: while no write has been made since, it is still exact, and a walk of
+/// the whole quarantine is saved (0.6 s at 200,000 parked records, for every `status`, the
+/// metrics and systemd's `STATUS=` line every 10 s).
+#[derive(Debug, Default)]
+pub(crate) struct SummaryMemo(std::sync::Mutex<Option<(u64, ParkedSummary)>>);
+
+impl SummaryMemo {
+    /// [`summary`] of `spool`, from the memo when the quarantine has not changed since.
+    pub(crate) fn summary(&self, spool: &Spool) -> Result<ParkedSummary, spool::Error> {
+        let mut memo = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Read before the walk: a write during it leaves the memo behind the count.
+        let changes = spool.quarantine_changes();
+        if let Some((at, s)) = &*memo
+            && *at == changes
+        {
+            return Ok(s.clone());
+        }
+        let s = summary(spool)?;
+        *memo = Some((changes, s.clone()));
+        Ok(s)
+    }
+}
+
 /// [`summary`] of tags already read.
 pub(crate) fn summarize(tags: Vec<QuarantineTag>) -> ParkedSummary {
     let mut by_id: BTreeMap<String, u64> = BTreeMap::new();
@@ -258,6 +282,57 @@ mod tests {
               {{"eventId":13,"name":".m{LATE} Click","time":1793534902,"parameters":{{"url":"https://x/y","index":3}}}}]}}]}}"#
         );
         crate::input::parse_record(crate::input::Format::Sessions, &[], line.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_memoized_summary_follows_every_write_to_the_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 8 << 20).unwrap();
+        let memo = SummaryMemo::default();
+        let parked = |message: u64, time_ms: u64| QuarantineEntry {
+            kind: QuarantineKind::Parked,
+            message_ids: vec![message.to_string()],
+            time_ms,
+            ..QuarantineEntry::default()
+        };
+        let records = || memo.summary(&spool).unwrap().records;
+        assert_eq!(records(), 0);
+        spool.letters().quarantine(&parked(1, now_ms())).unwrap();
+        assert_eq!(records(), 1);
+        // A commit's parked records.
+        let fid = spool
+            .ledger()
+            .begin(Path::new("f"), &FileRecord::default())
+            .unwrap();
+        spool
+            .commit_file_chunk(&Chunk {
+                file_id: fid,
+                quarantine: vec![parked(2, now_ms()), parked(2, now_ms())],
+                ..Chunk::default()
+            })
+            .unwrap();
+        let s = memo.summary(&spool).unwrap();
+        assert_eq!((s.records, s.top[0].message_id.as_str()), (3, "2"));
+        // Nothing written since: the memo answers, exactly.
+        let changes = spool.quarantine_changes();
+        assert_eq!(memo.summary(&spool).unwrap(), s);
+        assert_eq!(spool.quarantine_changes(), changes);
+        // `spool.keep_bad_days`.
+        spool.letters().quarantine(&parked(3, 1_000)).unwrap();
+        assert_eq!(records(), 4);
+        assert_eq!(spool.letters().drop_letters_before(2_000).unwrap(), (1, 0));
+        assert_eq!(records(), 3);
+        // A record cut down (replaced), then released (removed).
+        let (id, mut e) = spool.letters().quarantine_entries().unwrap().remove(0);
+        e.message_ids = vec!["9".into()];
+        spool.letters().set_quarantine(id, Some(&e)).unwrap();
+        let s = memo.summary(&spool).unwrap();
+        assert!(s.top.iter().any(|m| m.message_id == "9"), "{s:?}");
+        spool.letters().set_quarantine(id, None).unwrap();
+        assert_eq!(records(), 2);
+        // `dead-letter purge`.
+        spool.letters().purge(&[]).unwrap();
+        assert_eq!(records(), 0);
     }
 
     #[test]

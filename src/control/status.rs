@@ -326,6 +326,8 @@ pub(crate) struct LiveSources<'a> {
     /// Facts found at startup that the operator should see (a spool moved aside, ...).
     pub notes: &'a [String],
     pub catalog: Option<crate::catalog::CatalogStatus>,
+    /// The parked records' summary, kept while the quarantine does not change.
+    pub parked: &'a crate::catalog::parking::SummaryMemo,
 }
 
 /// Builds the report of this running agent. Never fails: a spool that cannot be read shows
@@ -349,7 +351,7 @@ pub(crate) fn live_report(src: &LiveSources<'_>) -> StatusReport {
         notes.push(format!("cannot read the files table: {e}"));
         FileCounts::default()
     });
-    let parked = crate::catalog::parking::summary(src.spool).unwrap_or_else(|e| {
+    let parked = src.parked.summary(src.spool).unwrap_or_else(|e| {
         notes.push(format!("cannot read the parked records: {e}"));
         Default::default()
     });
@@ -956,6 +958,7 @@ mod tests {
             max_spool_bytes: 1 << 30,
             notes: &notes,
             catalog: None,
+            parked: &Default::default(),
         };
         let r = live_report(&src);
         assert_eq!(r.state, "backing_off");

@@ -225,6 +225,9 @@ impl Spool {
                 Ok(())
             })
             .map_err(|e| s.tx_err(e))?;
+        if !st.quarantine.is_empty() {
+            self.quarantine_changed();
+        }
         s.flush()
     }
 

@@ -102,6 +102,7 @@ impl Letters<'_> {
         s.quarantine
             .insert(id.to_be_bytes(), encode(entry))
             .map_err(|e| s.sled_err(e))?;
+        self.spool.quarantine_changed();
         s.flush()
     }
 
@@ -118,6 +119,7 @@ impl Letters<'_> {
             None => s.quarantine.remove(key).map(|_| ()),
         }
         .map_err(|e| s.sled_err(e))?;
+        self.spool.quarantine_changed();
         s.flush()
     }
 
@@ -199,6 +201,7 @@ impl Letters<'_> {
             }
             tree.apply_batch(batch).map_err(|e| s.sled_err(e))?;
         }
+        self.spool.quarantine_changed();
         s.flush()?;
         Ok(removed)
     }
@@ -223,6 +226,9 @@ impl Letters<'_> {
                 }
             }
             tree.apply_batch(batch).map_err(|e| s.sled_err(e))?;
+        }
+        if dropped[0] > 0 {
+            self.spool.quarantine_changed();
         }
         if dropped != [0, 0] {
             s.flush()?;

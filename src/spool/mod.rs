@@ -341,6 +341,8 @@ pub struct Spool {
     join: Mutex<join::State>,
     /// The "no size" warning of [`Spool::disk_nearly_full`] was given.
     unsized_fs_logged: std::sync::atomic::AtomicBool,
+    /// Writes to the quarantine since the spool was opened (see [`Spool::quarantine_changes`]).
+    quarantine_changes: std::sync::atomic::AtomicU64,
     /// What `open` had to repair, for status.
     recovered: Option<String>,
     /// Our flock on `spool.dir/LOCK`, held as long as the spool is open: exclusive for an
@@ -481,6 +483,7 @@ impl Spool {
             pruned_day: Default::default(),
             join: Default::default(),
             unsized_fs_logged: Default::default(),
+            quarantine_changes: Default::default(),
             recovered,
             _lock: lock,
         })
@@ -595,6 +598,18 @@ impl Spool {
     }
 
     /// Format version, counters, catalog cache (see `meta.rs`).
+    /// How many writes to the quarantine this spool has made since it was opened, counted
+    /// after each: a summary of the quarantine read when it was `n` is still exact while it is
+    /// `n` (`status` walks the whole quarantine otherwise: 0.6 s at 200,000 parked records).
+    pub(crate) fn quarantine_changes(&self) -> u64 {
+        self.quarantine_changes.load(Ordering::SeqCst)
+    }
+
+    /// Counts a write to the quarantine (after it is made).
+    fn quarantine_changed(&self) {
+        self.quarantine_changes.fetch_add(1, Ordering::SeqCst);
+    }
+
     pub(crate) fn meta(&self) -> Meta<'_> {
         Meta { spool: self }
     }

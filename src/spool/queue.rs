@@ -287,6 +287,7 @@ impl Queue<'_> {
                 Ok(())
             })
             .map_err(|e: TransactionError<String>| s.tx_err(e))?;
+        self.spool.quarantine_changed();
         s.flush()
     }
 
