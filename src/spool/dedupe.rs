@@ -426,12 +426,20 @@ impl Table {
         1 + (f.hash ^ (u64::from(f.partition) << 48)) % self.pages
     }
 
-    fn read_page(&self, page: u64, buf: &mut [u8; PAGE]) -> Result<(), Error> {
-        table_file::read_page(&self.file, &self.path, page, buf)
+    /// Reads pages `first..` into `buf` (whole pages), with one `pread`.
+    fn read_pages(&self, first: u64, buf: &mut [u8]) -> Result<(), Error> {
+        debug_assert!(buf.len().is_multiple_of(PAGE));
+        self.file
+            .read_exact_at(buf, first * PAGE as u64)
+            .map_err(io_err(&self.path))
     }
 
-    fn write_page(&self, page: u64, buf: &[u8; PAGE]) -> Result<(), Error> {
-        table_file::write_page(&self.file, &self.path, page, buf)
+    /// Writes `buf` (whole pages) as pages `first..`, with one `pwrite`.
+    fn write_pages(&self, first: u64, buf: &[u8]) -> Result<(), Error> {
+        debug_assert!(buf.len().is_multiple_of(PAGE));
+        self.file
+            .write_all_at(buf, first * PAGE as u64)
+            .map_err(io_err(&self.path))
     }
 
     fn live(&self, day: u16) -> bool {
@@ -470,9 +478,7 @@ impl Table {
             let (n, last) = run(rest.iter().map(|w| w.0));
             let (run, tail) = rest.split_at(n);
             buf.resize((last - first + 1) as usize * PAGE, 0);
-            self.file
-                .read_exact_at(&mut buf, first * PAGE as u64)
-                .map_err(io_err(&self.path))?;
+            self.read_pages(first, &mut buf)?;
             for &(page, i) in run {
                 let at = (page - first) as usize * PAGE;
                 out[i] = self.holds(&buf[at..at + PAGE], ids[i]);
@@ -495,9 +501,7 @@ impl Table {
         while first < to {
             let n = (to - first).min(LOOKUP_PAGES);
             let run = &mut buf[..n as usize * PAGE];
-            self.file
-                .read_exact_at(run, first * PAGE as u64)
-                .map_err(io_err(&self.path))?;
+            self.read_pages(first, run)?;
             for page in run.chunks_exact(PAGE) {
                 for s in 0..SLOTS {
                     let (f, day) = slot_at(page, s);
@@ -648,9 +652,7 @@ impl Table {
             let (n, last) = run(rest.iter().map(|&k| page_of_key(k)));
             let run = &rest[..n];
             buf.resize((last - first + 1) as usize * PAGE, 0);
-            self.file
-                .read_exact_at(&mut buf, first * PAGE as u64)
-                .map_err(io_err(&self.path))?;
+            self.read_pages(first, &mut buf)?;
             changed.clear();
             changed.resize((last - first + 1) as usize, false);
             let mut done = 0;
@@ -747,12 +749,7 @@ impl Table {
                 continue;
             }
             let n = changed[i..].iter().take_while(|c| **c).count();
-            self.file
-                .write_all_at(
-                    &buf[i * PAGE..(i + n) * PAGE],
-                    (first + i as u64) * PAGE as u64,
-                )
-                .map_err(io_err(&self.path))?;
+            self.write_pages(first + i as u64, &buf[i * PAGE..(i + n) * PAGE])?;
             i += n;
         }
         Ok(())
@@ -781,7 +778,7 @@ impl Table {
         let mut out = vec![[0u8; PAGE]; split];
         let mut filled = vec![0usize; split];
         for page in 1..=self.pages {
-            self.read_page(page, &mut buf)?;
+            self.read_pages(page, &mut buf)?;
             for s in 0..SLOTS {
                 let (f, day) = slot_at(&buf, s);
                 // (An entry not of this page can only be debris, say of a torn write.)
@@ -797,7 +794,7 @@ impl Table {
             }
             for i in 0..split {
                 if filled[i] > 0 {
-                    new.write_page(page + i as u64 * self.pages, &out[i])?;
+                    new.write_pages(page + i as u64 * self.pages, &out[i])?;
                     new.used += filled[i] as u64;
                     out[i] = [0u8; PAGE];
                     filled[i] = 0;
@@ -855,7 +852,7 @@ impl Table {
         let mut cleared = 0;
         let mut buf = [0u8; PAGE];
         for page in from.max(1)..to.min(self.pages + 1) {
-            self.read_page(page, &mut buf)?;
+            self.read_pages(page, &mut buf)?;
             let mut n = 0;
             for s in 0..SLOTS {
                 let (_, d) = slot_at(&buf, s);
@@ -865,7 +862,7 @@ impl Table {
                 }
             }
             if n > 0 {
-                self.write_page(page, &buf)?;
+                self.write_pages(page, &buf)?;
                 cleared += n;
             }
         }
@@ -1064,7 +1061,7 @@ mod tests {
         let mut buf = [0u8; PAGE];
         let mut entries = 0;
         for page in 1..=t.pages {
-            t.read_page(page, &mut buf).unwrap();
+            t.read_pages(page, &mut buf).unwrap();
             for s in 0..SLOTS {
                 let (f, day) = slot_at(&buf, s);
                 if day != 0 {
